@@ -1,0 +1,1 @@
+"""edgeorch agent side: daemon, engines, device probe."""

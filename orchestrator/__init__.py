@@ -1,0 +1,1 @@
+"""edgeorch coordinator side: scheduling core, predictor, coordinator, SDK, CLI."""
