@@ -1,0 +1,182 @@
+"""The agent's I/O shell: register with the coordinator, heartbeat, run what it is given.
+
+One DEALER socket carries everything. The engine's blocking ``step`` runs in a worker thread so
+the event loop keeps receiving commands and heartbeating while a step computes; commands are
+applied to the engine only between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
+import zmq
+import zmq.asyncio
+
+from agents.base import Completed, Emitted, Engine, EngineEvent, Rejected, SequenceKey, SequenceSpec
+from orchestrator import transport
+from orchestrator.errors import InternalError
+from orchestrator.protocol import (
+    AGENT_COMMANDS,
+    CancelRun,
+    DeviceProfile,
+    Dispatch,
+    ErrorInfo,
+    Heartbeat,
+    ProtocolError,
+    Register,
+    RunFailed,
+    RunFinished,
+    TokenChunk,
+    Welcome,
+    WireModel,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("edgeorch.agent")
+
+REGISTER_RETRY_S: Final = 1.0
+
+
+class AgentDaemon:
+    """Connects ``engine`` to the coordinator at ``endpoint``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        profile: DeviceProfile,
+        *,
+        endpoint: str,
+        name: str,
+        heartbeat_interval_s: float,
+    ) -> None:
+        self.engine = engine
+        self.profile = profile
+        self.endpoint = endpoint
+        self.name = name
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.agent_id: str | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._commands: deque[Dispatch | CancelRun] = deque()
+        self._work = asyncio.Event()
+        self._welcomed = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        context = zmq.asyncio.Context()
+        try:
+            self._socket = transport.dealer(context, self.endpoint)
+            tasks = [
+                asyncio.create_task(self._receive()),
+                asyncio.create_task(self._heartbeat()),
+                asyncio.create_task(self._run_engine()),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in [stopper, *tasks]:
+                task.cancel()
+            await asyncio.gather(stopper, *tasks, return_exceptions=True)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            self._executor.shutdown(wait=True)
+            self.engine.close()
+            context.destroy(linger=0)
+
+    async def _receive(self) -> None:
+        assert self._socket is not None
+        while True:
+            frame = await self._socket.recv()
+            message = decode(frame, AGENT_COMMANDS)
+            if isinstance(message, ProtocolError):
+                log.warning("dropped coordinator frame: %s", message.message)
+            elif isinstance(message, Welcome):
+                self.agent_id = message.agent_id
+                self.heartbeat_interval_s = message.heartbeat_interval_s
+                self._welcomed.set()
+                log.info("registered as %s", message.agent_id)
+            else:
+                self._commands.append(message)
+                self._work.set()
+
+    async def _heartbeat(self) -> None:
+        """Register until welcomed, then heartbeat; any frame also counts as a heartbeat."""
+        while True:
+            if not self._welcomed.is_set():
+                self._send(Register(name=self.name, profile=self.profile))
+                try:
+                    await asyncio.wait_for(self._welcomed.wait(), REGISTER_RETRY_S)
+                except asyncio.TimeoutError:
+                    log.info("no answer from coordinator at %s yet; retrying", self.endpoint)
+                continue
+            await asyncio.sleep(self.heartbeat_interval_s)
+            self._send(
+                Heartbeat(
+                    kv_used_tokens=self.engine.kv_used_tokens(),
+                    running=tuple(rid for rid, _ in self.engine.active_keys()),
+                )
+            )
+
+    async def _run_engine(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._commands:
+                self._publish(self._apply(self._commands.popleft()))
+            if self.engine.has_work():
+                self._publish(await loop.run_in_executor(self._executor, self.engine.step))
+            else:
+                self._work.clear()
+                if not self._commands:
+                    await self._work.wait()
+
+    def _apply(self, command: Dispatch | CancelRun) -> list[EngineEvent]:
+        if isinstance(command, CancelRun):
+            return self.engine.cancel((command.request_id, command.attempt))
+        spec = SequenceSpec(
+            request_id=command.request_id,
+            attempt=command.attempt,
+            prompt=command.prompt,
+            params=command.params,
+            resume_text=command.resume_text,
+            resume_tokens=command.resume_tokens,
+        )
+        try:
+            return self.engine.add(spec)
+        except Exception as exc:  # noqa: BLE001 - an engine bug must not take the agent down
+            log.exception("engine failed to admit %s", command.request_id)
+            return [Rejected(spec.key, InternalError(f"engine error: {type(exc).__name__}: {exc}"))]
+
+    def _publish(self, events: list[EngineEvent]) -> None:
+        for event in events:
+            self._send(_event_message(event))
+
+    def _send(self, message: WireModel) -> None:
+        assert self._socket is not None
+        self._socket.send(encode(message))
+
+
+def _event_message(event: EngineEvent) -> WireModel:
+    request_id, attempt = event.key
+    if isinstance(event, Emitted):
+        return TokenChunk(
+            request_id=request_id, attempt=attempt, text=event.text, n_tokens=event.n_tokens
+        )
+    if isinstance(event, Completed):
+        return RunFinished(
+            request_id=request_id,
+            attempt=attempt,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            finish_reason=event.finish_reason,
+            prefill_s=event.prefill_s,
+            decode_s=event.decode_s,
+        )
+    return RunFailed(request_id=request_id, attempt=attempt, error=ErrorInfo.of(event.error))
+
+
+__all__ = ["AgentDaemon", "SequenceKey"]

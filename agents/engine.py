@@ -1,0 +1,400 @@
+"""LlamaEngine: continuous batching on llama.cpp's low-level API (llama-cpp-python bindings).
+
+One llama context holds every sequence (a unified KV pool of ``kv_budget_tokens`` cells, each
+sequence limited to ``n_ctx``). Each ``step`` builds one batch: one token for every decoding
+sequence first, then prompt chunks of newly admitted sequences up to ``STEP_TOKEN_BUDGET``, so a
+long prompt is prefilled over several steps instead of stalling running streams. Greedy decoding
+takes a numpy argmax over the logits (cheaper than llama.cpp's sampler over a 262k vocabulary);
+other settings use llama.cpp's sampler chain per sequence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from agents.base import (
+    Completed,
+    Emitted,
+    EngineEvent,
+    Rejected,
+    SequenceKey,
+    SequenceSpec,
+    admission_error,
+)
+from agents.text import StopStringFilter
+from orchestrator.errors import EdgeorchError, InternalError, Overloaded
+from orchestrator.protocol import Backend, FinishReason
+
+log = logging.getLogger("edgeorch.engine")
+
+STEP_TOKEN_BUDGET: Final = 512
+"""Tokens in one llama_decode batch (decode tokens first, then prefill chunks)."""
+PIECE_BUFFER_BYTES: Final = 256
+META_BUFFER_BYTES: Final = 512
+KV_BYTES_PER_VALUE: Final = 2
+"""f16 K and V caches."""
+DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
+"""Share of available memory the default KV budget may take."""
+
+_llama: Any = None
+
+
+def llama_cpp() -> Any:
+    """The llama_cpp module with its backend initialised once per process."""
+    global _llama
+    if _llama is None:
+        import llama_cpp as module
+
+        module.llama_backend_init()
+        _llama = module
+    return _llama
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama_cpp().llama_supports_gpu_offload())
+
+
+@dataclass(slots=True)
+class _Sequence:
+    spec: SequenceSpec
+    slot: int
+    prompt: list[int]
+    prompt_tokens: int
+    sampler: Any
+    stops: StopStringFilter
+    n_past: int = 0
+    next_token: int | None = None
+    generated: int = 0
+    started_s: float = field(default_factory=time.perf_counter)
+    prefill_done_s: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.next_token is None
+
+
+class LlamaEngine:
+    """Implements ``agents.base.Engine`` on a GGUF model."""
+
+    backend: Backend = "llama"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int,
+        max_seqs: int,
+        kv_budget_tokens: int | None,
+        n_gpu_layers: int | None,
+        threads: int,
+        model_name: str | None = None,
+        available_memory_bytes: int | None = None,
+    ) -> None:
+        lib = llama_cpp()
+        self._lib = lib
+        self.model_path: str | None = str(model_path)
+        self.threads = threads
+        self.max_seqs = max_seqs
+        self.n_ctx = n_ctx
+        offload = lib.llama_supports_gpu_offload()
+        if n_gpu_layers and n_gpu_layers != 0 and not offload:
+            log.warning(
+                "this llama.cpp build cannot offload to a GPU: ignoring --n-gpu-layers %d, "
+                "running on the CPU (rebuild with CMAKE_ARGS=-DGGML_CUDA=on for CUDA)",
+                n_gpu_layers,
+            )
+        requested_layers = (n_gpu_layers if n_gpu_layers is not None else -1) if offload else 0
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = requested_layers
+        self._model = lib.llama_model_load_from_file(str(model_path).encode(), model_params)
+        if not self._model:
+            raise InternalError(f"llama.cpp could not load model {model_path}", path=str(model_path))
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        n_layer = int(lib.llama_model_n_layer(self._model))
+        self.n_gpu_layers = 0 if not offload else (n_layer if requested_layers < 0 else min(requested_layers, n_layer))
+        self.model_name = model_name or self._meta("general.name") or model_path.stem
+        train_ctx = int(lib.llama_model_n_ctx_train(self._model))
+        if n_ctx > train_ctx:
+            log.warning("n_ctx %d exceeds the model's training context %d", n_ctx, train_ctx)
+        self.kv_bytes_per_token = self._kv_bytes_per_token(n_layer)
+        self.kv_budget_tokens = kv_budget_tokens or self._default_kv_budget(available_memory_bytes)
+        self.kv_budget_tokens = max(self.kv_budget_tokens, n_ctx)
+        self._ctx = self._new_context()
+        self._memory = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(STEP_TOKEN_BUDGET, 0, 1)
+        self._eog = np.array(
+            [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t)], dtype=np.int64
+        )
+        self._piece = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+        self._active: dict[SequenceKey, _Sequence] = {}
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(META_BUFFER_BYTES)
+        n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buffer, META_BUFFER_BYTES)
+        return buffer.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _kv_bytes_per_token(self, n_layer: int) -> int:
+        arch = self._meta("general.architecture") or ""
+        heads_kv = int(self._meta(f"{arch}.attention.head_count_kv") or 1)
+        key_len = int(self._meta(f"{arch}.attention.key_length") or 128)
+        value_len = int(self._meta(f"{arch}.attention.value_length") or key_len)
+        return n_layer * heads_kv * (key_len + value_len) * KV_BYTES_PER_VALUE
+
+    def _default_kv_budget(self, available_memory_bytes: int | None) -> int:
+        wanted = self.n_ctx * self.max_seqs
+        if not available_memory_bytes:
+            return wanted
+        fits = int(available_memory_bytes * DEFAULT_KV_MEMORY_FRACTION) // self.kv_bytes_per_token
+        return min(wanted, fits)
+
+    def _new_context(self) -> Any:
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.kv_budget_tokens
+        params.n_batch = STEP_TOKEN_BUDGET
+        params.n_ubatch = STEP_TOKEN_BUDGET
+        params.n_seq_max = self.max_seqs
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        params.no_perf = True
+        if hasattr(params, "kv_unified"):
+            params.kv_unified = True
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise InternalError(
+                f"llama.cpp could not create a context of {self.kv_budget_tokens} KV cells",
+                kv_budget_tokens=self.kv_budget_tokens,
+            )
+        return ctx
+
+    # --- Engine interface -------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 2
+        tokens = (self._lib.llama_token * capacity)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos, False)
+        if n < 0:
+            tokens = (self._lib.llama_token * -n)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, -n, add_bos, False)
+        return list(tokens[:n])
+
+    def add(self, spec: SequenceSpec) -> list[EngineEvent]:
+        prompt = self.tokenize(spec.prompt, add_bos=True)
+        prompt_tokens = len(prompt)
+        if spec.resume_text:
+            prompt += self.tokenize(spec.resume_text, add_bos=False)
+        error = admission_error(
+            spec,
+            context_tokens=len(prompt) + spec.remaining_tokens,
+            n_ctx=self.n_ctx,
+            active=len(self._active),
+            max_seqs=self.max_seqs,
+            kv_free_tokens=self.kv_budget_tokens - self.kv_reserved_tokens(),
+        )
+        if error is not None:
+            return [Rejected(spec.key, error)]
+        if spec.remaining_tokens == 0:
+            return [Completed(spec.key, prompt_tokens, 0, "length", 0.0, 0.0)]
+        self._active[spec.key] = _Sequence(
+            spec=spec,
+            slot=self._free_slots.pop(),
+            prompt=prompt,
+            prompt_tokens=prompt_tokens,
+            sampler=self._sampler(spec),
+            stops=StopStringFilter(spec.params.stop),
+        )
+        return []
+
+    def cancel(self, key: SequenceKey) -> list[EngineEvent]:
+        sequence = self._active.get(key)
+        if sequence is None:
+            return []
+        return [self._retire(sequence, "cancelled")]
+
+    def has_work(self) -> bool:
+        return bool(self._active)
+
+    def active_keys(self) -> list[SequenceKey]:
+        return list(self._active)
+
+    def kv_used_tokens(self) -> int:
+        """Cells filled now, counted as logical tokens per sequence."""
+        return sum(s.n_past for s in self._active.values())
+
+    def kv_reserved_tokens(self) -> int:
+        """Cells the active sequences may still grow to (prompt plus remaining output)."""
+        return sum(len(s.prompt) + s.spec.remaining_tokens for s in self._active.values())
+
+    def seq_positions(self, key: SequenceKey) -> tuple[int, int]:
+        """llama.cpp's own view of a sequence's cache: (min position, max position)."""
+        slot = self._active[key].slot
+        return (
+            int(self._lib.llama_memory_seq_pos_min(self._memory, slot)),
+            int(self._lib.llama_memory_seq_pos_max(self._memory, slot)),
+        )
+
+    def step(self) -> list[EngineEvent]:
+        batch = self._batch
+        rows: list[tuple[_Sequence, int]] = []
+        n = 0
+        for sequence in self._active.values():
+            if sequence.prefilling:
+                continue
+            self._put(n, sequence.next_token, sequence.n_past, sequence.slot, True)  # type: ignore[arg-type]
+            rows.append((sequence, n))
+            n += 1
+        chunks: list[tuple[_Sequence, int]] = []
+        for sequence in self._active.values():
+            if not sequence.prefilling or n >= STEP_TOKEN_BUDGET:
+                continue
+            chunk = sequence.prompt[sequence.n_past : sequence.n_past + STEP_TOKEN_BUDGET - n]
+            for offset, token in enumerate(chunk):
+                last = sequence.n_past + offset == len(sequence.prompt) - 1
+                self._put(n, token, sequence.n_past + offset, sequence.slot, last)
+                if last:
+                    rows.append((sequence, n))
+                n += 1
+            chunks.append((sequence, len(chunk)))
+        batch.n_tokens = n
+        status = self._lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            return self._decode_failed(status)
+        for sequence, length in chunks:
+            sequence.n_past += length
+        events: list[EngineEvent] = []
+        now = time.perf_counter()
+        for sequence, row in rows:
+            events.extend(self._advance(sequence, row, now))
+        return events
+
+    def close(self) -> None:
+        for sequence in list(self._active.values()):
+            self._retire(sequence, "cancelled")
+        if getattr(self, "_batch", None) is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _put(self, row: int, token: int, pos: int, slot: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[row] = token
+        batch.pos[row] = pos
+        batch.n_seq_id[row] = 1
+        batch.seq_id[row][0] = slot
+        batch.logits[row] = logits
+
+    def _advance(self, sequence: _Sequence, row: int, now: float) -> list[EngineEvent]:
+        """Account the token just decoded for ``sequence`` and sample its next one."""
+        if sequence.prefilling:
+            sequence.prefill_done_s = now
+        else:
+            sequence.n_past += 1
+        token = self._sample(sequence, row)
+        sequence.next_token = token
+        sequence.generated += 1
+        spec = sequence.spec
+        if self._lib.llama_vocab_is_eog(self._vocab, token) and not spec.params.ignore_eos:
+            sequence.generated -= 1
+            tail = sequence.stops.flush()
+            events: list[EngineEvent] = [Emitted(spec.key, tail, 0)] if tail else []
+            return [*events, self._retire(sequence, "stop")]
+        text = sequence.stops.feed(self._token_bytes(token))
+        events = [Emitted(spec.key, text, 1)]
+        if sequence.stops.stopped:
+            events.append(self._retire(sequence, "stop"))
+        elif sequence.generated >= spec.remaining_tokens:
+            tail = sequence.stops.flush()
+            if tail:
+                events.append(Emitted(spec.key, tail, 0))
+            events.append(self._retire(sequence, "length"))
+        return events
+
+    def _sample(self, sequence: _Sequence, row: int) -> int:
+        if sequence.sampler is not None:
+            return int(self._lib.llama_sampler_sample(sequence.sampler, self._ctx, row))
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        if sequence.spec.params.ignore_eos and self._eog.size:
+            logits[self._eog] = -np.inf
+        return int(logits.argmax())
+
+    def _sampler(self, spec: SequenceSpec) -> Any:
+        """None for greedy decoding (numpy argmax); else llama.cpp's chain."""
+        params = spec.params
+        if params.temperature == 0.0:
+            return None
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params.ignore_eos and self._eog.size:
+            biases = (lib.llama_logit_bias * self._eog.size)()
+            for i, token in enumerate(self._eog):
+                biases[i].token = int(token)
+                biases[i].bias = float("-inf")
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_logit_bias(self.n_vocab, self._eog.size, biases)
+            )
+        if params.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(params.top_k))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else lib.LLAMA_DEFAULT_SEED
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, PIECE_BUFFER_BYTES, 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, -n, 0, False)
+            return buffer.raw[:n]
+        return self._piece.raw[:n]
+
+    def _retire(self, sequence: _Sequence, reason: FinishReason) -> Completed:
+        del self._active[sequence.spec.key]
+        self._lib.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+        if sequence.sampler is not None:
+            self._lib.llama_sampler_free(sequence.sampler)
+        self._free_slots.append(sequence.slot)
+        now = time.perf_counter()
+        prefill_end = sequence.prefill_done_s or now
+        return Completed(
+            key=sequence.spec.key,
+            prompt_tokens=sequence.prompt_tokens,
+            completion_tokens=sequence.generated,
+            finish_reason=reason,
+            prefill_s=prefill_end - sequence.started_s,
+            decode_s=now - prefill_end,
+        )
+
+    def _decode_failed(self, status: int) -> list[EngineEvent]:
+        """llama_decode refused the batch: drop every sequence (their caches may be partial)
+        with a retryable error so the coordinator places them again."""
+        error: EdgeorchError = Overloaded(
+            f"llama_decode failed with status {status} (1: no KV slot for the batch)",
+            status=status,
+        )
+        log.error("llama_decode returned %d; releasing %d sequences", status, len(self._active))
+        events: list[EngineEvent] = []
+        for sequence in list(self._active.values()):
+            self._retire(sequence, "cancelled")
+            events.append(Rejected(sequence.spec.key, error))
+        return events

@@ -1,0 +1,79 @@
+"""Control-plane capacity: requests/s the coordinator sustains for tiny generations.
+
+Two fake agents with effectively free compute (so the coordinator, the sockets and the SDK are
+all that is measured) serve N one-token requests from C concurrent in-flight requests.
+
+    .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.client import AsyncClient  # noqa: E402
+from orchestrator.local import LocalCluster  # noqa: E402
+
+FREE_COMPUTE = ("--backend", "fake", "--fake-decode-tps", "1000000", "--fake-prefill-tps", "1000000000")
+
+
+async def hammer(endpoint: str, requests: int, concurrency: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    async with AsyncClient(endpoint, timeout_s=120) as client:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                started = time.perf_counter()
+                result = await client.generate(f"tiny request {i}", max_tokens=1)
+                assert result.completion_tokens == 1
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        return time.perf_counter() - started, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgeorch-control-{os.getpid()}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(log_dir)
+    try:
+        for name in ("fast-1", "fast-2"):
+            cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
+        cluster.wait_for_agents(2)
+        asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
+        elapsed, latencies = asyncio.run(hammer(cluster.clients_endpoint, args.requests, args.concurrency))
+    finally:
+        cluster.stop()
+    latencies.sort()
+    report = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "requests_per_s": round(args.requests / elapsed, 1),
+        "p50_latency_ms": round(1000 * statistics.median(latencies), 2),
+        "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""The ``edgeorch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from orchestrator.errors import EdgeorchError, InvalidRequest
+from orchestrator.settings import (
+    DEFAULT_AGENTS_ENDPOINT,
+    DEFAULT_CLIENTS_ENDPOINT,
+    AgentSettings,
+    CoordinatorSettings,
+    add_settings_arguments,
+    load_settings,
+)
+
+log = logging.getLogger("edgeorch.cli")
+
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+CHILD_STOP_TIMEOUT_S: Final = 15.0
+CHILD_POLL_S: Final = 0.2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("EDGEORCH_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except EdgeorchError as exc:
+        print(f"edgeorch: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, InvalidRequest) else EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeorch", description="Length-aware LLM scheduling across edge devices."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    coordinator = commands.add_parser("coordinator", help="run the coordinator")
+    add_settings_arguments(coordinator, CoordinatorSettings)
+    coordinator.set_defaults(handler=_run_coordinator)
+
+    agent = commands.add_parser("agent", help="run an agent daemon on this device")
+    add_settings_arguments(agent, AgentSettings)
+    agent.set_defaults(handler=_run_agent)
+
+    up = commands.add_parser("up", help="run a coordinator and N local agents (foreground)")
+    up.add_argument("--agents", type=int, default=2, help="number of local agents (default 2)")
+    up.add_argument("--backend", choices=("llama", "fake"), default="llama")
+    up.add_argument("--policy", default="fcfs")
+    up.add_argument("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT)
+    up.add_argument("--clients-endpoint", default=DEFAULT_CLIENTS_ENDPOINT)
+    up.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")
+    up.add_argument("--max-seqs", type=int, default=None)
+    up.add_argument("--n-ctx", type=int, default=None)
+    up.add_argument("--threads", type=int, default=None, help="threads per agent (default: cores / agents)")
+    up.set_defaults(handler=_run_up)
+
+    submit = commands.add_parser("submit", help="submit one request and stream its text")
+    submit.add_argument("prompt")
+    _add_client_endpoint(submit)
+    submit.add_argument("--max-tokens", type=int, default=128)
+    submit.add_argument("--temperature", type=float, default=0.8)
+    submit.add_argument("--top-p", type=float, default=0.95)
+    submit.add_argument("--top-k", type=int, default=40)
+    submit.add_argument("--min-p", type=float, default=0.05)
+    submit.add_argument("--seed", type=int, default=None)
+    submit.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    submit.add_argument("--ignore-eos", action="store_true", help="generate exactly max-tokens")
+    submit.add_argument("--priority", choices=("interactive", "batch"), default="interactive")
+    submit.add_argument("--model", default=None, help="only agents serving this model")
+    submit.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
+    submit.add_argument("--json", action="store_true", help="print the result object as JSON")
+    submit.set_defaults(handler=_run_submit)
+
+    status = commands.add_parser("status", help="show agents, queue and running requests")
+    _add_client_endpoint(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_run_status)
+
+    return parser
+
+
+def _add_client_endpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        help=f"coordinator's clients endpoint (default {DEFAULT_CLIENTS_ENDPOINT}; "
+        "env EDGEORCH_CLIENTS_ENDPOINT)",
+    )
+
+
+def _client_endpoint(args: argparse.Namespace) -> str:
+    return str(args.coordinator or os.environ.get("EDGEORCH_CLIENTS_ENDPOINT") or DEFAULT_CLIENTS_ENDPOINT)
+
+
+def _settings(schema: type[Any], args: argparse.Namespace) -> Any:
+    overrides = {k: v for k, v in vars(args).items() if k in schema.model_fields}
+    config = args.config or _env_path("EDGEORCH_CONFIG")
+    return load_settings(schema, config=config, environ=os.environ, overrides=overrides)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _serve(make: Callable[[asyncio.Event], Any]) -> int:
+    """Run a daemon coroutine until SIGINT or SIGTERM."""
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await make(stop)
+
+    asyncio.run(serve())
+    return 0
+
+
+# --- daemons ----------------------------------------------------------------------------------
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    from orchestrator.coordinator import Coordinator
+    from orchestrator.tokens import EstimatedTokenCounter, GgufTokenCounter, TokenCounter
+
+    settings: CoordinatorSettings = _settings(CoordinatorSettings, args)
+    counter: TokenCounter = EstimatedTokenCounter()
+    tokenizer_path = _tokenizer_model(settings)
+    if tokenizer_path is not None:
+        counter = GgufTokenCounter(tokenizer_path)
+        log.info("counting prompt tokens with %s's tokenizer", counter.model_name)
+    else:
+        log.info("no tokenizer model: estimating prompt tokens; agents check exactly")
+    return _serve(Coordinator(settings, token_counter=counter).run)
+
+
+def _tokenizer_model(settings: CoordinatorSettings) -> Path | None:
+    if settings.tokenizer_model:
+        path = Path(settings.tokenizer_model)
+        if not path.is_file():
+            raise InvalidRequest(f"tokenizer model {path} does not exist", field="tokenizer_model")
+        return path
+    try:
+        from agents.model import default_model_path
+    except ImportError:
+        return None
+    path = default_model_path(os.environ)
+    return path if path.is_file() else None
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from agents.daemon import AgentDaemon
+    from agents.device import build_engine, probe_profile
+
+    settings: AgentSettings = _settings(AgentSettings, args)
+    engine = build_engine(settings, os.environ)
+    profile = probe_profile(settings, engine)
+    name = settings.name or profile.hostname
+    daemon = AgentDaemon(
+        engine,
+        profile,
+        endpoint=settings.coordinator,
+        name=name,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
+    return _serve(daemon.run)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    if args.agents < 1:
+        raise InvalidRequest(f"--agents must be at least 1, got {args.agents}", field="agents")
+    if args.backend == "llama" and args.model is None:
+        from agents.model import ensure_default_model
+
+        ensure_default_model(os.environ)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.agents)
+    base = [sys.executable, "-m", "orchestrator.cli"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    commands = [
+        [*base, "coordinator", "--agents-endpoint", args.agents_endpoint,
+         "--clients-endpoint", args.clients_endpoint, "--policy", args.policy]
+    ]
+    for index in range(1, args.agents + 1):
+        command = [*base, "agent", "--coordinator", args.agents_endpoint, "--backend", args.backend,
+                   "--name", f"agent-{index}", "--threads", str(threads)]
+        for flag, value in (("--model", args.model), ("--max-seqs", args.max_seqs), ("--n-ctx", args.n_ctx)):
+            if value is not None:
+                command += [flag, str(value)]
+        commands.append(command)
+    return _supervise(commands, env)
+
+
+def _supervise(commands: list[list[str]], env: Mapping[str, str]) -> int:
+    """Start the children, wait for a signal or the coordinator's exit, then stop them all."""
+    children = [subprocess.Popen(command, env=dict(env)) for command in commands]
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping and children[0].poll() is None:
+            time.sleep(CHILD_POLL_S)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + CHILD_STOP_TIMEOUT_S
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0 if stopping else EXIT_ERROR
+
+
+# --- client commands --------------------------------------------------------------------------
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from orchestrator.client import Client
+
+    params = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+        priority=args.priority,
+        model=args.model,
+    )
+    with Client(_client_endpoint(args), timeout_s=args.timeout) as client:
+        if args.json:
+            result = client.generate(args.prompt, **params)
+            print(json.dumps(_result_json(result), indent=2))
+            return 0
+        stream = client.stream(args.prompt, **params)
+        print(f"[queued at position {stream.accepted.queue_position}]", file=sys.stderr)
+        sys.stdout.write(args.prompt)
+        for text in stream:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        result = stream.result
+        if result is not None:
+            print(
+                f"[{result.completion_tokens} tokens on {result.agent}, queue {result.queue_s:.2f} s, "
+                f"first token {result.ttft_s:.2f} s, total {result.total_s:.2f} s, "
+                f"{result.decode_tokens_per_s:.1f} tok/s]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {**asdict(result), "decode_tokens_per_s": result.decode_tokens_per_s}
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from orchestrator.client import Client
+
+    with Client(_client_endpoint(args)) as client:
+        report = client.status()
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0
+    print(f"policy {report.policy}; {len(report.queue)} queued, {len(report.running)} running, "
+          f"{report.completed} completed, {report.failed} failed")
+    rows = [("AGENT", "BACKEND", "DEVICE", "MODEL", "RUNNING", "KV USED/BUDGET", "N_CTX", "TOK/S")]
+    for agent in report.agents:
+        p = agent.profile
+        device = "GPU" if p.n_gpu_layers > 0 else "CPU"
+        rows.append((
+            agent.agent_id, p.backend, f"{device} {p.hostname}", p.model_name,
+            f"{agent.running}/{p.max_seqs}", f"{agent.kv_used_tokens}/{p.kv_budget_tokens}",
+            str(p.n_ctx), f"{p.decode_tps:.0f}" if p.decode_tps else "-",
+        ))
+    _print_table(rows)
+    if report.queue or report.running:
+        print()
+        rows = [("REQUEST", "STATE", "PRIORITY", "PROMPT", "MAX", "PREDICTED", "GENERATED", "AGE S", "AGENT")]
+        for position, r in enumerate([*report.running, *report.queue]):
+            rows.append((
+                r.request_id[:12], r.state, r.priority, str(r.prompt_tokens), str(r.max_tokens),
+                f"{r.predicted_tokens:.0f}" if r.predicted_tokens is not None else "-",
+                str(r.generated_tokens), f"{r.age_s:.1f}", r.agent_id or f"#{position}",
+            ))
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

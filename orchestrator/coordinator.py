@@ -1,0 +1,566 @@
+"""The coordinator's I/O shell: two ROUTER sockets, timers and the request table.
+
+Everything that decides (ordering, placement, rejection) lives in ``orchestrator.core``; this
+module turns frames into table events, asks ``decide`` what to do, and turns its actions back into
+frames. Agents connect to ``agents_endpoint``, clients to ``clients_endpoint``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import zmq
+import zmq.asyncio
+
+from orchestrator import transport
+from orchestrator.core.lifecycle import RequestState
+from orchestrator.core.placement import make_placement
+from orchestrator.core.policies import make_policy
+from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.table import RequestRecord, RequestTable
+from orchestrator.core.views import AgentView, DispatchAction, RejectAction, Snapshot
+from orchestrator.errors import (
+    AgentFailure,
+    Cancelled,
+    EdgeorchError,
+    InvalidRequest,
+    Overloaded,
+    ProtocolError,
+    error_from_wire,
+)
+from orchestrator.protocol import (
+    AGENT_MESSAGES,
+    CLIENT_MESSAGES,
+    Accepted,
+    AgentId,
+    AgentStatus,
+    CancelRequest,
+    CancelRun,
+    DeviceProfile,
+    Dispatch,
+    ErrorInfo,
+    ErrorReply,
+    Heartbeat,
+    Register,
+    RequestId,
+    RequestStatus,
+    Result,
+    RunFailed,
+    RunFinished,
+    StatusQuery,
+    StatusReport,
+    StreamChunk,
+    Submit,
+    TokenChunk,
+    Welcome,
+    WireModel,
+    decode,
+    encode,
+)
+from orchestrator.settings import CoordinatorSettings
+from orchestrator.tokens import EstimatedTokenCounter, TokenCounter
+
+log = logging.getLogger("edgeorch.coordinator")
+
+TICKS_PER_HEARTBEAT: Final = 4
+OVERLOADED_RETRY_AFTER_S: Final = 1.0
+
+
+@dataclass(slots=True)
+class AgentSession:
+    agent_id: AgentId
+    identity: bytes
+    name: str
+    profile: DeviceProfile
+    last_seen_s: float
+    kv_used_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ClientRoute:
+    identity: bytes
+    stream: bool
+    next_index: int = 0
+
+
+class Coordinator:
+    """Owns the only queue; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        token_counter: TokenCounter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._config = SchedulerConfig(
+            policy=make_policy(settings.policy),
+            placement=make_placement(settings.placement),
+            unavailable_timeout_s=settings.unavailable_timeout_s,
+        )
+        self._tokens = token_counter or EstimatedTokenCounter()
+        self._clock = clock
+        self.table = RequestTable()
+        self._agents: dict[bytes, AgentSession] = {}
+        self._routes: dict[RequestId, ClientRoute] = {}
+        self._agent_numbers = itertools.count(1)
+        self._schedule_needed = asyncio.Event()
+        self._context: zmq.asyncio.Context | None = None
+        self._agent_socket: zmq.asyncio.Socket | None = None
+        self._client_socket: zmq.asyncio.Socket | None = None
+        self.ready = asyncio.Event()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Bind both sockets and serve until ``stop`` is set."""
+        self._context = zmq.asyncio.Context()
+        try:
+            self._agent_socket = transport.router(self._context, self.settings.agents_endpoint)
+            self._client_socket = transport.router(self._context, self.settings.clients_endpoint)
+            log.info(
+                "coordinator listening: agents %s, clients %s, policy %s",
+                self.settings.agents_endpoint,
+                self.settings.clients_endpoint,
+                self.settings.policy,
+            )
+            self.ready.set()
+            tasks = [
+                asyncio.create_task(self._receive_agents()),
+                asyncio.create_task(self._receive_clients()),
+                asyncio.create_task(self._tick()),
+                asyncio.create_task(self._schedule_loop()),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in [stopper, *tasks]:
+                task.cancel()
+            await asyncio.gather(stopper, *tasks, return_exceptions=True)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            self._context.destroy(linger=0)
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def _receive_agents(self) -> None:
+        assert self._agent_socket is not None
+        while True:
+            frames = await self._agent_socket.recv_multipart(copy=True)
+            if len(frames) != 2:
+                continue
+            identity, frame = frames
+            message = decode(frame, AGENT_MESSAGES)
+            now = self._clock()
+            session = self._agents.get(identity)
+            if session is not None:
+                session.last_seen_s = now
+            if isinstance(message, ProtocolError):
+                log.warning("dropped agent frame: %s", message.message)
+                continue
+            if isinstance(message, Register):
+                self._on_register(identity, message, now)
+            elif session is None:
+                log.warning("dropped %s from an unregistered agent", message.type)
+            elif isinstance(message, Heartbeat):
+                session.kv_used_tokens = message.kv_used_tokens
+            elif isinstance(message, TokenChunk):
+                self._on_chunk(session, message, now)
+            elif isinstance(message, RunFinished):
+                self._on_finished(session, message, now)
+            elif isinstance(message, RunFailed):
+                self._on_failed(session, message, now)
+
+    async def _receive_clients(self) -> None:
+        assert self._client_socket is not None
+        while True:
+            frames = await self._client_socket.recv_multipart(copy=True)
+            if len(frames) != 2:
+                continue
+            identity, frame = frames
+            message = decode(frame, CLIENT_MESSAGES)
+            now = self._clock()
+            if isinstance(message, ProtocolError):
+                self._reply_client(identity, _error_reply(_client_facing(message)))
+            elif isinstance(message, Submit):
+                self._on_submit(identity, message, now)
+            elif isinstance(message, CancelRequest):
+                self._on_cancel(identity, message.request_id, now)
+            elif isinstance(message, StatusQuery):
+                self._reply_client(identity, self.status(message.query_id, now))
+
+    # --- agent events -----------------------------------------------------------------------
+
+    def _on_register(self, identity: bytes, message: Register, now: float) -> None:
+        previous = self._agents.pop(identity, None)
+        if previous is not None:
+            self._requeue_agent_work(previous.agent_id, now, reason="re-registered")
+        taken = {s.agent_id for s in self._agents.values()}
+        agent_id = AgentId(message.name)
+        while agent_id in taken:
+            agent_id = AgentId(f"{message.name}-{next(self._agent_numbers)}")
+        self._agents[identity] = AgentSession(
+            agent_id=agent_id,
+            identity=identity,
+            name=message.name,
+            profile=message.profile,
+            last_seen_s=now,
+        )
+        log.info(
+            "agent %s registered: %s, model %s, n_ctx %d, kv budget %d tokens, %d seqs",
+            agent_id,
+            message.profile.backend,
+            message.profile.model_name,
+            message.profile.n_ctx,
+            message.profile.kv_budget_tokens,
+            message.profile.max_seqs,
+        )
+        self._send_agent(
+            identity,
+            Welcome(agent_id=agent_id, heartbeat_interval_s=self.settings.heartbeat_interval_s),
+        )
+        self._schedule_needed.set()
+
+    def _current(self, session: AgentSession, request_id: str, attempt: int) -> RequestRecord | None:
+        """The record a frame refers to, or None if the frame is from a superseded attempt."""
+        record = self.table.get(RequestId(request_id))
+        if (
+            record is None
+            or record.attempt != attempt
+            or record.agent_id != session.agent_id
+            or record.state not in (RequestState.DISPATCHED, RequestState.RUNNING)
+        ):
+            return None
+        return record
+
+    def _on_chunk(self, session: AgentSession, message: TokenChunk, now: float) -> None:
+        record = self._current(session, message.request_id, message.attempt)
+        if record is None:
+            return
+        self.table.add_tokens(record.request_id, message.text, message.n_tokens, now)
+        route = self._routes.get(record.request_id)
+        if route is not None and route.stream and message.text:
+            self._reply_client(
+                route.identity,
+                StreamChunk(request_id=record.request_id, index=route.next_index, text=message.text),
+            )
+            route.next_index += 1
+
+    def _on_finished(self, session: AgentSession, message: RunFinished, now: float) -> None:
+        record = self._current(session, message.request_id, message.attempt)
+        if record is None:
+            return
+        record.prompt_tokens, record.prompt_tokens_exact = message.prompt_tokens, True
+        self.table.finish(record.request_id, message.finish_reason, now)
+        self._send_result(record, session)
+        self._schedule_needed.set()
+
+    def _on_failed(self, session: AgentSession, message: RunFailed, now: float) -> None:
+        record = self._current(session, message.request_id, message.attempt)
+        if record is None:
+            return
+        error = error_from_wire(message.error.code, message.error.message, message.error.details)
+        if message.error.retryable:
+            log.info("request %s refused by %s (%s): requeued", record.request_id, session.agent_id, error.code)
+            self.table.requeue(record.request_id, agent_failed=False)
+        else:
+            self._fail(record.request_id, error, now)
+        self._schedule_needed.set()
+
+    # --- client events ----------------------------------------------------------------------
+
+    def _on_submit(self, identity: bytes, message: Submit, now: float) -> None:
+        existing = self.table.get(RequestId(message.request_id))
+        if existing is not None:
+            self._reattach(identity, existing, message.stream)
+            return
+        queued = sum(1 for _ in self.table.in_state(RequestState.QUEUED))
+        if queued >= self.settings.max_queue:
+            self._reply_client(
+                identity,
+                _error_reply(
+                    Overloaded(
+                        f"queue is full ({queued} of {self.settings.max_queue} requests waiting)",
+                        queued=queued,
+                        max_queue=self.settings.max_queue,
+                        retry_after_s=OVERLOADED_RETRY_AFTER_S,
+                    ),
+                    message.request_id,
+                ),
+            )
+            return
+        prompt_tokens, exact = self._tokens.count(message.prompt, self._target_model(message))
+        record = RequestRecord(
+            request_id=RequestId(message.request_id),
+            prompt=message.prompt,
+            params=message.params,
+            prompt_tokens=prompt_tokens,
+            prompt_tokens_exact=exact,
+            predicted_tokens=None,
+            arrival_s=now,
+        )
+        self.table.add(record)
+        self._routes[record.request_id] = ClientRoute(identity=identity, stream=message.stream)
+        self._reply_client(
+            identity,
+            Accepted(
+                request_id=record.request_id,
+                queue_position=queued,
+                prompt_tokens=prompt_tokens,
+                predicted_tokens=record.predicted_tokens,
+            ),
+        )
+        self._schedule_needed.set()
+
+    def _target_model(self, message: Submit) -> str | None:
+        """The model a request will run on: the one it names, or the one every live agent
+        serves; None when that is not yet known."""
+        if message.params.model is not None:
+            return message.params.model
+        served = {s.profile.model_name for s in self._agents.values()}
+        return served.pop() if len(served) == 1 else None
+
+    def _reattach(self, identity: bytes, record: RequestRecord, stream: bool) -> None:
+        """An idempotent re-submit: point the request's replies at the caller again."""
+        route = self._routes.get(record.request_id)
+        self._routes[record.request_id] = ClientRoute(
+            identity=identity, stream=stream, next_index=route.next_index if route else 0
+        )
+        if record.state is RequestState.FINISHED:
+            self._send_result(record, None)
+        elif record.state.terminal:
+            assert record.error is not None or record.state is RequestState.CANCELLED
+            self._reply_client(
+                identity,
+                _error_reply(record.error or Cancelled("request was cancelled"), record.request_id),
+            )
+        else:
+            self._reply_client(
+                identity,
+                Accepted(
+                    request_id=record.request_id,
+                    queue_position=0,
+                    prompt_tokens=record.prompt_tokens,
+                    predicted_tokens=record.predicted_tokens,
+                ),
+            )
+
+    def _on_cancel(self, identity: bytes, request_id: str, now: float) -> None:
+        record = self.table.get(RequestId(request_id))
+        if record is None or record.state.terminal:
+            return
+        if record.agent_id is not None:
+            session = self._session_by_id(record.agent_id)
+            if session is not None:
+                self._send_agent(
+                    session.identity, CancelRun(request_id=request_id, attempt=record.attempt)
+                )
+        self.table.cancel(record.request_id, now)
+        route = self._routes.pop(record.request_id, None)
+        target = route.identity if route else identity
+        self._reply_client(target, _error_reply(Cancelled("request was cancelled"), request_id))
+        self._schedule_needed.set()
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._schedule_needed.wait()
+            self._schedule_needed.clear()
+            self.schedule(self._clock())
+
+    def schedule(self, now: float) -> None:
+        """One pass of the pure core over the current state, then carry out its actions."""
+        queue = tuple(r.queued_view() for r in self.table.queued())
+        if not queue:
+            return
+        snapshot = Snapshot(queue=queue, agents=tuple(self._agent_views()))
+        for action in decide(snapshot, now, self._config):
+            if isinstance(action, DispatchAction):
+                self._dispatch(action, now)
+            elif isinstance(action, RejectAction):
+                self._fail(action.request_id, action.error, now)
+
+    def _agent_views(self) -> list[AgentView]:
+        views = []
+        for session in self._agents.values():
+            work = self.table.on_agent(session.agent_id)
+            views.append(
+                AgentView(
+                    agent_id=session.agent_id,
+                    model_name=session.profile.model_name,
+                    n_ctx=session.profile.n_ctx,
+                    max_seqs=session.profile.max_seqs,
+                    kv_budget_tokens=session.profile.kv_budget_tokens,
+                    running=len(work),
+                    kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
+                    decode_tps=session.profile.decode_tps,
+                )
+            )
+        return views
+
+    def _dispatch(self, action: DispatchAction, now: float) -> None:
+        session = self._session_by_id(action.agent_id)
+        assert session is not None, "decide placed on an agent that is not live"
+        record = self.table.dispatch(action.request_id, action.agent_id, action.kv_reservation_tokens, now)
+        if record.attempt == 1:
+            record.dispatched_s = now
+        self._send_agent(
+            session.identity,
+            Dispatch(
+                request_id=record.request_id,
+                attempt=record.attempt,
+                prompt=record.prompt,
+                params=record.params,
+                resume_text=record.text,
+                resume_tokens=record.generated_tokens,
+            ),
+        )
+
+    # --- timers -----------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        interval = self.settings.heartbeat_interval_s / TICKS_PER_HEARTBEAT
+        while True:
+            await asyncio.sleep(interval)
+            now = self._clock()
+            self._expire_agents(now)
+            self.table.prune(now, self.settings.result_retention_s)
+            for request_id in [rid for rid in self._routes if rid not in self.table]:
+                del self._routes[request_id]
+            if any(True for _ in self.table.in_state(RequestState.QUEUED)):
+                self._schedule_needed.set()
+
+    def _expire_agents(self, now: float) -> None:
+        deadline = self.settings.heartbeat_interval_s * self.settings.heartbeat_liveness
+        for identity, session in list(self._agents.items()):
+            if now - session.last_seen_s > deadline:
+                del self._agents[identity]
+                log.warning(
+                    "agent %s silent for %.1f s: declared dead", session.agent_id, now - session.last_seen_s
+                )
+                self._requeue_agent_work(session.agent_id, now, reason="agent died")
+
+    def _requeue_agent_work(self, agent_id: AgentId, now: float, *, reason: str) -> None:
+        for record in self.table.on_agent(agent_id):
+            if record.agent_failures + 1 >= self.settings.max_attempts:
+                self._fail(
+                    record.request_id,
+                    AgentFailure(
+                        f"request failed on agents {record.agent_failures + 1} times "
+                        f"(limit {self.settings.max_attempts}); last: {reason}",
+                        attempts=record.attempt,
+                        limit=self.settings.max_attempts,
+                    ),
+                    now,
+                )
+            else:
+                self.table.requeue(record.request_id, agent_failed=True)
+                log.info("request %s requeued as attempt %d: %s", record.request_id, record.attempt, reason)
+        self._schedule_needed.set()
+
+    # --- replies ----------------------------------------------------------------------------
+
+    def _fail(self, request_id: RequestId, error: EdgeorchError, now: float) -> None:
+        self.table.fail(request_id, error, now)
+        route = self._routes.get(request_id)
+        if route is not None:
+            self._reply_client(route.identity, _error_reply(error, request_id))
+
+    def _send_result(self, record: RequestRecord, session: AgentSession | None) -> None:
+        route = self._routes.get(record.request_id)
+        if route is None:
+            return
+        arrival = record.arrival_s
+        finished = record.finished_s if record.finished_s is not None else arrival
+        self._reply_client(
+            route.identity,
+            Result(
+                request_id=record.request_id,
+                text=record.text,
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.generated_tokens,
+                finish_reason=record.finish_reason or "stop",
+                queue_s=max(0.0, (record.dispatched_s or finished) - arrival),
+                ttft_s=max(0.0, (record.first_token_s or finished) - arrival),
+                total_s=max(0.0, finished - arrival),
+                agent=session.agent_id if session else (record.agent_id or ""),
+                attempts=record.attempt,
+                predicted_tokens=record.predicted_tokens,
+            ),
+        )
+
+    def status(self, query_id: str, now: float) -> StatusReport:
+        """The cluster as ``edgeorch status`` shows it."""
+        views = {v.agent_id: v for v in self._agent_views()}
+        agents = tuple(
+            AgentStatus(
+                agent_id=s.agent_id,
+                name=s.name,
+                profile=s.profile,
+                running=views[s.agent_id].running,
+                kv_used_tokens=s.kv_used_tokens,
+                kv_reserved_tokens=views[s.agent_id].kv_reserved_tokens,
+                last_seen_s=max(0.0, now - s.last_seen_s),
+            )
+            for s in self._agents.values()
+        )
+        queued = self._config.policy.order([r.queued_view() for r in self.table.queued()], now)
+        running = self.table.in_state(RequestState.DISPATCHED, RequestState.RUNNING)
+        return StatusReport(
+            query_id=query_id,
+            policy=self._config.policy.name,
+            agents=agents,
+            queue=tuple(_request_status(self.table[q.request_id], now) for q in queued),
+            running=tuple(_request_status(r, now) for r in running),
+            completed=self.table.completed,
+            failed=self.table.failed,
+        )
+
+    def _session_by_id(self, agent_id: AgentId) -> AgentSession | None:
+        return next((s for s in self._agents.values() if s.agent_id == agent_id), None)
+
+    def _send_agent(self, identity: bytes, message: WireModel) -> None:
+        assert self._agent_socket is not None
+        self._agent_socket.send_multipart([identity, encode(message)])
+
+    def _reply_client(self, identity: bytes, message: WireModel) -> None:
+        assert self._client_socket is not None
+        self._client_socket.send_multipart([identity, encode(message)])
+
+
+def _request_status(record: RequestRecord, now: float) -> RequestStatus:
+    return RequestStatus(
+        request_id=record.request_id,
+        state=record.state.value,
+        priority=record.params.priority,
+        prompt_tokens=record.prompt_tokens,
+        max_tokens=record.params.max_tokens,
+        predicted_tokens=record.predicted_tokens,
+        age_s=max(0.0, now - record.arrival_s),
+        agent_id=record.agent_id,
+        attempt=record.attempt,
+        generated_tokens=record.generated_tokens,
+    )
+
+
+def _client_facing(error: ProtocolError) -> EdgeorchError:
+    """A schema failure in a known message is the client's bad input, named by its field."""
+    if error.details.get("type") in ("submit", "cancel_request", "status_query") and error.details.get("field"):
+        return InvalidRequest(error.message, **error.details)
+    return error
+
+
+def _error_reply(error: EdgeorchError, request_id: str | None = None) -> ErrorReply:
+    if request_id is None:
+        candidate = error.details.get("request_id")
+        request_id = candidate if isinstance(candidate, str) else None
+    return ErrorReply(request_id=request_id, error=ErrorInfo.of(error))

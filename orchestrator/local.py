@@ -1,0 +1,92 @@
+"""A real local cluster: a coordinator and agents as child processes on ephemeral loopback
+ports, with their logs kept in a folder. Integration tests, benchmarks and live bench runs use
+it; ``edgeorch up`` is the foreground equivalent for people."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Final
+
+from orchestrator.client import Client
+from orchestrator.errors import EdgeorchError
+
+STARTUP_TIMEOUT_S: Final = 60.0
+POLL_S: Final = 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    def __init__(self, log_dir: Path, *coordinator_args: str) -> None:
+        self.log_dir = log_dir
+        self.agents_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.clients_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.spawn(
+            "coordinator",
+            "coordinator",
+            "--agents-endpoint", self.agents_endpoint,
+            "--clients-endpoint", self.clients_endpoint,
+            "--heartbeat-interval-s", "0.5",
+            *coordinator_args,
+        )
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "EDGEORCH_LOG_LEVEL": "INFO"}
+        log = (self.log_dir / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        self.processes[name] = process
+        return process
+
+    def start_agent(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.spawn(
+            name, "agent", "--coordinator", self.agents_endpoint, "--name", name,
+            "--heartbeat-interval-s", "0.5", *args,
+        )
+
+    def client(self, timeout_s: float | None = 120.0) -> Client:
+        return Client(self.clients_endpoint, timeout_s=timeout_s)
+
+    def wait_for_agents(self, count: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                for name, process in self.processes.items():
+                    if process.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.logs(name)}")
+                try:
+                    if len(client.status().agents) >= count:
+                        return
+                except EdgeorchError:
+                    pass
+                time.sleep(POLL_S)
+        raise TimeoutError(f"{count} agents did not register in {timeout_s} s:\n{self.all_logs()}")
+
+    def logs(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-5000:]
+
+    def all_logs(self) -> str:
+        return "\n".join(f"--- {name}\n{self.logs(name)}" for name in self.processes)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

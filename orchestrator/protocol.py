@@ -1,0 +1,359 @@
+"""Wire messages and the msgpack codec.
+
+Every frame is one msgpack map carrying ``v`` (the protocol version) and ``type`` (the tag of a
+frozen, strict pydantic model). Each socket direction has its own tagged union and one
+``TypeAdapter`` built at import. ``decode`` is total: it returns a message or a ``ProtocolError``
+and never raises, so a hostile peer cannot crash a daemon. The ZeroMQ sockets are created with
+``MAX_FRAME_BYTES`` as ``ZMQ_MAXMSGSIZE``, the same limit ``decode`` enforces before unpacking.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal, NewType, TypeVar, Union
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from orchestrator.errors import EdgeorchError, ProtocolError
+
+PROTOCOL_VERSION: Final = 1
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+MAX_PROMPT_CHARS: Final = 1024 * 1024
+MAX_STOP_STRINGS: Final = 16
+MAX_STOP_CHARS: Final = 256
+MAX_TOKENS_LIMIT: Final = 1 << 20
+MAX_CONTAINER_ITEMS: Final = 10_000
+MAX_TEMPERATURE: Final = 100.0
+MAX_SEED: Final = (1 << 32) - 1
+MAX_ID_CHARS: Final = 128
+
+RequestId = NewType("RequestId", str)
+AgentId = NewType("AgentId", str)
+Priority = Literal["interactive", "batch"]
+FinishReason = Literal["stop", "length", "cancelled"]
+Backend = Literal["llama", "fake"]
+WireId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+DetailValue = Union[str, int, float, bool, None]
+
+
+class WireModel(BaseModel):
+    """Base of every wire message: immutable, no coercion, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class GenerationParams(WireModel):
+    """Sampling and length parameters, named as in OpenAI and vLLM."""
+
+    max_tokens: int = Field(default=128, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=0.8, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field(
+        default=(), max_length=MAX_STOP_STRINGS
+    )
+    ignore_eos: bool = False
+    priority: Priority = "interactive"
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+
+
+class ErrorInfo(WireModel):
+    """An ``EdgeorchError`` in transit."""
+
+    code: str = Field(max_length=64)
+    message: str = Field(max_length=4096)
+    retryable: bool
+    details: dict[str, DetailValue] = Field(default_factory=dict, max_length=64)
+
+    @classmethod
+    def of(cls, error: EdgeorchError) -> ErrorInfo:
+        details = {k: v for k, v in error.details.items() if isinstance(v, DetailValue.__args__)}
+        return cls(code=error.code, message=error.message, retryable=error.retryable, details=details)
+
+
+class DeviceProfile(WireModel):
+    """What an agent tells the coordinator about its device and engine at registration."""
+
+    hostname: str
+    backend: Backend
+    cpu_cores: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    memory_total_bytes: int = Field(ge=0)
+    memory_available_bytes: int = Field(ge=0)
+    gpu_offload_supported: bool
+    n_gpu_layers: int = Field(ge=0)
+    model_name: str
+    model_path: str | None = None
+    n_ctx: int = Field(ge=1)
+    kv_budget_tokens: int = Field(ge=1)
+    max_seqs: int = Field(ge=1)
+    decode_tps: float | None = Field(default=None, gt=0)
+    prefill_tps: float | None = Field(default=None, gt=0)
+
+
+# --- agent -> coordinator -------------------------------------------------------------------
+
+
+class Register(WireModel):
+    type: Literal["register"] = "register"
+    v: int = PROTOCOL_VERSION
+    name: WireId
+    profile: DeviceProfile
+
+
+class Heartbeat(WireModel):
+    type: Literal["heartbeat"] = "heartbeat"
+    v: int = PROTOCOL_VERSION
+    kv_used_tokens: int = Field(ge=0)
+    running: tuple[WireId, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
+
+
+class TokenChunk(WireModel):
+    """Text of ``n_tokens`` new tokens of one attempt, in order."""
+
+    type: Literal["chunk"] = "chunk"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    attempt: int = Field(ge=1)
+    text: str
+    n_tokens: int = Field(ge=0)
+
+
+class RunFinished(WireModel):
+    type: Literal["finished"] = "finished"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    attempt: int = Field(ge=1)
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: FinishReason
+    prefill_s: float = Field(ge=0)
+    decode_s: float = Field(ge=0)
+
+
+class RunFailed(WireModel):
+    type: Literal["failed"] = "failed"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    attempt: int = Field(ge=1)
+    error: ErrorInfo
+
+
+# --- coordinator -> agent -------------------------------------------------------------------
+
+
+class Welcome(WireModel):
+    type: Literal["welcome"] = "welcome"
+    v: int = PROTOCOL_VERSION
+    agent_id: WireId
+    heartbeat_interval_s: float = Field(gt=0)
+
+
+class Dispatch(WireModel):
+    """Run one attempt. ``resume_text`` (already streamed to the client by earlier attempts) is
+    appended to the prompt and counts against ``params.max_tokens`` as ``resume_tokens``."""
+
+    type: Literal["dispatch"] = "dispatch"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    attempt: int = Field(ge=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    params: GenerationParams
+    resume_text: str = ""
+    resume_tokens: int = Field(default=0, ge=0)
+
+
+class CancelRun(WireModel):
+    type: Literal["cancel"] = "cancel"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    attempt: int = Field(ge=1)
+
+
+# --- client -> coordinator ------------------------------------------------------------------
+
+
+class Submit(WireModel):
+    """A generation request; ``request_id`` is chosen by the client and doubles as the
+    idempotency key: submitting the same id again re-attaches to the same request."""
+
+    type: Literal["submit"] = "submit"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    params: GenerationParams = GenerationParams()
+    stream: bool = False
+
+
+class CancelRequest(WireModel):
+    type: Literal["cancel_request"] = "cancel_request"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+
+
+class StatusQuery(WireModel):
+    type: Literal["status_query"] = "status_query"
+    v: int = PROTOCOL_VERSION
+    query_id: WireId
+
+
+# --- coordinator -> client ------------------------------------------------------------------
+
+
+class Accepted(WireModel):
+    type: Literal["accepted"] = "accepted"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    queue_position: int = Field(ge=0)
+    prompt_tokens: int = Field(ge=0)
+    predicted_tokens: float | None = None
+
+
+class StreamChunk(WireModel):
+    """Streamed text; ``index`` counts chunks from 0 so a client can drop repeats."""
+
+    type: Literal["stream"] = "stream"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    index: int = Field(ge=0)
+    text: str
+
+
+class Result(WireModel):
+    type: Literal["result"] = "result"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    text: str
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: FinishReason
+    queue_s: float = Field(ge=0)
+    ttft_s: float = Field(ge=0)
+    total_s: float = Field(ge=0)
+    agent: str
+    attempts: int = Field(ge=1)
+    predicted_tokens: float | None = None
+
+
+class ErrorReply(WireModel):
+    type: Literal["error"] = "error"
+    v: int = PROTOCOL_VERSION
+    request_id: str | None = None
+    error: ErrorInfo
+
+
+class AgentStatus(WireModel):
+    agent_id: str
+    name: str
+    profile: DeviceProfile
+    running: int = Field(ge=0)
+    kv_used_tokens: int = Field(ge=0)
+    kv_reserved_tokens: int = Field(ge=0)
+    last_seen_s: float = Field(ge=0)
+
+
+class RequestStatus(WireModel):
+    request_id: str
+    state: str
+    priority: Priority
+    prompt_tokens: int = Field(ge=0)
+    max_tokens: int = Field(ge=1)
+    predicted_tokens: float | None = None
+    age_s: float = Field(ge=0)
+    agent_id: str | None = None
+    attempt: int = Field(ge=1)
+    generated_tokens: int = Field(ge=0)
+
+
+class StatusReport(WireModel):
+    type: Literal["status"] = "status"
+    v: int = PROTOCOL_VERSION
+    query_id: str
+    policy: str
+    agents: tuple[AgentStatus, ...]
+    queue: tuple[RequestStatus, ...]
+    running: tuple[RequestStatus, ...]
+    completed: int = Field(ge=0)
+    failed: int = Field(ge=0)
+
+
+AgentMessage = Annotated[
+    Union[Register, Heartbeat, TokenChunk, RunFinished, RunFailed], Field(discriminator="type")
+]
+AgentCommand = Annotated[Union[Welcome, Dispatch, CancelRun], Field(discriminator="type")]
+ClientMessage = Annotated[Union[Submit, CancelRequest, StatusQuery], Field(discriminator="type")]
+ClientReply = Annotated[
+    Union[Accepted, StreamChunk, Result, ErrorReply, StatusReport], Field(discriminator="type")
+]
+
+AGENT_MESSAGES: Final[TypeAdapter[AgentMessage]] = TypeAdapter(AgentMessage)
+AGENT_COMMANDS: Final[TypeAdapter[AgentCommand]] = TypeAdapter(AgentCommand)
+CLIENT_MESSAGES: Final[TypeAdapter[ClientMessage]] = TypeAdapter(ClientMessage)
+CLIENT_REPLIES: Final[TypeAdapter[ClientReply]] = TypeAdapter(ClientReply)
+
+T = TypeVar("T")
+
+
+def encode(message: WireModel) -> bytes:
+    """Serialise one message to a msgpack frame."""
+    return msgpack.packb(message.model_dump(), use_bin_type=True)
+
+
+def decode(frame: bytes, adapter: TypeAdapter[T]) -> T | ProtocolError:
+    """Parse a frame into a message of ``adapter``'s union, or say precisely why not.
+
+    Schema failures name the offending field in ``details['field']`` and the message tag in
+    ``details['type']`` so the coordinator can answer a client with a typed ``invalid_request``.
+    """
+    if len(frame) > MAX_FRAME_BYTES:
+        return ProtocolError(
+            f"frame of {len(frame)} bytes exceeds the limit of {MAX_FRAME_BYTES}",
+            size_bytes=len(frame),
+            limit_bytes=MAX_FRAME_BYTES,
+        )
+    try:
+        raw = msgpack.unpackb(
+            frame,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_array_len=MAX_CONTAINER_ITEMS,
+            max_map_len=MAX_CONTAINER_ITEMS,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # noqa: BLE001 - any unpacking failure is a protocol error
+        return ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}")
+    if not isinstance(raw, dict):
+        return ProtocolError(f"frame must be a msgpack map, got {type(raw).__name__}")
+    version = raw.get("v")
+    if version != PROTOCOL_VERSION:
+        return ProtocolError(
+            f"protocol version {version!r} is not supported (expected {PROTOCOL_VERSION})",
+            version=version if isinstance(version, int) else None,
+            expected=PROTOCOL_VERSION,
+        )
+    try:
+        return adapter.validate_python(raw)
+    except ValidationError as exc:
+        return _schema_error(raw, exc)
+    except Exception as exc:  # noqa: BLE001 - validation of hostile input must never raise
+        return ProtocolError(f"frame could not be validated: {type(exc).__name__}")
+
+
+def _schema_error(raw: dict[Any, Any], exc: ValidationError) -> ProtocolError:
+    first = exc.errors(include_url=False)[0]
+    tag = raw.get("type")
+    location = [str(part) for part in first["loc"]]
+    if location and location[0] == tag:
+        location = location[1:]
+    field = ".".join(location) or "type"
+    request_id = raw.get("request_id")
+    return ProtocolError(
+        f"invalid {tag if isinstance(tag, str) else 'message'}: {field}: {first['msg']}",
+        type=tag if isinstance(tag, str) else None,
+        field=field,
+        request_id=request_id if isinstance(request_id, str) else None,
+        errors=exc.error_count(),
+    )

@@ -1,0 +1,160 @@
+"""One settings schema per daemon, fed by defaults < TOML config < ``EDGEORCH_*`` environment <
+command-line flags.
+
+Each field is a CLI flag (``agents_endpoint`` -> ``--agents-endpoint``), an environment variable
+(``EDGEORCH_AGENTS_ENDPOINT``) and a TOML key (``agents_endpoint = "..."``). Nothing here reads the
+environment at import time: callers pass ``environ`` in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import InvalidRequest
+
+ENV_PREFIX: Final = "EDGEORCH_"
+
+HEARTBEAT_INTERVAL_S: Final = 1.0
+HEARTBEAT_LIVENESS: Final = 3
+UNAVAILABLE_TIMEOUT_S: Final = 30.0
+MAX_QUEUE: Final = 10_000
+MAX_ATTEMPTS: Final = 3
+RESULT_RETENTION_S: Final = 600.0
+DEFAULT_AGENTS_ENDPOINT: Final = "tcp://127.0.0.1:5555"
+DEFAULT_CLIENTS_ENDPOINT: Final = "tcp://127.0.0.1:5556"
+DEFAULT_N_CTX: Final = 4096
+DEFAULT_MAX_SEQS: Final = 8
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CoordinatorSettings(Settings):
+    agents_endpoint: str = Field(DEFAULT_AGENTS_ENDPOINT, description="ROUTER that agents connect to")
+    clients_endpoint: str = Field(
+        DEFAULT_CLIENTS_ENDPOINT, description="ROUTER that clients connect to"
+    )
+    http: str | None = Field(None, description="HOST:PORT of the HTTP gateway (off when unset)")
+    policy: str = Field("fcfs", description="ordering policy")
+    placement: str = Field("least-loaded", description="placement strategy")
+    heartbeat_interval_s: float = Field(HEARTBEAT_INTERVAL_S, gt=0, description="seconds")
+    heartbeat_liveness: int = Field(
+        HEARTBEAT_LIVENESS, ge=1, description="missed intervals before an agent is dead"
+    )
+    unavailable_timeout_s: float = Field(
+        UNAVAILABLE_TIMEOUT_S, gt=0, description="seconds to wait for a capable agent"
+    )
+    max_queue: int = Field(MAX_QUEUE, ge=1, description="queued requests before 'overloaded'")
+    max_attempts: int = Field(MAX_ATTEMPTS, ge=1, description="agent failures before giving up")
+    result_retention_s: float = Field(
+        RESULT_RETENTION_S, ge=0, description="seconds a finished result stays re-fetchable"
+    )
+    tokenizer_model: str | None = Field(
+        None,
+        description="GGUF whose tokenizer counts prompts exactly (default: the embedded model "
+        "when assembled; otherwise an estimate and the agent checks)",
+    )
+
+
+class AgentSettings(Settings):
+    coordinator: str = Field(DEFAULT_AGENTS_ENDPOINT, description="coordinator's agents endpoint")
+    backend: Literal["llama", "fake"] = Field("llama", description="engine backend")
+    model: str | None = Field(None, description="GGUF path (default: the embedded Gemma 3 270M)")
+    name: str | None = Field(None, description="agent name (default: hostname)")
+    model_name: str | None = Field(None, description="advertised model name (default: GGUF's)")
+    n_gpu_layers: int | None = Field(
+        None, ge=-1, description="layers to offload (default: all when the build supports it)"
+    )
+    kv_budget_tokens: int | None = Field(
+        None, ge=1, description="total KV cells over all sequences (default: what fits memory)"
+    )
+    max_seqs: int = Field(DEFAULT_MAX_SEQS, ge=1, le=256, description="concurrent sequences")
+    n_ctx: int = Field(DEFAULT_N_CTX, ge=16, description="one sequence's context limit")
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: all cores)")
+    fake_decode_tps: float = Field(50.0, gt=0, description="fake backend: tokens/s, one stream")
+    fake_prefill_tps: float = Field(2000.0, gt=0, description="fake backend: prompt tokens/s")
+    heartbeat_interval_s: float = Field(HEARTBEAT_INTERVAL_S, gt=0, description="seconds")
+
+
+S = TypeVar("S", bound=Settings)
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, schema: type[Settings]) -> None:
+    """Add one flag per settings field; unset flags stay out of the parsed namespace."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML file of settings")
+    for name, info in schema.model_fields.items():
+        parser.add_argument(
+            flag_name(name),
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=f"{info.description or name} (default: {info.default!r}; env {env_name(name)})",
+        )
+
+
+def load_settings(
+    schema: type[S],
+    *,
+    config: Path | None,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any],
+) -> S:
+    """Merge the four sources, later ones winning; bad values raise ``InvalidRequest`` naming
+    the setting and where it came from."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if config is not None:
+        for key, value in _read_toml(config, schema).items():
+            merged[key], origin[key] = value, str(config)
+    for name in schema.model_fields:
+        value = environ.get(env_name(name))
+        if value is not None:
+            merged[name], origin[name] = _none_if_empty(value), env_name(name)
+    for name, value in overrides.items():
+        if name in schema.model_fields:
+            merged[name], origin[name] = value, flag_name(name)
+    try:
+        return schema.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise InvalidRequest(
+            f"setting {field} (from {origin.get(field, 'defaults')}): {first['msg']}",
+            field=field,
+            source=origin.get(field, "defaults"),
+        ) from None
+
+
+def _read_toml(path: Path, schema: type[Settings]) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read config {path}: {exc.strerror}", field="config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"config {path} is not valid TOML: {exc}", field="config") from None
+    unknown = sorted(set(data) - set(schema.model_fields))
+    if unknown:
+        raise InvalidRequest(
+            f"config {path} has unknown settings: {', '.join(unknown)}",
+            field=unknown[0],
+            source=str(path),
+        )
+    return data
+
+
+def _none_if_empty(value: str) -> str | None:
+    return value if value != "" else None

@@ -1,0 +1,131 @@
+"""A real coordinator and real fake-backend agents as processes, over loopback ZeroMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from agents.fake import fake_completion
+from orchestrator.client import AsyncClient
+from orchestrator.errors import ContextOverflow, InvalidRequest, Unavailable
+from orchestrator.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+FAST_FAKE = ("--backend", "fake", "--fake-decode-tps", "400", "--fake-prefill-tps", "20000")
+
+
+def test_fifty_concurrent_requests_complete_once_with_the_right_text(cluster: LocalCluster) -> None:
+    cluster.start_agent("fake-1", *FAST_FAKE, "--max-seqs", "8")
+    cluster.start_agent("fake-2", *FAST_FAKE, "--max-seqs", "8")
+    cluster.wait_for_agents(2)
+    prompts = [f"request number {i} says hello" for i in range(50)]
+
+    async def run_all() -> list:
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+            return await asyncio.gather(
+                *(client.generate(p, max_tokens=10 + i % 7, temperature=0.0) for i, p in enumerate(prompts))
+            )
+
+    results = asyncio.run(run_all())
+    assert len({r.request_id for r in results}) == 50
+    for i, (prompt, result) in enumerate(zip(prompts, results)):
+        assert result.text == fake_completion(prompt, 10 + i % 7)
+        assert result.completion_tokens == 10 + i % 7
+        assert result.finish_reason == "length"
+    assert {r.agent for r in results} == {"fake-1", "fake-2"}
+    with cluster.client() as client:
+        status = client.status()
+    assert status.completed == 50 and status.failed == 0
+    assert not status.queue and not status.running
+
+
+def test_agent_started_after_requests_were_queued_picks_them_up(cluster: LocalCluster) -> None:
+    async def run() -> list:
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+            pending = [
+                asyncio.ensure_future(client.generate(f"late start {i}", max_tokens=5)) for i in range(6)
+            ]
+            await asyncio.sleep(1.0)
+            status = await client.status()
+            assert len(status.queue) == 6 and not status.agents
+            cluster.start_agent("late", *FAST_FAKE)
+            return await asyncio.gather(*pending)
+
+    results = asyncio.run(run())
+    assert all(r.agent == "late" and r.completion_tokens == 5 for r in results)
+    assert all(r.queue_s >= 1.0 for r in results)
+
+
+def test_streaming_yields_chunks_in_order(cluster: LocalCluster) -> None:
+    cluster.start_agent("fake-1", *FAST_FAKE)
+    cluster.wait_for_agents(1)
+    with cluster.client() as client:
+        stream = client.stream("alpha beta gamma", max_tokens=12)
+        chunks = list(stream)
+    assert len(chunks) == 12
+    assert "".join(chunks) == fake_completion("alpha beta gamma", 12)
+    assert stream.result is not None and stream.result.text == "".join(chunks)
+
+
+def test_stop_strings_end_generation(cluster: LocalCluster) -> None:
+    cluster.start_agent("fake-1", *FAST_FAKE)
+    cluster.wait_for_agents(1)
+    with cluster.client() as client:
+        result = client.generate("one two three four", max_tokens=20, stop=["four"])
+    assert result.text == " one two three "
+    assert result.finish_reason == "stop"
+
+
+def test_bad_input_gets_typed_errors_naming_the_numbers(cluster: LocalCluster) -> None:
+    cluster.start_agent("small", *FAST_FAKE, "--n-ctx", "64")
+    cluster.wait_for_agents(1)
+    with cluster.client() as client:
+        with pytest.raises(InvalidRequest) as empty:
+            client.generate("")
+        assert empty.value.details["field"] == "prompt"
+        with pytest.raises(InvalidRequest) as zero:
+            client.generate("hi", max_tokens=0)
+        assert zero.value.details["field"] == "max_tokens"
+        with pytest.raises(ContextOverflow) as overflow:
+            client.generate("word " * 60, max_tokens=10)
+        assert overflow.value.details == {"prompt_tokens": 61, "max_tokens": 10, "n_ctx": 64}
+        assert not overflow.value.retryable
+        # the agent is still serving after the refusals
+        assert client.generate("still alive", max_tokens=3).completion_tokens == 3
+
+
+def test_no_capable_agent_is_a_retryable_unavailable_error(tmp_path) -> None:
+    cluster = LocalCluster(tmp_path, "--unavailable-timeout-s", "1.5")
+    try:
+        cluster.start_agent("fake-1", *FAST_FAKE)
+        cluster.wait_for_agents(1)
+        started = time.monotonic()
+        with cluster.client() as client, pytest.raises(Unavailable) as error:
+            client.generate("hi", model="no-such-model")
+        assert error.value.retryable
+        assert 1.4 <= time.monotonic() - started < 10
+    finally:
+        cluster.stop()
+
+
+def test_cancel_stops_a_running_request(cluster: LocalCluster) -> None:
+    cluster.start_agent("slow", "--backend", "fake", "--fake-decode-tps", "20")
+    cluster.wait_for_agents(1)
+
+    async def run() -> None:
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=30) as client:
+            stream = await client.generate("cancel me please", max_tokens=1000, stream=True)
+            received = []
+            async for text in stream:
+                received.append(text)
+                if len(received) == 3:
+                    await stream.cancel()
+                    break
+            status = await client.status()
+            assert not status.running
+            assert (await client.generate("next", max_tokens=2)).completion_tokens == 2
+
+    asyncio.run(run())
