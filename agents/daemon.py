@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from agents.base import Completed, Emitted, Engine, EngineEvent, Rejected, SequenceKey, SequenceSpec
 from orchestrator import transport
-from orchestrator.errors import InternalError
+from orchestrator.errors import InternalError, ProtocolError
 from orchestrator.protocol import (
     AGENT_COMMANDS,
     CancelRun,
@@ -26,7 +26,6 @@ from orchestrator.protocol import (
     Dispatch,
     ErrorInfo,
     Heartbeat,
-    ProtocolError,
     Register,
     RunFailed,
     RunFinished,
@@ -111,7 +110,7 @@ class AgentDaemon:
                 self._send(Register(name=self.name, profile=self.profile))
                 try:
                     await asyncio.wait_for(self._welcomed.wait(), REGISTER_RETRY_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.info("no answer from coordinator at %s yet; retrying", self.endpoint)
                 continue
             await asyncio.sleep(self.heartbeat_interval_s)
@@ -147,7 +146,7 @@ class AgentDaemon:
         )
         try:
             return self.engine.add(spec)
-        except Exception as exc:  # noqa: BLE001 - an engine bug must not take the agent down
+        except Exception as exc:
             log.exception("engine failed to admit %s", command.request_id)
             return [Rejected(spec.key, InternalError(f"engine error: {type(exc).__name__}: {exc}"))]
 

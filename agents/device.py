@@ -24,7 +24,9 @@ def build_engine(settings: AgentSettings, environ: Mapping[str, str]) -> Engine:
     """The engine the settings ask for; the llama backend loads its model here."""
     if settings.backend == "fake":
         return FakeEngine(
-            FakeTimingModel(decode_tps=settings.fake_decode_tps, prefill_tps=settings.fake_prefill_tps),
+            FakeTimingModel(
+                decode_tps=settings.fake_decode_tps, prefill_tps=settings.fake_prefill_tps
+            ),
             n_ctx=settings.n_ctx,
             max_seqs=settings.max_seqs,
             kv_budget_tokens=settings.kv_budget_tokens,

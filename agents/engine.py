@@ -115,11 +115,17 @@ class LlamaEngine:
         model_params.n_gpu_layers = requested_layers
         self._model = lib.llama_model_load_from_file(str(model_path).encode(), model_params)
         if not self._model:
-            raise InternalError(f"llama.cpp could not load model {model_path}", path=str(model_path))
+            raise InternalError(
+                f"llama.cpp could not load model {model_path}", path=str(model_path)
+            )
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         n_layer = int(lib.llama_model_n_layer(self._model))
-        self.n_gpu_layers = 0 if not offload else (n_layer if requested_layers < 0 else min(requested_layers, n_layer))
+        self.n_gpu_layers = (
+            0
+            if not offload
+            else (n_layer if requested_layers < 0 else min(requested_layers, n_layer))
+        )
         self.model_name = model_name or self._meta("general.name") or model_path.stem
         train_ctx = int(lib.llama_model_n_ctx_train(self._model))
         if n_ctx > train_ctx:
@@ -131,7 +137,8 @@ class LlamaEngine:
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(STEP_TOKEN_BUDGET, 0, 1)
         self._eog = np.array(
-            [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t)], dtype=np.int64
+            [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t)],
+            dtype=np.int64,
         )
         self._piece = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
         self._active: dict[SequenceKey, _Sequence] = {}
@@ -331,7 +338,9 @@ class LlamaEngine:
     def _sample(self, sequence: _Sequence, row: int) -> int:
         if sequence.sampler is not None:
             return int(self._lib.llama_sampler_sample(sequence.sampler, self._ctx, row))
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+        logits = np.ctypeslib.as_array(
+            self._lib.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,)
+        )
         if sequence.spec.params.ignore_eos and self._eog.size:
             logits[self._eog] = -np.inf
         return int(logits.argmax())
@@ -361,7 +370,9 @@ class LlamaEngine:
         return chain
 
     def _token_bytes(self, token: int) -> bytes:
-        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, PIECE_BUFFER_BYTES, 0, False)
+        n = self._lib.llama_token_to_piece(
+            self._vocab, token, self._piece, PIECE_BUFFER_BYTES, 0, False
+        )
         if n < 0:
             buffer = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self._vocab, token, buffer, -n, 0, False)

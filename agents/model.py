@@ -25,7 +25,9 @@ def cache_dir(environ: Mapping[str, str]) -> Path:
     """``$EDGEORCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/edgeorch``, else ``~/.cache/edgeorch``."""
     if environ.get("EDGEORCH_CACHE_DIR"):
         return Path(environ["EDGEORCH_CACHE_DIR"])
-    base = Path(environ["XDG_CACHE_HOME"]) if environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    base = (
+        Path(environ["XDG_CACHE_HOME"]) if environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    )
     return base / "edgeorch"
 
 

@@ -20,10 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.client import AsyncClient  # noqa: E402
-from orchestrator.local import LocalCluster  # noqa: E402
+from orchestrator.client import AsyncClient
+from orchestrator.local import LocalCluster
 
-FREE_COMPUTE = ("--backend", "fake", "--fake-decode-tps", "1000000", "--fake-prefill-tps", "1000000000")
+FREE_COMPUTE = (
+    "--backend",
+    "fake",
+    "--fake-decode-tps",
+    "1000000",
+    "--fake-prefill-tps",
+    "1000000000",
+)
 
 
 async def hammer(endpoint: str, requests: int, concurrency: int) -> tuple[float, list[float]]:
@@ -44,7 +51,9 @@ async def hammer(endpoint: str, requests: int, concurrency: int) -> tuple[float,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
@@ -57,7 +66,9 @@ def main() -> None:
             cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
         cluster.wait_for_agents(2)
         asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
-        elapsed, latencies = asyncio.run(hammer(cluster.clients_endpoint, args.requests, args.concurrency))
+        elapsed, latencies = asyncio.run(
+            hammer(cluster.clients_endpoint, args.requests, args.concurrency)
+        )
     finally:
         cluster.stop()
     latencies.sort()

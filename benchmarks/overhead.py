@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.model import ensure_default_model  # noqa: E402
-from orchestrator.client import AsyncClient  # noqa: E402
-from orchestrator.local import LocalCluster  # noqa: E402
+from agents.model import ensure_default_model
+from orchestrator.client import AsyncClient
+from orchestrator.local import LocalCluster
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 
@@ -38,13 +38,19 @@ def decode_rate(first_s: float, last_s: float, tokens: int) -> float:
 def direct_high_level(model: Path, tokens: int, threads: int) -> Callable[[], float]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
-    eog = [t for t in range(llm.n_vocab()) if llm._model.token_is_eog(t)]  # noqa: SLF001
+    llm = Llama(
+        model_path=str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    eog = [t for t in range(llm.n_vocab()) if llm._model.token_is_eog(t)]
 
     def run() -> float:
         stamps = []
         for _ in llm.create_completion(
-            PROMPT, max_tokens=tokens, temperature=0.0, stream=True, logit_bias={t: -1e9 for t in eog}
+            PROMPT,
+            max_tokens=tokens,
+            temperature=0.0,
+            stream=True,
+            logit_bias={t: -1e9 for t in eog},
         ):
             stamps.append(time.perf_counter())
         llm.reset()
@@ -112,7 +118,9 @@ def through_edgeorch(cluster: LocalCluster, tokens: int) -> Callable[[], float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
@@ -124,8 +132,17 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(log_dir)
     try:
-        cluster.start_agent("bench", "--backend", "llama", "--threads", str(args.threads),
-                            "--max-seqs", "4", "--n-ctx", "1024")
+        cluster.start_agent(
+            "bench",
+            "--backend",
+            "llama",
+            "--threads",
+            str(args.threads),
+            "--max-seqs",
+            "4",
+            "--n-ctx",
+            "1024",
+        )
         cluster.wait_for_agents(1, timeout_s=180)
         paths = {
             "llama_cpp_high_level": direct_high_level(model, args.tokens, args.threads),
@@ -136,7 +153,10 @@ def main() -> None:
         for round_number in range(1, args.rounds + 1):
             for name, run in paths.items():
                 rates[name].append(run())
-                print(f"round {round_number}/{args.rounds} {name}: {rates[name][-1]:.1f} tok/s", file=sys.stderr)
+                print(
+                    f"round {round_number}/{args.rounds} {name}: {rates[name][-1]:.1f} tok/s",
+                    file=sys.stderr,
+                )
     finally:
         cluster.stop()
     medians = {name: statistics.median(values) for name, values in rates.items()}

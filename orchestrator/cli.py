@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")
     up.add_argument("--max-seqs", type=int, default=None)
     up.add_argument("--n-ctx", type=int, default=None)
-    up.add_argument("--threads", type=int, default=None, help="threads per agent (default: cores / agents)")
+    up.add_argument(
+        "--threads", type=int, default=None, help="threads per agent (default: cores / agents)"
+    )
     up.set_defaults(handler=_run_up)
 
     submit = commands.add_parser("submit", help="submit one request and stream its text")
@@ -89,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--ignore-eos", action="store_true", help="generate exactly max-tokens")
     submit.add_argument("--priority", choices=("interactive", "batch"), default="interactive")
     submit.add_argument("--model", default=None, help="only agents serving this model")
-    submit.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result")
+    submit.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for the result"
+    )
     submit.add_argument("--json", action="store_true", help="print the result object as JSON")
     submit.set_defaults(handler=_run_submit)
 
@@ -111,7 +115,9 @@ def _add_client_endpoint(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_endpoint(args: argparse.Namespace) -> str:
-    return str(args.coordinator or os.environ.get("EDGEORCH_CLIENTS_ENDPOINT") or DEFAULT_CLIENTS_ENDPOINT)
+    return str(
+        args.coordinator or os.environ.get("EDGEORCH_CLIENTS_ENDPOINT") or DEFAULT_CLIENTS_ENDPOINT
+    )
 
 
 def _settings(schema: type[Any], args: argparse.Namespace) -> Any:
@@ -200,13 +206,35 @@ def _run_up(args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "orchestrator.cli"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     commands = [
-        [*base, "coordinator", "--agents-endpoint", args.agents_endpoint,
-         "--clients-endpoint", args.clients_endpoint, "--policy", args.policy]
+        [
+            *base,
+            "coordinator",
+            "--agents-endpoint",
+            args.agents_endpoint,
+            "--clients-endpoint",
+            args.clients_endpoint,
+            "--policy",
+            args.policy,
+        ]
     ]
     for index in range(1, args.agents + 1):
-        command = [*base, "agent", "--coordinator", args.agents_endpoint, "--backend", args.backend,
-                   "--name", f"agent-{index}", "--threads", str(threads)]
-        for flag, value in (("--model", args.model), ("--max-seqs", args.max_seqs), ("--n-ctx", args.n_ctx)):
+        command = [
+            *base,
+            "agent",
+            "--coordinator",
+            args.agents_endpoint,
+            "--backend",
+            args.backend,
+            "--name",
+            f"agent-{index}",
+            "--threads",
+            str(threads),
+        ]
+        for flag, value in (
+            ("--model", args.model),
+            ("--max-seqs", args.max_seqs),
+            ("--n-ctx", args.n_ctx),
+        ):
             if value is not None:
                 command += [flag, str(value)]
         commands.append(command)
@@ -246,9 +274,9 @@ def _supervise(commands: list[list[str]], env: Mapping[str, str]) -> int:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from orchestrator.client import Client
+    from orchestrator.client import Client, GenerationOptions
 
-    params = dict(
+    params: GenerationOptions = dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -262,8 +290,7 @@ def _run_submit(args: argparse.Namespace) -> int:
     )
     with Client(_client_endpoint(args), timeout_s=args.timeout) as client:
         if args.json:
-            result = client.generate(args.prompt, **params)
-            print(json.dumps(_result_json(result), indent=2))
+            print(json.dumps(_result_json(client.generate(args.prompt, **params)), indent=2))
             return 0
         stream = client.stream(args.prompt, **params)
         print(f"[queued at position {stream.accepted.queue_position}]", file=sys.stderr)
@@ -272,11 +299,11 @@ def _run_submit(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        result = stream.result
-        if result is not None:
+        if (result := stream.result) is not None:
             print(
-                f"[{result.completion_tokens} tokens on {result.agent}, queue {result.queue_s:.2f} s, "
-                f"first token {result.ttft_s:.2f} s, total {result.total_s:.2f} s, "
+                f"[{result.completion_tokens} tokens on {result.agent}, "
+                f"queue {result.queue_s:.2f} s, first token {result.ttft_s:.2f} s, "
+                f"total {result.total_s:.2f} s, "
                 f"{result.decode_tokens_per_s:.1f} tok/s]",
                 file=sys.stderr,
             )
@@ -297,35 +324,68 @@ def _run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(report.model_dump_json(indent=2))
         return 0
-    print(f"policy {report.policy}; {len(report.queue)} queued, {len(report.running)} running, "
-          f"{report.completed} completed, {report.failed} failed")
-    rows = [("AGENT", "BACKEND", "DEVICE", "MODEL", "RUNNING", "KV USED/BUDGET", "N_CTX", "TOK/S")]
+    print(
+        f"policy {report.policy}; {len(report.queue)} queued, {len(report.running)} running, "
+        f"{report.completed} completed, {report.failed} failed"
+    )
+    rows: list[tuple[str, ...]] = [
+        ("AGENT", "BACKEND", "DEVICE", "MODEL", "RUNNING", "KV USED/BUDGET", "N_CTX", "TOK/S")
+    ]
     for agent in report.agents:
         p = agent.profile
         device = "GPU" if p.n_gpu_layers > 0 else "CPU"
-        rows.append((
-            agent.agent_id, p.backend, f"{device} {p.hostname}", p.model_name,
-            f"{agent.running}/{p.max_seqs}", f"{agent.kv_used_tokens}/{p.kv_budget_tokens}",
-            str(p.n_ctx), f"{p.decode_tps:.0f}" if p.decode_tps else "-",
-        ))
+        rows.append(
+            (
+                agent.agent_id,
+                p.backend,
+                f"{device} {p.hostname}",
+                p.model_name,
+                f"{agent.running}/{p.max_seqs}",
+                f"{agent.kv_used_tokens}/{p.kv_budget_tokens}",
+                str(p.n_ctx),
+                f"{p.decode_tps:.0f}" if p.decode_tps else "-",
+            )
+        )
     _print_table(rows)
     if report.queue or report.running:
         print()
-        rows = [("REQUEST", "STATE", "PRIORITY", "PROMPT", "MAX", "PREDICTED", "GENERATED", "AGE S", "AGENT")]
+        rows = [
+            (
+                "REQUEST",
+                "STATE",
+                "PRIORITY",
+                "PROMPT",
+                "MAX",
+                "PREDICTED",
+                "GENERATED",
+                "AGE S",
+                "AGENT",
+            )
+        ]
         for position, r in enumerate([*report.running, *report.queue]):
-            rows.append((
-                r.request_id[:12], r.state, r.priority, str(r.prompt_tokens), str(r.max_tokens),
-                f"{r.predicted_tokens:.0f}" if r.predicted_tokens is not None else "-",
-                str(r.generated_tokens), f"{r.age_s:.1f}", r.agent_id or f"#{position}",
-            ))
+            rows.append(
+                (
+                    r.request_id[:12],
+                    r.state,
+                    r.priority,
+                    str(r.prompt_tokens),
+                    str(r.max_tokens),
+                    f"{r.predicted_tokens:.0f}" if r.predicted_tokens is not None else "-",
+                    str(r.generated_tokens),
+                    f"{r.age_s:.1f}",
+                    r.agent_id or f"#{position}",
+                )
+            )
         _print_table(rows)
     return 0
 
 
-def _print_table(rows: Sequence[Sequence[str]]) -> None:
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar, overload
+from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack, overload
 
 import zmq
 import zmq.asyncio
@@ -53,6 +53,22 @@ ACCEPT_TIMEOUT_S: Final = 10.0
 T = TypeVar("T")
 
 
+class GenerationOptions(TypedDict, total=False):
+    """Keyword arguments of ``generate``: ``GenerationParams`` fields plus ``request_id``."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    stop: Sequence[str]
+    ignore_eos: bool
+    priority: Priority
+    model: str | None
+    request_id: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
     request_id: str
@@ -71,7 +87,9 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         """Output tokens per second after the first token arrived."""
         span = self.total_s - self.ttft_s
-        return (self.completion_tokens - 1) / span if span > 0 and self.completion_tokens > 1 else 0.0
+        return (
+            (self.completion_tokens - 1) / span if span > 0 and self.completion_tokens > 1 else 0.0
+        )
 
     @classmethod
     def from_wire(cls, message: Result) -> GenerationResult:
@@ -93,7 +111,14 @@ class GenerationResult:
 class Stream:
     """Async iterator over streamed text; ``result`` is set once the iteration ends."""
 
-    def __init__(self, client: AsyncClient, request_id: str, accepted: Accepted, inbox: asyncio.Queue[ClientReply], timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        request_id: str,
+        accepted: Accepted,
+        inbox: asyncio.Queue[ClientReply],
+        timeout_s: float | None,
+    ) -> None:
         self.request_id = request_id
         self.accepted = accepted
         self.result: GenerationResult | None = None
@@ -126,7 +151,9 @@ class Stream:
 class AsyncClient:
     """Talks to a coordinator's clients endpoint; use as an async context manager."""
 
-    def __init__(self, endpoint: str = DEFAULT_CLIENTS_ENDPOINT, *, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, endpoint: str = DEFAULT_CLIENTS_ENDPOINT, *, timeout_s: float | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._context: zmq.asyncio.Context | None = None
@@ -157,49 +184,38 @@ class AsyncClient:
         self._socket = self._context = self._receiver = None
 
     @overload
-    async def generate(self, prompt: str, *, stream: Literal[False] = False, **params: Any) -> GenerationResult: ...
+    async def generate(
+        self, prompt: str, *, stream: Literal[False] = False, **options: Unpack[GenerationOptions]
+    ) -> GenerationResult: ...
 
     @overload
-    async def generate(self, prompt: str, *, stream: Literal[True], **params: Any) -> Stream: ...
+    async def generate(
+        self, prompt: str, *, stream: Literal[True], **options: Unpack[GenerationOptions]
+    ) -> Stream: ...
 
     async def generate(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int = 128,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        priority: Priority = "interactive",
-        model: str | None = None,
-        stream: bool = False,
-        request_id: str | None = None,
+        self, prompt: str, *, stream: bool = False, **options: Unpack[GenerationOptions]
     ) -> GenerationResult | Stream:
-        """Submit one request. ``request_id`` is the idempotency key: re-sending the same id
-        after a lost connection re-attaches to the same request instead of running it twice."""
+        """Submit one request (parameters and defaults as in ``GenerationParams``).
+
+        ``request_id`` is the idempotency key: re-sending the same id after a lost connection
+        re-attaches to the same request instead of running it twice.
+        """
+        fields: dict[str, Any] = dict(options)
+        request_id = fields.pop("request_id", None) or uuid.uuid4().hex
+        if "stop" in fields:
+            fields["stop"] = tuple(fields["stop"])
+        for name in ("temperature", "top_p", "min_p"):
+            if isinstance(fields.get(name), int):
+                fields[name] = float(fields[name])
         try:
             submit = Submit(
-                request_id=request_id or uuid.uuid4().hex,
+                request_id=request_id,
                 prompt=prompt,
-                params=GenerationParams(
-                    max_tokens=max_tokens,
-                    temperature=float(temperature),
-                    top_p=float(top_p),
-                    top_k=top_k,
-                    min_p=float(min_p),
-                    seed=seed,
-                    stop=tuple(stop),
-                    ignore_eos=ignore_eos,
-                    priority=priority,
-                    model=model,
-                ),
+                params=GenerationParams(**fields),
                 stream=stream,
             )
-        except ValidationError as exc:
+        except (ValidationError, TypeError) as exc:
             raise _invalid(exc) from None
         inbox: asyncio.Queue[ClientReply] = asyncio.Queue()
         self._inboxes[submit.request_id] = inbox
@@ -207,7 +223,12 @@ class AsyncClient:
             self._send(submit)
             first = await self._next(inbox, ACCEPT_TIMEOUT_S, submit.request_id, accepting=True)
             if isinstance(first, Result):
-                return GenerationResult.from_wire(first)
+                if not stream:
+                    return GenerationResult.from_wire(first)
+                inbox.put_nowait(first)
+                first = Accepted(
+                    request_id=first.request_id, queue_position=0, prompt_tokens=first.prompt_tokens
+                )
             assert isinstance(first, Accepted)
             if stream:
                 return Stream(self, submit.request_id, first, inbox, self.timeout_s)
@@ -235,11 +256,16 @@ class AsyncClient:
             self._inboxes.pop(query_id, None)
 
     async def _next(
-        self, inbox: asyncio.Queue[ClientReply], timeout_s: float | None, request_id: str, *, accepting: bool = False
+        self,
+        inbox: asyncio.Queue[ClientReply],
+        timeout_s: float | None,
+        request_id: str,
+        *,
+        accepting: bool = False,
     ) -> ClientReply:
         try:
             message = await asyncio.wait_for(inbox.get(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if accepting:
                 raise Unavailable(
                     f"no answer from the coordinator at {self.endpoint} within {timeout_s:.0f} s",
@@ -274,9 +300,13 @@ class AsyncClient:
 class Client:
     """Blocking client: runs an ``AsyncClient`` on a private event loop thread."""
 
-    def __init__(self, endpoint: str = DEFAULT_CLIENTS_ENDPOINT, *, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, endpoint: str = DEFAULT_CLIENTS_ENDPOINT, *, timeout_s: float | None = None
+    ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="edgeorch-client", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="edgeorch-client", daemon=True
+        )
         self._thread.start()
         self._async = AsyncClient(endpoint, timeout_s=timeout_s)
 
@@ -289,15 +319,13 @@ class Client:
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def generate(self, prompt: str, **params: Any) -> GenerationResult:
-        """As ``AsyncClient.generate`` without ``stream``."""
-        if params.get("stream"):
-            raise InvalidRequest("use Client.stream() for streaming", field="stream")
-        return self._call(self._async.generate(prompt, **params))
+    def generate(self, prompt: str, **options: Unpack[GenerationOptions]) -> GenerationResult:
+        """As ``AsyncClient.generate``."""
+        return self._call(self._async.generate(prompt, **options))
 
-    def stream(self, prompt: str, **params: Any) -> SyncStream:
+    def stream(self, prompt: str, **options: Unpack[GenerationOptions]) -> SyncStream:
         """As ``AsyncClient.generate(stream=True)``: iterate text chunks, then read ``.result``."""
-        return SyncStream(self, self._call(self._async.generate(prompt, stream=True, **params)))
+        return SyncStream(self, self._call(self._async.generate(prompt, stream=True, **options)))
 
     def status(self) -> StatusReport:
         return self._call(self._async.status())
@@ -337,7 +365,11 @@ class SyncStream:
                 return
 
 
-def _invalid(exc: ValidationError) -> EdgeorchError:
+def _invalid(exc: ValidationError | TypeError) -> EdgeorchError:
+    if isinstance(exc, TypeError):
+        return InvalidRequest(f"invalid generation option: {exc}", field="options")
     first = exc.errors(include_url=False)[0]
     field = ".".join(str(p) for p in first["loc"] if p not in ("params",)) or "request"
-    return InvalidRequest(f"invalid {field}: {first['msg']}", field=field, value=repr(first.get("input"))[:200])
+    return InvalidRequest(
+        f"invalid {field}: {first['msg']}", field=field, value=repr(first.get("input"))[:200]
+    )

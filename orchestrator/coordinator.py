@@ -229,7 +229,9 @@ class Coordinator:
         )
         self._schedule_needed.set()
 
-    def _current(self, session: AgentSession, request_id: str, attempt: int) -> RequestRecord | None:
+    def _current(
+        self, session: AgentSession, request_id: str, attempt: int
+    ) -> RequestRecord | None:
         """The record a frame refers to, or None if the frame is from a superseded attempt."""
         record = self.table.get(RequestId(request_id))
         if (
@@ -250,7 +252,9 @@ class Coordinator:
         if route is not None and route.stream and message.text:
             self._reply_client(
                 route.identity,
-                StreamChunk(request_id=record.request_id, index=route.next_index, text=message.text),
+                StreamChunk(
+                    request_id=record.request_id, index=route.next_index, text=message.text
+                ),
             )
             route.next_index += 1
 
@@ -269,7 +273,12 @@ class Coordinator:
             return
         error = error_from_wire(message.error.code, message.error.message, message.error.details)
         if message.error.retryable:
-            log.info("request %s refused by %s (%s): requeued", record.request_id, session.agent_id, error.code)
+            log.info(
+                "request %s refused by %s (%s): requeued",
+                record.request_id,
+                session.agent_id,
+                error.code,
+            )
             self.table.requeue(record.request_id, agent_failed=False)
         else:
             self._fail(record.request_id, error, now)
@@ -410,7 +419,9 @@ class Coordinator:
     def _dispatch(self, action: DispatchAction, now: float) -> None:
         session = self._session_by_id(action.agent_id)
         assert session is not None, "decide placed on an agent that is not live"
-        record = self.table.dispatch(action.request_id, action.agent_id, action.kv_reservation_tokens, now)
+        record = self.table.dispatch(
+            action.request_id, action.agent_id, action.kv_reservation_tokens, now
+        )
         if record.attempt == 1:
             record.dispatched_s = now
         self._send_agent(
@@ -445,7 +456,9 @@ class Coordinator:
             if now - session.last_seen_s > deadline:
                 del self._agents[identity]
                 log.warning(
-                    "agent %s silent for %.1f s: declared dead", session.agent_id, now - session.last_seen_s
+                    "agent %s silent for %.1f s: declared dead",
+                    session.agent_id,
+                    now - session.last_seen_s,
                 )
                 self._requeue_agent_work(session.agent_id, now, reason="agent died")
 
@@ -464,7 +477,12 @@ class Coordinator:
                 )
             else:
                 self.table.requeue(record.request_id, agent_failed=True)
-                log.info("request %s requeued as attempt %d: %s", record.request_id, record.attempt, reason)
+                log.info(
+                    "request %s requeued as attempt %d: %s",
+                    record.request_id,
+                    record.attempt,
+                    reason,
+                )
         self._schedule_needed.set()
 
     # --- replies ----------------------------------------------------------------------------
@@ -554,7 +572,11 @@ def _request_status(record: RequestRecord, now: float) -> RequestStatus:
 
 def _client_facing(error: ProtocolError) -> EdgeorchError:
     """A schema failure in a known message is the client's bad input, named by its field."""
-    if error.details.get("type") in ("submit", "cancel_request", "status_query") and error.details.get("field"):
+    if error.details.get("type") in (
+        "submit",
+        "cancel_request",
+        "status_query",
+    ) and error.details.get("field"):
         return InvalidRequest(error.message, **error.details)
     return error
 

@@ -35,9 +35,12 @@ class LocalCluster:
         self.spawn(
             "coordinator",
             "coordinator",
-            "--agents-endpoint", self.agents_endpoint,
-            "--clients-endpoint", self.clients_endpoint,
-            "--heartbeat-interval-s", "0.5",
+            "--agents-endpoint",
+            self.agents_endpoint,
+            "--clients-endpoint",
+            self.clients_endpoint,
+            "--heartbeat-interval-s",
+            "0.5",
             *coordinator_args,
         )
 
@@ -45,15 +48,25 @@ class LocalCluster:
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "EDGEORCH_LOG_LEVEL": "INFO"}
         log = (self.log_dir / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.processes[name] = process
         return process
 
     def start_agent(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         return self.spawn(
-            name, "agent", "--coordinator", self.agents_endpoint, "--name", name,
-            "--heartbeat-interval-s", "0.5", *args,
+            name,
+            "agent",
+            "--coordinator",
+            self.agents_endpoint,
+            "--name",
+            name,
+            "--heartbeat-interval-s",
+            "0.5",
+            *args,
         )
 
     def client(self, timeout_s: float | None = 120.0) -> Client:
@@ -65,7 +78,9 @@ class LocalCluster:
             while time.monotonic() < deadline:
                 for name, process in self.processes.items():
                     if process.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.logs(name)}")
+                        raise RuntimeError(
+                            f"{name} exited with {process.returncode}:\n{self.logs(name)}"
+                        )
                 try:
                     if len(client.status().agents) >= count:
                         return

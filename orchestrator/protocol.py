@@ -9,7 +9,7 @@ and never raises, so a hostile peer cannot crash a daemon. The ZeroMQ sockets ar
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal, NewType, TypeVar, Union
+from typing import Annotated, Any, Final, Literal, NewType, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -33,7 +33,8 @@ Priority = Literal["interactive", "batch"]
 FinishReason = Literal["stop", "length", "cancelled"]
 Backend = Literal["llama", "fake"]
 WireId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-DetailValue = Union[str, int, float, bool, None]
+DetailValue = str | int | float | bool | None
+DETAIL_TYPES: Final = (str, int, float, bool, type(None))
 
 
 class WireModel(BaseModel):
@@ -69,8 +70,10 @@ class ErrorInfo(WireModel):
 
     @classmethod
     def of(cls, error: EdgeorchError) -> ErrorInfo:
-        details = {k: v for k, v in error.details.items() if isinstance(v, DetailValue.__args__)}
-        return cls(code=error.code, message=error.message, retryable=error.retryable, details=details)
+        details = {k: v for k, v in error.details.items() if isinstance(v, DETAIL_TYPES)}
+        return cls(
+            code=error.code, message=error.message, retryable=error.retryable, details=details
+        )
 
 
 class DeviceProfile(WireModel):
@@ -280,12 +283,12 @@ class StatusReport(WireModel):
 
 
 AgentMessage = Annotated[
-    Union[Register, Heartbeat, TokenChunk, RunFinished, RunFailed], Field(discriminator="type")
+    Register | Heartbeat | TokenChunk | RunFinished | RunFailed, Field(discriminator="type")
 ]
-AgentCommand = Annotated[Union[Welcome, Dispatch, CancelRun], Field(discriminator="type")]
-ClientMessage = Annotated[Union[Submit, CancelRequest, StatusQuery], Field(discriminator="type")]
+AgentCommand = Annotated[Welcome | Dispatch | CancelRun, Field(discriminator="type")]
+ClientMessage = Annotated[Submit | CancelRequest | StatusQuery, Field(discriminator="type")]
 ClientReply = Annotated[
-    Union[Accepted, StreamChunk, Result, ErrorReply, StatusReport], Field(discriminator="type")
+    Accepted | StreamChunk | Result | ErrorReply | StatusReport, Field(discriminator="type")
 ]
 
 AGENT_MESSAGES: Final[TypeAdapter[AgentMessage]] = TypeAdapter(AgentMessage)
@@ -298,7 +301,8 @@ T = TypeVar("T")
 
 def encode(message: WireModel) -> bytes:
     """Serialise one message to a msgpack frame."""
-    return msgpack.packb(message.model_dump(), use_bin_type=True)
+    frame: bytes = msgpack.packb(message.model_dump(), use_bin_type=True)
+    return frame
 
 
 def decode(frame: bytes, adapter: TypeAdapter[T]) -> T | ProtocolError:
@@ -323,7 +327,7 @@ def decode(frame: bytes, adapter: TypeAdapter[T]) -> T | ProtocolError:
             max_map_len=MAX_CONTAINER_ITEMS,
             max_ext_len=0,
         )
-    except Exception as exc:  # noqa: BLE001 - any unpacking failure is a protocol error
+    except Exception as exc:
         return ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}")
     if not isinstance(raw, dict):
         return ProtocolError(f"frame must be a msgpack map, got {type(raw).__name__}")
@@ -338,7 +342,7 @@ def decode(frame: bytes, adapter: TypeAdapter[T]) -> T | ProtocolError:
         return adapter.validate_python(raw)
     except ValidationError as exc:
         return _schema_error(raw, exc)
-    except Exception as exc:  # noqa: BLE001 - validation of hostile input must never raise
+    except Exception as exc:
         return ProtocolError(f"frame could not be validated: {type(exc).__name__}")
 
 

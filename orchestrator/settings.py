@@ -37,7 +37,9 @@ class Settings(BaseModel):
 
 
 class CoordinatorSettings(Settings):
-    agents_endpoint: str = Field(DEFAULT_AGENTS_ENDPOINT, description="ROUTER that agents connect to")
+    agents_endpoint: str = Field(
+        DEFAULT_AGENTS_ENDPOINT, description="ROUTER that agents connect to"
+    )
     clients_endpoint: str = Field(
         DEFAULT_CLIENTS_ENDPOINT, description="ROUTER that clients connect to"
     )

@@ -3,7 +3,7 @@ the same frame limit as the msgpack decoder."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import zmq
 import zmq.asyncio
@@ -14,7 +14,7 @@ SEND_HIGH_WATER_MARK: Final = 100_000
 """Frames queued per peer before ZeroMQ drops (ROUTER) or blocks (DEALER) further sends."""
 
 
-def configure(socket: zmq.Socket[bytes]) -> None:
+def configure(socket: zmq.Socket[Any]) -> None:
     """Frame limit, no lingering on close, and deep queues for token streams."""
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     socket.setsockopt(zmq.LINGER, 0)

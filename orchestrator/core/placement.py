@@ -25,9 +25,7 @@ class LeastLoaded:
     def choose(self, request: QueuedRequest, agents: Sequence[AgentView]) -> AgentView | None:
         if not agents:
             return None
-        return min(
-            agents, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id)
-        )
+        return min(agents, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id))
 
 
 PLACEMENTS: Final[dict[str, Callable[[], Placement]]] = {"least-loaded": LeastLoaded}

@@ -56,14 +56,15 @@ class AgentView:
 
     def fits_context(self, request: QueuedRequest) -> bool:
         """Whether the request can ever run here; estimates get the benefit of the doubt."""
-        return (
-            not request.prompt_tokens_exact
-            or request.context_tokens <= min(self.n_ctx, self.kv_budget_tokens)
+        return not request.prompt_tokens_exact or request.context_tokens <= min(
+            self.n_ctx, self.kv_budget_tokens
         )
 
     def can_start(self, request: QueuedRequest) -> bool:
         """A free sequence slot and room for the request's KV reservation now."""
-        return self.running < self.max_seqs and self.reservation_tokens(request) <= self.free_kv_tokens
+        return (
+            self.running < self.max_seqs and self.reservation_tokens(request) <= self.free_kv_tokens
+        )
 
     def with_dispatched(self, request: QueuedRequest) -> AgentView:
         return replace(

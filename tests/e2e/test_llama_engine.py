@@ -14,7 +14,9 @@ from tests.factories import params
 pytestmark = pytest.mark.e2e
 
 
-def run_all(engine: LlamaEngine, *specs: SequenceSpec) -> dict[tuple[str, int], tuple[str, Completed]]:
+def run_all(
+    engine: LlamaEngine, *specs: SequenceSpec
+) -> dict[tuple[str, int], tuple[str, Completed]]:
     texts: dict[tuple[str, int], list[str]] = {s.key: [] for s in specs}
     done: dict[tuple[str, int], tuple[str, Completed]] = {}
     for spec in specs:
@@ -34,14 +36,20 @@ def spec(request_id: str, prompt: str, **overrides: object) -> SequenceSpec:
     return SequenceSpec(request_id=request_id, attempt=1, prompt=prompt, params=params(**overrides))
 
 
-def test_greedy_output_matches_llama_cpp_high_level_api(engine: LlamaEngine, model_path: Path) -> None:
+def test_greedy_output_matches_llama_cpp_high_level_api(
+    engine: LlamaEngine, model_path: Path
+) -> None:
     from llama_cpp import Llama
 
     prompt = "The capital of France is"
     reference = Llama(model_path=str(model_path), n_ctx=512, n_threads=2, verbose=False)
-    expected = reference.create_completion(prompt, max_tokens=24, temperature=0.0)["choices"][0]["text"]
+    expected = reference.create_completion(prompt, max_tokens=24, temperature=0.0)["choices"][0][
+        "text"
+    ]
     del reference
-    ((text, completed),) = run_all(engine, spec("p", prompt, max_tokens=24, temperature=0.0)).values()
+    ((text, completed),) = run_all(
+        engine, spec("p", prompt, max_tokens=24, temperature=0.0)
+    ).values()
     assert text == expected
     assert completed.completion_tokens <= 24
 
@@ -59,7 +67,10 @@ def test_ignore_eos_generates_exactly_max_tokens(engine: LlamaEngine) -> None:
 
 
 def test_stop_string_ends_the_sequence(engine: LlamaEngine) -> None:
-    done = run_all(engine, spec("s", "1, 2, 3, 4,", max_tokens=40, temperature=0.0, stop=(" 7",), ignore_eos=True))
+    done = run_all(
+        engine,
+        spec("s", "1, 2, 3, 4,", max_tokens=40, temperature=0.0, stop=(" 7",), ignore_eos=True),
+    )
     ((text, completed),) = done.values()
     assert completed.finish_reason == "stop"
     assert " 7" not in text and completed.completion_tokens < 40
@@ -73,7 +84,13 @@ def test_context_overflow_is_refused_with_the_numbers(engine: LlamaEngine) -> No
 
 
 def test_cancel_mid_decode_frees_the_cache(engine: LlamaEngine) -> None:
-    s = spec("c", "Tell me a long story about a dragon.", max_tokens=200, ignore_eos=True, temperature=0.0)
+    s = spec(
+        "c",
+        "Tell me a long story about a dragon.",
+        max_tokens=200,
+        ignore_eos=True,
+        temperature=0.0,
+    )
     assert engine.add(s) == []
     for _ in range(5):
         engine.step()
@@ -85,12 +102,17 @@ def test_cancel_mid_decode_frees_the_cache(engine: LlamaEngine) -> None:
 
 
 def test_resume_continues_after_streamed_text(engine: LlamaEngine) -> None:
-    first = run_all(engine, spec("r", "The sky is", max_tokens=12, temperature=0.0, ignore_eos=True))
+    first = run_all(
+        engine, spec("r", "The sky is", max_tokens=12, temperature=0.0, ignore_eos=True)
+    )
     ((full, _),) = first.values()
     resumed = SequenceSpec(
-        request_id="r", attempt=2, prompt="The sky is",
+        request_id="r",
+        attempt=2,
+        prompt="The sky is",
         params=params(max_tokens=12, temperature=0.0, ignore_eos=True),
-        resume_text=full[:10], resume_tokens=4,
+        resume_text=full[:10],
+        resume_tokens=4,
     )
     ((text, completed),) = run_all(engine, resumed).values()
     assert completed.completion_tokens == 8

@@ -26,12 +26,15 @@ def test_fifty_concurrent_requests_complete_once_with_the_right_text(cluster: Lo
     async def run_all() -> list:
         async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
             return await asyncio.gather(
-                *(client.generate(p, max_tokens=10 + i % 7, temperature=0.0) for i, p in enumerate(prompts))
+                *(
+                    client.generate(p, max_tokens=10 + i % 7, temperature=0.0)
+                    for i, p in enumerate(prompts)
+                )
             )
 
     results = asyncio.run(run_all())
     assert len({r.request_id for r in results}) == 50
-    for i, (prompt, result) in enumerate(zip(prompts, results)):
+    for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
         assert result.text == fake_completion(prompt, 10 + i % 7)
         assert result.completion_tokens == 10 + i % 7
         assert result.finish_reason == "length"
@@ -46,17 +49,19 @@ def test_agent_started_after_requests_were_queued_picks_them_up(cluster: LocalCl
     async def run() -> list:
         async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
             pending = [
-                asyncio.ensure_future(client.generate(f"late start {i}", max_tokens=5)) for i in range(6)
+                asyncio.ensure_future(client.generate(f"late start {i}", max_tokens=5))
+                for i in range(6)
             ]
-            await asyncio.sleep(1.0)
             status = await client.status()
-            assert len(status.queue) == 6 and not status.agents
+            while len(status.queue) < 6:
+                await asyncio.sleep(0.1)
+                status = await client.status()
+            assert not status.agents and not status.running
             cluster.start_agent("late", *FAST_FAKE)
             return await asyncio.gather(*pending)
 
     results = asyncio.run(run())
     assert all(r.agent == "late" and r.completion_tokens == 5 for r in results)
-    assert all(r.queue_s >= 1.0 for r in results)
 
 
 def test_streaming_yields_chunks_in_order(cluster: LocalCluster) -> None:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.core.lifecycle import TRANSITIONS, IllegalTransition, RequestState, check_transition
+from orchestrator.core.lifecycle import (
+    TRANSITIONS,
+    IllegalTransition,
+    RequestState,
+    check_transition,
+)
 from orchestrator.core.placement import LeastLoaded, make_placement
 from orchestrator.core.policies import BATCH_PRIORITY_DELAY_S, FirstComeFirstServed, make_policy
 from orchestrator.core.scheduler import SchedulerConfig, decide
@@ -54,7 +59,10 @@ def test_requeue_keeps_tokens_and_bumps_attempt() -> None:
     table.add_tokens(RequestId("r1"), " one", 1, now=1.1)
     again = table.requeue(RequestId("r1"), agent_failed=True)
     assert (again.state, again.attempt, again.agent_failures, again.text) == (
-        RequestState.QUEUED, 2, 1, " one",
+        RequestState.QUEUED,
+        2,
+        1,
+        " one",
     )
     assert again.agent_id is None
 

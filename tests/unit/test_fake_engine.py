@@ -38,13 +38,19 @@ def test_generates_the_documented_text_and_length() -> None:
     engine.add(spec("x", max_tokens=5))
     ((text, completed),) = drain(engine).values()
     assert text == fake_completion("a b c", 5) == " a b c a b"
-    assert (completed.completion_tokens, completed.finish_reason, completed.prompt_tokens) == (5, "length", 4)
+    assert (completed.completion_tokens, completed.finish_reason, completed.prompt_tokens) == (
+        5,
+        "length",
+        4,
+    )
     assert slept[0] == pytest.approx(4 / 1000.0 + 1 / 100.0)
 
 
 def test_resume_continues_the_same_text() -> None:
     engine, _ = make_engine()
-    engine.add(SequenceSpec("x", 2, "a b c", params(max_tokens=5), resume_text=" a b", resume_tokens=2))
+    engine.add(
+        SequenceSpec("x", 2, "a b c", params(max_tokens=5), resume_text=" a b", resume_tokens=2)
+    )
     ((text, completed),) = drain(engine).values()
     assert text == " c a b" and completed.completion_tokens == 3
 
@@ -56,7 +62,9 @@ def test_admission_refuses_overflow_and_full_slots() -> None:
     assert overflow.error.details == {"prompt_tokens": 61, "max_tokens": 10, "n_ctx": 64}
     assert engine.add(spec("1")) == [] and engine.add(spec("2")) == []
     (full,) = engine.add(spec("3"))
-    assert isinstance(full, Rejected) and isinstance(full.error, Overloaded) and full.error.retryable
+    assert (
+        isinstance(full, Rejected) and isinstance(full.error, Overloaded) and full.error.retryable
+    )
 
 
 def test_cancel_reports_a_cancelled_completion() -> None:

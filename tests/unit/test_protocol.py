@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from pydantic import ValidationError
 
 from orchestrator.errors import ProtocolError
 from orchestrator.protocol import (
@@ -36,15 +37,23 @@ ROUND_TRIPS = [
     (TokenChunk(request_id="r", attempt=1, text="hé", n_tokens=1), AGENT_MESSAGES),
     (
         RunFinished(
-            request_id="r", attempt=2, prompt_tokens=3, completion_tokens=4,
-            finish_reason="length", prefill_s=0.1, decode_s=0.2,
+            request_id="r",
+            attempt=2,
+            prompt_tokens=3,
+            completion_tokens=4,
+            finish_reason="length",
+            prefill_s=0.1,
+            decode_s=0.2,
         ),
         AGENT_MESSAGES,
     ),
     (
         RunFailed(
-            request_id="r", attempt=1,
-            error=ErrorInfo(code="context_overflow", message="m", retryable=False, details={"n_ctx": 8}),
+            request_id="r",
+            attempt=1,
+            error=ErrorInfo(
+                code="context_overflow", message="m", retryable=False, details={"n_ctx": 8}
+            ),
         ),
         AGENT_MESSAGES,
     ),
@@ -54,13 +63,23 @@ ROUND_TRIPS = [
     (Accepted(request_id="r", queue_position=0, prompt_tokens=3), CLIENT_REPLIES),
     (
         Result(
-            request_id="r", text="t", prompt_tokens=1, completion_tokens=1, finish_reason="stop",
-            queue_s=0.0, ttft_s=0.1, total_s=0.2, agent="a", attempts=1,
+            request_id="r",
+            text="t",
+            prompt_tokens=1,
+            completion_tokens=1,
+            finish_reason="stop",
+            queue_s=0.0,
+            ttft_s=0.1,
+            total_s=0.2,
+            agent="a",
+            attempts=1,
         ),
         CLIENT_REPLIES,
     ),
     (
-        ErrorReply(request_id=None, error=ErrorInfo(code="unavailable", message="m", retryable=True)),
+        ErrorReply(
+            request_id=None, error=ErrorInfo(code="unavailable", message="m", retryable=True)
+        ),
         CLIENT_REPLIES,
     ),
 ]
@@ -110,7 +129,8 @@ def test_oversized_frame_is_refused_before_unpacking() -> None:
 
 def test_schema_error_names_the_field() -> None:
     error = decode(
-        _frame(type="submit", request_id="r9", prompt="p", params={"max_tokens": -3}), CLIENT_MESSAGES
+        _frame(type="submit", request_id="r9", prompt="p", params={"max_tokens": -3}),
+        CLIENT_MESSAGES,
     )
     assert isinstance(error, ProtocolError)
     assert error.details["field"] == "params.max_tokens"
@@ -119,7 +139,7 @@ def test_schema_error_names_the_field() -> None:
 
 def test_messages_are_frozen() -> None:
     message = StatusQuery(query_id="q")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         message.query_id = "other"  # type: ignore[misc]
 
 

@@ -31,11 +31,15 @@ def test_unknown_config_key_is_named(tmp_path: Path) -> None:
 
 def test_bad_value_names_setting_and_source() -> None:
     with pytest.raises(InvalidRequest) as error:
-        load_settings(AgentSettings, config=None, environ={"EDGEORCH_MAX_SEQS": "zero"}, overrides={})
+        load_settings(
+            AgentSettings, config=None, environ={"EDGEORCH_MAX_SEQS": "zero"}, overrides={}
+        )
     assert error.value.details == {"field": "max_seqs", "source": "EDGEORCH_MAX_SEQS"}
 
 
 def test_shipped_example_configs_load() -> None:
     configs = Path(__file__).resolve().parents[2] / "configs"
-    load_settings(CoordinatorSettings, config=configs / "coordinator.toml", environ={}, overrides={})
+    load_settings(
+        CoordinatorSettings, config=configs / "coordinator.toml", environ={}, overrides={}
+    )
     load_settings(AgentSettings, config=configs / "agent-cpu.toml", environ={}, overrides={})
