@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
@@ -39,6 +40,45 @@ from orchestrator.protocol import (
 log = logging.getLogger("edgeorch.agent")
 
 REGISTER_RETRY_S: Final = 1.0
+STREAM_FLUSH_INTERVAL_S: Final = 0.04
+"""Tokens of one sequence produced within this window travel in one frame (the first token
+always goes at once), so the coordinator and client wake a few times per window, not per token:
+on a two-core device every wake-up steals time from llama.cpp's threads."""
+
+
+class StreamCoalescer:
+    """Merges consecutive ``Emitted`` events of a sequence; pure, the clock is an argument."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._pending: dict[SequenceKey, Emitted] = {}
+        self._last_flush: dict[SequenceKey, float] = {}
+
+    def push(self, events: list[EngineEvent], now: float) -> list[EngineEvent]:
+        """The events to send now, in order; the rest wait in per-sequence buffers."""
+        out: list[EngineEvent] = []
+        for event in events:
+            key = event.key
+            if not isinstance(event, Emitted):
+                out.extend(self._take(key))
+                self._last_flush.pop(key, None)
+                out.append(event)
+                continue
+            held = self._pending.get(key)
+            if held is not None:
+                event = Emitted(key, held.text + event.text, held.n_tokens + event.n_tokens)
+            last = self._last_flush.get(key)
+            if last is None or now - last >= self.interval_s:
+                self._pending.pop(key, None)
+                self._last_flush[key] = now
+                out.append(event)
+            else:
+                self._pending[key] = event
+        return out
+
+    def _take(self, key: SequenceKey) -> list[EngineEvent]:
+        held = self._pending.pop(key, None)
+        return [held] if held is not None else []
 
 
 class AgentDaemon:
@@ -64,6 +104,9 @@ class AgentDaemon:
         self._work = asyncio.Event()
         self._welcomed = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._coalescer = StreamCoalescer(STREAM_FLUSH_INTERVAL_S)
+        self._kv_used_tokens = 0
+        self._running: tuple[str, ...] = ()
 
     async def run(self, stop: asyncio.Event) -> None:
         context = zmq.asyncio.Context()
@@ -114,12 +157,7 @@ class AgentDaemon:
                     log.info("no answer from coordinator at %s yet; retrying", self.endpoint)
                 continue
             await asyncio.sleep(self.heartbeat_interval_s)
-            self._send(
-                Heartbeat(
-                    kv_used_tokens=self.engine.kv_used_tokens(),
-                    running=tuple(rid for rid, _ in self.engine.active_keys()),
-                )
-            )
+            self._send(Heartbeat(kv_used_tokens=self._kv_used_tokens, running=self._running))
 
     async def _run_engine(self) -> None:
         loop = asyncio.get_running_loop()
@@ -151,8 +189,12 @@ class AgentDaemon:
             return [Rejected(spec.key, InternalError(f"engine error: {type(exc).__name__}: {exc}"))]
 
     def _publish(self, events: list[EngineEvent]) -> None:
-        for event in events:
+        """Send what the engine reported and note its state for heartbeats (read here, on the
+        loop's thread, never while a step runs)."""
+        for event in self._coalescer.push(events, time.monotonic()):
             self._send(_event_message(event))
+        self._kv_used_tokens = self.engine.kv_used_tokens()
+        self._running = tuple(request_id for request_id, _ in self.engine.active_keys())
 
     def _send(self, message: WireModel) -> None:
         assert self._socket is not None

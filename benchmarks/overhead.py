@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.engine import llama_cpp  # noqa: E402
 from agents.model import ensure_default_model
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster
@@ -41,7 +42,9 @@ def direct_high_level(model: Path, tokens: int, threads: int) -> Callable[[], fl
     llm = Llama(
         model_path=str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
     )
-    eog = [t for t in range(llm.n_vocab()) if llm._model.token_is_eog(t)]
+    lib = llama_cpp()
+    vocab = lib.llama_model_get_vocab(llm.model)
+    eog = [t for t in range(llm.n_vocab()) if lib.llama_vocab_is_eog(vocab, t)]
 
     def run() -> float:
         stamps = []
@@ -60,8 +63,6 @@ def direct_high_level(model: Path, tokens: int, threads: int) -> Callable[[], fl
 
 
 def direct_low_level(model: Path, tokens: int, threads: int) -> Callable[[], float]:
-    from agents.engine import llama_cpp
-
     lib = llama_cpp()
     mparams = lib.llama_model_default_params()
     mparams.n_gpu_layers = 0
@@ -112,7 +113,7 @@ def through_edgeorch(cluster: LocalCluster, tokens: int) -> Callable[[], float]:
             )
             stamps = [time.perf_counter() async for _ in stream]
             assert stream.result is not None and stream.result.completion_tokens == tokens
-            return decode_rate(stamps[0], stamps[-1], len(stamps))
+            return decode_rate(stamps[0], stamps[-1], tokens)
 
     return lambda: asyncio.run(once())
 

@@ -1,0 +1,34 @@
+"""The agent's stream coalescing: first token at once, then one frame per window, in order."""
+
+from __future__ import annotations
+
+from agents.base import Completed, Emitted
+from agents.daemon import StreamCoalescer
+
+A, B = ("a", 1), ("b", 1)
+
+
+def done(key: tuple[str, int]) -> Completed:
+    return Completed(key, 3, 4, "length", 0.0, 0.0)
+
+
+def test_first_token_goes_at_once_then_tokens_wait_for_the_window() -> None:
+    c = StreamCoalescer(0.04)
+    assert c.push([Emitted(A, "x", 1)], now=0.0) == [Emitted(A, "x", 1)]
+    assert c.push([Emitted(A, "y", 1)], now=0.01) == []
+    assert c.push([Emitted(A, "z", 1)], now=0.02) == []
+    assert c.push([Emitted(A, "w", 1)], now=0.05) == [Emitted(A, "yzw", 3)]
+
+
+def test_completion_flushes_what_is_held_first() -> None:
+    c = StreamCoalescer(0.04)
+    c.push([Emitted(A, "x", 1), Emitted(B, "p", 1)], now=0.0)
+    out = c.push([Emitted(A, "y", 1), Emitted(B, "q", 1), done(A)], now=0.01)
+    assert out == [Emitted(A, "y", 1), done(A)]
+    assert c.push([done(B)], now=0.02) == [Emitted(B, "q", 1), done(B)]
+
+
+def test_zero_interval_sends_every_token() -> None:
+    c = StreamCoalescer(0.0)
+    events = [Emitted(A, "x", 1), Emitted(A, "y", 1)]
+    assert c.push(events, now=0.0) == events
