@@ -291,7 +291,7 @@ class Coordinator:
         if existing is not None:
             self._reattach(identity, existing, message.stream)
             return
-        queued = sum(1 for _ in self.table.in_state(RequestState.QUEUED))
+        queued = self.table.count(RequestState.QUEUED)
         if queued >= self.settings.max_queue:
             self._reply_client(
                 identity,
@@ -444,10 +444,9 @@ class Coordinator:
             await asyncio.sleep(interval)
             now = self._clock()
             self._expire_agents(now)
-            self.table.prune(now, self.settings.result_retention_s)
-            for request_id in [rid for rid in self._routes if rid not in self.table]:
-                del self._routes[request_id]
-            if any(True for _ in self.table.in_state(RequestState.QUEUED)):
+            for request_id in self.table.prune(now, self.settings.result_retention_s):
+                self._routes.pop(request_id, None)
+            if self.table.count(RequestState.QUEUED):
                 self._schedule_needed.set()
 
     def _expire_agents(self, now: float) -> None:

@@ -3,10 +3,9 @@ timestamps. Pure (no I/O, no clock), so the simulator can drive it as the coordi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from orchestrator.core.lifecycle import RequestState, check_transition
+from orchestrator.core.lifecycle import TERMINAL_STATES, RequestState, check_transition
 from orchestrator.core.views import QueuedRequest
 from orchestrator.errors import EdgeorchError, InternalError
 from orchestrator.protocol import AgentId, FinishReason, GenerationParams, RequestId
@@ -55,10 +54,15 @@ class RequestRecord:
 
 
 class RequestTable:
-    """All requests by id, with counters of how they ended."""
+    """All requests by id, indexed by state and by agent so that every per-event query costs
+    what it returns, not the size of the table (which keeps results for ``retention_s``)."""
 
     def __init__(self) -> None:
         self._records: dict[RequestId, RequestRecord] = {}
+        self._by_state: dict[RequestState, dict[RequestId, RequestRecord]] = {
+            state: {} for state in RequestState
+        }
+        self._by_agent: dict[AgentId, dict[RequestId, RequestRecord]] = {}
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
@@ -75,18 +79,19 @@ class RequestTable:
     def __getitem__(self, request_id: RequestId) -> RequestRecord:
         return self._records[request_id]
 
-    def in_state(self, *states: RequestState) -> Iterator[RequestRecord]:
-        return (r for r in self._records.values() if r.state in states)
+    def in_state(self, *states: RequestState) -> list[RequestRecord]:
+        """Records in any of ``states``, each state in the order requests entered it."""
+        return [r for state in states for r in self._by_state[state].values()]
+
+    def count(self, state: RequestState) -> int:
+        return len(self._by_state[state])
 
     def queued(self) -> list[RequestRecord]:
-        return list(self.in_state(RequestState.QUEUED))
+        return self.in_state(RequestState.QUEUED)
 
     def on_agent(self, agent_id: AgentId) -> list[RequestRecord]:
-        return [
-            r
-            for r in self.in_state(RequestState.DISPATCHED, RequestState.RUNNING)
-            if r.agent_id == agent_id
-        ]
+        """Requests dispatched to or running on ``agent_id``."""
+        return list(self._by_agent.get(agent_id, {}).values())
 
     def add(self, record: RequestRecord) -> None:
         if record.request_id in self._records:
@@ -94,12 +99,14 @@ class RequestTable:
         if record.state is not RequestState.QUEUED:
             raise InternalError(f"a new request must be queued, not {record.state}")
         self._records[record.request_id] = record
+        self._by_state[RequestState.QUEUED][record.request_id] = record
 
     def dispatch(
         self, request_id: RequestId, agent_id: AgentId, kv_reservation_tokens: int, now: float
     ) -> RequestRecord:
         record = self._move(request_id, RequestState.DISPATCHED)
         record.agent_id = agent_id
+        self._by_agent.setdefault(agent_id, {})[request_id] = record
         record.kv_reservation_tokens = kv_reservation_tokens
         record.dispatched_s = now
         return record
@@ -142,27 +149,42 @@ class RequestTable:
         record = self._move(request_id, RequestState.QUEUED)
         record.attempt += 1
         record.agent_failures += int(agent_failed)
+        self._unbind(record)
         record.agent_id = None
         record.kv_reservation_tokens = 0
         return record
 
-    def prune(self, now: float, retention_s: float) -> int:
-        """Forget requests that ended more than ``retention_s`` ago; returns how many."""
-        stale = [
-            rid
-            for rid, r in self._records.items()
-            if r.state.terminal and r.finished_s is not None and now - r.finished_s > retention_s
-        ]
-        for rid in stale:
-            del self._records[rid]
-        return len(stale)
+    def prune(self, now: float, retention_s: float) -> list[RequestId]:
+        """Forget requests that ended more than ``retention_s`` ago; returns their ids."""
+        forgotten: list[RequestId] = []
+        for state in TERMINAL_STATES:
+            ended = self._by_state[state]
+            while ended:
+                request_id, record = next(iter(ended.items()))
+                if record.finished_s is not None and now - record.finished_s <= retention_s:
+                    break
+                del ended[request_id]
+                del self._records[request_id]
+                forgotten.append(request_id)
+        return forgotten
 
     def _move(self, request_id: RequestId, new: RequestState) -> RequestRecord:
         record = self._records[request_id]
-        record.state = check_transition(record.state, new)
+        previous = record.state
+        record.state = check_transition(previous, new)
+        del self._by_state[previous][request_id]
+        self._by_state[new][request_id] = record
         return record
 
-    @staticmethod
-    def _release(record: RequestRecord, now: float) -> None:
+    def _unbind(self, record: RequestRecord) -> None:
+        """Drop the record from its agent's index; ``agent_id`` stays as the last agent."""
+        if record.agent_id is not None:
+            on_agent = self._by_agent[record.agent_id]
+            on_agent.pop(record.request_id, None)
+            if not on_agent:
+                del self._by_agent[record.agent_id]
+
+    def _release(self, record: RequestRecord, now: float) -> None:
         record.finished_s = now
         record.kv_reservation_tokens = 0
+        self._unbind(record)

@@ -36,6 +36,22 @@ def test_illegal_transition_raises() -> None:
         check_transition(RequestState.QUEUED, RequestState.RUNNING)
 
 
+def test_table_indexes_follow_every_move() -> None:
+    table = RequestTable()
+    for rid in ("r1", "r2", "r3"):
+        table.add(record(rid))
+    table.dispatch(RequestId("r1"), AgentId("a"), 40, now=1.0)
+    table.dispatch(RequestId("r2"), AgentId("a"), 40, now=1.0)
+    assert [r.request_id for r in table.on_agent(AgentId("a"))] == ["r1", "r2"]
+    assert [r.request_id for r in table.queued()] == ["r3"]
+    table.requeue(RequestId("r1"), agent_failed=True)
+    table.finish(RequestId("r2"), "stop", now=2.0)
+    assert table.on_agent(AgentId("a")) == []
+    assert table["r2"].agent_id == "a"  # the result still names where it ran
+    assert [r.request_id for r in table.queued()] == ["r3", "r1"]
+    assert table.count(RequestState.FINISHED) == 1
+
+
 def test_table_walks_a_request_through_its_life() -> None:
     table = RequestTable()
     table.add(record("r1"))
@@ -72,7 +88,7 @@ def test_prune_forgets_only_old_terminal_requests() -> None:
     table.add(record("old"))
     table.add(record("live"))
     table.fail(RequestId("old"), Unavailable("x"), now=0.0)
-    assert table.prune(now=100.0, retention_s=10.0) == 1
+    assert table.prune(now=100.0, retention_s=10.0) == ["old"]
     assert "old" not in table and "live" in table
 
 
