@@ -40,6 +40,7 @@ from orchestrator.protocol import (
 log = logging.getLogger("edgeorch.agent")
 
 REGISTER_RETRY_S: Final = 1.0
+REGISTER_LOG_EVERY: Final = 30
 STREAM_FLUSH_INTERVAL_S: Final = 0.04
 """Tokens of one sequence produced within this window travel in one frame (the first token
 always goes at once), so the coordinator and client wake a few times per window, not per token:
@@ -148,14 +149,18 @@ class AgentDaemon:
 
     async def _heartbeat(self) -> None:
         """Register until welcomed, then heartbeat; any frame also counts as a heartbeat."""
+        attempts = 0
         while True:
             if not self._welcomed.is_set():
                 self._send(Register(name=self.name, profile=self.profile))
                 try:
                     await asyncio.wait_for(self._welcomed.wait(), REGISTER_RETRY_S)
                 except TimeoutError:
-                    log.info("no answer from coordinator at %s yet; retrying", self.endpoint)
+                    attempts += 1
+                    if attempts == 1 or attempts % REGISTER_LOG_EVERY == 0:
+                        log.info("waiting for the coordinator at %s", self.endpoint)
                 continue
+            attempts = 0
             await asyncio.sleep(self.heartbeat_interval_s)
             self._send(Heartbeat(kv_used_tokens=self._kv_used_tokens, running=self._running))
 

@@ -30,6 +30,7 @@ from agents.base import (
 )
 from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
+from orchestrator.llamalib import llama_cpp
 from orchestrator.protocol import Backend, FinishReason
 
 log = logging.getLogger("edgeorch.engine")
@@ -42,19 +43,6 @@ KV_BYTES_PER_VALUE: Final = 2
 """f16 K and V caches."""
 DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
 """Share of available memory the default KV budget may take."""
-
-_llama: Any = None
-
-
-def llama_cpp() -> Any:
-    """The llama_cpp module with its backend initialised once per process."""
-    global _llama
-    if _llama is None:
-        import llama_cpp as module
-
-        module.llama_backend_init()
-        _llama = module
-    return _llama
 
 
 def gpu_offload_supported() -> bool:

@@ -35,9 +35,11 @@ class GgufTokenCounter:
     """Exact counts with a GGUF's own tokenizer for requests that target its model."""
 
     def __init__(self, model_path: Path) -> None:
-        from llama_cpp import Llama
+        from orchestrator.llamalib import llama_cpp, silenced
 
-        self._llama = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        library = llama_cpp()
+        with silenced():
+            self._llama = library.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
         self.model_name = str(self._llama.metadata.get("general.name", model_path.stem))
         self._fallback = EstimatedTokenCounter()
 

@@ -134,3 +134,45 @@ def test_cancel_stops_a_running_request(cluster: LocalCluster) -> None:
             assert (await client.generate("next", max_tokens=2)).completion_tokens == 2
 
     asyncio.run(run())
+
+
+def test_raw_frames_get_typed_replies_and_garbage_does_not_hurt(cluster: LocalCluster) -> None:
+    import msgpack
+    import zmq
+
+    from orchestrator.protocol import CLIENT_REPLIES, PROTOCOL_VERSION, ErrorReply, decode
+
+    cluster.start_agent("fake-1", *FAST_FAKE)
+    cluster.wait_for_agents(1)
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(cluster.clients_endpoint)
+    try:
+        unknown_field = {
+            "v": PROTOCOL_VERSION,
+            "type": "submit",
+            "request_id": "raw-1",
+            "prompt": "hi",
+            "colour": "blue",
+        }
+        socket.send(msgpack.packb(unknown_field))
+        reply = decode(socket.recv(), CLIENT_REPLIES)
+        assert isinstance(reply, ErrorReply) and reply.request_id == "raw-1"
+        assert (reply.error.code, reply.error.details["field"]) == ("invalid_request", "colour")
+        wrong_type = {**unknown_field, "request_id": "raw-2", "colour": None}
+        del wrong_type["colour"]
+        wrong_type["params"] = {"max_tokens": "ten"}
+        socket.send(msgpack.packb(wrong_type))
+        reply = decode(socket.recv(), CLIENT_REPLIES)
+        assert isinstance(reply, ErrorReply)
+        assert reply.error.details["field"] == "params.max_tokens" and not reply.error.retryable
+        for garbage in (b"", b"\xff\xfe", msgpack.packb([1, 2]), msgpack.packb({"v": 99})):
+            socket.send(garbage)
+            reply = decode(socket.recv(), CLIENT_REPLIES)
+            assert isinstance(reply, ErrorReply) and reply.error.code == "protocol_error"
+    finally:
+        context.destroy(linger=0)
+    with cluster.client() as client:
+        assert client.generate("still serving", max_tokens=4).completion_tokens == 4

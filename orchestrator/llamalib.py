@@ -1,0 +1,71 @@
+"""llama-cpp-python, loaded once per process with llama.cpp's own log lines routed into
+Python logging (warnings and errors always; the rest only at DEBUG), for the agent's engine and
+the coordinator's tokenizer alike."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+GGML_LOG_LEVELS: Final = {
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+"""ggml.h's ggml_log_level (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5) to logging."""
+GGML_LOG_CONTINUE: Final = 5
+
+llama_log = logging.getLogger("edgeorch.llama_cpp")
+_llama: Any = None
+_last_level = logging.DEBUG
+"""Level of the last line, for llama.cpp's continuation lines."""
+
+
+def _forward_log(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's log lines into Python logging (INFO and below show only at DEBUG)."""
+    global _last_level
+    python_level = (
+        _last_level if level == GGML_LOG_CONTINUE else GGML_LOG_LEVELS.get(level, logging.DEBUG)
+    )
+    _last_level = python_level
+    if _silenced:
+        return
+    if python_level >= logging.WARNING or llama_log.isEnabledFor(logging.DEBUG):
+        llama_log.log(
+            max(python_level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip()
+        )
+
+
+_log_callback: Any = None
+_silenced = False
+
+
+@contextmanager
+def silenced() -> Iterator[None]:
+    """Drop llama.cpp's log lines for a block whose warnings are known to be spurious (a
+    vocabulary-only load warns that its context exceeds a training context of 0)."""
+    global _silenced
+    _silenced = True
+    try:
+        yield
+    finally:
+        _silenced = False
+
+
+def llama_cpp() -> Any:
+    """The llama_cpp module with its backend initialised once per process and llama.cpp's
+    logging routed through Python's (the callback is kept alive in a module global)."""
+    global _llama
+    if _llama is None:
+        import llama_cpp as module
+
+        global _log_callback
+        _log_callback = module.llama_log_callback(_forward_log)
+        module.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        module.llama_backend_init()
+        _llama = module
+    return _llama
