@@ -25,6 +25,14 @@ class SequenceSpec:
     params: GenerationParams
     resume_text: str = ""
     resume_tokens: int = 0
+    resume_token_ids: tuple[int, ...] = ()
+    resume_model: str | None = None
+
+    def resume_ids_for(self, model_name: str) -> tuple[int, ...] | None:
+        """The exact tokens to resume from, if they were produced by ``model_name``."""
+        if self.resume_token_ids and self.resume_model == model_name:
+            return self.resume_token_ids
+        return None
 
     @property
     def key(self) -> SequenceKey:
@@ -40,6 +48,7 @@ class Emitted:
     key: SequenceKey
     text: str
     n_tokens: int
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,7 +67,12 @@ class StreamCoalescer:
                 continue
             held = self._pending.get(key)
             if held is not None:
-                event = Emitted(key, held.text + event.text, held.n_tokens + event.n_tokens)
+                event = Emitted(
+                    key,
+                    held.text + event.text,
+                    held.n_tokens + event.n_tokens,
+                    held.token_ids + event.token_ids,
+                )
             last = self._last_flush.get(key)
             if last is None or now - last >= self.interval_s:
                 self._pending.pop(key, None)
@@ -186,6 +191,8 @@ class AgentDaemon:
             params=command.params,
             resume_text=command.resume_text,
             resume_tokens=command.resume_tokens,
+            resume_token_ids=command.resume_token_ids,
+            resume_model=command.resume_model,
         )
         try:
             return self.engine.add(spec)
@@ -210,7 +217,11 @@ def _event_message(event: EngineEvent) -> WireModel:
     request_id, attempt = event.key
     if isinstance(event, Emitted):
         return TokenChunk(
-            request_id=request_id, attempt=attempt, text=event.text, n_tokens=event.n_tokens
+            request_id=request_id,
+            attempt=attempt,
+            text=event.text,
+            n_tokens=event.n_tokens,
+            token_ids=event.token_ids,
         )
     if isinstance(event, Completed):
         return RunFinished(

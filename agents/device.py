@@ -11,6 +11,7 @@ import psutil
 
 from agents.base import Engine
 from agents.fake import FakeEngine, FakeTimingModel
+from agents.probe import SpeedProfile, cached_speed, concurrency_points
 from orchestrator.errors import InvalidRequest
 from orchestrator.protocol import DeviceProfile
 from orchestrator.settings import AgentSettings
@@ -53,19 +54,27 @@ def build_engine(settings: AgentSettings, environ: Mapping[str, str]) -> Engine:
     )
 
 
-def probe_profile(settings: AgentSettings, engine: Engine) -> DeviceProfile:
-    """The profile the agent registers with."""
+def probe_profile(
+    settings: AgentSettings, engine: Engine, environ: Mapping[str, str]
+) -> DeviceProfile:
+    """The profile the agent registers with, speeds measured (llama, cached) or modelled (fake)."""
     memory = psutil.virtual_memory()
-    if engine.backend == "llama":
-        from agents.engine import gpu_offload_supported
-
-        offload = gpu_offload_supported()
-        decode_tps = None
-        prefill_tps = None
-    else:
+    if isinstance(engine, FakeEngine):
         offload = False
-        decode_tps = settings.fake_decode_tps
-        prefill_tps = settings.fake_prefill_tps
+        speed = SpeedProfile(
+            prefill_tps=engine.timing.prefill_tps,
+            decode_curve=tuple(
+                (c, round(c / engine.timing.decode_step_s(c), 1))
+                for c in concurrency_points(engine.max_seqs)
+            ),
+        )
+    else:
+        from orchestrator.llamalib import llama_cpp
+
+        library = llama_cpp()
+        offload = bool(library.llama_supports_gpu_offload())
+        build = f"{library.__version__} {library.llama_print_system_info().decode()}"
+        speed = cached_speed(engine, environ, build)
     return DeviceProfile(
         hostname=socket.gethostname(),
         backend=engine.backend,
@@ -80,6 +89,7 @@ def probe_profile(settings: AgentSettings, engine: Engine) -> DeviceProfile:
         n_ctx=engine.n_ctx,
         kv_budget_tokens=engine.kv_budget_tokens,
         max_seqs=engine.max_seqs,
-        decode_tps=decode_tps,
-        prefill_tps=prefill_tps,
+        decode_tps=speed.decode_tps,
+        prefill_tps=speed.prefill_tps,
+        decode_curve=speed.decode_curve,
     )

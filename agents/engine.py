@@ -45,10 +45,6 @@ DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
 """Share of available memory the default KV budget may take."""
 
 
-def gpu_offload_supported() -> bool:
-    return bool(llama_cpp().llama_supports_gpu_offload())
-
-
 @dataclass(slots=True)
 class _Sequence:
     spec: SequenceSpec
@@ -188,7 +184,10 @@ class LlamaEngine:
     def add(self, spec: SequenceSpec) -> list[EngineEvent]:
         prompt = self.tokenize(spec.prompt, add_bos=True)
         prompt_tokens = len(prompt)
-        if spec.resume_text:
+        resume_ids = spec.resume_ids_for(self.model_name)
+        if resume_ids is not None:
+            prompt += resume_ids
+        elif spec.resume_text:
             prompt += self.tokenize(spec.resume_text, add_bos=False)
         error = admission_error(
             spec,
@@ -234,7 +233,22 @@ class LlamaEngine:
 
     def seq_positions(self, key: SequenceKey) -> tuple[int, int]:
         """llama.cpp's own view of a sequence's cache: (min position, max position)."""
-        slot = self._active[key].slot
+        return self._positions(self._active[key].slot)
+
+    def kv_discrepancies(self) -> list[str]:
+        """Where the logical per-sequence accounting and llama.cpp's view disagree (empty when
+        consistent): each active sequence holds positions 0..n_past-1, free slots hold none."""
+        problems = []
+        active_slots = {s.slot: s for s in self._active.values()}
+        for slot in range(self.max_seqs):
+            low, high = self._positions(slot)
+            sequence = active_slots.get(slot)
+            expected = (0, sequence.n_past - 1) if sequence and sequence.n_past else (-1, -1)
+            if (low if high >= 0 else -1, high) != expected:
+                problems.append(f"slot {slot}: llama.cpp holds {low}..{high}, expected {expected}")
+        return problems
+
+    def _positions(self, slot: int) -> tuple[int, int]:
         return (
             int(self._lib.llama_memory_seq_pos_min(self._memory, slot)),
             int(self._lib.llama_memory_seq_pos_max(self._memory, slot)),
@@ -313,7 +327,7 @@ class LlamaEngine:
             events: list[EngineEvent] = [Emitted(spec.key, tail, 0)] if tail else []
             return [*events, self._retire(sequence, "stop")]
         text = sequence.stops.feed(self._token_bytes(token))
-        events = [Emitted(spec.key, text, 1)]
+        events = [Emitted(spec.key, text, 1, (token,))]
         if sequence.stops.stopped:
             events.append(self._retire(sequence, "stop"))
         elif sequence.generated >= spec.remaining_tokens:

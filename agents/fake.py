@@ -100,7 +100,9 @@ class FakeEngine:
         self._active: dict[SequenceKey, _Sequence] = {}
 
     def add(self, spec: SequenceSpec) -> list[EngineEvent]:
-        prompt_tokens = fake_prompt_tokens(spec.prompt) + len(spec.resume_text.split())
+        resume_ids = spec.resume_ids_for(self.model_name)
+        resumed = len(resume_ids) if resume_ids is not None else len(spec.resume_text.split())
+        prompt_tokens = fake_prompt_tokens(spec.prompt) + resumed
         error = admission_error(
             spec,
             context_tokens=prompt_tokens + spec.remaining_tokens,
@@ -149,7 +151,7 @@ class FakeEngine:
             sequence.decode_s += decode_s
             text = sequence.stops.feed_text(fake_token_text(sequence.spec.prompt, index))
             if text or not sequence.stops.stopped:
-                events.append(Emitted(key, text, 1))
+                events.append(Emitted(key, text, 1, (index,)))
             if sequence.stops.stopped:
                 events.append(self._finish(key, "stop"))
             elif sequence.generated >= sequence.spec.remaining_tokens:

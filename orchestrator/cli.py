@@ -183,7 +183,7 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     settings: AgentSettings = _settings(AgentSettings, args)
     engine = build_engine(settings, os.environ)
-    profile = probe_profile(settings, engine)
+    profile = probe_profile(settings, engine, os.environ)
     name = settings.name or profile.hostname
     daemon = AgentDaemon(
         engine,

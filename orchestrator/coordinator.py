@@ -247,7 +247,14 @@ class Coordinator:
         record = self._current(session, message.request_id, message.attempt)
         if record is None:
             return
-        self.table.add_tokens(record.request_id, message.text, message.n_tokens, now)
+        self.table.add_tokens(
+            record.request_id,
+            message.text,
+            message.n_tokens,
+            now,
+            message.token_ids,
+            session.profile.model_name,
+        )
         route = self._routes.get(record.request_id)
         if route is not None and route.stream and message.text:
             self._reply_client(
@@ -433,6 +440,8 @@ class Coordinator:
                 params=record.params,
                 resume_text=record.text,
                 resume_tokens=record.generated_tokens,
+                resume_token_ids=tuple(record.token_ids),
+                resume_model=record.token_model or None,
             ),
         )
 

@@ -94,6 +94,8 @@ class DeviceProfile(WireModel):
     max_seqs: int = Field(ge=1)
     decode_tps: float | None = Field(default=None, gt=0)
     prefill_tps: float | None = Field(default=None, gt=0)
+    decode_curve: tuple[tuple[int, float], ...] = Field(default=(), max_length=64)
+    """Measured aggregate decode tokens/s at several numbers of concurrent sequences."""
 
 
 # --- agent -> coordinator -------------------------------------------------------------------
@@ -114,7 +116,8 @@ class Heartbeat(WireModel):
 
 
 class TokenChunk(WireModel):
-    """Text of ``n_tokens`` new tokens of one attempt, in order."""
+    """Text of ``n_tokens`` new tokens of one attempt, in order, with their ids in the agent's
+    model (so a later attempt on the same model resumes from exactly these tokens)."""
 
     type: Literal["chunk"] = "chunk"
     v: int = PROTOCOL_VERSION
@@ -122,6 +125,7 @@ class TokenChunk(WireModel):
     attempt: int = Field(ge=1)
     text: str
     n_tokens: int = Field(ge=0)
+    token_ids: tuple[int, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
 
 
 class RunFinished(WireModel):
@@ -155,8 +159,9 @@ class Welcome(WireModel):
 
 
 class Dispatch(WireModel):
-    """Run one attempt. ``resume_text`` (already streamed to the client by earlier attempts) is
-    appended to the prompt and counts against ``params.max_tokens`` as ``resume_tokens``."""
+    """Run one attempt. What earlier attempts generated is appended to the prompt and counts
+    against ``params.max_tokens`` as ``resume_tokens``: as ``resume_token_ids`` when they came
+    from ``resume_model`` and the agent serves it, else as ``resume_text`` re-tokenized."""
 
     type: Literal["dispatch"] = "dispatch"
     v: int = PROTOCOL_VERSION
@@ -166,6 +171,8 @@ class Dispatch(WireModel):
     params: GenerationParams
     resume_text: str = ""
     resume_tokens: int = Field(default=0, ge=0)
+    resume_token_ids: tuple[int, ...] = Field(default=(), max_length=MAX_TOKENS_LIMIT)
+    resume_model: str | None = None
 
 
 class CancelRun(WireModel):

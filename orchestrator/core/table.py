@@ -32,6 +32,10 @@ class RequestRecord:
     finished_s: float | None = None
     text_parts: list[str] = field(default_factory=list)
     generated_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    token_model: str | None = None
+    """Model whose vocabulary ``token_ids`` are in; "" once attempts on different models mixed
+    them, after which resuming falls back to the text."""
     finish_reason: FinishReason | None = None
     error: EdgeorchError | None = None
 
@@ -111,7 +115,15 @@ class RequestTable:
         record.dispatched_s = now
         return record
 
-    def add_tokens(self, request_id: RequestId, text: str, n_tokens: int, now: float) -> None:
+    def add_tokens(
+        self,
+        request_id: RequestId,
+        text: str,
+        n_tokens: int,
+        now: float,
+        token_ids: tuple[int, ...] = (),
+        model: str | None = None,
+    ) -> None:
         record = self._records[request_id]
         if record.state is RequestState.DISPATCHED:
             self._move(request_id, RequestState.RUNNING)
@@ -121,6 +133,13 @@ class RequestTable:
             record.first_token_s = now
         record.text_parts.append(text)
         record.generated_tokens += n_tokens
+        if record.token_model is None and not record.token_ids:
+            record.token_model = model
+        if model != record.token_model or len(token_ids) != n_tokens:
+            record.token_model = ""
+            record.token_ids.clear()
+        elif record.token_model:
+            record.token_ids.extend(token_ids)
 
     def finish(self, request_id: RequestId, reason: FinishReason, now: float) -> RequestRecord:
         record = self._move(request_id, RequestState.FINISHED)

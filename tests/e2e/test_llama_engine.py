@@ -117,3 +117,136 @@ def test_resume_continues_after_streamed_text(engine: LlamaEngine) -> None:
     ((text, completed),) = run_all(engine, resumed).values()
     assert completed.completion_tokens == 8
     assert text
+
+
+def test_kv_accounting_matches_llama_after_joins_leaves_cancels(engine: LlamaEngine) -> None:
+    a = spec("a", "The history of Rome", max_tokens=30, temperature=0.0, ignore_eos=True)
+    b = spec("b", "Two plus two is", max_tokens=5, temperature=0.0, ignore_eos=True)
+    c = spec(
+        "c", "A long poem about the sea", max_tokens=40, temperature=0.9, seed=7, ignore_eos=True
+    )
+    d = spec("d", "Name a colour:", max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert engine.add(a) == []
+    for _ in range(3):
+        engine.step()
+        assert engine.kv_discrepancies() == []
+    assert engine.add(b) == [] and engine.add(c) == []
+    finished: set[str] = set()
+    steps = 0
+    while engine.has_work():
+        finished |= {e.key[0] for e in engine.step() if isinstance(e, Completed)}
+        steps += 1
+        assert engine.kv_discrepancies() == []
+        if steps == 8:
+            engine.cancel(c.key)
+            assert engine.add(d) == []
+            assert engine.kv_discrepancies() == []
+    assert finished == {"a", "b", "d"}
+    assert engine.kv_used_tokens() == 0 and engine.kv_discrepancies() == []
+
+
+def test_preempted_sequence_resumes_from_its_exact_tokens(engine: LlamaEngine) -> None:
+    first = spec("p", "Explain photosynthesis.", max_tokens=20, temperature=0.0, ignore_eos=True)
+    assert engine.add(first) == []
+    ids: list[int] = []
+    texts: list[str] = []
+    while len(ids) < 7:
+        for event in engine.step():
+            if isinstance(event, Emitted):
+                ids.extend(event.token_ids)
+                texts.append(event.text)
+    prompt_tokens = len(engine.tokenize(first.prompt, add_bos=True))
+    engine.cancel(first.key)  # preempted: cache dropped
+    resumed = SequenceSpec(
+        request_id="p",
+        attempt=2,
+        prompt=first.prompt,
+        params=first.params,
+        resume_text="".join(texts),
+        resume_tokens=len(ids),
+        resume_token_ids=tuple(ids),
+        resume_model=engine.model_name,
+    )
+    assert engine.add(resumed) == []
+    engine.step()  # rebuilds the cache from prompt + the exact tokens produced so far
+    assert engine.seq_positions(resumed.key) == (0, prompt_tokens + len(ids) - 1)
+    assert engine.kv_discrepancies() == []
+    done = {}
+    while engine.has_work():
+        done.update({e.key: e for e in engine.step() if isinstance(e, Completed)})
+    assert done[resumed.key].completion_tokens == 20 - len(ids)
+
+
+def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path: Path) -> None:
+    """Two sequences decoded together equal llama.cpp's raw API fed the same batches. (Across
+    different batch shapes greedy runs may legitimately diverge: CPU kernels round differently.)"""
+    import numpy as np
+
+    from orchestrator.llamalib import llama_cpp
+
+    prompts, n_tokens = ["The tallest mountain on Earth is", "def quicksort(items):"], 24
+    config = dict(n_ctx=256, max_seqs=2, kv_budget_tokens=512, n_gpu_layers=0, threads=2)
+    engine = LlamaEngine(model_path, **config)  # type: ignore[arg-type]
+    try:
+        specs = [
+            spec(f"s{i}", p, max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
+            for i, p in enumerate(prompts)
+        ]
+        for s in specs:
+            assert engine.add(s) == []
+        produced: dict[str, list[int]] = {s.request_id: [] for s in specs}
+        while engine.has_work():
+            for event in engine.step():
+                if isinstance(event, Emitted):
+                    produced[event.key[0]].extend(event.token_ids)
+        tokenized = [engine.tokenize(p, add_bos=True) for p in prompts]
+    finally:
+        engine.close()
+
+    lib = llama_cpp()
+    mparams = lib.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    model = lib.llama_model_load_from_file(str(model_path).encode(), mparams)
+    vocab = lib.llama_model_get_vocab(model)
+    n_vocab = lib.llama_vocab_n_tokens(vocab)
+    eog = [t for t in range(n_vocab) if lib.llama_vocab_is_eog(vocab, t)]
+    cparams = lib.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 512, 512, 512, 2
+    cparams.n_threads = cparams.n_threads_batch = 2
+    cparams.kv_unified = True
+    ctx = lib.llama_init_from_model(model, cparams)
+    batch = lib.llama_batch_init(512, 0, 1)
+    try:
+        rows: list[int] = []
+        n = 0
+        for seq, tokens in enumerate(tokenized):
+            for pos, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+                batch.seq_id[n][0], batch.logits[n] = seq, pos == len(tokens) - 1
+                n += 1
+            rows.append(n - 1)
+        reference: list[list[int]] = [[], []]
+        positions = [len(t) for t in tokenized]
+        for _ in range(n_tokens):
+            batch.n_tokens = n
+            assert lib.llama_decode(ctx, batch) == 0
+            for seq, row in enumerate(rows):
+                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
+                logits[eog] = -np.inf
+                reference[seq].append(int(logits.argmax()))
+            n = 0
+            for seq in range(2):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = (
+                    reference[seq][-1],
+                    positions[seq],
+                    1,
+                )
+                batch.seq_id[n][0], batch.logits[n] = seq, True
+                positions[seq] += 1
+                n += 1
+            rows = [0, 1]
+    finally:
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+        lib.llama_model_free(model)
+    assert [produced["s0"], produced["s1"]] == reference
