@@ -17,6 +17,7 @@ from typing import Final
 
 from agents.base import Completed, Emitted, Engine, Rejected, SequenceSpec
 from agents.model import cache_dir
+from orchestrator.errors import Overloaded
 from orchestrator.protocol import GenerationParams
 
 log = logging.getLogger("edgeorch.probe")
@@ -47,14 +48,15 @@ def concurrency_points(max_seqs: int) -> list[int]:
 
 def measure_speed(engine: Engine) -> SpeedProfile:
     """Run short greedy generations through ``engine`` (it must be idle)."""
-    prefill_words = " ".join(["probe"] * PROBE_PREFILL_WORDS)
-    prefill = _run(engine, [prefill_words], max_tokens=1)
-    prefill_tokens, prefill_s = prefill
+    words = min(PROBE_PREFILL_WORDS, engine.n_ctx // 2)
+    prefill_tokens, prefill_s = _run(engine, [" ".join(["probe"] * words)], max_tokens=1)
     curve = []
     for concurrency in concurrency_points(engine.max_seqs):
-        tokens, seconds = _run(
-            engine, [f"{PROBE_PROMPT} ({i})" for i in range(concurrency)], PROBE_DECODE_TOKENS
-        )
+        prompts = [f"{PROBE_PROMPT} ({i})" for i in range(concurrency)]
+        try:
+            tokens, seconds = _run(engine, prompts, PROBE_DECODE_TOKENS)
+        except Overloaded:
+            break  # the KV budget holds fewer sequences than the slots: the curve ends here
         curve.append((concurrency, round(tokens / seconds, 1)))
     return SpeedProfile(prefill_tps=round(prefill_tokens / prefill_s, 1), decode_curve=tuple(curve))
 
@@ -66,6 +68,8 @@ def _run(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[int, floa
     for i, prompt in enumerate(prompts):
         for event in engine.add(SequenceSpec(f"probe-{i}", 1, prompt, params)):
             if isinstance(event, Rejected):
+                for key in engine.active_keys():
+                    engine.cancel(key)
                 raise event.error
     if max_tokens == 1:
         started = time.perf_counter()

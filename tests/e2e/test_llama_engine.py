@@ -218,13 +218,13 @@ def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path
     batch = lib.llama_batch_init(512, 0, 1)
     try:
         rows: list[int] = []
-        n = 0
-        for seq, tokens in enumerate(tokenized):
-            for pos, token in enumerate(tokens):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-                batch.seq_id[n][0], batch.logits[n] = seq, pos == len(tokens) - 1
-                n += 1
-            rows.append(n - 1)
+        flat = [(seq, pos, token) for seq, t in enumerate(tokenized) for pos, token in enumerate(t)]
+        for n, (seq, pos, token) in enumerate(flat):
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+            batch.seq_id[n][0], batch.logits[n] = seq, pos == len(tokenized[seq]) - 1
+            if batch.logits[n]:
+                rows.append(n)
+        n = len(flat)
         reference: list[list[int]] = [[], []]
         positions = [len(t) for t in tokenized]
         for _ in range(n_tokens):
@@ -234,16 +234,11 @@ def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path
                 logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
                 logits[eog] = -np.inf
                 reference[seq].append(int(logits.argmax()))
-            n = 0
             for seq in range(2):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = (
-                    reference[seq][-1],
-                    positions[seq],
-                    1,
-                )
-                batch.seq_id[n][0], batch.logits[n] = seq, True
+                batch.token[seq], batch.pos[seq] = reference[seq][-1], positions[seq]
+                batch.n_seq_id[seq], batch.seq_id[seq][0], batch.logits[seq] = 1, seq, True
                 positions[seq] += 1
-                n += 1
+            n = 2
             rows = [0, 1]
     finally:
         lib.llama_batch_free(batch)
