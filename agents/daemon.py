@@ -28,6 +28,7 @@ from orchestrator.protocol import (
     ErrorInfo,
     Heartbeat,
     Register,
+    Reregister,
     RunFailed,
     RunFinished,
     TokenChunk,
@@ -148,6 +149,15 @@ class AgentDaemon:
                 self.heartbeat_interval_s = message.heartbeat_interval_s
                 self._welcomed.set()
                 log.info("registered as %s", message.agent_id)
+            elif isinstance(message, Reregister):
+                if self._welcomed.is_set():
+                    log.warning("the coordinator does not know this agent: registering again")
+                    self._commands.extend(
+                        CancelRun(request_id=rid, attempt=attempt)
+                        for rid, attempt in self.engine.active_keys()
+                    )
+                    self._work.set()
+                self._welcomed.clear()
             else:
                 self._commands.append(message)
                 self._work.set()

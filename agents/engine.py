@@ -2,8 +2,9 @@
 
 One llama context holds every sequence (a unified KV pool of ``kv_budget_tokens`` cells, each
 sequence limited to ``n_ctx``). Each ``step`` builds one batch: one token for every decoding
-sequence first, then prompt chunks of newly admitted sequences up to ``STEP_TOKEN_BUDGET``, so a
-long prompt is prefilled over several steps instead of stalling running streams. Greedy decoding
+sequence first, then prompt chunks of newly admitted sequences, shortest remaining prompt first,
+within a token budget that is small while others decode, so a long prompt is prefilled over
+several steps instead of stalling running streams. Greedy decoding
 takes a numpy argmax over the logits (cheaper than llama.cpp's sampler over a 262k vocabulary);
 other settings use llama.cpp's sampler chain per sequence.
 """
@@ -37,6 +38,10 @@ log = logging.getLogger("edgeorch.engine")
 
 STEP_TOKEN_BUDGET: Final = 512
 """Tokens in one llama_decode batch (decode tokens first, then prefill chunks)."""
+PREFILL_BUDGET_WHILE_DECODING: Final = 128
+"""Prompt tokens per step while other sequences decode: bounds how long a long prompt stalls
+running streams (Sarathi-style chunked prefill); shorter remaining prompts go first, so a
+short request is not queued behind a long one's prefill."""
 PIECE_BUFFER_BYTES: Final = 256
 META_BUFFER_BYTES: Final = 512
 KV_BYTES_PER_VALUE: Final = 2
@@ -265,10 +270,13 @@ class LlamaEngine:
             rows.append((sequence, n))
             n += 1
         chunks: list[tuple[_Sequence, int]] = []
-        for sequence in self._active.values():
-            if not sequence.prefilling or n >= STEP_TOKEN_BUDGET:
-                continue
-            chunk = sequence.prompt[sequence.n_past : sequence.n_past + STEP_TOKEN_BUDGET - n]
+        budget = PREFILL_BUDGET_WHILE_DECODING if rows else STEP_TOKEN_BUDGET
+        prefilling = [s for s in self._active.values() if s.prefilling]
+        for sequence in sorted(prefilling, key=lambda s: len(s.prompt) - s.n_past):
+            room = min(STEP_TOKEN_BUDGET - n, budget - sum(length for _, length in chunks))
+            if room <= 0:
+                break
+            chunk = sequence.prompt[sequence.n_past : sequence.n_past + room]
             for offset, token in enumerate(chunk):
                 last = sequence.n_past + offset == len(sequence.prompt) - 1
                 self._put(n, token, sequence.n_past + offset, sequence.slot, last)

@@ -48,6 +48,7 @@ from orchestrator.protocol import (
     ErrorReply,
     Heartbeat,
     Register,
+    Reregister,
     RequestId,
     RequestStatus,
     Result,
@@ -169,7 +170,7 @@ class Coordinator:
             if isinstance(message, Register):
                 self._on_register(identity, message, now)
             elif session is None:
-                log.warning("dropped %s from an unregistered agent", message.type)
+                self._send_agent(identity, Reregister())
             elif isinstance(message, Heartbeat):
                 session.kv_used_tokens = message.kv_used_tokens
             elif isinstance(message, TokenChunk):

@@ -32,7 +32,11 @@ class LocalCluster:
         self.agents_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.clients_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.spawn(
+        self.coordinator_args = coordinator_args
+        self.start_coordinator()
+
+    def start_coordinator(self) -> subprocess.Popen[bytes]:
+        return self.spawn(
             "coordinator",
             "coordinator",
             "--agents-endpoint",
@@ -41,12 +45,18 @@ class LocalCluster:
             self.clients_endpoint,
             "--heartbeat-interval-s",
             "0.5",
-            *coordinator_args,
+            *self.coordinator_args,
         )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process: the failure case, no cleanup."""
+        process = self.processes[name]
+        process.kill()
+        process.wait()
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "EDGEORCH_LOG_LEVEL": "INFO"}
-        log = (self.log_dir / f"{name}.log").open("wb")
+        log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", *args],
             stdout=log,

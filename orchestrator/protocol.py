@@ -175,6 +175,14 @@ class Dispatch(WireModel):
     resume_model: str | None = None
 
 
+class Reregister(WireModel):
+    """The coordinator does not know this agent (it restarted, or declared the agent dead):
+    register again. In-flight work of the old registration was already requeued."""
+
+    type: Literal["reregister"] = "reregister"
+    v: int = PROTOCOL_VERSION
+
+
 class CancelRun(WireModel):
     type: Literal["cancel"] = "cancel"
     v: int = PROTOCOL_VERSION
@@ -292,7 +300,7 @@ class StatusReport(WireModel):
 AgentMessage = Annotated[
     Register | Heartbeat | TokenChunk | RunFinished | RunFailed, Field(discriminator="type")
 ]
-AgentCommand = Annotated[Welcome | Dispatch | CancelRun, Field(discriminator="type")]
+AgentCommand = Annotated[Welcome | Dispatch | CancelRun | Reregister, Field(discriminator="type")]
 ClientMessage = Annotated[Submit | CancelRequest | StatusQuery, Field(discriminator="type")]
 ClientReply = Annotated[
     Accepted | StreamChunk | Result | ErrorReply | StatusReport, Field(discriminator="type")

@@ -218,12 +218,16 @@ def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path
     batch = lib.llama_batch_init(512, 0, 1)
     try:
         rows: list[int] = []
-        flat = [(seq, pos, token) for seq, t in enumerate(tokenized) for pos, token in enumerate(t)]
+        prefill_order = sorted(range(2), key=lambda seq: len(tokenized[seq]))  # shortest first
+        flat = [
+            (seq, pos, token) for seq in prefill_order for pos, token in enumerate(tokenized[seq])
+        ]
         for n, (seq, pos, token) in enumerate(flat):
             batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
             batch.seq_id[n][0], batch.logits[n] = seq, pos == len(tokenized[seq]) - 1
             if batch.logits[n]:
                 rows.append(n)
+        rows = [rows[prefill_order.index(seq)] for seq in range(2)]
         n = len(flat)
         reference: list[list[int]] = [[], []]
         positions = [len(t) for t in tokenized]

@@ -176,3 +176,13 @@ def test_raw_frames_get_typed_replies_and_garbage_does_not_hurt(cluster: LocalCl
         context.destroy(linger=0)
     with cluster.client() as client:
         assert client.generate("still serving", max_tokens=4).completion_tokens == 4
+
+
+def test_agents_register_again_after_a_coordinator_restart(cluster: LocalCluster) -> None:
+    cluster.start_agent("fake-1", *FAST_FAKE)
+    cluster.wait_for_agents(1)
+    cluster.kill("coordinator")
+    cluster.start_coordinator()
+    cluster.wait_for_agents(1, timeout_s=30)
+    with cluster.client() as client:
+        assert client.generate("after restart", max_tokens=3).completion_tokens == 3
