@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -236,19 +238,16 @@ def served_part(
             llama_server = start_llama_server(server, model, threads, log_dir)
         for round_number in range(1, rounds + 1):
             for streams in (1, STREAMS):
-                figures.setdefault(f"edgeorch_{streams}", []).append(
-                    asyncio.run(edgeorch_batch(cluster.clients_endpoint, streams))
-                )
-                progress(
-                    f"round {round_number}: edgeorch {streams} streams {figures[f'edgeorch_{streams}'][-1]:.1f} tok/s"
-                )
+                runs: dict[str, Callable[[int], float]] = {
+                    "edgeorch": lambda n: asyncio.run(edgeorch_batch(cluster.clients_endpoint, n))
+                }
                 if llama_server is not None:
-                    figures.setdefault(f"llama_server_{streams}", []).append(
-                        llama_server_batch(llama_server[1], streams)
-                    )
-                    progress(
-                        f"round {round_number}: llama-server {streams} streams {figures[f'llama_server_{streams}'][-1]:.1f} tok/s"
-                    )
+                    port = llama_server[1]
+                    runs["llama_server"] = functools.partial(llama_server_batch, port)
+                for name, run in runs.items():
+                    rate = run(streams)
+                    figures.setdefault(f"{name}_{streams}", []).append(rate)
+                    progress(f"round {round_number}: {name} {streams} streams {rate:.1f} tok/s")
     finally:
         cluster.stop()
         if llama_server is not None:
