@@ -122,5 +122,5 @@ def export_encoder(encoder: Any, path: Path, quantize: bool = True) -> None:
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8, per_channel=True)
         target.unlink()

@@ -26,8 +26,6 @@ ENCODER_FILE = "encoder.onnx"
 HEAD_FILE = "head.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 SHIPPED_MODEL_NAME = "length_predictor"
-#: Prompts per encoder call when predicting in bulk; sorted by length to limit padding.
-BATCH_SIZE = 32
 #: Default onnxruntime threads: one, because the coordinator shares two cores with agents.
 DEFAULT_THREADS = 1
 
@@ -130,6 +128,7 @@ class LengthPredictor:
         import onnxruntime as ort
 
         self.model_dir = model_dir
+        self.threads = threads
         self.metadata = dict(metadata)
         self.calibrations: dict[str, Calibration] = dict(calibrations or {})
         options = ort.SessionOptions()
@@ -178,17 +177,20 @@ class LengthPredictor:
     # --- raw model -------------------------------------------------------------------------
 
     def raw_outputs(self, prompts: Sequence[str]) -> RawOutputs:
-        """Run the encoder and head on prompts (in their order), before any calibration."""
+        """Run the encoder and head on prompts (in their order), before any calibration.
+
+        The encoder runs one prompt per call: its int8 MatMuls quantise activations with
+        one scale per call, so batching would make a prompt's prediction depend on its
+        batch neighbours. Unpadded single calls are also the cheapest at these lengths.
+        """
         n = len(prompts)
         emb = np.zeros((n, int(self.metadata["embedding_dim"])), dtype=np.float32)
-        order = sorted(range(n), key=lambda i: len(prompts[i]))
-        for start in range(0, n, BATCH_SIZE):
-            idx = order[start : start + BATCH_SIZE]
-            batch = self._tokenizer.batch([prompts[i] for i in idx])
+        for i, prompt in enumerate(prompts):
+            ids = np.asarray([self._tokenizer.ids(prompt)], dtype=np.int64)
             (pooled,) = self._encoder.run(
-                None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+                None, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
             )
-            emb[idx] = pooled
+            emb[i] = pooled[0]
         cues = cue_feature_matrix(prompts)
         (log_grid,) = self._head.run(None, {"embedding": emb, "cues": cues})
         return RawOutputs(emb, cues, np.asarray(log_grid, dtype=np.float32))
@@ -226,6 +228,38 @@ class LengthPredictor:
         raw = self.raw_outputs(list(prompts))
         grid = self.calibrated_grid(raw, model)
         return [distribution_from_grid(row) for row in grid]
+
+    def predict_with_features(
+        self, prompts: Sequence[str], model: str | None = None
+    ) -> tuple[list[LengthPrediction], np.ndarray]:
+        """Predictions plus each prompt's history feature vector (see `history_features`),
+        so the coordinator can store features without running the encoder twice."""
+        if not prompts:
+            return [], np.zeros((0, self.history_feature_width), dtype=np.float32)
+        raw = self.raw_outputs(list(prompts))
+        grid = self.calibrated_grid(raw, model)
+        return [distribution_from_grid(row) for row in grid], self._history_matrix(raw)
+
+    def history_features(self, prompt: str) -> np.ndarray:
+        """[base log1p median, embedding, cues] as float32: what `CompletionHistory.record`
+        stores so adaptation can refit without the prompt text."""
+        return self._history_matrix(self.raw_outputs([prompt]))[0]
+
+    @property
+    def history_feature_width(self) -> int:
+        """Length of a `history_features` vector."""
+        return 1 + int(self.metadata["embedding_dim"]) + len(self.metadata["cue_features"])
+
+    def _history_matrix(self, raw: RawOutputs) -> np.ndarray:
+        loc = raw.log_grid[:, self._median_index : self._median_index + 1]
+        return np.hstack([loc, raw.embeddings, raw.cues]).astype(np.float32)
+
+    def base_offsets(self) -> np.ndarray:
+        """The base model's quantile offsets around the median (log1p tokens)."""
+        offsets = np.asarray(self.metadata["offsets"], dtype=np.float64)
+        if offsets.shape != (len(GRID_LEVELS),):
+            raise PredictorModelError(f"{self.model_dir / METADATA_FILE}: bad 'offsets'")
+        return offsets
 
     def predict(self, prompt: str, model: str | None = None) -> LengthPrediction:
         """Prediction for one prompt."""

@@ -1,0 +1,63 @@
+"""Predictor cost: single-prompt latency on one core, batched throughput, size, memory.
+
+    python benchmarks/predictor_speed.py --data F.jsonl [--json]
+
+Latency: each prompt predicted alone, onnxruntime with one intra-op thread. Throughput:
+all prompts through `predict_batch` (one thread). Memory: this process's peak RSS after
+loading the predictor and predicting (no torch imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.predictor.data import load_records
+from orchestrator.predictor.evaluate import measure_latency
+from orchestrator.predictor.model import LengthPredictor, shipped_model_dir
+
+
+def folder_megabytes(path: Path) -> float:
+    """Total size of the files in a folder, MB."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--max-prompts", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    predictor = LengthPredictor.load(threads=1)
+    load_s = time.perf_counter() - started
+    prompts = [r.prompt for r in load_records(args.data)][: args.max_prompts]
+    p50, p99 = measure_latency(predictor, prompts, None, len(prompts))
+    predictor.predict_batch(prompts[:64])
+    started = time.perf_counter()
+    predictor.predict_batch(prompts)
+    batch_s = time.perf_counter() - started
+    out = {
+        "n": len(prompts),
+        "load_s": round(load_s, 3),
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(p99, 3),
+        "batched_prompts_per_s": round(len(prompts) / batch_s, 1),
+        "model_mb": round(folder_megabytes(shipped_model_dir()), 2),
+        "rss_mb_before_load": round(rss_before, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch_imported": "torch" in sys.modules,
+        "prompt_chars_median": float(np.median([len(p) for p in prompts])),
+    }
+    print(json.dumps(out) if args.json else "\n".join(f"{k:24s} {v}" for k, v in out.items()))
+
+
+if __name__ == "__main__":
+    main()
