@@ -3,7 +3,8 @@
     python benchmarks/predictor_speed.py --data F.jsonl [--json]
 
 Latency: each prompt predicted alone, onnxruntime with one intra-op thread. Throughput:
-all prompts through `predict_batch` (one thread). Memory: this process's peak RSS after
+all prompts through `predict_batch` (one thread), per wall second and per CPU second (the
+latter is what one dedicated core gives when the machine is shared, as here). Memory: this process's peak RSS after
 loading the predictor and predicting (no torch imported).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -41,15 +43,18 @@ def main() -> None:
     prompts = [r.prompt for r in load_records(args.data)][: args.max_prompts]
     p50, p99 = measure_latency(predictor, prompts, None, len(prompts))
     predictor.predict_batch(prompts[:64])
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     predictor.predict_batch(prompts)
     batch_s = time.perf_counter() - started
+    batch_cpu_s = time.process_time() - cpu_started
     out = {
         "n": len(prompts),
         "load_s": round(load_s, 3),
         "p50_ms": round(p50, 3),
         "p99_ms": round(p99, 3),
         "batched_prompts_per_s": round(len(prompts) / batch_s, 1),
+        "batched_prompts_per_cpu_s": round(len(prompts) / batch_cpu_s, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "model_mb": round(folder_megabytes(shipped_model_dir()), 2),
         "rss_mb_before_load": round(rss_before, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -50,8 +50,9 @@ class LengthPrediction:
         """Distribution of the tokens still to come, given `generated` already produced.
 
         Conditions the grid on length > generated: P(L <= x | L > g) = (F(x) - F(g)) / (1 - F(g)).
-        When generation already passed the predicted p99.5, the remainder is taken as a
-        fraction of what was generated (the tail is unknown; long outputs tend to go on).
+        When generation already passed the grid's top (p99.5), the remainder keeps the
+        grid's shape scaled so that its top is TAIL_GROWTH_FRACTION of what was generated
+        (the tail is unknown there; long outputs tend to go on).
         """
         if generated < 0:
             raise ValueError(f"generated tokens must be >= 0, got {generated}")
@@ -69,8 +70,8 @@ class LengthPrediction:
         return distribution_from_grid(np.log1p(remaining))
 
 
-#: After the predicted tail is exceeded, the remaining length scales with this share of
-#: what was generated (a median of 10% more, then the grid's spread).
+#: Past the predicted p99.5, the remaining length's largest quantile is this share of the
+#: tokens generated so far.
 TAIL_GROWTH_FRACTION = 0.25
 
 
