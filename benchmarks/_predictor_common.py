@@ -1,0 +1,94 @@
+"""Helpers shared by the predictor benchmarks (measurement only; needs the train extra)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.predictor.data import LengthRecord, load_records
+from orchestrator.predictor.encoder_export import build_encoder, embed_prompts, minilm_dir
+from orchestrator.predictor.features import PromptTokenizer, cue_feature_matrix
+from orchestrator.predictor.head import write_head_onnx
+from orchestrator.predictor.model import (
+    ENCODER_FILE,
+    METADATA_FILE,
+    TOKENIZER_FILE,
+    LengthPredictor,
+    shipped_model_dir,
+)
+from orchestrator.predictor.train import ENCODER_LAYERS, TrainingSet, fit_head
+
+SHARED_LENGTHS = Path(os.environ.get("EDGEORCH_SHARED_DATA", "../shared/data")) / "lengths"
+
+
+def shared_file(name: str) -> Path:
+    """A length file of the shared data folder (EDGEORCH_SHARED_DATA, default ../shared/data)."""
+    path = SHARED_LENGTHS / name
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: set EDGEORCH_SHARED_DATA to the shared data folder")
+    return path
+
+
+def median_by_prompt(records: list[LengthRecord]) -> tuple[list[str], np.ndarray]:
+    """Prompts (sorted) and the median output tokens over the models that answered each."""
+    grouped: dict[str, list[int]] = defaultdict(list)
+    for r in records:
+        grouped[r.prompt].append(r.output_tokens)
+    prompts = sorted(grouped)
+    return prompts, np.asarray([float(np.median(grouped[p])) for p in prompts])
+
+
+class Embedder:
+    """The recipe's training-time encoder (torch fp32, first ENCODER_LAYERS layers)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.tokenizer = PromptTokenizer(minilm_dir() / "tokenizer.json")
+        self.encoder = build_encoder(ENCODER_LAYERS)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        return embed_prompts(self.encoder, self.tokenizer, prompts, progress=False)
+
+
+def train_predictor_dir(
+    embedder: Embedder, prompts: list[str], tokens: np.ndarray, sources: list[str], seed: int, out: Path
+) -> LengthPredictor:
+    """Fit the recipe's head on (prompts, tokens) and pair it with the shipped ONNX encoder."""
+    data = TrainingSet(prompts=prompts, sources=sources, log_tokens=np.log1p(tokens))
+    head, _ = fit_head(embedder(prompts), cue_feature_matrix(prompts), data, seed, verbose=False)
+    out.mkdir(parents=True, exist_ok=True)
+    shipped = shipped_model_dir()
+    for name in (ENCODER_FILE, TOKENIZER_FILE):
+        target = out / name
+        if not target.exists():
+            target.symlink_to(shipped / name)
+    write_head_onnx(head, out / "head.onnx")
+    with open(shipped / METADATA_FILE, encoding="utf-8") as handle:
+        metadata = json.load(handle)
+    metadata["offsets"] = [float(o) for o in head.offsets]
+    with open(out / METADATA_FILE, "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle)
+    return LengthPredictor.load(out)
+
+
+def scratch_dir() -> Path:
+    """A temporary folder for benchmark-trained heads."""
+    return Path(tempfile.mkdtemp(prefix="edgeorch-pred-bench-"))
+
+
+def machine() -> str:
+    """One line naming the machine, for the results table."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def records(name: str) -> list[LengthRecord]:
+    """Records of a shared length file."""
+    return load_records(shared_file(name))

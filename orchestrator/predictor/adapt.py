@@ -1,0 +1,304 @@
+"""Adapting the predictor to a served model from its completed requests.
+
+Why: answer lengths differ up to 10x between models (and the shipped model learned from
+large chat models), so a deployment recalibrates to the model it serves. Adaptation never
+retrains the encoder; it fits, per served model and in log1p-token space:
+
+1. a linear map of the base median (intercept and slope; the slope is shrunk toward 1 so a
+   few dozen records only move the level), fitted for absolute error (IRLS), because the
+   figure that matters is the error of the predicted median;
+2. with enough records that carry features, a ridge correction over [embedding, cues],
+   kept only when grouped cross-validation says it lowers the error;
+3. the quantile offsets around the median, from the records' residuals, shrunk toward the
+   base offsets.
+
+The result is an `adaptation.json` folder that `LengthPredictor.load(DIR)` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.predictor.data import LengthRecord, load_records
+from orchestrator.predictor.distribution import GRID_LEVELS
+from orchestrator.predictor.errors import PredictorDataError
+from orchestrator.predictor.head import weighted_quantile, weighted_ridge
+from orchestrator.predictor.history import CompletionHistory
+from orchestrator.predictor.model import (
+    ADAPTATION_FILE,
+    Calibration,
+    LengthPredictor,
+    RawOutputs,
+    shipped_model_dir,
+)
+
+#: Fewest records for a model's own calibration (fewer: only the catch-all '*' applies).
+MIN_RECORDS = 20
+#: Pseudo-records pulling the slope toward 1 (the base model's ranking is kept until the
+#: data clearly says otherwise).
+SLOPE_PRIOR_RECORDS = 50.0
+#: Pseudo-records pulling the quantile offsets toward the base model's offsets.
+OFFSET_PRIOR_RECORDS = 50.0
+#: Fewest feature-carrying records before a ridge correction head is tried.
+HEAD_MIN_RECORDS = 150
+HEAD_ALPHAS: tuple[float, ...] = (300.0, 1000.0, 3000.0, 10000.0)
+HEAD_FOLDS = 5
+#: A correction head is kept only if it lowers cross-validated log error by this fraction.
+HEAD_MIN_GAIN = 0.02
+IRLS_ITERATIONS = 20
+IRLS_EPSILON = 0.05
+CATCH_ALL = "*"
+ADAPTATION_FORMAT = 1
+_MEDIAN = len(GRID_LEVELS) // 2
+
+
+@dataclass(frozen=True)
+class AdaptationData:
+    """What adaptation fits on: base log-median, optional features, actual log1p tokens."""
+
+    loc: np.ndarray  # (n,) base log1p median
+    features: np.ndarray | None  # (n, d) [embedding, cues] or None
+    base_offsets: np.ndarray  # (grid,) base offsets around the median (mean over rows)
+    target: np.ndarray  # (n,) log1p(actual tokens)
+
+
+def _fit_linear_l1(loc: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Intercept and slope minimising absolute error, slope shrunk toward 1 (IRLS)."""
+    a, b = float(np.median(y - loc)), 1.0
+    for _ in range(IRLS_ITERATIONS):
+        w = 1.0 / np.maximum(np.abs(y - a - b * loc), IRLS_EPSILON)
+        w = w / w.mean()
+        # Normal equations with a prior of SLOPE_PRIOR_RECORDS pseudo-rows at slope 1.
+        xm = np.average(loc, weights=w)
+        ym = np.average(y, weights=w)
+        sxx = float(np.sum(w * (loc - xm) ** 2))
+        sxy = float(np.sum(w * (loc - xm) * (y - ym)))
+        prior = SLOPE_PRIOR_RECORDS * max(float(np.var(loc)), 1e-3)
+        b = (sxy + prior * 1.0) / (sxx + prior)
+        a = ym - b * xm
+    return a, b
+
+
+def _fit_head(
+    base: np.ndarray, features: np.ndarray, y: np.ndarray, seed: int
+) -> tuple[np.ndarray, float] | None:
+    """Ridge correction of the residual y - base over features, or None when CV says no."""
+    rng = np.random.default_rng(seed)
+    folds = rng.permutation(len(y)) % HEAD_FOLDS
+    residual = y - base
+    no_head = float(np.mean(np.abs(residual)))
+    best: tuple[float, float] | None = None
+    ones = np.ones(len(y))
+    for alpha in HEAD_ALPHAS:
+        errors = np.zeros(len(y))
+        for k in range(HEAD_FOLDS):
+            tr, te = folds != k, folds == k
+            coef, bias = weighted_ridge(features[tr], residual[tr], ones[tr], alpha)
+            errors[te] = residual[te] - (features[te] @ coef + bias)
+        mae = float(np.mean(np.abs(errors)))
+        if best is None or mae < best[0]:
+            best = (mae, alpha)
+    assert best is not None
+    if best[0] > no_head * (1.0 - HEAD_MIN_GAIN):
+        return None
+    return weighted_ridge(features, residual, ones, best[1])
+
+
+def fit_calibration(data: AdaptationData, seed: int = 0) -> Calibration:
+    """One model's calibration from its records (see the module docstring)."""
+    n = len(data.target)
+    if n == 0:
+        raise PredictorDataError("no records to adapt on")
+    a, b = _fit_linear_l1(data.loc, data.target)
+    fitted = a + b * data.loc
+    head: tuple[float, ...] | None = None
+    head_bias = 0.0
+    if data.features is not None and n >= HEAD_MIN_RECORDS:
+        found = _fit_head(fitted, data.features, data.target, seed)
+        if found is not None:
+            coef, bias = found
+            head, head_bias = tuple(float(c) for c in coef), float(bias)
+            fitted = fitted + data.features @ coef + bias
+    residuals = data.target - fitted
+    levels = np.asarray(GRID_LEVELS)
+    empirical = weighted_quantile(residuals, np.ones(n), levels)
+    empirical = empirical - np.interp(0.5, levels, empirical)
+    share = n / (n + OFFSET_PRIOR_RECORDS)
+    offsets = share * empirical + (1.0 - share) * data.base_offsets
+    return Calibration(
+        intercept=float(a),
+        slope=float(b),
+        offsets=tuple(float(o) for o in offsets),
+        head=head,
+        head_bias=head_bias,
+        n_records=n,
+    )
+
+
+def _adaptation_data(
+    raw: RawOutputs, idx: Sequence[int], tokens: np.ndarray, base_offsets: np.ndarray
+) -> AdaptationData:
+    rows = list(idx)
+    loc = raw.log_grid[rows, _MEDIAN].astype(np.float64)
+    feats = np.hstack([raw.embeddings[rows], raw.cues[rows]]).astype(np.float64)
+    return AdaptationData(
+        loc=loc,
+        features=feats,
+        base_offsets=base_offsets,
+        target=np.log1p(tokens[list(idx)].astype(np.float64)),
+    )
+
+
+def _groups(models: Sequence[str], only: str | None) -> dict[str, list[int]]:
+    """Row indices per calibration key: each model with enough rows, and the catch-all."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(models):
+        if only is None or m == only:
+            groups.setdefault(m, []).append(i)
+    if only is not None and only not in groups:
+        raise PredictorDataError(f"no records for model {only!r}")
+    keyed = {m: idx for m, idx in groups.items() if m and len(idx) >= MIN_RECORDS}
+    keyed[CATCH_ALL] = [i for idx in groups.values() for i in idx]
+    return keyed
+
+
+def write_adaptation(
+    out_dir: Path, base: LengthPredictor, calibrations: dict[str, Calibration]
+) -> dict[str, Any]:
+    """Write adaptation.json into out_dir (created), naming the base model folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        is_shipped = base.model_dir.resolve() == shipped_model_dir().resolve()
+    except ValueError:
+        is_shipped = False
+    doc: dict[str, Any] = {
+        "format_version": ADAPTATION_FORMAT,
+        "base": None if is_shipped else str(base.model_dir.resolve()),
+        "created_at": time.time(),
+        "calibrations": {k: c.to_json() for k, c in sorted(calibrations.items())},
+    }
+    tmp = out_dir / (ADAPTATION_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(doc, handle)
+        handle.write("\n")
+    tmp.replace(out_dir / ADAPTATION_FILE)
+    return doc
+
+
+def _summary(calibrations: dict[str, Calibration]) -> dict[str, Any]:
+    return {
+        "calibrations": {
+            k: {
+                "n_records": c.n_records,
+                "intercept": round(c.intercept, 4),
+                "slope": round(c.slope, 4),
+                "head": c.head is not None,
+            }
+            for k, c in sorted(calibrations.items())
+        }
+    }
+
+
+def adapt_records(
+    records: Sequence[LengthRecord],
+    out_dir: Path,
+    base: LengthPredictor | None = None,
+    model: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Adapt `base` (default: shipped) to records; write out_dir; return a summary."""
+    if not records:
+        raise PredictorDataError("no records to adapt on")
+    predictor = base or LengthPredictor.load()
+    raw = predictor.raw_outputs([r.prompt for r in records])
+    tokens = np.asarray([r.output_tokens for r in records])
+    calibrations = {
+        key: fit_calibration(_adaptation_data(raw, idx, tokens, predictor.base_offsets()), seed)
+        for key, idx in _groups([r.model for r in records], model).items()
+    }
+    write_adaptation(out_dir, predictor, calibrations)
+    return _summary(calibrations)
+
+
+def adapt_from_file(
+    data: Path, out_dir: Path, base: Path | None = None, model: str | None = None
+) -> dict[str, Any]:
+    """`edgeorch predictor adapt --data F --out DIR [--predictor BASE] [--model M]`."""
+    predictor = LengthPredictor.load(base)
+    return adapt_records(load_records(data), out_dir, predictor, model)
+
+
+def adapt_from_history(
+    history: CompletionHistory,
+    out_dir: Path,
+    base: LengthPredictor | None = None,
+    model: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Adapt from the SQLite completion history.
+
+    Rows recorded with `LengthPredictor.history_features` vectors ([base log-median,
+    embedding, cues]) allow the correction head; rows with only a fingerprint use the
+    stored predicted tokens as the base median (record the base prediction then).
+    """
+    predictor = base or LengthPredictor.load()
+    rows = history.records(model)
+    if not rows:
+        raise PredictorDataError("the completion history has no records" + (f" for {model!r}" if model else ""))
+    models = [r.model for r in rows]
+    tokens = np.asarray([r.actual_tokens for r in rows], dtype=np.float64)
+    width = predictor.history_feature_width
+    all_features = all(r.features is not None and r.features.size == width for r in rows)
+    base_grid = predictor.base_offsets()
+    calibrations: dict[str, Calibration] = {}
+    for key, idx in _groups(models, model).items():
+        if all_features:
+            feats = np.stack([rows[i].features for i in idx]).astype(np.float64)  # type: ignore[misc]
+            loc, extra = feats[:, 0], feats[:, 1:]
+        else:
+            loc = np.log1p(np.asarray([rows[i].predicted_tokens for i in idx], dtype=np.float64))
+            extra = None
+        data = AdaptationData(loc=loc, features=extra, base_offsets=base_grid, target=np.log1p(tokens[idx]))
+        calibrations[key] = fit_calibration(data, seed)
+    write_adaptation(out_dir, predictor, calibrations)
+    return _summary(calibrations)
+
+
+class AutoAdapter:
+    """Re-adapts every `every_n` new history rows. Call `maybe_adapt()` after `record`.
+
+    Pure bookkeeping over the history: no threads, no timers. It returns the freshly
+    loaded predictor when it adapted, so the caller swaps it in; otherwise None.
+    """
+
+    def __init__(
+        self,
+        history: CompletionHistory,
+        out_dir: Path,
+        every_n: int = 200,
+        base: LengthPredictor | None = None,
+    ) -> None:
+        if every_n < 1:
+            raise ValueError(f"every_n must be >= 1, got {every_n}")
+        self.history = history
+        self.out_dir = Path(out_dir)
+        self.every_n = every_n
+        self.base = base
+        self._count_at_last = history.count()
+
+    def maybe_adapt(self) -> LengthPredictor | None:
+        """Adapt when enough new rows arrived since the last adaptation."""
+        count = self.history.count()
+        if count - self._count_at_last < self.every_n:
+            return None
+        self._count_at_last = count
+        base = self.base or LengthPredictor.load()
+        adapt_from_history(self.history, self.out_dir, base)
+        return LengthPredictor.load(self.out_dir, threads=base.threads)

@@ -1,0 +1,87 @@
+"""Adaptation lowers the error on a shifted model; the history store and auto mode work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.predictor.adapt import AutoAdapter, adapt_from_history, adapt_records
+from orchestrator.predictor.data import load_records
+from orchestrator.predictor.evaluate import evaluate_records
+from orchestrator.predictor.history import CompletionHistory, prompt_fingerprint
+from orchestrator.predictor.model import LengthPredictor
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+ADAPT_ROWS = 200
+
+
+@pytest.fixture(scope="module")
+def predictor() -> LengthPredictor:
+    return LengthPredictor.load()
+
+
+def test_adaptation_lowers_error_on_shifted_model(predictor: LengthPredictor, tmp_path: Path) -> None:
+    records = load_records(FIXTURES / "predictor_adapt.jsonl")
+    fit, held_out = records[:ADAPT_ROWS], records[ADAPT_ROWS:]
+    before = evaluate_records(predictor, held_out, latency_samples=0)
+    summary = adapt_records(fit, tmp_path / "adapted", predictor)
+    assert "terse-model" in summary["calibrations"] and "*" in summary["calibrations"]
+    adapted = LengthPredictor.load(tmp_path / "adapted")
+    after = evaluate_records(adapted, held_out, latency_samples=0)
+    assert after.mae_tokens < 0.7 * before.mae_tokens
+    # Another model name falls back to the catch-all calibration, not the base model.
+    other = adapted.predict(held_out[0].prompt, "unknown-model").quantiles[0.5]
+    base = predictor.predict(held_out[0].prompt).quantiles[0.5]
+    assert other != pytest.approx(base)
+
+
+def test_history_store_roundtrip(tmp_path: Path) -> None:
+    with CompletionHistory(tmp_path / "h.sqlite", max_rows_per_model=3) as history:
+        key = prompt_fingerprint("hello")
+        assert key == prompt_fingerprint("hello") and len(key) == 32
+        history.record(key, "m1", 10.0, 12)
+        vec = np.arange(5, dtype=np.float32)
+        history.record(vec, "m1", 20.0, 25)
+        for i in range(3):
+            history.record(prompt_fingerprint(str(i)), "m2", 5.0, i)
+        history.record("k", None, 1.0, 1)
+        assert history.count() == 6 and history.count("m1") == 2
+        assert history.models() == ["", "m1", "m2"]
+        rows = history.records("m1")
+        assert [r.actual_tokens for r in rows] == [12, 25]
+        assert rows[0].features is None
+        np.testing.assert_array_equal(rows[1].features, vec)
+        history.record(prompt_fingerprint("x"), "m2", 5.0, 99)
+        assert [r.actual_tokens for r in history.records("m2")] == [1, 2, 99], "oldest trimmed"
+        with pytest.raises(ValueError):
+            history.record(key, "m1", 1.0, -1)
+        with pytest.raises(ValueError):
+            history.record(key, "m1", float("nan"), 1)
+    with CompletionHistory(tmp_path / "h.sqlite") as reopened:
+        assert reopened.count() == 6
+
+
+def test_adapt_from_history_and_auto_mode(predictor: LengthPredictor, tmp_path: Path) -> None:
+    records = load_records(FIXTURES / "predictor_adapt.jsonl")[:60]
+    preds, feats = predictor.predict_with_features([r.prompt for r in records])
+    assert feats.shape == (60, predictor.history_feature_width)
+    with CompletionHistory(tmp_path / "h.sqlite") as history:
+        auto = AutoAdapter(history, tmp_path / "auto", every_n=50, base=predictor)
+        swapped = []
+        for rec, pred, vec in zip(records, preds, feats):
+            history.record(vec, rec.model, pred.quantiles[0.5], rec.output_tokens)
+            new = auto.maybe_adapt()
+            if new is not None:
+                swapped.append(new)
+        assert len(swapped) == 1
+        adapted = swapped[0]
+        prompt = records[0].prompt
+        assert adapted.predict(prompt, "terse-model").quantiles[0.5] < predictor.predict(prompt).quantiles[0.5]
+        # Fingerprint-only rows adapt too (calibration of the stored predictions).
+        with CompletionHistory(tmp_path / "fp.sqlite") as fp_history:
+            for rec, pred in zip(records, preds):
+                fp_history.record(prompt_fingerprint(rec.prompt), rec.model, pred.quantiles[0.5], rec.output_tokens)
+            summary = adapt_from_history(fp_history, tmp_path / "fp", predictor)
+            assert summary["calibrations"]["terse-model"]["n_records"] == 60
