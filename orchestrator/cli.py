@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from orchestrator.errors import EdgeorchError, InvalidRequest
 from orchestrator.settings import (
@@ -24,6 +24,9 @@ from orchestrator.settings import (
     add_settings_arguments,
     load_settings,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.prediction import PredictionService
 
 log = logging.getLogger("edgeorch.cli")
 
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_run_status)
 
+    from orchestrator.predictor.cli import register as register_predictor
+
+    register_predictor(commands)
     return parser
 
 
@@ -160,7 +166,35 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         log.info("counting prompt tokens with %s's tokenizer", counter.model_name)
     else:
         log.info("no tokenizer model: estimating prompt tokens; agents check exactly")
-    return _serve(Coordinator(settings, token_counter=counter).run)
+    coordinator = Coordinator(
+        settings, token_counter=counter, predictions=_prediction_service(settings)
+    )
+    return _serve(coordinator.run)
+
+
+def _prediction_service(settings: CoordinatorSettings) -> PredictionService | None:
+    from orchestrator.prediction import PredictionService
+
+    if settings.predictor == "none":
+        return None
+    predictor_dir = None if settings.predictor == "shipped" else Path(settings.predictor)
+    if predictor_dir is not None and not predictor_dir.is_dir():
+        raise InvalidRequest(f"predictor folder {predictor_dir} does not exist", field="predictor")
+    state = _state_dir(settings)
+    return PredictionService(
+        predictor_dir,
+        history_path=state / "history.sqlite",
+        adapted_dir=state / "predictor-adapted",
+        adapt_every=settings.adapt_every,
+    )
+
+
+def _state_dir(settings: CoordinatorSettings) -> Path:
+    """--state-dir, else $XDG_STATE_HOME/edgeorch, else ~/.local/state/edgeorch."""
+    if settings.state_dir:
+        return Path(settings.state_dir)
+    base = os.environ.get("XDG_STATE_HOME")
+    return (Path(base) if base else Path.home() / ".local" / "state") / "edgeorch"
 
 
 def _tokenizer_model(settings: CoordinatorSettings) -> Path | None:

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import zmq
 import zmq.asyncio
@@ -65,6 +65,9 @@ from orchestrator.protocol import (
     encode,
 )
 from orchestrator.settings import CoordinatorSettings
+
+if TYPE_CHECKING:
+    from orchestrator.prediction import Predicted, PredictionService
 from orchestrator.tokens import EstimatedTokenCounter, TokenCounter
 
 log = logging.getLogger("edgeorch.coordinator")
@@ -98,6 +101,7 @@ class Coordinator:
         settings: CoordinatorSettings,
         *,
         token_counter: TokenCounter | None = None,
+        predictions: PredictionService | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -107,6 +111,9 @@ class Coordinator:
             unavailable_timeout_s=settings.unavailable_timeout_s,
         )
         self._tokens = token_counter or EstimatedTokenCounter()
+        self._predictions = predictions
+        self._predicted: dict[RequestId, Predicted] = {}
+        self._admitting: set[RequestId] = set()
         self._clock = clock
         self.table = RequestTable()
         self._agents: dict[bytes, AgentSession] = {}
@@ -124,6 +131,8 @@ class Coordinator:
         """Bind both sockets and serve until ``stop`` is set."""
         self._context = zmq.asyncio.Context()
         try:
+            if self._predictions is not None:
+                await self._predictions.start()
             self._agent_socket = transport.router(self._context, self.settings.agents_endpoint)
             self._client_socket = transport.router(self._context, self.settings.clients_endpoint)
             log.info(
@@ -148,6 +157,8 @@ class Coordinator:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            if self._predictions is not None:
+                await self._predictions.close()
             self._context.destroy(linger=0)
 
     # --- receiving --------------------------------------------------------------------------
@@ -272,6 +283,16 @@ class Coordinator:
             return
         record.prompt_tokens, record.prompt_tokens_exact = message.prompt_tokens, True
         self.table.finish(record.request_id, message.finish_reason, now)
+        predicted = self._predicted.pop(record.request_id, None)
+        if (
+            predicted is not None
+            and self._predictions is not None
+            and message.finish_reason == "stop"
+        ):
+            # Only natural ends teach the predictor: a capped answer's true length is unknown.
+            self._predictions.record_completion(
+                predicted, session.profile.model_name, record.generated_tokens
+            )
         self._send_result(record, session)
         self._schedule_needed.set()
 
@@ -295,11 +316,14 @@ class Coordinator:
     # --- client events ----------------------------------------------------------------------
 
     def _on_submit(self, identity: bytes, message: Submit, now: float) -> None:
-        existing = self.table.get(RequestId(message.request_id))
+        request_id = RequestId(message.request_id)
+        existing = self.table.get(request_id)
         if existing is not None:
             self._reattach(identity, existing, message.stream)
             return
-        queued = self.table.count(RequestState.QUEUED)
+        if request_id in self._admitting:
+            return
+        queued = self.table.count(RequestState.QUEUED) + len(self._admitting)
         if queued >= self.settings.max_queue:
             self._reply_client(
                 identity,
@@ -314,6 +338,29 @@ class Coordinator:
                 ),
             )
             return
+        if self._predictions is None:
+            self._admit(identity, message, now, None)
+        else:
+            self._admitting.add(request_id)
+            asyncio.get_running_loop().create_task(self._predict_then_admit(identity, message, now))
+
+    async def _predict_then_admit(self, identity: bytes, message: Submit, arrival_s: float) -> None:
+        assert self._predictions is not None
+        try:
+            predicted = await self._predictions.predict(message.prompt, self._target_model(message))
+        except Exception:
+            log.exception(
+                "no length prediction for %s; scheduling it without one", message.request_id
+            )
+            predicted = None
+        finally:
+            self._admitting.discard(RequestId(message.request_id))
+        self._admit(identity, message, arrival_s, predicted)
+
+    def _admit(
+        self, identity: bytes, message: Submit, arrival_s: float, predicted: Predicted | None
+    ) -> None:
+        queued = self.table.count(RequestState.QUEUED)
         prompt_tokens, exact = self._tokens.count(message.prompt, self._target_model(message))
         record = RequestRecord(
             request_id=RequestId(message.request_id),
@@ -321,10 +368,12 @@ class Coordinator:
             params=message.params,
             prompt_tokens=prompt_tokens,
             prompt_tokens_exact=exact,
-            predicted_tokens=None,
-            arrival_s=now,
+            predicted_tokens=predicted.prediction.quantile(0.5) if predicted else None,
+            arrival_s=arrival_s,
         )
         self.table.add(record)
+        if predicted is not None:
+            self._predicted[record.request_id] = predicted
         self._routes[record.request_id] = ClientRoute(identity=identity, stream=message.stream)
         self._reply_client(
             identity,
@@ -381,6 +430,7 @@ class Coordinator:
                     session.identity, CancelRun(request_id=request_id, attempt=record.attempt)
                 )
         self.table.cancel(record.request_id, now)
+        self._predicted.pop(record.request_id, None)
         route = self._routes.pop(record.request_id, None)
         target = route.identity if route else identity
         self._reply_client(target, _error_reply(Cancelled("request was cancelled"), request_id))
@@ -498,6 +548,7 @@ class Coordinator:
 
     def _fail(self, request_id: RequestId, error: EdgeorchError, now: float) -> None:
         self.table.fail(request_id, error, now)
+        self._predicted.pop(request_id, None)
         route = self._routes.get(request_id)
         if route is not None:
             self._reply_client(route.identity, _error_reply(error, request_id))

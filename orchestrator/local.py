@@ -55,7 +55,12 @@ class LocalCluster:
         process.wait()
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "EDGEORCH_LOG_LEVEL": "INFO"}
+        env = {
+            **os.environ,
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "EDGEORCH_LOG_LEVEL": "INFO",
+            "EDGEORCH_STATE_DIR": str(self.log_dir / "state"),
+        }
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", *args],

@@ -26,6 +26,7 @@ UNAVAILABLE_TIMEOUT_S: Final = 30.0
 MAX_QUEUE: Final = 10_000
 MAX_ATTEMPTS: Final = 3
 RESULT_RETENTION_S: Final = 600.0
+ADAPT_EVERY: Final = 500
 DEFAULT_AGENTS_ENDPOINT: Final = "tcp://127.0.0.1:5555"
 DEFAULT_CLIENTS_ENDPOINT: Final = "tcp://127.0.0.1:5556"
 DEFAULT_N_CTX: Final = 4096
@@ -57,6 +58,18 @@ class CoordinatorSettings(Settings):
     max_attempts: int = Field(MAX_ATTEMPTS, ge=1, description="agent failures before giving up")
     result_retention_s: float = Field(
         RESULT_RETENTION_S, ge=0, description="seconds a finished result stays re-fetchable"
+    )
+    predictor: str = Field(
+        "shipped",
+        description="length predictor: 'shipped', a trained or adapted folder, or 'none'",
+    )
+    state_dir: str | None = Field(
+        None,
+        description="where the completion history and adapted predictor live "
+        "(default: $XDG_STATE_HOME/edgeorch or ~/.local/state/edgeorch)",
+    )
+    adapt_every: int = Field(
+        ADAPT_EVERY, ge=0, description="recalibrate the predictor every N completions (0: never)"
     )
     tokenizer_model: str | None = Field(
         None,

@@ -251,7 +251,9 @@ def adapt_from_history(
     predictor = base or LengthPredictor.load()
     rows = history.records(model)
     if not rows:
-        raise PredictorDataError("the completion history has no records" + (f" for {model!r}" if model else ""))
+        raise PredictorDataError(
+            "the completion history has no records" + (f" for {model!r}" if model else "")
+        )
     models = [r.model for r in rows]
     tokens = np.asarray([r.actual_tokens for r in rows], dtype=np.float64)
     width = predictor.history_feature_width
@@ -265,7 +267,9 @@ def adapt_from_history(
         else:
             loc = np.log1p(np.asarray([rows[i].predicted_tokens for i in idx], dtype=np.float64))
             extra = None
-        data = AdaptationData(loc=loc, features=extra, base_offsets=base_grid, target=np.log1p(tokens[idx]))
+        data = AdaptationData(
+            loc=loc, features=extra, base_offsets=base_grid, target=np.log1p(tokens[idx])
+        )
         calibrations[key] = fit_calibration(data, seed)
     write_adaptation(out_dir, predictor, calibrations)
     return _summary(calibrations)

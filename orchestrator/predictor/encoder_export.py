@@ -91,10 +91,15 @@ def embed_prompts(
         for start in range(0, len(prompts), TRAIN_BATCH):
             idx = order[start : start + TRAIN_BATCH]
             batch = tokenizer.batch([prompts[i] for i in idx])
-            pooled = encoder(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+            pooled = encoder(
+                torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+            )
             out[idx] = pooled.numpy()
             if progress and (start // TRAIN_BATCH) % 40 == 0:
-                print(f"  embedded {min(start + TRAIN_BATCH, len(prompts))}/{len(prompts)}", flush=True)
+                print(
+                    f"  embedded {min(start + TRAIN_BATCH, len(prompts))}/{len(prompts)}",
+                    flush=True,
+                )
     return out
 
 

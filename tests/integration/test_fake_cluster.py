@@ -39,6 +39,7 @@ def test_fifty_concurrent_requests_complete_once_with_the_right_text(cluster: Lo
         assert result.completion_tokens == 10 + i % 7
         assert result.finish_reason == "length"
     assert {r.agent for r in results} == {"fake-1", "fake-2"}
+    assert all(r.predicted_tokens is not None and r.predicted_tokens > 0 for r in results)
     with cluster.client() as client:
         status = client.status()
     assert status.completed == 50 and status.failed == 0
@@ -57,6 +58,7 @@ def test_agent_started_after_requests_were_queued_picks_them_up(cluster: LocalCl
                 await asyncio.sleep(0.1)
                 status = await client.status()
             assert not status.agents and not status.running
+            assert all(q.predicted_tokens and q.predicted_tokens > 0 for q in status.queue)
             cluster.start_agent("late", *FAST_FAKE)
             return await asyncio.gather(*pending)
 

@@ -22,7 +22,9 @@ def predictor() -> LengthPredictor:
     return LengthPredictor.load()
 
 
-def test_adaptation_lowers_error_on_shifted_model(predictor: LengthPredictor, tmp_path: Path) -> None:
+def test_adaptation_lowers_error_on_shifted_model(
+    predictor: LengthPredictor, tmp_path: Path
+) -> None:
     records = load_records(FIXTURES / "predictor_adapt.jsonl")
     fit, held_out = records[:ADAPT_ROWS], records[ADAPT_ROWS:]
     before = evaluate_records(predictor, held_out, latency_samples=0)
@@ -78,10 +80,18 @@ def test_adapt_from_history_and_auto_mode(predictor: LengthPredictor, tmp_path: 
         assert len(swapped) == 1
         adapted = swapped[0]
         prompt = records[0].prompt
-        assert adapted.predict(prompt, "terse-model").quantiles[0.5] < predictor.predict(prompt).quantiles[0.5]
+        assert (
+            adapted.predict(prompt, "terse-model").quantiles[0.5]
+            < predictor.predict(prompt).quantiles[0.5]
+        )
         # Fingerprint-only rows adapt too (calibration of the stored predictions).
         with CompletionHistory(tmp_path / "fp.sqlite") as fp_history:
             for rec, pred in zip(records, preds):
-                fp_history.record(prompt_fingerprint(rec.prompt), rec.model, pred.quantiles[0.5], rec.output_tokens)
+                fp_history.record(
+                    prompt_fingerprint(rec.prompt),
+                    rec.model,
+                    pred.quantiles[0.5],
+                    rec.output_tokens,
+                )
             summary = adapt_from_history(fp_history, tmp_path / "fp", predictor)
             assert summary["calibrations"]["terse-model"]["n_records"] == 60

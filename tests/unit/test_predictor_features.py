@@ -37,9 +37,9 @@ def test_cue_vector_shape_and_determinism() -> None:
 
 
 def test_requested_counts_are_read() -> None:
-    assert feature("Write a 500-word essay about dogs.", "requested_word_count_log") == pytest.approx(
-        np.log1p(500), rel=1e-6
-    )
+    assert feature(
+        "Write a 500-word essay about dogs.", "requested_word_count_log"
+    ) == pytest.approx(np.log1p(500), rel=1e-6)
     assert feature("List 10 ideas for a party.", "has_requested_count") == 1.0
     assert feature("Write three paragraphs on rain.", "requested_log_tokens") > feature(
         "Write three sentences on rain.", "requested_log_tokens"

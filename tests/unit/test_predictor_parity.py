@@ -46,7 +46,9 @@ def test_cue_features_match(fixture: dict) -> None:
 def test_onnx_outputs_match_training_model(fixture: dict, predictor: LengthPredictor) -> None:
     raw = predictor.raw_outputs(fixture["prompts"])
     median = raw.log_grid.shape[1] // 2
-    np.testing.assert_allclose(raw.log_grid[:, median], fixture["log_median"], atol=LOG_MEDIAN_TOLERANCE)
+    np.testing.assert_allclose(
+        raw.log_grid[:, median], fixture["log_median"], atol=LOG_MEDIAN_TOLERANCE
+    )
     head = np.asarray(fixture["embedding_head"])
     assert np.abs(raw.embeddings[:, : head.shape[1]] - head).max() < 0.05
     assert np.corrcoef(raw.log_grid[:, median], fixture["log_median"])[0, 1] > 0.98
