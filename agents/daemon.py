@@ -19,13 +19,15 @@ import zmq.asyncio
 
 from agents.base import Completed, Emitted, Engine, EngineEvent, Rejected, SequenceKey, SequenceSpec
 from orchestrator import transport
-from orchestrator.errors import InternalError, ProtocolError
+from orchestrator.aio import drain_then_stop, run_until_stopped
+from orchestrator.errors import InternalError, Overloaded, ProtocolError
 from orchestrator.protocol import (
     AGENT_COMMANDS,
     CancelRun,
     DeviceProfile,
     Dispatch,
     ErrorInfo,
+    Goodbye,
     Heartbeat,
     Register,
     Reregister,
@@ -37,11 +39,13 @@ from orchestrator.protocol import (
     decode,
     encode,
 )
+from orchestrator.settings import DRAIN_TIMEOUT_S
 
 log = logging.getLogger("edgeorch.agent")
 
 REGISTER_RETRY_S: Final = 1.0
 REGISTER_LOG_EVERY: Final = 30
+GOODBYE_LINGER_MS: Final = 500
 STREAM_FLUSH_INTERVAL_S: Final = 0.04
 """Tokens of one sequence produced within this window travel in one frame (the first token
 always goes at once), so the coordinator and client wake a few times per window, not per token:
@@ -99,12 +103,15 @@ class AgentDaemon:
         endpoint: str,
         name: str,
         heartbeat_interval_s: float,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         self.engine = engine
         self.profile = profile
         self.endpoint = endpoint
         self.name = name
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = False
         self.agent_id: str | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._commands: deque[Dispatch | CancelRun] = deque()
@@ -115,27 +122,41 @@ class AgentDaemon:
         self._kv_used_tokens = 0
         self._running: tuple[str, ...] = ()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
+        """Serve until ``stop``; after ``drain``, take no new work, finish the running
+        sequences (bounded by ``drain_timeout_s``), say goodbye and stop."""
         context = zmq.asyncio.Context()
+        linger_ms = 0
         try:
             self._socket = transport.dealer(context, self.endpoint)
-            tasks = [
-                asyncio.create_task(self._receive()),
-                asyncio.create_task(self._heartbeat()),
-                asyncio.create_task(self._run_engine()),
-            ]
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in [stopper, *tasks]:
-                task.cancel()
-            await asyncio.gather(stopper, *tasks, return_exceptions=True)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            workers = [self._receive(), self._heartbeat(), self._run_engine()]
+            if drain is not None:
+                workers.append(
+                    drain_then_stop(
+                        drain, stop, self._start_draining, self._idle, self.drain_timeout_s
+                    )
+                )
+            await run_until_stopped(stop, *workers)
+            if self._draining:
+                self._send(Goodbye())
+                linger_ms = GOODBYE_LINGER_MS
         finally:
             self._executor.shutdown(wait=True)
             self.engine.close()
-            context.destroy(linger=0)
+            context.destroy(linger=linger_ms)
+
+    def _start_draining(self) -> None:
+        self._draining = True
+        log.info("draining: finishing %d running sequences", len(self.engine.active_keys()))
+        self._send(self._heartbeat_message())
+
+    def _idle(self) -> bool:
+        return not self._commands and not self.engine.has_work()
+
+    def _heartbeat_message(self) -> Heartbeat:
+        return Heartbeat(
+            kv_used_tokens=self._kv_used_tokens, running=self._running, draining=self._draining
+        )
 
     async def _receive(self) -> None:
         assert self._socket is not None
@@ -177,7 +198,7 @@ class AgentDaemon:
                 continue
             attempts = 0
             await asyncio.sleep(self.heartbeat_interval_s)
-            self._send(Heartbeat(kv_used_tokens=self._kv_used_tokens, running=self._running))
+            self._send(self._heartbeat_message())
 
     async def _run_engine(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,6 +215,9 @@ class AgentDaemon:
     def _apply(self, command: Dispatch | CancelRun) -> list[EngineEvent]:
         if isinstance(command, CancelRun):
             return self.engine.cancel((command.request_id, command.attempt))
+        if self._draining:
+            refusal = Overloaded("the agent is draining and takes no new work", draining=True)
+            return [Rejected((command.request_id, command.attempt), refusal)]
         spec = SequenceSpec(
             request_id=command.request_id,
             attempt=command.attempt,

@@ -137,15 +137,16 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _serve(make: Callable[[asyncio.Event], Any]) -> int:
-    """Run a daemon coroutine until SIGINT or SIGTERM."""
+def _serve(make: Callable[[asyncio.Event, asyncio.Event], Any]) -> int:
+    """Run a daemon: SIGTERM drains (in-flight work finishes, new work is refused), SIGINT
+    stops at once."""
 
     async def serve() -> None:
-        stop = asyncio.Event()
+        stop, drain = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await make(stop)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, drain.set)
+        await make(stop, drain)
 
     asyncio.run(serve())
     return 0
@@ -225,6 +226,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         endpoint=settings.coordinator,
         name=name,
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        drain_timeout_s=settings.drain_timeout_s,
     )
     return _serve(daemon.run)
 

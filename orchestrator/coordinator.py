@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from orchestrator import transport
+from orchestrator.aio import drain_then_stop, run_until_stopped
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
@@ -32,6 +33,7 @@ from orchestrator.errors import (
     InvalidRequest,
     Overloaded,
     ProtocolError,
+    Unavailable,
     error_from_wire,
 )
 from orchestrator.protocol import (
@@ -46,6 +48,7 @@ from orchestrator.protocol import (
     Dispatch,
     ErrorInfo,
     ErrorReply,
+    Goodbye,
     Heartbeat,
     Register,
     RequestId,
@@ -84,6 +87,7 @@ class AgentSession:
     profile: DeviceProfile
     last_seen_s: float
     kv_used_tokens: int = 0
+    draining: bool = False
 
 
 @dataclass(slots=True)
@@ -124,11 +128,13 @@ class Coordinator:
         self._agent_socket: zmq.asyncio.Socket | None = None
         self._client_socket: zmq.asyncio.Socket | None = None
         self.ready = asyncio.Event()
+        self._draining = False
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Bind both sockets and serve until ``stop`` is set."""
+    async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
+        """Bind both sockets and serve until ``stop`` is set, or ``drain`` is set and the
+        accepted work has finished (bounded by ``drain_timeout_s``)."""
         self._context = zmq.asyncio.Context()
         try:
             if self._predictions is not None:
@@ -142,24 +148,34 @@ class Coordinator:
                 self.settings.policy,
             )
             self.ready.set()
-            tasks = [
-                asyncio.create_task(self._receive_agents()),
-                asyncio.create_task(self._receive_clients()),
-                asyncio.create_task(self._tick()),
-                asyncio.create_task(self._schedule_loop()),
+            workers = [
+                self._receive_agents(),
+                self._receive_clients(),
+                self._tick(),
+                self._schedule_loop(),
             ]
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in [stopper, *tasks]:
-                task.cancel()
-            await asyncio.gather(stopper, *tasks, return_exceptions=True)
-            for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            if drain is not None:
+                workers.append(
+                    drain_then_stop(
+                        drain, stop, self._start_draining, self._idle, self.settings.drain_timeout_s
+                    )
+                )
+            await run_until_stopped(stop, *workers)
         finally:
             if self._predictions is not None:
                 await self._predictions.close()
             self._context.destroy(linger=0)
+
+    def _start_draining(self) -> None:
+        self._draining = True
+        log.info("draining: refusing new requests, finishing %d accepted", self._in_flight())
+
+    def _in_flight(self) -> int:
+        states = (RequestState.QUEUED, RequestState.DISPATCHED, RequestState.RUNNING)
+        return sum(self.table.count(s) for s in states) + len(self._admitting)
+
+    def _idle(self) -> bool:
+        return self._in_flight() == 0
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -184,6 +200,11 @@ class Coordinator:
                 self._send_agent(identity, Reregister())
             elif isinstance(message, Heartbeat):
                 session.kv_used_tokens = message.kv_used_tokens
+                session.draining = message.draining
+            elif isinstance(message, Goodbye):
+                del self._agents[identity]
+                log.info("agent %s left after draining", session.agent_id)
+                self._requeue_agent_work(session.agent_id, now, reason="agent left", failed=False)
             elif isinstance(message, TokenChunk):
                 self._on_chunk(session, message, now)
             elif isinstance(message, RunFinished):
@@ -321,6 +342,12 @@ class Coordinator:
         if existing is not None:
             self._reattach(identity, existing, message.stream)
             return
+        if self._draining:
+            refusal = Unavailable(
+                "the coordinator is shutting down and accepts no new requests", draining=True
+            )
+            self._reply_client(identity, _error_reply(refusal, message.request_id))
+            return
         if request_id in self._admitting:
             return
         queued = self.table.count(RequestState.QUEUED) + len(self._admitting)
@@ -456,9 +483,12 @@ class Coordinator:
             elif isinstance(action, RejectAction):
                 self._fail(action.request_id, action.error, now)
 
-    def _agent_views(self) -> list[AgentView]:
+    def _agent_views(self, *, include_draining: bool = False) -> list[AgentView]:
+        """Agents as placement sees them; draining ones take no new work."""
         views = []
         for session in self._agents.values():
+            if session.draining and not include_draining:
+                continue
             work = self.table.on_agent(session.agent_id)
             views.append(
                 AgentView(
@@ -521,9 +551,11 @@ class Coordinator:
                 )
                 self._requeue_agent_work(session.agent_id, now, reason="agent died")
 
-    def _requeue_agent_work(self, agent_id: AgentId, now: float, *, reason: str) -> None:
+    def _requeue_agent_work(
+        self, agent_id: AgentId, now: float, *, reason: str, failed: bool = True
+    ) -> None:
         for record in self.table.on_agent(agent_id):
-            if record.agent_failures + 1 >= self.settings.max_attempts:
+            if failed and record.agent_failures + 1 >= self.settings.max_attempts:
                 self._fail(
                     record.request_id,
                     AgentFailure(
@@ -535,7 +567,7 @@ class Coordinator:
                     now,
                 )
             else:
-                self.table.requeue(record.request_id, agent_failed=True)
+                self.table.requeue(record.request_id, agent_failed=failed)
                 log.info(
                     "request %s requeued as attempt %d: %s",
                     record.request_id,
@@ -578,7 +610,7 @@ class Coordinator:
 
     def status(self, query_id: str, now: float) -> StatusReport:
         """The cluster as ``edgeorch status`` shows it."""
-        views = {v.agent_id: v for v in self._agent_views()}
+        views = {v.agent_id: v for v in self._agent_views(include_draining=True)}
         agents = tuple(
             AgentStatus(
                 agent_id=s.agent_id,
@@ -587,6 +619,7 @@ class Coordinator:
                 running=views[s.agent_id].running,
                 kv_used_tokens=s.kv_used_tokens,
                 kv_reserved_tokens=views[s.agent_id].kv_reserved_tokens,
+                draining=s.draining,
                 last_seen_s=max(0.0, now - s.last_seen_s),
             )
             for s in self._agents.values()

@@ -109,10 +109,20 @@ class Register(WireModel):
 
 
 class Heartbeat(WireModel):
+    """Liveness and load; ``draining`` asks the coordinator to send no new work."""
+
     type: Literal["heartbeat"] = "heartbeat"
     v: int = PROTOCOL_VERSION
     kv_used_tokens: int = Field(ge=0)
     running: tuple[WireId, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
+    draining: bool = False
+
+
+class Goodbye(WireModel):
+    """The agent is leaving after draining: forget it now rather than at the liveness bound."""
+
+    type: Literal["goodbye"] = "goodbye"
+    v: int = PROTOCOL_VERSION
 
 
 class TokenChunk(WireModel):
@@ -270,6 +280,7 @@ class AgentStatus(WireModel):
     kv_used_tokens: int = Field(ge=0)
     kv_reserved_tokens: int = Field(ge=0)
     last_seen_s: float = Field(ge=0)
+    draining: bool = False
 
 
 class RequestStatus(WireModel):
@@ -298,7 +309,8 @@ class StatusReport(WireModel):
 
 
 AgentMessage = Annotated[
-    Register | Heartbeat | TokenChunk | RunFinished | RunFailed, Field(discriminator="type")
+    Register | Heartbeat | TokenChunk | RunFinished | RunFailed | Goodbye,
+    Field(discriminator="type"),
 ]
 AgentCommand = Annotated[Welcome | Dispatch | CancelRun | Reregister, Field(discriminator="type")]
 ClientMessage = Annotated[Submit | CancelRequest | StatusQuery, Field(discriminator="type")]

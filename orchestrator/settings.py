@@ -27,6 +27,7 @@ MAX_QUEUE: Final = 10_000
 MAX_ATTEMPTS: Final = 3
 RESULT_RETENTION_S: Final = 600.0
 ADAPT_EVERY: Final = 500
+DRAIN_TIMEOUT_S: Final = 30.0
 DEFAULT_AGENTS_ENDPOINT: Final = "tcp://127.0.0.1:5555"
 DEFAULT_CLIENTS_ENDPOINT: Final = "tcp://127.0.0.1:5556"
 DEFAULT_N_CTX: Final = 4096
@@ -71,6 +72,9 @@ class CoordinatorSettings(Settings):
     adapt_every: int = Field(
         ADAPT_EVERY, ge=0, description="recalibrate the predictor every N completions (0: never)"
     )
+    drain_timeout_s: float = Field(
+        DRAIN_TIMEOUT_S, ge=0, description="on SIGTERM, seconds to let accepted work finish"
+    )
     tokenizer_model: str | None = Field(
         None,
         description="GGUF whose tokenizer counts prompts exactly (default: the embedded model "
@@ -96,6 +100,9 @@ class AgentSettings(Settings):
     fake_decode_tps: float = Field(50.0, gt=0, description="fake backend: tokens/s, one stream")
     fake_prefill_tps: float = Field(2000.0, gt=0, description="fake backend: prompt tokens/s")
     heartbeat_interval_s: float = Field(HEARTBEAT_INTERVAL_S, gt=0, description="seconds")
+    drain_timeout_s: float = Field(
+        DRAIN_TIMEOUT_S, ge=0, description="on SIGTERM, seconds to let running work finish"
+    )
 
 
 S = TypeVar("S", bound=Settings)

@@ -188,3 +188,42 @@ def test_agents_register_again_after_a_coordinator_restart(cluster: LocalCluster
     cluster.wait_for_agents(1, timeout_s=30)
     with cluster.client() as client:
         assert client.generate("after restart", max_tokens=3).completion_tokens == 3
+
+
+def test_sigterm_drains_an_agent_and_the_coordinator(cluster: LocalCluster) -> None:
+    """SIGTERM: in-flight work finishes, new work is refused or goes elsewhere, clean exit."""
+    import signal
+
+    slow = ("--backend", "fake", "--fake-decode-tps", "20")
+    agent = cluster.start_agent("leaving", *slow)
+    cluster.wait_for_agents(1)
+
+    async def run() -> None:
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=30) as client:
+            running = asyncio.ensure_future(client.generate("finish me", max_tokens=30))
+            while not (await client.status()).running:
+                await asyncio.sleep(0.05)
+            agent.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            cluster.start_agent("staying", *FAST_FAKE)
+            later = await client.generate("go elsewhere", max_tokens=3)
+            assert later.agent == "staying"
+            result = await running
+            assert (result.agent, result.completion_tokens, result.attempts) == ("leaving", 30, 1)
+
+    asyncio.run(run())
+    assert agent.wait(timeout=10) == 0
+
+    async def drain_coordinator() -> None:
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=30) as client:
+            running = asyncio.ensure_future(client.generate("last one", max_tokens=200))
+            while not (await client.status()).running:
+                await asyncio.sleep(0.05)
+            cluster.processes["coordinator"].send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            with pytest.raises(Unavailable):
+                await client.generate("too late", max_tokens=3)
+            assert (await running).completion_tokens == 200
+
+    asyncio.run(drain_coordinator())
+    assert cluster.processes["coordinator"].wait(timeout=10) == 0
