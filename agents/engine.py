@@ -100,9 +100,13 @@ class LlamaEngine:
                 n_gpu_layers,
             )
         requested_layers = (n_gpu_layers if n_gpu_layers is not None else -1) if offload else 0
-        model_params = lib.llama_model_default_params()
-        model_params.n_gpu_layers = requested_layers
-        self._model = lib.llama_model_load_from_file(str(model_path).encode(), model_params)
+        self._model = self._load_model(model_path, requested_layers)
+        if not self._model and requested_layers != 0:
+            log.warning(
+                "loading %s with GPU offload failed; falling back to the CPU", model_path.name
+            )
+            requested_layers, offload = 0, False
+            self._model = self._load_model(model_path, 0)
         if not self._model:
             raise InternalError(
                 f"llama.cpp could not load model {model_path}", path=str(model_path)
@@ -134,6 +138,11 @@ class LlamaEngine:
         self._free_slots = list(range(max_seqs - 1, -1, -1))
 
     # --- setup ------------------------------------------------------------------------------
+
+    def _load_model(self, model_path: Path, n_gpu_layers: int) -> Any:
+        params = self._lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        return self._lib.llama_model_load_from_file(str(model_path).encode(), params)
 
     def _meta(self, key: str) -> str | None:
         buffer = ctypes.create_string_buffer(META_BUFFER_BYTES)

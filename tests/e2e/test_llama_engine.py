@@ -249,3 +249,24 @@ def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path
         lib.llama_free(ctx)
         lib.llama_model_free(model)
     assert [produced["s0"], produced["s1"]] == reference
+
+
+def test_gpu_layers_on_a_cpu_build_fall_back_with_one_warning(
+    model_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from orchestrator.llamalib import llama_cpp
+
+    if llama_cpp().llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build offloads to a GPU")
+    with caplog.at_level("WARNING", logger="edgeorch.engine"):
+        engine = LlamaEngine(
+            model_path, n_ctx=256, max_seqs=1, kv_budget_tokens=256, n_gpu_layers=99, threads=2
+        )
+    try:
+        assert engine.n_gpu_layers == 0
+        warnings = [r.getMessage() for r in caplog.records if r.name == "edgeorch.engine"]
+        assert len(warnings) == 1 and "running on the CPU" in warnings[0]
+        done = run_all(engine, spec("g", "Hello", max_tokens=3, temperature=0.0, ignore_eos=True))
+        assert next(iter(done.values()))[1].completion_tokens == 3
+    finally:
+        engine.close()
