@@ -22,7 +22,6 @@ def queued(request_id: str = "r1", **overrides: Any) -> QueuedRequest:
         "prompt_tokens_exact": True,
         "max_tokens": 20,
         "model": None,
-        "predicted_tokens": None,
         "attempt": 1,
     }
     fields.update(overrides)
