@@ -8,7 +8,7 @@ re-prediction): the distribution of ``L - g`` given ``L > g``, read off the same
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Final
 
@@ -27,6 +27,23 @@ class LengthEstimate:
 
     expected: float
     quantiles: tuple[tuple[float, float], ...]
+    _qs: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+    _ts: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+    _suffix: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Tabulate the CDF's knots and the suffix sums of E[L; segment] so that the hot
+        paths (cdf, quantile, expected remaining) cost a bisection, not a scan."""
+        if not self.quantiles:
+            raise ValueError("a LengthEstimate needs at least one quantile")
+        qs = tuple(q for q, _ in self.quantiles)
+        ts = tuple(t for _, t in self.quantiles)
+        suffix = [0.0] * len(qs)
+        for i in range(len(qs) - 2, -1, -1):
+            suffix[i] = suffix[i + 1] + (qs[i + 1] - qs[i]) * (ts[i] + ts[i + 1]) / 2.0
+        object.__setattr__(self, "_qs", qs)
+        object.__setattr__(self, "_ts", ts)
+        object.__setattr__(self, "_suffix", tuple(suffix))
 
     @classmethod
     def exact(cls, tokens: float) -> LengthEstimate:
@@ -50,7 +67,7 @@ class LengthEstimate:
 
     def quantile(self, q: float) -> float:
         """Tokens at probability ``q``, linear between the known quantiles, flat beyond."""
-        qs = [p for p, _ in self.quantiles]
+        qs = self._qs
         i = bisect.bisect_left(qs, q)
         if i == 0:
             return self.quantiles[0][1]
@@ -61,15 +78,14 @@ class LengthEstimate:
 
     def cdf(self, tokens: float) -> float:
         """P(L <= tokens), linear between the known quantiles."""
-        points = self.quantiles
-        if tokens < points[0][1]:
+        ts, qs = self._ts, self._qs
+        if tokens < ts[0]:
             return 0.0
-        if tokens >= points[-1][1]:
-            return points[-1][0]
-        for (q0, t0), (q1, t1) in zip(points, points[1:], strict=False):
-            if t0 <= tokens < t1:
-                return q0 + (q1 - q0) * (tokens - t0) / (t1 - t0)
-        return points[-1][0]
+        if tokens >= ts[-1]:
+            return qs[-1]
+        i = bisect.bisect_right(ts, tokens)
+        t0, t1, q0, q1 = ts[i - 1], ts[i], qs[i - 1], qs[i]
+        return q0 + (q1 - q0) * (tokens - t0) / (t1 - t0)
 
     def remaining(self, generated: float) -> LengthEstimate:
         """The distribution of the tokens still to come given ``generated`` so far."""
@@ -121,14 +137,15 @@ class LengthEstimate:
 
     def _mean_above(self, floor: float) -> float:
         """E[L | L > floor] under the piecewise-linear CDF plus a tail past the top quantile."""
+        ts, qs = self._ts, self._qs
         survived = self.cdf(floor)
-        total = 0.0
-        for (q0, t0), (q1, t1) in zip(self.quantiles, self.quantiles[1:], strict=False):
-            if t1 <= floor:
-                continue
-            lo_t = max(t0, floor)
-            lo_q = q0 if t0 >= floor else survived
-            total += (q1 - lo_q) * (lo_t + t1) / 2.0
+        if floor < ts[0]:
+            total = self._suffix[0]
+        else:
+            i = bisect.bisect_right(ts, floor)
+            total = 0.0
+            if i < len(ts):
+                total = (qs[i] - survived) * (floor + ts[i]) / 2.0 + self._suffix[i]
         top_q, top_t = self.quantiles[-1]
         total += (1.0 - top_q) * max(top_t * TAIL_MEAN_FACTOR, floor)
         return total / max(1e-9, 1.0 - survived)

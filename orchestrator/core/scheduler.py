@@ -55,7 +55,7 @@ MAX_PREEMPTIONS: Final = 1
 """Priority preemptions a request may suffer; KV preemptions are not limited (they are forced)."""
 PREEMPT_COST_FRACTION: Final = 0.5
 PREEMPT_TRIES_PER_DECIDE: Final = 2
-DECIDE_LOOKAHEAD: Final = 64
+DECIDE_LOOKAHEAD: Final = 16
 """Queued requests (in policy order) one call considers for placement."""
 
 

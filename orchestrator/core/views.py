@@ -4,7 +4,7 @@ actions it returns."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from orchestrator.core.estimate import LengthEstimate
@@ -19,6 +19,13 @@ class SpeedProfile:
 
     decode_points: tuple[tuple[int, float], ...]
     prefill_tps: float
+    _steps: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Tabulate step times up to the last point (the scheduler asks for them per request)."""
+        top = self.decode_points[-1][0] if self.decode_points else 1
+        table = tuple(n / self._interpolate(n) for n in range(1, top + 1))
+        object.__setattr__(self, "_steps", table)
 
     @classmethod
     def power_law(
@@ -30,6 +37,9 @@ class SpeedProfile:
 
     def aggregate_tps(self, seqs: int) -> float:
         """Tokens/s summed over ``seqs`` sequences decoding together."""
+        return self._interpolate(seqs)
+
+    def _interpolate(self, seqs: int) -> float:
         points = self.decode_points
         n = max(1, seqs)
         if n <= points[0][0]:
@@ -42,7 +52,10 @@ class SpeedProfile:
 
     def step_s(self, seqs: int) -> float:
         """Seconds per decode step (one token for each of ``seqs`` sequences)."""
-        return max(1, seqs) / self.aggregate_tps(seqs)
+        n = max(1, seqs)
+        if n <= len(self._steps):
+            return self._steps[n - 1]
+        return n / self._interpolate(n)
 
     def prefill_s(self, tokens: int) -> float:
         return tokens / self.prefill_tps
