@@ -23,13 +23,18 @@ from orchestrator.errors import InvalidRequest
 BATCH_PRIORITY_DELAY_S: Final = 30.0
 """A ``batch`` request ranks as if it had arrived this much later than it did: interactive
 requests go first, yet a batch request waits at most this long beyond its FCFS turn."""
-STARVATION_AGE_S: Final = 60.0
+STARVATION_AGE_S: Final = 30.0
 """Aging bound in seconds: a request this old (class-adjusted) jumps every younger one."""
 UNKNOWN_LENGTH_TOKENS: Final = 256.0
 """Output length assumed for a request without a prediction (about the traces' mean)."""
-PREEMPT_SIZE_RATIO: Final = 4.0
+PREEMPT_SIZE_RATIO: Final = 8.0
 """A waiting request may displace a running one only if the victim's expected remaining
 output is at least this many times the waiter's (SRPT with hysteresis against thrashing)."""
+RESPONSE_RATIO_TOKEN_S: Final = 0.05
+"""Aging for length policies (highest response ratio next): a request's length key is
+divided by ``1 + waited / (tokens * RESPONSE_RATIO_TOKEN_S)``, so a request that has waited as
+long as its own expected service time (at about 20 tokens/s, a full batch's pace) ranks as if
+it were half its length. 0 disables it (pure shortest-first until the starvation bound)."""
 MLFQ_BASE_QUANTUM_TOKENS: Final = 32.0
 MLFQ_QUANTUM_GROWTH: Final = 2.0
 MLFQ_LEVELS: Final = 8
@@ -92,6 +97,7 @@ class _Base:
     name = "base"
     preemptive = False
     needs_truth = False
+    ages_by_ratio = False
 
     def __init__(self, starvation_s: float = STARVATION_AGE_S) -> None:
         if not starvation_s > 0:
@@ -112,7 +118,11 @@ class _Base:
         batch_waiting = request.priority == "batch" and now - request.arrival_s < (
             BATCH_PRIORITY_DELAY_S
         )
-        return (1, int(batch_waiting), self.key(request), arrival, request.request_id)
+        key = self.key(request)
+        if self.ages_by_ratio and RESPONSE_RATIO_TOKEN_S > 0:
+            waited = max(0.0, now - arrival)
+            key = key / (1.0 + waited / (max(1.0, key) * RESPONSE_RATIO_TOKEN_S))
+        return (1, int(batch_waiting), key, arrival, request.request_id)
 
     def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
         return sorted(queue, key=lambda r: self.rank(r, now))
@@ -138,6 +148,7 @@ class ShortestJobFirst(_Base):
     """Predicted shortest first, non-preemptive (a requeued request ranks by what remains)."""
 
     name = "sjf"
+    ages_by_ratio = True
 
     def key(self, request: View) -> float:
         if request.generated_tokens:
@@ -151,6 +162,7 @@ class ShortestRemainingFirst(_Base):
 
     name = "srtf"
     preemptive = True
+    ages_by_ratio = True
 
     def key(self, request: View) -> float:
         return expected_remaining(request)

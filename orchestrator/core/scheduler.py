@@ -44,8 +44,8 @@ from orchestrator.core.views import (
 from orchestrator.errors import ContextOverflow, Unavailable
 from orchestrator.protocol import AgentId, RequestId
 
-KV_QUANTILE_LOW: Final = 0.5
-KV_QUANTILE_HIGH: Final = 0.95
+KV_QUANTILE_LOW: Final = 0.3
+KV_QUANTILE_HIGH: Final = 0.6
 KV_RAISE_QUANTILE: Final = 0.9
 KV_HEADROOM_TOKENS: Final = 32
 """Cells reserved beyond the predicted quantile, and the smallest raise."""
@@ -53,7 +53,7 @@ KV_RAISE_TRIGGER_TOKENS: Final = 16
 """A running request is raised once fewer than this many reserved cells are left unused."""
 MAX_PREEMPTIONS: Final = 1
 """Priority preemptions a request may suffer; KV preemptions are not limited (they are forced)."""
-PREEMPT_COST_FRACTION: Final = 0.5
+PREEMPT_COST_FRACTION: Final = 0.15
 PREEMPT_TRIES_PER_DECIDE: Final = 2
 DECIDE_LOOKAHEAD: Final = 16
 """Queued requests (in policy order) one call considers for placement."""
@@ -258,12 +258,17 @@ def _place_queue(snapshot: Snapshot, now: float, state: _State, config: Schedule
             request,
             candidates,
             snapshot.dispatch_count + state.dispatched,
-            not policy.starved(request, now),
+            True,
         )
         if choice.agent_id is not None:
             chosen = next(c for c in candidates if c.agent.agent_id == choice.agent_id)
             state.dispatch(request, choice.agent_id, chosen.reservation_tokens)
-        elif choice.waits_for is not None:
+            continue
+        if policy.preemptive and preempt_tries > 0:
+            preempt_tries -= 1
+            if _try_preempt(request, agents, now, state, config):
+                continue
+        if choice.waits_for is not None:
             state.backlog[choice.waits_for] += 1
 
 
@@ -273,7 +278,7 @@ def _try_preempt(
     now: float,
     state: _State,
     config: SchedulerConfig,
-) -> None:
+) -> bool:
     """Displace the running request whose preemption saves the most time net of recompute."""
     policy = config.policy
     waiting_rest = expected_remaining(request)
@@ -292,8 +297,10 @@ def _try_preempt(
                 or not policy.should_displace(request, victim)
             ):
                 continue
-            gain = (expected_remaining(victim) - waiting_rest) * step
-            cost = speed.prefill_s(victim.kv_used_tokens) * agent.running
+            # The waiter saves its wait for a slot here; the victim then waits about the
+            # waiter's run time for a slot, and its recompute stalls the whole batch.
+            gain = state.free_in_s(agent)
+            cost = waiting_rest * step + speed.prefill_s(victim.kv_used_tokens) * agent.running
             if cost > PREEMPT_COST_FRACTION * gain:
                 continue
             released = agent.with_released(victim.kv_reservation_tokens)
@@ -302,11 +309,12 @@ def _try_preempt(
             if best is None or gain - cost > best[0]:
                 best = (gain - cost, victim, agent)
     if best is None:
-        return
+        return False
     _, victim, agent = best
     state.preempt(victim, "priority")
     released = state.agents[agent.agent_id]
     state.dispatch(request, agent.agent_id, admission_reservation(request, released, config))
+    return True
 
 
 def _overflow(request: QueuedRequest, limit: int) -> ContextOverflow:
