@@ -60,8 +60,10 @@ class Policy(Protocol):
         """Smaller runs first, within a priority class and after starved requests."""
         ...
 
-    def should_displace(self, waiting: QueuedRequest, victim: RunningRequest) -> bool:
-        """Whether ``waiting`` is so much more urgent that preempting ``victim`` pays."""
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
+        """Whether a waiting request with ``key`` ``waiting_key`` is so much more urgent than a
+        running one with ``victim_key`` that preempting it may pay (the scheduler then weighs
+        the recompute)."""
         ...
 
     def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
@@ -127,7 +129,7 @@ class _Base:
     def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
         return sorted(queue, key=lambda r: self.rank(r, now))
 
-    def should_displace(self, waiting: QueuedRequest, victim: RunningRequest) -> bool:
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
         return False
 
 
@@ -167,8 +169,8 @@ class ShortestRemainingFirst(_Base):
     def key(self, request: View) -> float:
         return expected_remaining(request)
 
-    def should_displace(self, waiting: QueuedRequest, victim: RunningRequest) -> bool:
-        return expected_remaining(victim) >= PREEMPT_SIZE_RATIO * expected_remaining(waiting)
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
+        return victim_key >= PREEMPT_SIZE_RATIO * waiting_key
 
 
 class Oracle(ShortestRemainingFirst):
@@ -199,8 +201,8 @@ class MultiLevelFeedback(_Base):
         attained = request.generated_tokens + MLFQ_PROMPT_WEIGHT * request.prompt_tokens
         return float(mlfq_level(attained))
 
-    def should_displace(self, waiting: QueuedRequest, victim: RunningRequest) -> bool:
-        return self.key(victim) - self.key(waiting) >= MLFQ_PREEMPT_LEVEL_GAP
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
+        return victim_key - waiting_key >= MLFQ_PREEMPT_LEVEL_GAP
 
 
 POLICIES: Final[dict[str, Callable[..., Policy]]] = {

@@ -114,7 +114,22 @@ class _State:
         self.preempted: set[RequestId] = set()
         self.backlog: dict[AgentId, int] = defaultdict(int)
         self._finish_times: dict[AgentId, list[float]] = {}
+        self._rest: dict[RequestId, float] = {}
+        self._keys: dict[RequestId, float] = {}
         self.dispatched = 0
+
+    def rest(self, running: RunningRequest) -> float:
+        """Expected remaining tokens of a running request, computed once per call."""
+        value = self._rest.get(running.request_id)
+        if value is None:
+            value = self._rest[running.request_id] = expected_remaining(running)
+        return value
+
+    def key(self, policy: Policy, running: RunningRequest) -> float:
+        value = self._keys.get(running.request_id)
+        if value is None:
+            value = self._keys[running.request_id] = policy.key(running)
+        return value
 
     def preempt(self, victim: RunningRequest, reason: str) -> None:
         agent = self.agents[victim.agent_id]
@@ -136,7 +151,7 @@ class _State:
         times = self._finish_times.get(agent.agent_id)
         if times is None:
             step = speed_of(agent).step_s(agent.running)
-            times = sorted(expected_remaining(r) * step for r in self.running[agent.agent_id])
+            times = sorted(self.rest(r) * step for r in self.running[agent.agent_id])
             self._finish_times[agent.agent_id] = times
         if not times:
             return 0.0
@@ -282,6 +297,7 @@ def _try_preempt(
     """Displace the running request whose preemption saves the most time net of recompute."""
     policy = config.policy
     waiting_rest = expected_remaining(request)
+    waiting_key = policy.key(request)
     best: tuple[float, RunningRequest, AgentView] | None = None
     for agent in agents:
         if not agent.fits_context(request):
@@ -294,7 +310,7 @@ def _try_preempt(
                 or victim.preemptions >= config.max_preemptions
                 or (victim.priority == "interactive" and request.priority == "batch")
                 or now - effective_arrival_s(victim) >= policy.starvation_s
-                or not policy.should_displace(request, victim)
+                or not policy.should_displace(waiting_key, state.key(policy, victim))
             ):
                 continue
             # The waiter saves its wait for a slot here; the victim then waits about the
