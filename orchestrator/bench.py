@@ -64,6 +64,68 @@ class BenchSpec:
     starvation_s: float = STARVATION_AGE_S
 
 
+def _positive(value: float, flag: str) -> float:
+    if not value > 0 or math.isinf(value):
+        raise InvalidRequest(f"{flag} must be a positive number, got {value}", field=flag[2:])
+    return value
+
+
+def bench_spec_from_args(args: Any) -> BenchSpec:
+    """Validate the ``edgeorch bench`` flags into a spec; bad input raises InvalidRequest."""
+    from orchestrator.core.policies import POLICIES
+    from orchestrator.sim import load_cluster
+
+    if args.live:
+        raise InvalidRequest(
+            "edgeorch bench --live is not yet implemented: it needs the continuous-batching "
+            "engine (use --sim --cluster F for now)",
+            field="live",
+        )
+    if args.cluster is None:
+        raise InvalidRequest("--sim needs --cluster F (e.g. configs/cluster-edge.toml)", field="cluster")
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    unknown = [p for p in policies if p not in POLICIES]
+    if not policies or unknown:
+        raise InvalidRequest(
+            f"--policies: unknown {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(sorted(POLICIES))}",
+            field="policies",
+        )
+    if len(set(policies)) != len(policies):
+        raise InvalidRequest(f"--policies lists a policy twice: {args.policies}", field="policies")
+    loads: tuple[float, ...] = ()
+    if args.load is not None:
+        try:
+            loads = tuple(float(x) for x in str(args.load).split(","))
+        except ValueError:
+            raise InvalidRequest(f"--load needs numbers, got {args.load!r}", field="load") from None
+        for load in loads:
+            _positive(load, "--load")
+    else:
+        _positive(args.rate, "--rate")
+    _positive(args.length_scale, "--length-scale")
+    for flag, value in (("--max-output-tokens", args.max_output_tokens), ("--max-requests", args.max_requests)):
+        if value is not None and value < 1:
+            raise InvalidRequest(f"{flag} must be at least 1, got {value}", field=flag[2:])
+    parse_predictor(args.predictor)
+    starvation = STARVATION_AGE_S if args.starvation_s is None else args.starvation_s
+    _positive(starvation, "--starvation-s")
+    return BenchSpec(
+        trace=args.trace,
+        cluster=load_cluster(args.cluster),
+        policies=policies,
+        loads=loads,
+        rate=args.rate,
+        placement=args.placement,
+        length_scale=args.length_scale,
+        max_output_tokens=args.max_output_tokens,
+        max_requests=args.max_requests,
+        predictor=args.predictor,
+        seed=args.seed,
+        starvation_s=starvation,
+    )
+
+
 def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
