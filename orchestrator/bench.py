@@ -10,6 +10,7 @@ longest answer), so the scheduler learns nothing of a request's length from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -82,7 +83,9 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
             field="live",
         )
     if args.cluster is None:
-        raise InvalidRequest("--sim needs --cluster F (e.g. configs/cluster-edge.toml)", field="cluster")
+        raise InvalidRequest(
+            "--sim needs --cluster F (e.g. configs/cluster-edge.toml)", field="cluster"
+        )
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     unknown = [p for p in policies if p not in POLICIES]
     if not policies or unknown:
@@ -104,7 +107,10 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
     else:
         _positive(args.rate, "--rate")
     _positive(args.length_scale, "--length-scale")
-    for flag, value in (("--max-output-tokens", args.max_output_tokens), ("--max-requests", args.max_requests)):
+    for flag, value in (
+        ("--max-output-tokens", args.max_output_tokens),
+        ("--max-requests", args.max_requests),
+    ):
         if value is not None and value < 1:
             raise InvalidRequest(f"{flag} must be at least 1, got {value}", field=flag[2:])
     parse_predictor(args.predictor)
@@ -235,8 +241,7 @@ def run_bench(
             label = f"{name} load {load}" if load is not None else f"{name} rate {spec.rate}"
             began = time.perf_counter()
             report = Simulator(spec.cluster, config).run(
-                requests,
-                None if progress is None else (lambda done, total: progress(label, done, total)),
+                requests, None if progress is None else functools.partial(progress, label)
             )
             wall = time.perf_counter() - began
             results[name] = policy_stats(report)
@@ -280,9 +285,7 @@ def policy_stats(report: SimReport) -> dict[str, Any]:
     """The per-policy object of the bench JSON."""
     done = [o for o in report.outcomes if not o.failed and o.finished_s is not None]
     jct = np.array([o.finished_s - o.arrival_s for o in done if o.finished_s is not None])
-    ttft = np.array(
-        [(o.first_token_s - o.arrival_s) for o in done if o.first_token_s is not None]
-    )
+    ttft = np.array([(o.first_token_s - o.arrival_s) for o in done if o.first_token_s is not None])
     tokens = np.array([max(1, o.output_tokens) for o in done])
     first = min((o.arrival_s for o in report.outcomes), default=0.0)
     last = max((o.finished_s for o in done if o.finished_s is not None), default=first)
@@ -322,7 +325,9 @@ def strip_samples(result: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     return samples
 
 
-def write_plot(result: dict[str, Any], samples: dict[str, dict[str, list[float]]], path: Path) -> None:
+def write_plot(
+    result: dict[str, Any], samples: dict[str, dict[str, list[float]]], path: Path
+) -> None:
     """Latency CDF per policy at the last load, and mean JCT against load when swept."""
     import matplotlib
 
@@ -348,7 +353,9 @@ def write_plot(result: dict[str, Any], samples: dict[str, dict[str, list[float]]
         ax = axes[0][1]
         loads = [entry["load"] for entry in sweep]
         for name in sweep[-1]["policies"]:
-            ax.plot(loads, [entry["policies"][name]["mean_jct_s"] for entry in sweep], "o-", label=name)
+            ax.plot(
+                loads, [entry["policies"][name]["mean_jct_s"] for entry in sweep], "o-", label=name
+            )
         ax.set_xlabel("offered load (x nominal decode capacity)")
         ax.set_ylabel("mean JCT (s)")
         ax.set_yscale("log")

@@ -427,7 +427,9 @@ class Coordinator:
                 session.identity, CancelRun(request_id=record.request_id, attempt=record.attempt)
             )
         self.table.requeue(record.request_id, agent_failed=False, preempted=action.reason)
-        log.info("request %s preempted on %s (%s)", record.request_id, action.agent_id, action.reason)
+        log.info(
+            "request %s preempted on %s (%s)", record.request_id, action.agent_id, action.reason
+        )
         self._schedule_needed.set()
 
     def _agent_views(self) -> list[AgentView]:

@@ -129,7 +129,9 @@ def parse_predictor(spec: str) -> tuple[str, float]:
                 f"--predictor fake:TAU needs a number, got {value!r}", field="predictor"
             ) from None
         if not 0.0 < tau <= 1.0:
-            raise InvalidRequest(f"--predictor fake tau must be in (0, 1], got {tau}", field="predictor")
+            raise InvalidRequest(
+                f"--predictor fake tau must be in (0, 1], got {tau}", field="predictor"
+            )
         return "fake", tau
     raise InvalidRequest(
         f"--predictor must be fake, fake:TAU or real, got {spec!r}", field="predictor"

@@ -106,7 +106,9 @@ def load_cluster(path: Path) -> Cluster:
                 speed=SpeedProfile(points, float(raw["prefill_tps"])),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequest(f"cluster file {path}: device {i} is malformed ({exc!r})") from None
+            raise InvalidRequest(
+                f"cluster file {path}: device {i} is malformed ({exc!r})"
+            ) from None
         if spec.max_seqs < 1 or spec.kv_budget_tokens < 1 or not points or points[0][0] < 1:
             raise InvalidRequest(f"cluster file {path}: device {spec.name} has bad sizes")
         devices.append(spec)
@@ -223,7 +225,7 @@ class _Device:
 
 
 def _whole(tokens: float) -> int:
-    return int(math.floor(tokens + TOKEN_EPSILON))
+    return math.floor(tokens + TOKEN_EPSILON)
 
 
 class Simulator:
@@ -355,7 +357,9 @@ class Simulator:
         specs: dict[RequestId, SimRequest],
         now: float,
     ) -> None:
-        record = table.dispatch(action.request_id, device.agent_id, action.kv_reservation_tokens, now)
+        record = table.dispatch(
+            action.request_id, device.agent_id, action.kv_reservation_tokens, now
+        )
         spec = specs[action.request_id]
         target = max(1, min(spec.output_tokens, spec.max_tokens))
         device.seqs[record.request_id] = _Seq(
@@ -367,7 +371,9 @@ class Simulator:
             cap=min(record.prompt_tokens + spec.max_tokens, device.spec.n_ctx),
         )
         device.reserved += action.kv_reservation_tokens
-        device.stall_s += device.spec.speed.prefill_s(record.prompt_tokens + record.generated_tokens)
+        device.stall_s += device.spec.speed.prefill_s(
+            record.prompt_tokens + record.generated_tokens
+        )
 
     @staticmethod
     def _preempt(table: RequestTable, device: _Device, action: PreemptAction, now: float) -> None:

@@ -8,8 +8,8 @@ re-prediction): the distribution of ``L - g`` given ``L > g``, read off the same
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 TAIL_MEAN_FACTOR: Final = 1.5

@@ -82,9 +82,7 @@ class LeastLoaded:
         startable = [c.agent for c in candidates if c.can_start]
         if not startable:
             return WAIT
-        best = min(
-            startable, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id)
-        )
+        best = min(startable, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id))
         return Choice(best.agent_id)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.core.lifecycle import TERMINAL_STATES, RequestState, check_transition
 from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.lifecycle import TERMINAL_STATES, RequestState, check_transition
 from orchestrator.core.views import QueuedRequest, RunningRequest
 from orchestrator.errors import EdgeorchError, InternalError
 from orchestrator.protocol import AgentId, FinishReason, GenerationParams, RequestId

@@ -3,6 +3,7 @@ actions it returns."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -44,7 +45,7 @@ class SpeedProfile:
         n = max(1, seqs)
         if n <= points[0][0]:
             return points[0][1] * n / points[0][0]
-        for (n0, t0), (n1, t1) in zip(points, points[1:], strict=False):
+        for (n0, t0), (n1, t1) in itertools.pairwise(points):
             if n <= n1:
                 w = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
                 return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
@@ -173,7 +174,9 @@ class AgentView:
         )
 
     def with_released(self, tokens: int) -> AgentView:
-        return replace(self, running=self.running - 1, kv_reserved_tokens=self.kv_reserved_tokens - tokens)
+        return replace(
+            self, running=self.running - 1, kv_reserved_tokens=self.kv_reserved_tokens - tokens
+        )
 
     def with_reserved(self, extra_tokens: int) -> AgentView:
         return replace(self, kv_reserved_tokens=self.kv_reserved_tokens + extra_tokens)

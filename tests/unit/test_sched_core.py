@@ -40,7 +40,7 @@ from orchestrator.core.views import (
     ReserveAction,
     Snapshot,
 )
-from orchestrator.protocol import AgentId
+from orchestrator.protocol import AgentId, RequestId
 from tests.factories import agent, estimate, queued, running, speed
 
 
@@ -136,7 +136,9 @@ def test_starved_requests_go_first_oldest_first(
     order = policy.order(queue, now)
     starved = [r for r in order if now - effective_arrival_s(r) >= 20.0]
     assert order[: len(starved)] == starved
-    assert [effective_arrival_s(r) for r in starved] == sorted(effective_arrival_s(r) for r in starved)
+    assert [effective_arrival_s(r) for r in starved] == sorted(
+        effective_arrival_s(r) for r in starved
+    )
 
 
 def test_batch_yields_to_interactive_only_for_a_while() -> None:
@@ -222,16 +224,20 @@ def test_running_request_near_its_reservation_is_raised_when_it_fits() -> None:
 
 
 def test_growth_without_room_preempts_the_cheapest_other_request() -> None:
-    grower = running("grow", generated_tokens=480, kv_reservation_tokens=500, estimate=estimate(300))
+    grower = running(
+        "grow", generated_tokens=480, kv_reservation_tokens=500, estimate=estimate(300)
+    )
     cheap = running("cheap", generated_tokens=5, kv_reservation_tokens=100, estimate=estimate(90))
     budget = 600
     snapshot = Snapshot(
         queue=(),
-        agents=(agent("a1", kv_budget_tokens=budget, kv_reserved_tokens=600, running=2, n_ctx=4096),),
+        agents=(
+            agent("a1", kv_budget_tokens=budget, kv_reserved_tokens=600, running=2, n_ctx=4096),
+        ),
         running=(grower, cheap),
     )
     actions = decide(snapshot, 0.0, config())
-    assert PreemptAction("cheap", AgentId("a1"), "kv") in actions
+    assert PreemptAction(RequestId("cheap"), AgentId("a1"), "kv") in actions
     raises = [a for a in actions if isinstance(a, ReserveAction)]
     assert raises and raises[0].request_id == "grow"
     assert raises[0].kv_reservation_tokens - 500 <= budget - 600 + 100
@@ -245,7 +251,9 @@ def test_growth_preempts_the_grower_when_others_cost_more_to_recompute() -> None
         agents=(agent("a1", kv_budget_tokens=1000, kv_reserved_tokens=1000, running=2),),
         running=(grower, big),
     )
-    assert decide(snapshot, 0.0, config()) == [PreemptAction("grow", AgentId("a1"), "kv")]
+    assert decide(snapshot, 0.0, config()) == [
+        PreemptAction(RequestId("grow"), AgentId("a1"), "kv")
+    ]
 
 
 @settings(max_examples=80, deadline=None)
@@ -281,8 +289,15 @@ def test_decide_never_reserves_beyond_a_budget(
                 estimate=estimate(median),
             )
         )
-    a1 = agent("a1", kv_budget_tokens=budget, n_ctx=4096, max_seqs=10, running=len(runs),
-               kv_reserved_tokens=reserved, speed=speed())
+    a1 = agent(
+        "a1",
+        kv_budget_tokens=budget,
+        n_ctx=4096,
+        max_seqs=10,
+        running=len(runs),
+        kv_reserved_tokens=reserved,
+        speed=speed(),
+    )
     queue = tuple(
         queued(f"q{i}", arrival_s=float(i), prompt_tokens=p, max_tokens=2000, estimate=estimate(m))
         for i, (p, m) in enumerate(queue_items)
@@ -290,9 +305,7 @@ def test_decide_never_reserves_beyond_a_budget(
     snapshot = Snapshot(queue=queue, agents=(a1,), running=tuple(runs))
     total = {r.request_id: r.kv_reservation_tokens for r in runs}
     for action in decide(snapshot, 0.0, config(policy, placement)):
-        if isinstance(action, DispatchAction):
-            total[action.request_id] = action.kv_reservation_tokens
-        elif isinstance(action, ReserveAction):
+        if isinstance(action, DispatchAction | ReserveAction):
             total[action.request_id] = action.kv_reservation_tokens
         elif isinstance(action, PreemptAction):
             total.pop(action.request_id)
@@ -312,7 +325,11 @@ def _full_device_with_long_job(preemptions: int = 0) -> Snapshot:
         preemptions=preemptions,
     )
     device = agent(
-        "a1", max_seqs=1, running=1, kv_reserved_tokens=2100, kv_budget_tokens=8000,
+        "a1",
+        max_seqs=1,
+        running=1,
+        kv_reserved_tokens=2100,
+        kv_budget_tokens=8000,
         speed=speed(20.0, 1, 0.35),
     )
     short = queued("short", arrival_s=1.0, max_tokens=2000, estimate=LengthEstimate.exact(5))
@@ -321,7 +338,7 @@ def _full_device_with_long_job(preemptions: int = 0) -> Snapshot:
 
 def test_srtf_displaces_a_long_running_job_when_it_pays() -> None:
     actions = decide(_full_device_with_long_job(), 1.0, config("srtf"))
-    assert actions[0] == PreemptAction("long", AgentId("a1"), "priority")
+    assert actions[0] == PreemptAction(RequestId("long"), AgentId("a1"), "priority")
     assert isinstance(actions[1], DispatchAction) and actions[1].request_id == "short"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -64,7 +65,7 @@ def sim(policy: str, placement: str = "predicted", starvation_s: float = 30.0) -
     )
 
 
-def requests(items: list[tuple[float, int, float]]) -> list[SimRequest]:
+def requests(items: Sequence[tuple[float, int, float]]) -> list[SimRequest]:
     return [
         SimRequest(f"r{i:03d}", arrival, 20, length, 1200, estimate(median))
         for i, (arrival, length, median) in enumerate(items)
@@ -77,7 +78,11 @@ WORKLOAD = st.lists(
 
 
 @settings(max_examples=40, deadline=None)
-@given(WORKLOAD, st.sampled_from(["fcfs", "sjf", "srtf", "mlfq"]), st.sampled_from(["predicted", "least-loaded", "round-robin"]))
+@given(
+    WORKLOAD,
+    st.sampled_from(["fcfs", "sjf", "srtf", "mlfq"]),
+    st.sampled_from(["predicted", "least-loaded", "round-robin"]),
+)
 def test_every_request_ends_exactly_once_within_its_kv_reservation(
     items: list[tuple[float, int, float]], policy: str, placement: str
 ) -> None:
@@ -85,7 +90,12 @@ def test_every_request_ends_exactly_once_within_its_kv_reservation(
     ids = [o.request_id for o in report.outcomes]
     assert sorted(ids) == sorted(f"r{i:03d}" for i in range(len(items)))
     assert all(not o.failed for o in report.outcomes)
-    assert all(o.output_tokens == n for o, (_, n, _) in zip(sorted(report.outcomes, key=lambda o: o.request_id), items, strict=True))
+    assert all(
+        o.output_tokens == n
+        for o, (_, n, _) in zip(
+            sorted(report.outcomes, key=lambda o: o.request_id), items, strict=True
+        )
+    )
     assert report.max_kv_overuse_tokens <= 1e-6
 
 
@@ -115,7 +125,9 @@ def test_shortest_first_without_aging_would_starve_the_long_job() -> None:
     def long_wait(starvation_s: float) -> float:
         report = Simulator(
             cluster,
-            SchedulerConfig(make_policy("sjf", starvation_s=starvation_s), make_placement("least-loaded"), 1e9),
+            SchedulerConfig(
+                make_policy("sjf", starvation_s=starvation_s), make_placement("least-loaded"), 1e9
+            ),
         ).run(requests(items))
         (long,) = [o for o in report.outcomes if o.output_tokens == 500]
         assert long.first_token_s is not None
@@ -135,7 +147,14 @@ def test_simulation_is_deterministic() -> None:
 def test_oracle_with_exact_lengths_never_outgrows_its_reservation() -> None:
     items = [(i * 0.2, 50 + (i * 37) % 400, 1.0) for i in range(60)]
     exact = [
-        SimRequest(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens, r.max_tokens, LengthEstimate.exact(r.output_tokens))
+        SimRequest(
+            r.request_id,
+            r.arrival_s,
+            r.prompt_tokens,
+            r.output_tokens,
+            r.max_tokens,
+            LengthEstimate.exact(r.output_tokens),
+        )
         for r in requests(items)
     ]
     report = sim("oracle").run(exact)
@@ -190,7 +209,12 @@ def test_predictor_spec_parsing() -> None:
 def write_trace(path: Path, n: int = 40) -> Path:
     with path.open("w") as f:
         for i in range(n):
-            row = {"arrival_s": i * 0.5, "prompt": f"question {i} " * 3, "output_tokens": 20 + (i * 29) % 300, "source": "t"}
+            row = {
+                "arrival_s": i * 0.5,
+                "prompt": f"question {i} " * 3,
+                "output_tokens": 20 + (i * 29) % 300,
+                "source": "t",
+            }
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -203,7 +227,9 @@ def test_load_scaling_offers_the_requested_share_of_capacity(tmp_path: Path) -> 
     assert sum(lengths) / span == pytest.approx(500.0)
     assert max(lengths) <= 400 and lengths[0] == 40
     factor = arrival_scale(rows, lengths, 1000.0, None, 4.0)
-    assert (len(rows) - 1) / ((rows[-1].arrival_s - rows[0].arrival_s) * factor) == pytest.approx(4.0)
+    assert (len(rows) - 1) / ((rows[-1].arrival_s - rows[0].arrival_s) * factor) == pytest.approx(
+        4.0
+    )
 
 
 def test_bench_json_follows_the_contract(tmp_path: Path) -> None:
@@ -224,7 +250,13 @@ def test_bench_json_follows_the_contract(tmp_path: Path) -> None:
     png = write_outputs(result, tmp_path / "out.json")
     data = json.loads((tmp_path / "out.json").read_text())
     assert png.exists() and png.stat().st_size > 1000
-    for key, kind in (("trace", str), ("capacity_tokens_s", float), ("placement", str), ("cluster", dict), ("policies", dict)):
+    for key, kind in (
+        ("trace", str),
+        ("capacity_tokens_s", float),
+        ("placement", str),
+        ("cluster", dict),
+        ("policies", dict),
+    ):
         assert isinstance(data[key], kind)
     assert data["mode"] == "sim" and data["load"] == 0.9 and data["rate"] is None
     assert [entry["load"] for entry in data["sweep"]] == [0.5, 0.9]
@@ -239,9 +271,20 @@ def test_bench_json_follows_the_contract(tmp_path: Path) -> None:
 
 def _args(**overrides: Any) -> SimpleNamespace:
     fields: dict[str, Any] = dict(
-        trace=Path("t.jsonl"), sim=True, live=False, cluster=REPO / "configs" / "cluster-edge.toml",
-        policies="fcfs,sjf", load="0.9", rate=None, placement="predicted", length_scale=1.0,
-        max_output_tokens=None, max_requests=None, predictor="fake", seed=1, starvation_s=None,
+        trace=Path("t.jsonl"),
+        sim=True,
+        live=False,
+        cluster=REPO / "configs" / "cluster-edge.toml",
+        policies="fcfs,sjf",
+        load="0.9",
+        rate=None,
+        placement="predicted",
+        length_scale=1.0,
+        max_output_tokens=None,
+        max_requests=None,
+        predictor="fake",
+        seed=1,
+        starvation_s=None,
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)
