@@ -105,10 +105,63 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_run_status)
 
+    bench = commands.add_parser(
+        "bench", help="replay a trace under several policies (simulated or live cluster)"
+    )
+    bench.add_argument("--trace", type=Path, required=True, help="trace JSONL")
+    mode = bench.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--sim", action="store_true", help="discrete-event simulation")
+    mode.add_argument("--live", action="store_true", help="real agents (needs the engine)")
+    bench.add_argument("--cluster", type=Path, default=None, help="cluster TOML (with --sim)")
+    bench.add_argument("--agents", type=int, default=2, help="local agents (with --live)")
+    bench.add_argument("--backend", choices=("llama", "fake"), default="fake")
+    bench.add_argument("--policies", required=True, help="comma-separated policy names")
+    rate = bench.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--load", default=None, help="offered load(s), x nominal decode capacity")
+    rate.add_argument("--rate", type=float, default=None, help="mean requests per second")
+    bench.add_argument(
+        "--placement", choices=("predicted", "least-loaded", "round-robin"), default="predicted"
+    )
+    bench.add_argument("--length-scale", type=float, default=1.0)
+    bench.add_argument("--max-output-tokens", type=int, default=None)
+    bench.add_argument("--max-requests", type=int, default=None)
+    bench.add_argument(
+        "--predictor",
+        default="fake",
+        help="fake[:TAU] (seeded noise around the truth, default tau 0.55) or real",
+    )
+    bench.add_argument("--seed", type=int, default=1, help="fake predictor's seed")
+    bench.add_argument(
+        "--starvation-s", type=float, default=None, help="aging bound in seconds (default 30)"
+    )
+    bench.add_argument("--json", type=Path, required=True, help="output JSON (PNG beside it)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=_run_bench)
+
     from orchestrator.predictor.cli import register as register_predictor
 
     register_predictor(commands)
     return parser
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from orchestrator.bench import ProgressBar, bench_spec_from_args, run_bench, write_outputs
+
+    spec = bench_spec_from_args(args)
+    bar = None if args.quiet else ProgressBar()
+    try:
+        result = run_bench(spec, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    png = write_outputs(result, args.json)
+    print(f"wrote {args.json} and {png}", file=sys.stderr)
+    for name, stats in result["policies"].items():
+        print(
+            f"{name:8s} mean JCT {stats['mean_jct_s']:8.2f} s  p99 {stats['p99_jct_s']:8.2f} s  "
+            f"mean TTFT {stats['mean_ttft_s']:7.2f} s  preemptions {stats['preemptions']}"
+        )
+    return 0
 
 
 def _add_client_endpoint(parser: argparse.ArgumentParser) -> None:

@@ -20,12 +20,20 @@ import zmq.asyncio
 
 from orchestrator import transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
+from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
 from orchestrator.core.scheduler import SchedulerConfig, decide
 from orchestrator.core.table import RequestRecord, RequestTable
-from orchestrator.core.views import AgentView, DispatchAction, RejectAction, Snapshot
+from orchestrator.core.views import (
+    AgentView,
+    DispatchAction,
+    PreemptAction,
+    RejectAction,
+    ReserveAction,
+    Snapshot,
+)
 from orchestrator.errors import (
     AgentFailure,
     Cancelled,
@@ -123,6 +131,7 @@ class Coordinator:
         self._agents: dict[bytes, AgentSession] = {}
         self._routes: dict[RequestId, ClientRoute] = {}
         self._agent_numbers = itertools.count(1)
+        self._dispatch_count = 0
         self._schedule_needed = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
         self._agent_socket: zmq.asyncio.Socket | None = None
@@ -397,6 +406,13 @@ class Coordinator:
             prompt_tokens_exact=exact,
             predicted_tokens=predicted.prediction.quantile(0.5) if predicted else None,
             arrival_s=arrival_s,
+            estimate=(
+                LengthEstimate.of(
+                    predicted.prediction.expected_tokens, predicted.prediction.quantiles
+                )
+                if predicted
+                else None
+            ),
         )
         self.table.add(record)
         if predicted is not None:
@@ -474,14 +490,40 @@ class Coordinator:
     def schedule(self, now: float) -> None:
         """One pass of the pure core over the current state, then carry out its actions."""
         queue = tuple(r.queued_view() for r in self.table.queued())
-        if not queue:
+        active = self.table.in_state(RequestState.DISPATCHED, RequestState.RUNNING)
+        if not queue and not active:
             return
-        snapshot = Snapshot(queue=queue, agents=tuple(self._agent_views()))
+        snapshot = Snapshot(
+            queue=queue,
+            agents=tuple(self._agent_views()),
+            running=tuple(r.running_view() for r in active if r.dispatched_s is not None),
+            dispatch_count=self._dispatch_count,
+        )
         for action in decide(snapshot, now, self._config):
             if isinstance(action, DispatchAction):
+                self._dispatch_count += 1
                 self._dispatch(action, now)
             elif isinstance(action, RejectAction):
                 self._fail(action.request_id, action.error, now)
+            elif isinstance(action, ReserveAction):
+                self.table.reserve(action.request_id, action.kv_reservation_tokens)
+            elif isinstance(action, PreemptAction):
+                self._preempt(action)
+
+    def _preempt(self, action: PreemptAction) -> None:
+        """Cancel the running attempt and requeue the request; its next attempt resumes after
+        the tokens already streamed (``Dispatch.resume_text``), recomputing their cache."""
+        record = self.table[action.request_id]
+        session = self._session_by_id(action.agent_id)
+        if session is not None:
+            self._send_agent(
+                session.identity, CancelRun(request_id=record.request_id, attempt=record.attempt)
+            )
+        self.table.requeue(record.request_id, agent_failed=False, preempted=action.reason)
+        log.info(
+            "request %s preempted on %s (%s)", record.request_id, action.agent_id, action.reason
+        )
+        self._schedule_needed.set()
 
     def _agent_views(self, *, include_draining: bool = False) -> list[AgentView]:
         """Agents as placement sees them; draining ones take no new work."""

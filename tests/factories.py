@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import Any
 
+from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.table import RequestRecord
-from orchestrator.core.views import AgentView, QueuedRequest
+from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
+from orchestrator.lengths import QUANTILE_LEVELS
 from orchestrator.protocol import AgentId, DeviceProfile, GenerationParams, RequestId
 
 
@@ -22,7 +26,6 @@ def queued(request_id: str = "r1", **overrides: Any) -> QueuedRequest:
         "prompt_tokens_exact": True,
         "max_tokens": 20,
         "model": None,
-        "predicted_tokens": None,
         "attempt": 1,
     }
     fields.update(overrides)
@@ -74,3 +77,32 @@ def profile(**overrides: Any) -> DeviceProfile:
     }
     fields.update(overrides)
     return DeviceProfile(**fields)
+
+
+def estimate(median: float = 100.0, sigma: float = 0.8) -> LengthEstimate:
+    """A log-normal predicted length around ``median`` (as the fake predictor makes them)."""
+    z = {q: NormalDist().inv_cdf(q) for q in QUANTILE_LEVELS}
+    return LengthEstimate(
+        median * math.exp(sigma**2 / 2),
+        tuple((q, median * math.exp(sigma * z[q])) for q in QUANTILE_LEVELS),
+    )
+
+
+def running(request_id: str = "x1", **overrides: Any) -> RunningRequest:
+    fields: dict[str, Any] = {
+        "request_id": RequestId(request_id),
+        "agent_id": AgentId("a1"),
+        "arrival_s": 0.0,
+        "priority": "interactive",
+        "prompt_tokens": 10,
+        "max_tokens": 2000,
+        "generated_tokens": 0,
+        "kv_reservation_tokens": 200,
+        "dispatched_s": 0.0,
+    }
+    fields.update(overrides)
+    return RunningRequest(**fields)
+
+
+def speed(single_tps: float = 100.0, max_seqs: int = 8, exponent: float = 0.35) -> SpeedProfile:
+    return SpeedProfile.power_law(single_tps, 2000.0, max_seqs, exponent)

@@ -1,20 +1,70 @@
-"""Placement: which agent runs a request, among those that can start it now."""
+"""Placement: which agent runs a request, or whether it should wait for a busy one."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final, Protocol
 
-from orchestrator.core.views import AgentView, QueuedRequest
+from orchestrator.core.policies import expected_remaining
+from orchestrator.core.views import AgentView, QueuedRequest, SpeedProfile
 from orchestrator.errors import InvalidRequest
+from orchestrator.protocol import AgentId
+
+DEFAULT_DECODE_TPS: Final = 50.0
+"""Single-sequence tokens/s assumed for an agent that reports no speed."""
+DEFAULT_PREFILL_TPS: Final = 1000.0
+DEFAULT_BATCH_EXPONENT: Final = 0.35
+WAIT_ADVANTAGE: Final = 0.7
+"""Predicted placement waits for a busy device only if the request would finish there in at
+most this fraction of the time it would take on the best device free now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An agent able to run the request, as placement weighs it. ``free_in_s`` estimates when
+    a slot frees for this request (0 when it can start now; counts others already waiting)."""
+
+    agent: AgentView
+    can_start: bool
+    reservation_tokens: int
+    free_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Dispatch to ``agent_id`` now, or (``agent_id`` None) wait, for ``waits_for`` if set."""
+
+    agent_id: AgentId | None
+    waits_for: AgentId | None = None
+
+
+WAIT: Final = Choice(None)
 
 
 class Placement(Protocol):
     name: str
 
-    def choose(self, request: QueuedRequest, agents: Sequence[AgentView]) -> AgentView | None:
-        """Pick one of ``agents`` (all able to start ``request`` now), or None to wait."""
+    def choose(
+        self,
+        request: QueuedRequest,
+        candidates: Sequence[Candidate],
+        dispatch_count: int,
+        may_wait: bool,
+    ) -> Choice:
+        """Pick a candidate that can start now, or wait (only if ``may_wait`` for a busy one)."""
         ...
+
+
+def speed_of(agent: AgentView) -> SpeedProfile:
+    if agent.speed is not None:
+        return agent.speed
+    return SpeedProfile.power_law(
+        agent.decode_tps or DEFAULT_DECODE_TPS,
+        DEFAULT_PREFILL_TPS,
+        agent.max_seqs,
+        DEFAULT_BATCH_EXPONENT,
+    )
 
 
 class LeastLoaded:
@@ -22,13 +72,87 @@ class LeastLoaded:
 
     name = "least-loaded"
 
-    def choose(self, request: QueuedRequest, agents: Sequence[AgentView]) -> AgentView | None:
-        if not agents:
-            return None
-        return min(agents, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id))
+    def choose(
+        self,
+        request: QueuedRequest,
+        candidates: Sequence[Candidate],
+        dispatch_count: int,
+        may_wait: bool,
+    ) -> Choice:
+        startable = [c.agent for c in candidates if c.can_start]
+        if not startable:
+            return WAIT
+        best = min(startable, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id))
+        return Choice(best.agent_id)
 
 
-PLACEMENTS: Final[dict[str, Callable[[], Placement]]] = {"least-loaded": LeastLoaded}
+class RoundRobin:
+    """Agents in turn (by id, rotating with the dispatch count), skipping those that are full."""
+
+    name = "round-robin"
+
+    def choose(
+        self,
+        request: QueuedRequest,
+        candidates: Sequence[Candidate],
+        dispatch_count: int,
+        may_wait: bool,
+    ) -> Choice:
+        ordered = sorted(candidates, key=lambda c: c.agent.agent_id)
+        if not ordered:
+            return WAIT
+        start = dispatch_count % len(ordered)
+        for candidate in ordered[start:] + ordered[:start]:
+            if candidate.can_start:
+                return Choice(candidate.agent.agent_id)
+        return WAIT
+
+
+def predicted_completion_s(request: QueuedRequest, candidate: Candidate) -> float:
+    """Seconds until the request would finish on the candidate: the wait for a slot, the
+    (re)prefill of prompt + resumed tokens, then its expected remaining tokens decoded at the
+    per-sequence speed of the batch it joins."""
+    agent = candidate.agent
+    speed = speed_of(agent)
+    batch = min(agent.max_seqs, agent.running + 1)
+    prefill = speed.prefill_s(request.prompt_tokens + request.generated_tokens)
+    return candidate.free_in_s + prefill + expected_remaining(request) * speed.step_s(batch)
+
+
+class PredictedCompletion:
+    """Minimise the request's predicted completion time over all capable agents, including
+    busy ones: a long job may wait briefly for a much faster device (``WAIT_ADVANTAGE``)
+    rather than start now on a slow one."""
+
+    name = "predicted"
+
+    def choose(
+        self,
+        request: QueuedRequest,
+        candidates: Sequence[Candidate],
+        dispatch_count: int,
+        may_wait: bool,
+    ) -> Choice:
+        if not candidates:
+            return WAIT
+        scored = [(predicted_completion_s(request, c), c.agent.agent_id, c) for c in candidates]
+        best_time, _, best = min(scored, key=lambda s: (s[0], s[1]))
+        if best.can_start:
+            return Choice(best.agent.agent_id)
+        startable = [s for s in scored if s[2].can_start]
+        if not startable:
+            return Choice(None, best.agent.agent_id)
+        free_time, _, free = min(startable, key=lambda s: (s[0], s[1]))
+        if may_wait and best_time <= WAIT_ADVANTAGE * free_time:
+            return Choice(None, best.agent.agent_id)
+        return Choice(free.agent.agent_id)
+
+
+PLACEMENTS: Final[dict[str, Callable[[], Placement]]] = {
+    "least-loaded": LeastLoaded,
+    "round-robin": RoundRobin,
+    "predicted": PredictedCompletion,
+}
 
 
 def make_placement(name: str) -> Placement:

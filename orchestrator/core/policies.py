@@ -1,50 +1,227 @@
-"""Ordering policies: which queued request the scheduler tries to place first."""
+"""Ordering policies: which queued request the scheduler tries to place first, and which
+running request a waiting one may displace.
+
+Every policy shares two guards that the scheduler's tests rely on:
+
+- priority classes: a ``batch`` request yields to ``interactive`` ones until it has waited
+  ``BATCH_PRIORITY_DELAY_S``, then competes as one of them (aging between the classes);
+- starvation: a request whose age (from its class-adjusted arrival) reaches ``starvation_s``
+  ranks ahead of every request that has not, oldest first. So no request is ever passed over
+  by a later arrival once it is ``starvation_s`` old: its wait is at most ``starvation_s`` plus
+  the time for the starved requests ahead of it to find slots.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
-from orchestrator.core.views import QueuedRequest
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.views import QueuedRequest, RunningRequest
 from orchestrator.errors import InvalidRequest
 
 BATCH_PRIORITY_DELAY_S: Final = 30.0
 """A ``batch`` request ranks as if it had arrived this much later than it did: interactive
 requests go first, yet a batch request waits at most this long beyond its FCFS turn."""
+STARVATION_AGE_S: Final = 30.0
+"""Aging bound in seconds: a request this old (class-adjusted) jumps every younger one."""
+UNKNOWN_LENGTH_TOKENS: Final = 256.0
+"""Output length assumed for a request without a prediction (about the traces' mean)."""
+PREEMPT_SIZE_RATIO: Final = 8.0
+"""A waiting request may displace a running one only if the victim's expected remaining
+output is at least this many times the waiter's (SRPT with hysteresis against thrashing)."""
+RESPONSE_RATIO_TOKEN_S: Final = 0.05
+"""Aging for length policies (highest response ratio next): a request's length key is
+divided by ``1 + waited / (tokens * RESPONSE_RATIO_TOKEN_S)``, so a request that has waited as
+long as its own expected service time (at about 20 tokens/s, a full batch's pace) ranks as if
+it were half its length. 0 disables it (pure shortest-first until the starvation bound)."""
+MLFQ_BASE_QUANTUM_TOKENS: Final = 32.0
+MLFQ_QUANTUM_GROWTH: Final = 2.0
+MLFQ_LEVELS: Final = 8
+MLFQ_PROMPT_WEIGHT: Final = 0.1
+"""Skip-join: a prompt token counts as this many generated tokens when choosing the first
+level (prefill is roughly ten times cheaper per token than decode on these devices)."""
+MLFQ_PREEMPT_LEVEL_GAP: Final = 2
+
+View = QueuedRequest | RunningRequest
+
+
+Rank = tuple[int, int, float, float, str]
 
 
 class Policy(Protocol):
     name: str
+    preemptive: bool
+    needs_truth: bool
+    """True for the oracle: the simulator must hand it exact lengths as estimates."""
+    starvation_s: float
+
+    def key(self, request: View) -> float:
+        """Smaller runs first, within a priority class and after starved requests."""
+        ...
+
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
+        """Whether a waiting request with ``key`` ``waiting_key`` is so much more urgent than a
+        running one with ``victim_key`` that preempting it may pay (the scheduler then weighs
+        the recompute)."""
+        ...
 
     def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
         """The queue in the order placement should try it."""
         ...
 
+    def starved(self, request: QueuedRequest, now: float) -> bool: ...
 
-def effective_arrival_s(request: QueuedRequest) -> float:
+    def rank(self, request: QueuedRequest, now: float) -> Rank:
+        """The sort key ``order`` uses: smaller goes first."""
+        ...
+
+
+def effective_arrival_s(request: View) -> float:
     """Arrival time with the priority class folded in as aging."""
     return request.arrival_s + (BATCH_PRIORITY_DELAY_S if request.priority == "batch" else 0.0)
 
 
-class FirstComeFirstServed:
+def expected_remaining(request: View) -> float:
+    """Expected output tokens still to come, from the re-predicted distribution."""
+    estimate = request.estimate
+    if estimate is None:
+        return max(1.0, UNKNOWN_LENGTH_TOKENS - request.generated_tokens)
+    rest = estimate.expected_remaining(request.generated_tokens)
+    return min(rest, float(max(1, request.remaining_budget)))
+
+
+def _initial_expected(estimate: LengthEstimate | None) -> float:
+    return UNKNOWN_LENGTH_TOKENS if estimate is None else estimate.expected
+
+
+class _Base:
+    name = "base"
+    preemptive = False
+    needs_truth = False
+    ages_by_ratio = False
+
+    def __init__(self, starvation_s: float = STARVATION_AGE_S) -> None:
+        if not starvation_s > 0:
+            raise InvalidRequest(f"starvation bound must be > 0 s, got {starvation_s}")
+        self.starvation_s = starvation_s
+
+    def key(self, request: View) -> float:
+        raise NotImplementedError
+
+    def starved(self, request: QueuedRequest, now: float) -> bool:
+        return now - effective_arrival_s(request) >= self.starvation_s
+
+    def rank(self, request: QueuedRequest, now: float) -> Rank:
+        """(starved first, class, policy key, class-adjusted arrival, id)."""
+        arrival = effective_arrival_s(request)
+        if self.starved(request, now):
+            return (0, 0, 0.0, arrival, request.request_id)
+        batch_waiting = request.priority == "batch" and now - request.arrival_s < (
+            BATCH_PRIORITY_DELAY_S
+        )
+        key = self.key(request)
+        if self.ages_by_ratio and RESPONSE_RATIO_TOKEN_S > 0:
+            waited = max(0.0, now - arrival)
+            key = key / (1.0 + waited / (max(1.0, key) * RESPONSE_RATIO_TOKEN_S))
+        return (1, int(batch_waiting), key, arrival, request.request_id)
+
+    def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
+        return sorted(queue, key=lambda r: self.rank(r, now))
+
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
+        return False
+
+
+class FirstComeFirstServed(_Base):
     """Arrival order (with the batch-class delay), what Ollama and llama.cpp server do."""
 
     name = "fcfs"
 
-    def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
-        return sorted(queue, key=lambda r: (effective_arrival_s(r), r.request_id))
+    def key(self, request: View) -> float:
+        return effective_arrival_s(request)
+
+    def rank(self, request: QueuedRequest, now: float) -> Rank:
+        arrival = effective_arrival_s(request)
+        return (0, 0, arrival, arrival, request.request_id)
 
 
-POLICIES: Final[dict[str, Callable[[], Policy]]] = {"fcfs": FirstComeFirstServed}
+class ShortestJobFirst(_Base):
+    """Predicted shortest first, non-preemptive (a requeued request ranks by what remains)."""
+
+    name = "sjf"
+    ages_by_ratio = True
+
+    def key(self, request: View) -> float:
+        if request.generated_tokens:
+            return expected_remaining(request)
+        return _initial_expected(request.estimate)
 
 
-def make_policy(name: str) -> Policy:
+class ShortestRemainingFirst(_Base):
+    """ELIS-style shortest predicted remaining: the remaining length is re-predicted from the
+    distribution conditioned on the tokens generated so far; preempts by ``should_displace``."""
+
+    name = "srtf"
+    preemptive = True
+    ages_by_ratio = True
+
+    def key(self, request: View) -> float:
+        return expected_remaining(request)
+
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
+        return victim_key >= PREEMPT_SIZE_RATIO * waiting_key
+
+
+class Oracle(ShortestRemainingFirst):
+    """``srtf`` with the true lengths (bench and simulator only)."""
+
+    name = "oracle"
+    needs_truth = True
+
+
+def mlfq_level(attained_tokens: float) -> int:
+    """The feedback level after ``attained_tokens`` of service: quanta double level by level."""
+    quantum, level, spent = MLFQ_BASE_QUANTUM_TOKENS, 0, 0.0
+    while level < MLFQ_LEVELS - 1 and attained_tokens >= spent + quantum:
+        spent += quantum
+        quantum *= MLFQ_QUANTUM_GROWTH
+        level += 1
+    return level
+
+
+class MultiLevelFeedback(_Base):
+    """FastServe-style skip-join MLFQ, no predictor: a request joins the level its prompt
+    length skips it to and sinks a level each time its attained tokens exhaust a quantum."""
+
+    name = "mlfq"
+    preemptive = True
+
+    def key(self, request: View) -> float:
+        attained = request.generated_tokens + MLFQ_PROMPT_WEIGHT * request.prompt_tokens
+        return float(mlfq_level(attained))
+
+    def should_displace(self, waiting_key: float, victim_key: float) -> bool:
+        return victim_key - waiting_key >= MLFQ_PREEMPT_LEVEL_GAP
+
+
+POLICIES: Final[dict[str, Callable[..., Policy]]] = {
+    "fcfs": FirstComeFirstServed,
+    "sjf": ShortestJobFirst,
+    "srtf": ShortestRemainingFirst,
+    "mlfq": MultiLevelFeedback,
+    "oracle": Oracle,
+}
+
+
+def make_policy(name: str, *, starvation_s: float = STARVATION_AGE_S) -> Policy:
     """Build a policy by its CLI name."""
     try:
-        return POLICIES[name]()
+        factory = POLICIES[name]
     except KeyError:
         raise InvalidRequest(
             f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}",
             field="policy",
             value=name,
         ) from None
+    return factory(starvation_s=starvation_s)

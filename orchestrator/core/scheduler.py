@@ -1,20 +1,62 @@
-"""``decide``: the one scheduling step that the coordinator and the simulator share."""
+"""``decide``: the one scheduling step that the coordinator and the simulator share.
+
+One call does three things, in this order:
+
+1. KV growth. A running request whose KV use comes within ``KV_RAISE_TRIGGER_TOKENS`` of its
+   reservation gets a raise: to prompt + generated + the ``kv_raise_quantile`` of its
+   re-predicted remaining length if that fits the device, else by ``KV_HEADROOM_TOKENS`` only
+   (raise-as-you-go, as A_min does). When not even that fits, requests on the device are
+   preempted (recomputed later), cheapest recompute first, unless that would cost more than
+   preempting the grower itself. Reservations therefore never exceed a device's budget.
+2. Ordering and placement. Requests are tried in policy order (at most ``DECIDE_LOOKAHEAD``
+   per call, so each event costs bounded work); each is admitted where its prompt + generated
+   + an adaptive quantile of its predicted output fits the free KV budget: the quantile rises
+   from ``kv_quantile_low`` on an empty device to ``kv_quantile_high`` on a full one, because a
+   raise later is likely to fit on a device with room and unlikely on a crowded one.
+3. Preemption (preemptive policies only). A request that cannot start anywhere may displace a
+   running one when the policy says it is much more urgent, the victim has been preempted fewer
+   than ``max_preemptions`` times and is not itself starving, and the recompute (re-prefill of
+   the victim's prompt + generated tokens, stalling the whole batch) costs less than
+   ``PREEMPT_COST_FRACTION`` of the time it saves.
+"""
 
 from __future__ import annotations
 
+import heapq
+import math
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Final
 
-from orchestrator.core.placement import Placement
-from orchestrator.core.policies import Policy
+from orchestrator.core.placement import Candidate, Placement, speed_of
+from orchestrator.core.policies import Policy, effective_arrival_s, expected_remaining
 from orchestrator.core.views import (
     Action,
     AgentView,
     DispatchAction,
+    PreemptAction,
     QueuedRequest,
     RejectAction,
+    ReserveAction,
+    RunningRequest,
     Snapshot,
 )
 from orchestrator.errors import ContextOverflow, Unavailable
+from orchestrator.protocol import AgentId, RequestId
+
+KV_QUANTILE_LOW: Final = 0.3
+KV_QUANTILE_HIGH: Final = 0.6
+KV_RAISE_QUANTILE: Final = 0.9
+KV_HEADROOM_TOKENS: Final = 32
+"""Cells reserved beyond the predicted quantile, and the smallest raise."""
+KV_RAISE_TRIGGER_TOKENS: Final = 16
+"""A running request is raised once fewer than this many reserved cells are left unused."""
+MAX_PREEMPTIONS: Final = 1
+"""Priority preemptions a request may suffer; KV preemptions are not limited (they are forced)."""
+PREEMPT_COST_FRACTION: Final = 0.15
+PREEMPT_TRIES_PER_DECIDE: Final = 2
+DECIDE_LOOKAHEAD: Final = 16
+"""Queued requests (in policy order) one call considers for placement."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,43 +64,277 @@ class SchedulerConfig:
     policy: Policy
     placement: Placement
     unavailable_timeout_s: float
+    kv_quantile_low: float = KV_QUANTILE_LOW
+    kv_quantile_high: float = KV_QUANTILE_HIGH
+    kv_raise_quantile: float = KV_RAISE_QUANTILE
+    max_preemptions: int = MAX_PREEMPTIONS
+
+
+def admission_reservation(request: QueuedRequest, agent: AgentView, config: SchedulerConfig) -> int:
+    """KV cells to reserve when starting ``request`` on ``agent`` (see the module docstring)."""
+    cap = agent.reservation_tokens(request)
+    if request.estimate is None:
+        return cap
+    used = agent.kv_reserved_tokens / max(1, agent.kv_budget_tokens)
+    q = config.kv_quantile_low + (config.kv_quantile_high - config.kv_quantile_low) * min(1.0, used)
+    output = request.estimate.remaining_quantile(q, request.generated_tokens)
+    need = request.prompt_tokens + request.generated_tokens + math.ceil(output)
+    return min(cap, need + KV_HEADROOM_TOKENS)
+
+
+def _reservation_cap(running: RunningRequest, agent: AgentView) -> int:
+    return min(running.prompt_tokens + running.max_tokens, agent.n_ctx)
+
+
+def needs_raise(running: RunningRequest, agent: AgentView) -> bool:
+    return (
+        running.kv_reservation_tokens < _reservation_cap(running, agent)
+        and running.kv_used_tokens + KV_RAISE_TRIGGER_TOKENS >= running.kv_reservation_tokens
+    )
+
+
+def raised_reservation(running: RunningRequest, agent: AgentView, config: SchedulerConfig) -> int:
+    cap = _reservation_cap(running, agent)
+    if running.estimate is None:
+        return cap
+    output = running.estimate.remaining_quantile(config.kv_raise_quantile, running.generated_tokens)
+    target = running.kv_used_tokens + math.ceil(output) + KV_HEADROOM_TOKENS
+    return min(cap, max(running.kv_reservation_tokens + KV_HEADROOM_TOKENS, target))
+
+
+class _State:
+    """The mutable working copy of one ``decide`` call (never escapes it)."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.agents: dict[AgentId, AgentView] = {a.agent_id: a for a in snapshot.agents}
+        self.running: dict[AgentId, list[RunningRequest]] = defaultdict(list)
+        for r in snapshot.running:
+            self.running[r.agent_id].append(r)
+        self.actions: list[Action] = []
+        self.preempted: set[RequestId] = set()
+        self.backlog: dict[AgentId, int] = defaultdict(int)
+        self._finish_times: dict[AgentId, list[float]] = {}
+        self._rest: dict[RequestId, float] = {}
+        self._keys: dict[RequestId, float] = {}
+        self.dispatched = 0
+
+    def rest(self, running: RunningRequest) -> float:
+        """Expected remaining tokens of a running request, computed once per call."""
+        value = self._rest.get(running.request_id)
+        if value is None:
+            value = self._rest[running.request_id] = expected_remaining(running)
+        return value
+
+    def key(self, policy: Policy, running: RunningRequest) -> float:
+        value = self._keys.get(running.request_id)
+        if value is None:
+            value = self._keys[running.request_id] = policy.key(running)
+        return value
+
+    def preempt(self, victim: RunningRequest, reason: str) -> None:
+        agent = self.agents[victim.agent_id]
+        self.agents[victim.agent_id] = agent.with_released(victim.kv_reservation_tokens)
+        self.running[victim.agent_id] = [
+            r for r in self.running[victim.agent_id] if r.request_id != victim.request_id
+        ]
+        self.preempted.add(victim.request_id)
+        self._finish_times.pop(victim.agent_id, None)
+        self.actions.append(PreemptAction(victim.request_id, victim.agent_id, reason))  # type: ignore[arg-type]
+
+    def dispatch(self, request: QueuedRequest, agent_id: AgentId, reservation: int) -> None:
+        self.agents[agent_id] = self.agents[agent_id].with_dispatched(request, reservation)
+        self.actions.append(DispatchAction(request.request_id, agent_id, reservation))
+        self.dispatched += 1
+
+    def free_in_s(self, agent: AgentView) -> float:
+        """Seconds until the (backlog + 1)-th running request on ``agent`` is expected to end."""
+        times = self._finish_times.get(agent.agent_id)
+        if times is None:
+            step = speed_of(agent).step_s(agent.running)
+            times = sorted(self.rest(r) * step for r in self.running[agent.agent_id])
+            self._finish_times[agent.agent_id] = times
+        if not times:
+            return 0.0
+        k = self.backlog[agent.agent_id] + 1
+        if k <= len(times):
+            return times[k - 1]
+        return times[-1] * k / len(times)
 
 
 def decide(snapshot: Snapshot, now: float, config: SchedulerConfig) -> list[Action]:
-    """Place what can start now, reject what never can, and leave the rest queued.
+    """Raise or preempt for KV growth, place what can start now, reject what never can, and
+    leave the rest queued (late binding: the coordinator keeps the only queue)."""
+    state = _State(snapshot)
+    _grow_reservations(snapshot, state, config)
+    if snapshot.queue:
+        _place_queue(snapshot, now, state, config)
+    return state.actions
 
-    Late binding: a request is bound to an agent only when that agent has a free slot and KV
-    room for it, so the coordinator keeps the only queue. Requests are tried in policy order;
-    one that cannot start yet does not block others that fit elsewhere.
-    """
-    agents = {agent.agent_id: agent for agent in snapshot.agents}
-    actions: list[Action] = []
-    for request in config.policy.order(snapshot.queue, now):
-        capable = [a for a in agents.values() if a.serves(request.model)]
-        if not capable:
-            if now - request.arrival_s >= config.unavailable_timeout_s:
-                actions.append(RejectAction(request.request_id, _unavailable(request, now)))
+
+def _grow_reservations(snapshot: Snapshot, state: _State, config: SchedulerConfig) -> None:
+    for r in snapshot.running:
+        agent = state.agents.get(r.agent_id)
+        if agent is None or r.request_id in state.preempted or not needs_raise(r, agent):
             continue
-        overflow = _overflow(request, capable)
-        if overflow is not None:
-            actions.append(RejectAction(request.request_id, overflow))
-            continue
-        startable = [a for a in capable if a.fits_context(request) and a.can_start(request)]
-        chosen = config.placement.choose(request, startable)
-        if chosen is None:
-            continue
-        agents[chosen.agent_id] = chosen.with_dispatched(request)
-        actions.append(
-            DispatchAction(request.request_id, chosen.agent_id, chosen.reservation_tokens(request))
+        target = raised_reservation(r, agent, config)
+        for wanted in (target, r.kv_reservation_tokens + KV_HEADROOM_TOKENS):
+            wanted = min(wanted, _reservation_cap(r, agent))
+            if wanted - r.kv_reservation_tokens <= agent.free_kv_tokens:
+                state.agents[r.agent_id] = agent.with_reserved(wanted - r.kv_reservation_tokens)
+                state.actions.append(ReserveAction(r.request_id, r.agent_id, wanted))
+                break
+        else:
+            _make_room(r, agent, state)
+
+
+def _make_room(grower: RunningRequest, agent: AgentView, state: _State) -> None:
+    """Free enough cells for the grower's smallest raise by preempting others, cheapest
+    recompute first; if that would recompute more than the grower has, preempt the grower."""
+    extra = min(grower.kv_reservation_tokens + KV_HEADROOM_TOKENS, _reservation_cap(grower, agent))
+    extra -= grower.kv_reservation_tokens
+    others = sorted(
+        (
+            r
+            for r in state.running[grower.agent_id]
+            if r.request_id != grower.request_id and r.request_id not in state.preempted
+        ),
+        key=lambda r: (r.kv_used_tokens, -r.kv_reservation_tokens, r.request_id),
+    )
+    victims: list[RunningRequest] = []
+    freed = 0
+    for r in others:
+        if agent.free_kv_tokens + freed >= extra:
+            break
+        victims.append(r)
+        freed += r.kv_reservation_tokens
+    recompute = sum(v.kv_used_tokens for v in victims)
+    if agent.free_kv_tokens + freed >= extra and recompute < grower.kv_used_tokens:
+        for v in victims:
+            state.preempt(v, "kv")
+        current = state.agents[grower.agent_id]
+        state.agents[grower.agent_id] = current.with_reserved(extra)
+        state.actions.append(
+            ReserveAction(grower.request_id, grower.agent_id, grower.kv_reservation_tokens + extra)
         )
-    return actions
+    else:
+        state.preempt(grower, "kv")
 
 
-def _overflow(request: QueuedRequest, capable: list[AgentView]) -> ContextOverflow | None:
+def _place_queue(snapshot: Snapshot, now: float, state: _State, config: SchedulerConfig) -> None:
+    policy = config.policy
+    by_model: dict[str | None, list[AgentId]] = {}
+    limit: dict[str | None, int] = {}
+    for request in snapshot.queue:
+        if request.model not in by_model:
+            ids = [a.agent_id for a in snapshot.agents if a.serves(request.model)]
+            by_model[request.model] = ids
+            limit[request.model] = max(
+                (min(state.agents[i].n_ctx, state.agents[i].kv_budget_tokens) for i in ids),
+                default=0,
+            )
+    placeable: list[QueuedRequest] = []
+    for request in snapshot.queue:
+        if not by_model[request.model]:
+            if now - request.arrival_s >= config.unavailable_timeout_s:
+                state.actions.append(RejectAction(request.request_id, _unavailable(request, now)))
+        elif request.prompt_tokens_exact and request.context_tokens > limit[request.model]:
+            state.actions.append(
+                RejectAction(request.request_id, _overflow(request, limit[request.model]))
+            )
+        else:
+            placeable.append(request)
+    if not placeable:
+        return
+    has_slot = any(a.free_slots > 0 for a in state.agents.values())
+    if not has_slot and not policy.preemptive:
+        return
+    lookahead = DECIDE_LOOKAHEAD if has_slot else PREEMPT_TRIES_PER_DECIDE
+    if len(placeable) > lookahead:
+        ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now))
+    else:
+        ordered = policy.order(placeable, now)
+    preempt_tries = PREEMPT_TRIES_PER_DECIDE
+    for request in ordered:
+        agents = [state.agents[i] for i in by_model[request.model]]
+        if not any(a.free_slots > 0 for a in agents):
+            if policy.preemptive and preempt_tries > 0:
+                preempt_tries -= 1
+                _try_preempt(request, agents, now, state, config)
+            continue
+        candidates = []
+        for agent in agents:
+            if not agent.fits_context(request):
+                continue
+            reservation = admission_reservation(request, agent, config)
+            can_start = agent.can_start(request, reservation)
+            free_in = 0.0 if can_start else state.free_in_s(agent)
+            candidates.append(Candidate(agent, can_start, reservation, free_in))
+        choice = config.placement.choose(
+            request,
+            candidates,
+            snapshot.dispatch_count + state.dispatched,
+            True,
+        )
+        if choice.agent_id is not None:
+            chosen = next(c for c in candidates if c.agent.agent_id == choice.agent_id)
+            state.dispatch(request, choice.agent_id, chosen.reservation_tokens)
+            continue
+        if policy.preemptive and preempt_tries > 0:
+            preempt_tries -= 1
+            if _try_preempt(request, agents, now, state, config):
+                continue
+        if choice.waits_for is not None:
+            state.backlog[choice.waits_for] += 1
+
+
+def _try_preempt(
+    request: QueuedRequest,
+    agents: list[AgentView],
+    now: float,
+    state: _State,
+    config: SchedulerConfig,
+) -> bool:
+    """Displace the running request whose preemption saves the most time net of recompute."""
+    policy = config.policy
+    waiting_rest = expected_remaining(request)
+    waiting_key = policy.key(request)
+    best: tuple[float, RunningRequest, AgentView] | None = None
+    for agent in agents:
+        if not agent.fits_context(request):
+            continue
+        speed = speed_of(agent)
+        step = speed.step_s(agent.running)
+        for victim in state.running[agent.agent_id]:
+            if (
+                victim.request_id in state.preempted
+                or victim.preemptions >= config.max_preemptions
+                or (victim.priority == "interactive" and request.priority == "batch")
+                or now - effective_arrival_s(victim) >= policy.starvation_s
+                or not policy.should_displace(waiting_key, state.key(policy, victim))
+            ):
+                continue
+            # The waiter saves its wait for a slot here; the victim then waits about the
+            # waiter's run time for a slot, and its recompute stalls the whole batch.
+            gain = state.free_in_s(agent)
+            cost = waiting_rest * step + speed.prefill_s(victim.kv_used_tokens) * agent.running
+            if cost > PREEMPT_COST_FRACTION * gain:
+                continue
+            released = agent.with_released(victim.kv_reservation_tokens)
+            if not released.can_start(request, admission_reservation(request, released, config)):
+                continue
+            if best is None or gain - cost > best[0]:
+                best = (gain - cost, victim, agent)
+    if best is None:
+        return False
+    _, victim, agent = best
+    state.preempt(victim, "priority")
+    released = state.agents[agent.agent_id]
+    state.dispatch(request, agent.agent_id, admission_reservation(request, released, config))
+    return True
+
+
+def _overflow(request: QueuedRequest, limit: int) -> ContextOverflow:
     """Reject only on an exact token count: an estimate is left for the agent to check."""
-    if any(a.fits_context(request) for a in capable):
-        return None
-    limit = max(min(a.n_ctx, a.kv_budget_tokens) for a in capable)
     return ContextOverflow(
         f"prompt of {request.prompt_tokens} tokens plus max_tokens {request.max_tokens} "
         f"exceeds the largest context of {limit} tokens",

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import TERMINAL_STATES, RequestState, check_transition
-from orchestrator.core.views import QueuedRequest
+from orchestrator.core.views import QueuedRequest, RunningRequest
 from orchestrator.errors import EdgeorchError, InternalError
 from orchestrator.protocol import AgentId, FinishReason, GenerationParams, RequestId
 
@@ -38,6 +39,13 @@ class RequestRecord:
     them, after which resuming falls back to the text."""
     finish_reason: FinishReason | None = None
     error: EdgeorchError | None = None
+    estimate: LengthEstimate | None = None
+    preemptions: int = 0
+    """Priority preemptions suffered (the scheduler limits these)."""
+    kv_preemptions: int = 0
+    """Preemptions forced by KV growth (not limited: they are what keeps reservations safe)."""
+    attempt_start_tokens: int = 0
+    """``generated_tokens`` when the current attempt was dispatched (what it resumes after)."""
 
     @property
     def text(self) -> str:
@@ -52,8 +60,27 @@ class RequestRecord:
             prompt_tokens_exact=self.prompt_tokens_exact,
             max_tokens=self.params.max_tokens,
             model=self.params.model,
-            predicted_tokens=self.predicted_tokens,
             attempt=self.attempt,
+            estimate=self.estimate,
+            generated_tokens=self.generated_tokens,
+            preemptions=self.preemptions,
+        )
+
+    def running_view(self) -> RunningRequest:
+        assert self.agent_id is not None and self.dispatched_s is not None
+        return RunningRequest(
+            request_id=self.request_id,
+            agent_id=self.agent_id,
+            arrival_s=self.arrival_s,
+            priority=self.params.priority,
+            prompt_tokens=self.prompt_tokens,
+            max_tokens=self.params.max_tokens,
+            generated_tokens=self.generated_tokens,
+            kv_reservation_tokens=self.kv_reservation_tokens,
+            dispatched_s=self.dispatched_s,
+            estimate=self.estimate,
+            preemptions=self.preemptions,
+            resumed_tokens=self.attempt_start_tokens,
         )
 
 
@@ -70,6 +97,8 @@ class RequestTable:
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
+        self.preemptions = 0
+        self.kv_preemptions = 0
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._records
@@ -113,6 +142,15 @@ class RequestTable:
         self._by_agent.setdefault(agent_id, {})[request_id] = record
         record.kv_reservation_tokens = kv_reservation_tokens
         record.dispatched_s = now
+        record.attempt_start_tokens = record.generated_tokens
+        return record
+
+    def reserve(self, request_id: RequestId, kv_reservation_tokens: int) -> RequestRecord:
+        """Raise (or set) a dispatched request's KV reservation."""
+        record = self._records[request_id]
+        if record.state not in (RequestState.DISPATCHED, RequestState.RUNNING):
+            raise InternalError(f"reservation for request {request_id} in state {record.state}")
+        record.kv_reservation_tokens = kv_reservation_tokens
         return record
 
     def add_tokens(
@@ -162,12 +200,20 @@ class RequestTable:
         self.cancelled += 1
         return record
 
-    def requeue(self, request_id: RequestId, *, agent_failed: bool) -> RequestRecord:
+    def requeue(
+        self, request_id: RequestId, *, agent_failed: bool, preempted: str | None = None
+    ) -> RequestRecord:
         """Back to the queue as the next attempt; tokens already generated are kept, so the next
-        attempt resumes after them."""
+        attempt resumes after them. ``preempted`` ("priority" or "kv") counts a preemption."""
         record = self._move(request_id, RequestState.QUEUED)
         record.attempt += 1
         record.agent_failures += int(agent_failed)
+        if preempted == "priority":
+            record.preemptions += 1
+            self.preemptions += 1
+        elif preempted == "kv":
+            record.kv_preemptions += 1
+            self.kv_preemptions += 1
         self._unbind(record)
         record.agent_id = None
         record.kv_reservation_tokens = 0

@@ -3,15 +3,69 @@ actions it returns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
+from orchestrator.core.estimate import LengthEstimate
 from orchestrator.errors import EdgeorchError
 from orchestrator.protocol import AgentId, Priority, RequestId
 
 
 @dataclass(frozen=True, slots=True)
+class SpeedProfile:
+    """A device's speed: aggregate decode tokens/s at some numbers of concurrent sequences
+    (sorted ``(seqs, tokens_per_s)``, interpolated log-log) and prompt tokens/s."""
+
+    decode_points: tuple[tuple[int, float], ...]
+    prefill_tps: float
+    _steps: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Tabulate step times up to the last point (the scheduler asks for them per request)."""
+        top = self.decode_points[-1][0] if self.decode_points else 1
+        table = tuple(n / self._interpolate(n) for n in range(1, top + 1))
+        object.__setattr__(self, "_steps", table)
+
+    @classmethod
+    def power_law(
+        cls, single_tps: float, prefill_tps: float, max_seqs: int, exponent: float
+    ) -> SpeedProfile:
+        """Aggregate throughput ``single_tps * seqs**exponent`` (the fake engine's law)."""
+        seqs = sorted({1, max(1, max_seqs // 4), max(1, max_seqs)})
+        return cls(tuple((n, single_tps * n**exponent) for n in seqs), prefill_tps)
+
+    def aggregate_tps(self, seqs: int) -> float:
+        """Tokens/s summed over ``seqs`` sequences decoding together."""
+        return self._interpolate(seqs)
+
+    def _interpolate(self, seqs: int) -> float:
+        points = self.decode_points
+        n = max(1, seqs)
+        if n <= points[0][0]:
+            return points[0][1] * n / points[0][0]
+        for (n0, t0), (n1, t1) in itertools.pairwise(points):
+            if n <= n1:
+                w = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+                return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
+        return points[-1][1]
+
+    def step_s(self, seqs: int) -> float:
+        """Seconds per decode step (one token for each of ``seqs`` sequences)."""
+        n = max(1, seqs)
+        if n <= len(self._steps):
+            return self._steps[n - 1]
+        return n / self._interpolate(n)
+
+    def prefill_s(self, tokens: int) -> float:
+        return tokens / self.prefill_tps
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedRequest:
-    """A request waiting for a device. ``max_tokens`` is the request's whole output budget."""
+    """A request waiting for a device. ``max_tokens`` is the request's whole output budget;
+    ``generated_tokens`` were produced by earlier attempts and are resumed after."""
 
     request_id: RequestId
     arrival_s: float
@@ -20,13 +74,55 @@ class QueuedRequest:
     prompt_tokens_exact: bool
     max_tokens: int
     model: str | None
-    predicted_tokens: float | None
     attempt: int
+    estimate: LengthEstimate | None = None
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+    @property
+    def predicted_tokens(self) -> float | None:
+        return None if self.estimate is None else self.estimate.expected
 
     @property
     def context_tokens(self) -> int:
         """KV cells the request needs at most: its prompt plus its whole output budget."""
         return self.prompt_tokens + self.max_tokens
+
+    @property
+    def remaining_budget(self) -> int:
+        return max(0, self.max_tokens - self.generated_tokens)
+
+    def remaining_estimate(self) -> LengthEstimate | None:
+        return None if self.estimate is None else self.estimate.remaining(self.generated_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRequest:
+    """A request dispatched to an agent, with what it has generated so far (all attempts)."""
+
+    request_id: RequestId
+    agent_id: AgentId
+    arrival_s: float
+    priority: Priority
+    prompt_tokens: int
+    max_tokens: int
+    generated_tokens: int
+    kv_reservation_tokens: int
+    dispatched_s: float
+    estimate: LengthEstimate | None = None
+    preemptions: int = 0
+    resumed_tokens: int = 0
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+    @property
+    def remaining_budget(self) -> int:
+        return max(0, self.max_tokens - self.generated_tokens)
+
+    def remaining_estimate(self) -> LengthEstimate | None:
+        return None if self.estimate is None else self.estimate.remaining(self.generated_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,17 +137,23 @@ class AgentView:
     running: int
     kv_reserved_tokens: int
     decode_tps: float | None = None
+    speed: SpeedProfile | None = None
 
     @property
     def free_kv_tokens(self) -> int:
         return self.kv_budget_tokens - self.kv_reserved_tokens
 
+    @property
+    def free_slots(self) -> int:
+        return self.max_seqs - self.running
+
     def serves(self, model: str | None) -> bool:
         return model is None or model == self.model_name
 
     def reservation_tokens(self, request: QueuedRequest) -> int:
-        """KV cells to reserve here: the request's whole need, which the agent caps at its
-        n_ctx (an estimated prompt length may overshoot; the agent then refuses exactly)."""
+        """The most KV cells the request can need here: its whole context, which the agent
+        caps at its n_ctx (an estimated prompt length may overshoot; the agent then refuses
+        exactly)."""
         return min(request.context_tokens, self.n_ctx)
 
     def fits_context(self, request: QueuedRequest) -> bool:
@@ -60,24 +162,35 @@ class AgentView:
             self.n_ctx, self.kv_budget_tokens
         )
 
-    def can_start(self, request: QueuedRequest) -> bool:
+    def can_start(self, request: QueuedRequest, reservation: int | None = None) -> bool:
         """A free sequence slot and room for the request's KV reservation now."""
-        return (
-            self.running < self.max_seqs and self.reservation_tokens(request) <= self.free_kv_tokens
+        tokens = self.reservation_tokens(request) if reservation is None else reservation
+        return self.running < self.max_seqs and tokens <= self.free_kv_tokens
+
+    def with_dispatched(self, request: QueuedRequest, reservation: int | None = None) -> AgentView:
+        tokens = self.reservation_tokens(request) if reservation is None else reservation
+        return replace(
+            self, running=self.running + 1, kv_reserved_tokens=self.kv_reserved_tokens + tokens
         )
 
-    def with_dispatched(self, request: QueuedRequest) -> AgentView:
+    def with_released(self, tokens: int) -> AgentView:
         return replace(
-            self,
-            running=self.running + 1,
-            kv_reserved_tokens=self.kv_reserved_tokens + self.reservation_tokens(request),
+            self, running=self.running - 1, kv_reserved_tokens=self.kv_reserved_tokens - tokens
         )
+
+    def with_reserved(self, extra_tokens: int) -> AgentView:
+        return replace(self, kv_reserved_tokens=self.kv_reserved_tokens + extra_tokens)
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
+    """Everything ``decide`` looks at. ``dispatch_count`` (dispatches so far) lets round-robin
+    placement rotate without state of its own."""
+
     queue: tuple[QueuedRequest, ...]
     agents: tuple[AgentView, ...]
+    running: tuple[RunningRequest, ...] = ()
+    dispatch_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +206,26 @@ class RejectAction:
     error: EdgeorchError
 
 
-Action = DispatchAction | RejectAction
+@dataclass(frozen=True, slots=True)
+class ReserveAction:
+    """Raise a running request's KV reservation to ``kv_reservation_tokens`` (it fits)."""
+
+    request_id: RequestId
+    agent_id: AgentId
+    kv_reservation_tokens: int
+
+
+PreemptReason = Literal["priority", "kv"]
+
+
+@dataclass(frozen=True, slots=True)
+class PreemptAction:
+    """Stop a running request and requeue it, keeping its tokens (the next attempt recomputes
+    its cache from prompt + generated text): the coordinator sends cancel-and-requeue."""
+
+    request_id: RequestId
+    agent_id: AgentId
+    reason: PreemptReason
+
+
+Action = DispatchAction | RejectAction | ReserveAction | PreemptAction

@@ -10,7 +10,7 @@ from orchestrator.core.lifecycle import (
     RequestState,
     check_transition,
 )
-from orchestrator.core.placement import LeastLoaded, make_placement
+from orchestrator.core.placement import Candidate, LeastLoaded, make_placement
 from orchestrator.core.policies import BATCH_PRIORITY_DELAY_S, FirstComeFirstServed, make_policy
 from orchestrator.core.scheduler import SchedulerConfig, decide
 from orchestrator.core.table import RequestTable
@@ -168,8 +168,9 @@ def test_least_loaded_prefers_free_share_then_free_kv() -> None:
         agent("idle-small", kv_budget_tokens=5000),
         agent("idle-big", kv_budget_tokens=9000),
     ]
-    chosen = LeastLoaded().choose(queued(), agents)
-    assert chosen is not None and chosen.agent_id == "idle-big"
+    candidates = [Candidate(a, True, 100, 0.0) for a in agents]
+    chosen = LeastLoaded().choose(queued(), candidates, 0, True)
+    assert chosen.agent_id == "idle-big"
 
 
 def test_params_factory_defaults_are_valid() -> None:

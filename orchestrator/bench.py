@@ -1,0 +1,399 @@
+"""``edgeorch bench``: replay a trace through the simulator (``--sim``) under several policies
+on the same arrivals, and write the JSON of ../shared/DESIGN.md plus a PNG next to it.
+
+Arrivals are scaled so that the offered decode load is ``--load`` times the cluster's nominal
+decode capacity (the sum over devices of tokens/s at a full batch), or to a mean of ``--rate``
+requests/s. Every request generates exactly its trace length (times ``--length-scale``, capped
+by ``--max-output-tokens``); its ``max_tokens`` is the same for all requests (the cap, or the
+longest answer), so the scheduler learns nothing of a request's length from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.placement import make_placement
+from orchestrator.core.policies import STARVATION_AGE_S, make_policy
+from orchestrator.core.scheduler import SchedulerConfig
+from orchestrator.errors import InvalidRequest
+from orchestrator.lengths import (
+    FakePredictor,
+    exact_estimates,
+    kendall_tau,
+    parse_predictor,
+    real_estimates,
+)
+from orchestrator.sim import SIM_UNAVAILABLE_TIMEOUT_S, Cluster, SimReport, SimRequest, Simulator
+from orchestrator.tokens import EstimatedTokenCounter
+
+DEFAULT_SEED: Final = 1
+PROGRESS_BAR_WIDTH: Final = 30
+PERCENTILES: Final = (50, 90, 99)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRow:
+    arrival_s: float
+    prompt: str
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSpec:
+    trace: Path
+    cluster: Cluster
+    policies: tuple[str, ...]
+    loads: tuple[float, ...]
+    rate: float | None
+    placement: str
+    length_scale: float
+    max_output_tokens: int | None
+    max_requests: int | None
+    predictor: str
+    seed: int
+    starvation_s: float = STARVATION_AGE_S
+
+
+def _positive(value: float, flag: str) -> float:
+    if not value > 0 or math.isinf(value):
+        raise InvalidRequest(f"{flag} must be a positive number, got {value}", field=flag[2:])
+    return value
+
+
+def bench_spec_from_args(args: Any) -> BenchSpec:
+    """Validate the ``edgeorch bench`` flags into a spec; bad input raises InvalidRequest."""
+    from orchestrator.core.policies import POLICIES
+    from orchestrator.sim import load_cluster
+
+    if args.live:
+        raise InvalidRequest(
+            "edgeorch bench --live is not yet implemented: it needs the continuous-batching "
+            "engine (use --sim --cluster F for now)",
+            field="live",
+        )
+    if args.cluster is None:
+        raise InvalidRequest(
+            "--sim needs --cluster F (e.g. configs/cluster-edge.toml)", field="cluster"
+        )
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    unknown = [p for p in policies if p not in POLICIES]
+    if not policies or unknown:
+        raise InvalidRequest(
+            f"--policies: unknown {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(sorted(POLICIES))}",
+            field="policies",
+        )
+    if len(set(policies)) != len(policies):
+        raise InvalidRequest(f"--policies lists a policy twice: {args.policies}", field="policies")
+    loads: tuple[float, ...] = ()
+    if args.load is not None:
+        try:
+            loads = tuple(float(x) for x in str(args.load).split(","))
+        except ValueError:
+            raise InvalidRequest(f"--load needs numbers, got {args.load!r}", field="load") from None
+        for load in loads:
+            _positive(load, "--load")
+    else:
+        _positive(args.rate, "--rate")
+    _positive(args.length_scale, "--length-scale")
+    for flag, value in (
+        ("--max-output-tokens", args.max_output_tokens),
+        ("--max-requests", args.max_requests),
+    ):
+        if value is not None and value < 1:
+            raise InvalidRequest(f"{flag} must be at least 1, got {value}", field=flag[2:])
+    parse_predictor(args.predictor)
+    starvation = STARVATION_AGE_S if args.starvation_s is None else args.starvation_s
+    _positive(starvation, "--starvation-s")
+    return BenchSpec(
+        trace=args.trace,
+        cluster=load_cluster(args.cluster),
+        policies=policies,
+        loads=loads,
+        rate=args.rate,
+        placement=args.placement,
+        length_scale=args.length_scale,
+        max_output_tokens=args.max_output_tokens,
+        max_requests=args.max_requests,
+        predictor=args.predictor,
+        seed=args.seed,
+        starvation_s=starvation,
+    )
+
+
+def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read trace {path}: {exc.strerror}", field="trace") from None
+    rows: list[TraceRow] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            rows.append(
+                TraceRow(float(raw["arrival_s"]), str(raw["prompt"]), int(raw["output_tokens"]))
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequest(
+                f"trace {path} line {number}: needs arrival_s, prompt, output_tokens ({exc!r})",
+                field="trace",
+            ) from None
+        if max_requests is not None and len(rows) >= max_requests:
+            break
+    if len(rows) < 2:
+        raise InvalidRequest(f"trace {path} has {len(rows)} requests; need at least 2")
+    rows.sort(key=lambda r: r.arrival_s)
+    return rows
+
+
+def output_lengths(
+    rows: Sequence[TraceRow], length_scale: float, max_output_tokens: int | None
+) -> list[int]:
+    """Each answer's length times ``length_scale`` (at least 1), capped."""
+    lengths = [max(1, round(r.output_tokens * length_scale)) for r in rows]
+    if max_output_tokens is not None:
+        lengths = [min(n, max_output_tokens) for n in lengths]
+    return lengths
+
+
+def arrival_scale(
+    rows: Sequence[TraceRow],
+    lengths: Sequence[int],
+    capacity_tokens_s: float,
+    load: float | None,
+    rate: float | None,
+) -> float:
+    """The factor applied to arrival times (and so divided into inter-arrival gaps)."""
+    span = rows[-1].arrival_s - rows[0].arrival_s
+    if span <= 0:
+        raise InvalidRequest("trace arrivals span no time; cannot scale them")
+    if load is not None:
+        offered = sum(lengths) / span
+        return offered / (load * capacity_tokens_s)
+    assert rate is not None
+    return ((len(rows) - 1) / span) / rate
+
+
+def estimates_for(
+    kind: str, tau: float, rows: Sequence[TraceRow], lengths: Sequence[int], spec: BenchSpec
+) -> tuple[list[LengthEstimate], float]:
+    """Estimates for the non-oracle policies and their Kendall tau against the truth."""
+    if kind == "real":
+        estimates = real_estimates([r.prompt for r in rows], spec.length_scale)
+    else:
+        estimates = FakePredictor.for_tau(tau, lengths, spec.seed).estimates(lengths)
+    sample = len(lengths)
+    measured = kendall_tau([e.quantile(0.5) for e in estimates[:sample]], lengths[:sample])
+    return estimates, measured
+
+
+def run_bench(
+    spec: BenchSpec, progress: Callable[[str, int, int], None] | None = None
+) -> dict[str, Any]:
+    rows = load_trace(spec.trace, spec.max_requests)
+    lengths = output_lengths(rows, spec.length_scale, spec.max_output_tokens)
+    max_tokens = spec.max_output_tokens or max(lengths)
+    kind, tau = parse_predictor(spec.predictor)
+    estimates, measured_tau = estimates_for(kind, tau, rows, lengths, spec)
+    truth = exact_estimates(lengths)
+    counter = EstimatedTokenCounter()
+    prompt_tokens = [counter.count(r.prompt, None)[0] for r in rows]
+    capacity = spec.cluster.capacity_tokens_s
+    sweep: list[dict[str, Any]] = []
+    diagnostics: dict[str, Any] = {}
+    loads: Sequence[float | None] = spec.loads or [None]
+    for load in loads:
+        factor = arrival_scale(rows, lengths, capacity, load, spec.rate)
+        start = rows[0].arrival_s
+        results: dict[str, Any] = {}
+        for name in spec.policies:
+            policy = make_policy(name, starvation_s=spec.starvation_s)
+            chosen = truth if policy.needs_truth else estimates
+            requests = [
+                SimRequest(
+                    request_id=f"r{i:05d}",
+                    arrival_s=(row.arrival_s - start) * factor,
+                    prompt_tokens=min(prompt_tokens[i], 1024),
+                    output_tokens=lengths[i],
+                    max_tokens=max_tokens,
+                    estimate=chosen[i],
+                )
+                for i, row in enumerate(rows)
+            ]
+            config = SchedulerConfig(
+                policy=policy,
+                placement=make_placement(spec.placement),
+                unavailable_timeout_s=SIM_UNAVAILABLE_TIMEOUT_S,
+            )
+            label = f"{name} load {load}" if load is not None else f"{name} rate {spec.rate}"
+            began = time.perf_counter()
+            report = Simulator(spec.cluster, config).run(
+                requests, None if progress is None else functools.partial(progress, label)
+            )
+            wall = time.perf_counter() - began
+            results[name] = policy_stats(report)
+            diagnostics.setdefault(str(load), {})[name] = {
+                "sim_wall_s": round(wall, 3),
+                "events": report.events,
+                "decisions": report.decisions,
+                "priority_preemptions": report.preemptions,
+                "kv_preemptions": report.kv_preemptions,
+                "max_kv_overuse_tokens": round(report.max_kv_overuse_tokens, 3),
+                "makespan_s": round(report.end_s, 3),
+            }
+        sweep.append({"load": load, "policies": results})
+    out: dict[str, Any] = {
+        "trace": str(spec.trace),
+        "load": spec.loads[-1] if spec.loads else None,
+        "rate": spec.rate,
+        "capacity_tokens_s": round(capacity, 3),
+        "placement": spec.placement,
+        "mode": "sim",
+        "cluster": spec.cluster.describe(),
+        "policies": sweep[-1]["policies"],
+    }
+    if len(sweep) > 1:
+        out["sweep"] = sweep
+    out["predictor"] = {"kind": kind, "kendall_tau": round(measured_tau, 4)}
+    out["settings"] = {
+        "length_scale": spec.length_scale,
+        "max_output_tokens": spec.max_output_tokens,
+        "max_requests": spec.max_requests,
+        "requests": len(rows),
+        "mean_output_tokens": round(float(np.mean(lengths)), 1),
+        "seed": spec.seed,
+        "starvation_s": spec.starvation_s,
+    }
+    out["diagnostics"] = diagnostics
+    return out
+
+
+def policy_stats(report: SimReport) -> dict[str, Any]:
+    """The per-policy object of the bench JSON."""
+    done = [o for o in report.outcomes if not o.failed and o.finished_s is not None]
+    jct = np.array([o.finished_s - o.arrival_s for o in done if o.finished_s is not None])
+    ttft = np.array([(o.first_token_s - o.arrival_s) for o in done if o.first_token_s is not None])
+    tokens = np.array([max(1, o.output_tokens) for o in done])
+    first = min((o.arrival_s for o in report.outcomes), default=0.0)
+    last = max((o.finished_s for o in done if o.finished_s is not None), default=first)
+
+    def pct(values: np.ndarray, p: float) -> float:
+        return round(float(np.percentile(values, p)), 4) if len(values) else math.nan
+
+    def mean(values: np.ndarray) -> float:
+        return round(float(values.mean()), 4) if len(values) else math.nan
+
+    return {
+        "completed": len(done),
+        "failed": len(report.outcomes) - len(done),
+        "mean_jct_s": mean(jct),
+        "p50_jct_s": pct(jct, 50),
+        "p90_jct_s": pct(jct, 90),
+        "p99_jct_s": pct(jct, 99),
+        "mean_ttft_s": mean(ttft),
+        "p99_ttft_s": pct(ttft, 99),
+        "mean_norm_latency_s_per_token": mean(jct / tokens) if len(jct) else math.nan,
+        "throughput_tokens_s": round(float(tokens.sum()) / max(1e-9, last - first), 3),
+        "preemptions": report.preemptions + report.kv_preemptions,
+        "_jct_samples": jct.tolist(),
+    }
+
+
+def strip_samples(result: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Remove the per-request JCTs from every policy object (kept aside for plotting)."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    for entry in result.get("sweep", [{"load": result["load"], "policies": result["policies"]}]):
+        for name, stats in entry["policies"].items():
+            values = stats.pop("_jct_samples", None)
+            if values is not None:
+                samples.setdefault(str(entry["load"]), {})[name] = values
+    for stats in result["policies"].values():
+        stats.pop("_jct_samples", None)
+    return samples
+
+
+def write_plot(
+    result: dict[str, Any], samples: dict[str, dict[str, list[float]]], path: Path
+) -> None:
+    """Latency CDF per policy at the last load, and mean JCT against load when swept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result.get("sweep")
+    panels = 2 if sweep else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    last = list(samples)[-1]
+    ax = axes[0][0]
+    for name, values in samples[last].items():
+        xs = np.sort(np.asarray(values))
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("job completion time (s)")
+    ax.set_ylabel("fraction of requests")
+    where = f"load {result['load']}" if result["load"] is not None else f"rate {result['rate']}/s"
+    ax.set_title(f"JCT CDF, {result['cluster']['name']}, {where}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if sweep:
+        ax = axes[0][1]
+        loads = [entry["load"] for entry in sweep]
+        for name in sweep[-1]["policies"]:
+            ax.plot(
+                loads, [entry["policies"][name]["mean_jct_s"] for entry in sweep], "o-", label=name
+            )
+        ax.set_xlabel("offered load (x nominal decode capacity)")
+        ax.set_ylabel("mean JCT (s)")
+        ax.set_yscale("log")
+        ax.set_title(f"mean JCT vs load ({result['placement']} placement)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, stream: Any = sys.stderr) -> None:
+        self.stream = stream
+        self._label = ""
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label != self._label and self._label:
+            self.stream.write("\n")
+        self._label = label
+        filled = int(PROGRESS_BAR_WIDTH * done / max(1, total))
+        bar = "#" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
+        self.stream.write(f"\r{label:<24} [{bar}] {done}/{total}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._label:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def write_outputs(result: dict[str, Any], json_path: Path) -> Path:
+    """Write the JSON and the PNG next to it; returns the PNG's path."""
+    samples = strip_samples(result)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    png = json_path.with_suffix(".png")
+    write_plot(result, samples, png)
+    return png

@@ -1,0 +1,456 @@
+"""A discrete-event simulator of a cluster that drives the SAME scheduling core (``decide``) and
+request table as the live coordinator.
+
+Devices follow their cluster file's speed profile: every running sequence on a device gains one
+token per decode step, a step over ``n`` sequences takes ``n / aggregate_tps(n)`` seconds, and a
+(re)started sequence first stalls the device for its prefill (prompt + resumed tokens at
+``prefill_tps``; recompute is the price of preemption). Time advances from event to event
+(arrivals, finishes, KV reservations running out), never token by token: between two events
+every device's batch is fixed, so progress is linear in time.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.lifecycle import RequestState
+from orchestrator.core.scheduler import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig, decide
+from orchestrator.core.table import RequestRecord, RequestTable
+from orchestrator.core.views import (
+    AgentView,
+    DispatchAction,
+    PreemptAction,
+    QueuedRequest,
+    RejectAction,
+    ReserveAction,
+    RunningRequest,
+    Snapshot,
+    SpeedProfile,
+)
+from orchestrator.errors import InternalError, InvalidRequest
+from orchestrator.protocol import AgentId, GenerationParams, Priority, RequestId
+
+TOKEN_EPSILON: Final = 1e-6
+"""Fractional tokens below which a sequence counts as having reached a boundary."""
+SIM_UNAVAILABLE_TIMEOUT_S: Final = 1e9
+PROGRESS_EVERY_EVENTS: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    name: str
+    model: str
+    max_seqs: int
+    n_ctx: int
+    kv_budget_tokens: int
+    speed: SpeedProfile
+
+    @property
+    def capacity_tokens_s(self) -> float:
+        """Nominal decode capacity: aggregate tokens/s at a full batch."""
+        return self.speed.aggregate_tps(self.max_seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    devices: tuple[DeviceSpec, ...]
+
+    @property
+    def capacity_tokens_s(self) -> float:
+        return sum(d.capacity_tokens_s for d in self.devices)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "capacity_tokens_s": round(self.capacity_tokens_s, 1),
+            "devices": [
+                {
+                    "name": d.name,
+                    "model": d.model,
+                    "max_seqs": d.max_seqs,
+                    "n_ctx": d.n_ctx,
+                    "kv_budget_tokens": d.kv_budget_tokens,
+                    "prefill_tps": d.speed.prefill_tps,
+                    "decode_tps": [list(p) for p in d.speed.decode_points],
+                }
+                for d in self.devices
+            ],
+        }
+
+
+def load_cluster(path: Path) -> Cluster:
+    """Read a ``configs/cluster-*.toml`` file; bad files raise ``InvalidRequest``."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read cluster file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"cluster file {path} is not valid TOML: {exc}") from None
+    devices = []
+    for i, raw in enumerate(data.get("device", [])):
+        try:
+            points = tuple(sorted((int(n), float(tps)) for n, tps in raw["decode_tps"]))
+            spec = DeviceSpec(
+                name=str(raw["name"]),
+                model=str(raw.get("model", "default")),
+                max_seqs=int(raw["max_seqs"]),
+                n_ctx=int(raw["n_ctx"]),
+                kv_budget_tokens=int(raw["kv_budget_tokens"]),
+                speed=SpeedProfile(points, float(raw["prefill_tps"])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(
+                f"cluster file {path}: device {i} is malformed ({exc!r})"
+            ) from None
+        if spec.max_seqs < 1 or spec.kv_budget_tokens < 1 or not points or points[0][0] < 1:
+            raise InvalidRequest(f"cluster file {path}: device {spec.name} has bad sizes")
+        devices.append(spec)
+    if not devices:
+        raise InvalidRequest(f"cluster file {path} defines no [[device]]")
+    return Cluster(name=str(data.get("name", path.stem)), devices=tuple(devices))
+
+
+@dataclass(frozen=True, slots=True)
+class SimRequest:
+    """One request to replay: ``output_tokens`` is what the engine will generate (EOS
+    suppressed); ``estimate`` is what the scheduler is told."""
+
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    max_tokens: int
+    estimate: LengthEstimate | None
+    priority: Priority = "interactive"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    request_id: str
+    arrival_s: float
+    output_tokens: int
+    finished_s: float | None
+    first_token_s: float | None
+    attempts: int
+    failed: bool
+
+
+@dataclass(slots=True)
+class SimReport:
+    outcomes: list[Outcome]
+    preemptions: int
+    kv_preemptions: int
+    events: int
+    decisions: int
+    max_kv_overuse_tokens: float
+    end_s: float
+
+
+@dataclass(slots=True)
+class _Seq:
+    request_id: RequestId
+    target: int
+    generated: float
+    prompt_tokens: int
+    reservation: int
+    cap: int
+
+
+@dataclass(slots=True)
+class _Device:
+    spec: DeviceSpec
+    agent_id: AgentId
+    seqs: dict[RequestId, _Seq] = field(default_factory=dict)
+    last_s: float = 0.0
+    stall_s: float = 0.0
+    reserved: int = 0
+
+    def step_s(self) -> float:
+        return self.spec.speed.step_s(len(self.seqs))
+
+    def advance(self, now: float, first_tokens: list[tuple[RequestId, float]]) -> None:
+        """Move every sequence forward to ``now``; report first tokens with their times."""
+        dt = now - self.last_s
+        self.last_s = now
+        if not self.seqs:
+            self.stall_s = 0.0
+            return
+        if dt <= 0:
+            return
+        stall = min(self.stall_s, dt)
+        self.stall_s -= stall
+        rest = dt - stall
+        if rest <= 0:
+            return
+        step = self.step_s()
+        tokens = rest / step
+        start = now - rest
+        for seq in self.seqs.values():
+            before = seq.generated
+            seq.generated = min(float(seq.target), before + tokens)
+            if before < 1.0 - TOKEN_EPSILON <= seq.generated:
+                first_tokens.append((seq.request_id, start + (1.0 - before) * step))
+
+    def next_event_s(self) -> float:
+        """When the next sequence finishes or needs a bigger KV reservation."""
+        if not self.seqs:
+            return math.inf
+        tokens = math.inf
+        for seq in self.seqs.values():
+            tokens = min(tokens, seq.target - seq.generated)
+            if seq.reservation < seq.cap:
+                trigger = seq.reservation - KV_RAISE_TRIGGER_TOKENS - seq.prompt_tokens
+                tokens = min(tokens, max(0.0, trigger - seq.generated))
+        return self.last_s + self.stall_s + max(0.0, tokens) * self.step_s()
+
+    def view(self, reserved: int) -> AgentView:
+        return AgentView(
+            agent_id=self.agent_id,
+            model_name=self.spec.model,
+            n_ctx=self.spec.n_ctx,
+            max_seqs=self.spec.max_seqs,
+            kv_budget_tokens=self.spec.kv_budget_tokens,
+            running=len(self.seqs),
+            kv_reserved_tokens=reserved,
+            decode_tps=self.spec.speed.aggregate_tps(1),
+            speed=self.spec.speed,
+        )
+
+
+def _whole(tokens: float) -> int:
+    return math.floor(tokens + TOKEN_EPSILON)
+
+
+class Simulator:
+    """Replays ``requests`` on ``cluster`` under ``config``; deterministic for its inputs."""
+
+    def __init__(self, cluster: Cluster, config: SchedulerConfig) -> None:
+        self.cluster = cluster
+        self.config = config
+
+    def run(
+        self,
+        requests: Sequence[SimRequest],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SimReport:
+        table = RequestTable()
+        devices = {
+            AgentId(d.name): _Device(spec=d, agent_id=AgentId(d.name)) for d in self.cluster.devices
+        }
+        arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        specs = {RequestId(r.request_id): r for r in arrivals}
+        views: dict[RequestId, QueuedRequest] = {}
+        outcomes: list[Outcome] = []
+        index = events = decisions = dispatches = 0
+        max_overuse = 0.0
+        now = 0.0
+        total = len(arrivals)
+        while True:
+            next_arrival = arrivals[index].arrival_s if index < total else math.inf
+            next_device = min(d.next_event_s() for d in devices.values())
+            now = max(now, min(next_arrival, next_device))
+            if math.isinf(now):
+                break
+            events += 1
+            first_tokens: list[tuple[RequestId, float]] = []
+            for device in devices.values():
+                device.advance(now, first_tokens)
+            for request_id, at in first_tokens:
+                if table[request_id].generated_tokens == 0:
+                    table.add_tokens(request_id, "", 1, at)
+            changed = False
+            for device in devices.values():
+                for seq in list(device.seqs.values()):
+                    used = seq.prompt_tokens + seq.generated
+                    max_overuse = max(max_overuse, used - seq.reservation)
+                    if seq.generated >= seq.target - TOKEN_EPSILON:
+                        self._finish(table, device, seq, now, outcomes)
+                        changed = True
+            while index < total and arrivals[index].arrival_s <= now:
+                table.add(_record(arrivals[index]))
+                index += 1
+                changed = True
+            queue = table.queued()
+            kv_due = any(
+                seq.reservation < seq.cap
+                and seq.prompt_tokens + seq.generated + KV_RAISE_TRIGGER_TOKENS
+                >= seq.reservation - TOKEN_EPSILON
+                for d in devices.values()
+                for seq in d.seqs.values()
+            )
+            # A call can only act if a slot is free, a reservation runs out, or the policy may
+            # preempt; otherwise it is skipped (rejections then wait for the next real call).
+            can_act = self.config.policy.preemptive or any(
+                len(d.seqs) < d.spec.max_seqs for d in devices.values()
+            )
+            if (queue and changed and can_act) or kv_due:
+                decisions += 1
+                snapshot = Snapshot(
+                    queue=tuple(self._queued_view(views, r) for r in queue),
+                    agents=tuple(d.view(d.reserved) for d in devices.values()),
+                    running=tuple(
+                        _running_view(table[s.request_id], d.agent_id, s)
+                        for d in devices.values()
+                        for s in d.seqs.values()
+                    ),
+                    dispatch_count=dispatches,
+                )
+                for action in decide(snapshot, now, self.config):
+                    if isinstance(action, DispatchAction):
+                        dispatches += 1
+                        views.pop(action.request_id, None)
+                        self._dispatch(table, devices[action.agent_id], action, specs, now)
+                    elif isinstance(action, ReserveAction):
+                        device = devices[action.agent_id]
+                        seq = device.seqs[action.request_id]
+                        device.reserved += action.kv_reservation_tokens - seq.reservation
+                        seq.reservation = action.kv_reservation_tokens
+                        table.reserve(action.request_id, action.kv_reservation_tokens)
+                    elif isinstance(action, PreemptAction):
+                        self._preempt(table, devices[action.agent_id], action, now)
+                        views.pop(action.request_id, None)
+                    elif isinstance(action, RejectAction):
+                        table.fail(action.request_id, action.error, now)
+                        outcomes.append(_outcome(table[action.request_id], specs, failed=True))
+                for device in devices.values():
+                    if device.reserved > device.spec.kv_budget_tokens:
+                        raise InternalError(
+                            f"{device.agent_id}: KV reservations {device.reserved} exceed the "
+                            f"budget {device.spec.kv_budget_tokens}"
+                        )
+            if progress is not None and events % PROGRESS_EVERY_EVENTS == 0:
+                progress(len(outcomes), total)
+        if progress is not None:
+            progress(len(outcomes), total)
+        stuck = table.in_state(RequestState.QUEUED, RequestState.DISPATCHED, RequestState.RUNNING)
+        if stuck:
+            raise InternalError(f"simulation ended with {len(stuck)} requests unfinished")
+        return SimReport(
+            outcomes=outcomes,
+            preemptions=table.preemptions,
+            kv_preemptions=table.kv_preemptions,
+            events=events,
+            decisions=decisions,
+            max_kv_overuse_tokens=max_overuse,
+            end_s=now,
+        )
+
+    @staticmethod
+    def _queued_view(views: dict[RequestId, QueuedRequest], record: RequestRecord) -> QueuedRequest:
+        view = views.get(record.request_id)
+        if view is None:
+            view = views[record.request_id] = record.queued_view()
+        return view
+
+    @staticmethod
+    def _dispatch(
+        table: RequestTable,
+        device: _Device,
+        action: DispatchAction,
+        specs: dict[RequestId, SimRequest],
+        now: float,
+    ) -> None:
+        record = table.dispatch(
+            action.request_id, device.agent_id, action.kv_reservation_tokens, now
+        )
+        spec = specs[action.request_id]
+        target = max(1, min(spec.output_tokens, spec.max_tokens))
+        device.seqs[record.request_id] = _Seq(
+            request_id=record.request_id,
+            target=target,
+            generated=float(record.generated_tokens),
+            prompt_tokens=record.prompt_tokens,
+            reservation=action.kv_reservation_tokens,
+            cap=min(record.prompt_tokens + spec.max_tokens, device.spec.n_ctx),
+        )
+        device.reserved += action.kv_reservation_tokens
+        device.stall_s += device.spec.speed.prefill_s(
+            record.prompt_tokens + record.generated_tokens
+        )
+
+    @staticmethod
+    def _preempt(table: RequestTable, device: _Device, action: PreemptAction, now: float) -> None:
+        seq = device.seqs.pop(action.request_id)
+        device.reserved -= seq.reservation
+        record = table[action.request_id]
+        _sync_tokens(table, record, seq, now)
+        table.requeue(action.request_id, agent_failed=False, preempted=action.reason)
+
+    @staticmethod
+    def _finish(
+        table: RequestTable, device: _Device, seq: _Seq, now: float, outcomes: list[Outcome]
+    ) -> None:
+        del device.seqs[seq.request_id]
+        device.reserved -= seq.reservation
+        seq.generated = float(seq.target)
+        record = table[seq.request_id]
+        _sync_tokens(table, record, seq, now)
+        table.finish(seq.request_id, "length", now)
+        outcomes.append(
+            Outcome(
+                request_id=record.request_id,
+                arrival_s=record.arrival_s,
+                output_tokens=record.generated_tokens,
+                finished_s=now,
+                first_token_s=record.first_token_s,
+                attempts=record.attempt,
+                failed=False,
+            )
+        )
+
+
+def _sync_tokens(table: RequestTable, record: RequestRecord, seq: _Seq, now: float) -> None:
+    new = _whole(seq.generated) - record.generated_tokens
+    if new > 0:
+        table.add_tokens(record.request_id, "", new, now)
+
+
+def _running_view(record: RequestRecord, agent_id: AgentId, seq: _Seq) -> RunningRequest:
+    return RunningRequest(
+        request_id=record.request_id,
+        agent_id=agent_id,
+        arrival_s=record.arrival_s,
+        priority=record.params.priority,
+        prompt_tokens=record.prompt_tokens,
+        max_tokens=record.params.max_tokens,
+        generated_tokens=_whole(seq.generated),
+        kv_reservation_tokens=seq.reservation,
+        dispatched_s=record.dispatched_s or 0.0,
+        estimate=record.estimate,
+        preemptions=record.preemptions,
+        resumed_tokens=record.attempt_start_tokens,
+    )
+
+
+def _record(request: SimRequest) -> RequestRecord:
+    return RequestRecord(
+        request_id=RequestId(request.request_id),
+        prompt=" ",
+        params=GenerationParams(
+            max_tokens=request.max_tokens, ignore_eos=True, priority=request.priority
+        ),
+        prompt_tokens=request.prompt_tokens,
+        prompt_tokens_exact=True,
+        predicted_tokens=None if request.estimate is None else request.estimate.expected,
+        arrival_s=request.arrival_s,
+        estimate=request.estimate,
+    )
+
+
+def _outcome(record: RequestRecord, specs: dict[RequestId, SimRequest], *, failed: bool) -> Outcome:
+    return Outcome(
+        request_id=record.request_id,
+        arrival_s=record.arrival_s,
+        output_tokens=record.generated_tokens,
+        finished_s=record.finished_s,
+        first_token_s=record.first_token_s,
+        attempts=record.attempt,
+        failed=failed,
+    )

@@ -1,0 +1,314 @@
+"""The simulator (same core, events not tokens) and the bench's contract."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.bench import (
+    BenchSpec,
+    arrival_scale,
+    bench_spec_from_args,
+    load_trace,
+    output_lengths,
+    run_bench,
+    write_outputs,
+)
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.placement import make_placement
+from orchestrator.core.policies import make_policy
+from orchestrator.core.scheduler import SchedulerConfig
+from orchestrator.core.views import SpeedProfile
+from orchestrator.errors import InvalidRequest
+from orchestrator.lengths import FakePredictor, kendall_tau, parse_predictor
+from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator, load_cluster
+from tests.factories import estimate
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY_KEYS = {
+    "completed",
+    "failed",
+    "mean_jct_s",
+    "p50_jct_s",
+    "p90_jct_s",
+    "p99_jct_s",
+    "mean_ttft_s",
+    "p99_ttft_s",
+    "mean_norm_latency_s_per_token",
+    "throughput_tokens_s",
+    "preemptions",
+}
+
+
+def device(name: str, single: float, seqs: int, kv: int) -> DeviceSpec:
+    return DeviceSpec(name, "m", seqs, 4096, kv, SpeedProfile.power_law(single, 1000.0, seqs, 0.35))
+
+
+SMALL = Cluster("small", (device("fast", 100.0, 4, 4000), device("slow", 20.0, 2, 1500)))
+
+
+def sim(policy: str, placement: str = "predicted", starvation_s: float = 30.0) -> Simulator:
+    return Simulator(
+        SMALL,
+        SchedulerConfig(
+            policy=make_policy(policy, starvation_s=starvation_s),
+            placement=make_placement(placement),
+            unavailable_timeout_s=1e9,
+        ),
+    )
+
+
+def requests(items: Sequence[tuple[float, int, float]]) -> list[SimRequest]:
+    return [
+        SimRequest(f"r{i:03d}", arrival, 20, length, 1200, estimate(median))
+        for i, (arrival, length, median) in enumerate(items)
+    ]
+
+
+WORKLOAD = st.lists(
+    st.tuples(st.floats(0, 30), st.integers(1, 600), st.floats(1, 800)), min_size=1, max_size=40
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    WORKLOAD,
+    st.sampled_from(["fcfs", "sjf", "srtf", "mlfq"]),
+    st.sampled_from(["predicted", "least-loaded", "round-robin"]),
+)
+def test_every_request_ends_exactly_once_within_its_kv_reservation(
+    items: list[tuple[float, int, float]], policy: str, placement: str
+) -> None:
+    report = sim(policy, placement).run(requests(items))
+    ids = [o.request_id for o in report.outcomes]
+    assert sorted(ids) == sorted(f"r{i:03d}" for i in range(len(items)))
+    assert all(not o.failed for o in report.outcomes)
+    assert all(
+        o.output_tokens == n
+        for o, (_, n, _) in zip(
+            sorted(report.outcomes, key=lambda o: o.request_id), items, strict=True
+        )
+    )
+    assert report.max_kv_overuse_tokens <= 1e-6
+
+
+@settings(max_examples=30, deadline=None)
+@given(WORKLOAD)
+def test_no_request_waits_beyond_the_aging_bound(items: list[tuple[float, int, float]]) -> None:
+    """Once starved (10 s), a request is passed only by requests that arrived before it, and
+    by no more than the slots that were busy: its wait is bounded by the aging bound plus the
+    service of those (at most 600 tokens at the slow device's 2-sequence pace each)."""
+    bound = 10.0
+    report = sim("sjf", "least-loaded", starvation_s=bound).run(requests(items))
+    service_s = 600 * SMALL.devices[1].speed.step_s(2) + 1.0
+    arrivals = sorted(o.arrival_s for o in report.outcomes)
+    for o in report.outcomes:
+        assert o.first_token_s is not None
+        earlier = sum(1 for a in arrivals if a < o.arrival_s)
+        slots = sum(d.max_seqs for d in SMALL.devices)
+        assert o.first_token_s - o.arrival_s <= bound + (earlier + slots) * service_s
+
+
+def test_shortest_first_without_aging_would_starve_the_long_job() -> None:
+    """The guard is what bounds the wait: a stream of short jobs starves a long one under an
+    effectively unbounded aging bound, not under a 5 s one."""
+    items = [(0.0, 30, 30.0), (0.05, 500, 500.0)] + [(0.5 * i, 30, 30.0) for i in range(1, 400)]
+    cluster = Cluster("one", (device("only", 50.0, 1, 4000),))
+
+    def long_wait(starvation_s: float) -> float:
+        report = Simulator(
+            cluster,
+            SchedulerConfig(
+                make_policy("sjf", starvation_s=starvation_s), make_placement("least-loaded"), 1e9
+            ),
+        ).run(requests(items))
+        (long,) = [o for o in report.outcomes if o.output_tokens == 500]
+        assert long.first_token_s is not None
+        return long.first_token_s - long.arrival_s
+
+    assert long_wait(5.0) < 5.0 + 1.0
+    assert long_wait(1e6) > 100.0
+
+
+def test_simulation_is_deterministic() -> None:
+    items = [(i * 0.3, 50 + (i * 37) % 400, 40 + (i * 53) % 500) for i in range(60)]
+    first = sim("srtf").run(requests(items))
+    second = sim("srtf").run(requests(items))
+    assert first.outcomes == second.outcomes and first.end_s == second.end_s
+
+
+def test_oracle_with_exact_lengths_never_outgrows_its_reservation() -> None:
+    items = [(i * 0.2, 50 + (i * 37) % 400, 1.0) for i in range(60)]
+    exact = [
+        SimRequest(
+            r.request_id,
+            r.arrival_s,
+            r.prompt_tokens,
+            r.output_tokens,
+            r.max_tokens,
+            LengthEstimate.exact(r.output_tokens),
+        )
+        for r in requests(items)
+    ]
+    report = sim("oracle").run(exact)
+    assert report.kv_preemptions == 0 and len(report.outcomes) == 60
+
+
+def test_cluster_files_load_and_have_capacity() -> None:
+    for name in ("cluster-edge.toml", "cluster-cpu.toml"):
+        cluster = load_cluster(REPO / "configs" / name)
+        assert len(cluster.devices) >= 3
+        assert cluster.capacity_tokens_s == pytest.approx(
+            sum(d.speed.aggregate_tps(d.max_seqs) for d in cluster.devices)
+        )
+
+
+def test_bad_cluster_file_is_invalid_request(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[device]]\nname = "x"\n')
+    with pytest.raises(InvalidRequest, match="malformed"):
+        load_cluster(path)
+
+
+# --- fake predictor -------------------------------------------------------------------------
+
+
+def test_fake_predictor_reaches_its_target_tau() -> None:
+    lengths = [int(20 * 1.01**i) % 1500 + 1 for i in range(600)]
+    predictor = FakePredictor.for_tau(0.5, lengths, seed=3)
+    medians = predictor.medians(lengths)
+    assert kendall_tau(medians, lengths) == pytest.approx(0.5, abs=0.03)
+    assert FakePredictor.for_tau(0.5, lengths, seed=3).sigma == predictor.sigma
+
+
+def test_kendall_tau_handles_ties_and_order() -> None:
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / (3 * 2) ** 0.5)
+
+
+def test_predictor_spec_parsing() -> None:
+    assert parse_predictor("fake") == ("fake", 0.55)
+    assert parse_predictor("fake:0.3") == ("fake", 0.3)
+    assert parse_predictor("real") == ("real", 0.0)
+    for bad in ("fake:x", "fake:2", "oracle"):
+        with pytest.raises(InvalidRequest):
+            parse_predictor(bad)
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+def write_trace(path: Path, n: int = 40) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            row = {
+                "arrival_s": i * 0.5,
+                "prompt": f"question {i} " * 3,
+                "output_tokens": 20 + (i * 29) % 300,
+                "source": "t",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_load_scaling_offers_the_requested_share_of_capacity(tmp_path: Path) -> None:
+    rows = load_trace(write_trace(tmp_path / "t.jsonl"))
+    lengths = output_lengths(rows, 2.0, 400)
+    factor = arrival_scale(rows, lengths, 1000.0, 0.5, None)
+    span = (rows[-1].arrival_s - rows[0].arrival_s) * factor
+    assert sum(lengths) / span == pytest.approx(500.0)
+    assert max(lengths) <= 400 and lengths[0] == 40
+    factor = arrival_scale(rows, lengths, 1000.0, None, 4.0)
+    assert (len(rows) - 1) / ((rows[-1].arrival_s - rows[0].arrival_s) * factor) == pytest.approx(
+        4.0
+    )
+
+
+def test_bench_json_follows_the_contract(tmp_path: Path) -> None:
+    spec = BenchSpec(
+        trace=write_trace(tmp_path / "t.jsonl"),
+        cluster=SMALL,
+        policies=("fcfs", "sjf", "oracle"),
+        loads=(0.5, 0.9),
+        rate=None,
+        placement="predicted",
+        length_scale=1.0,
+        max_output_tokens=None,
+        max_requests=None,
+        predictor="fake:0.6",
+        seed=1,
+    )
+    result = run_bench(spec)
+    png = write_outputs(result, tmp_path / "out.json")
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert png.exists() and png.stat().st_size > 1000
+    for key, kind in (
+        ("trace", str),
+        ("capacity_tokens_s", float),
+        ("placement", str),
+        ("cluster", dict),
+        ("policies", dict),
+    ):
+        assert isinstance(data[key], kind)
+    assert data["mode"] == "sim" and data["load"] == 0.9 and data["rate"] is None
+    assert [entry["load"] for entry in data["sweep"]] == [0.5, 0.9]
+    assert data["policies"] == data["sweep"][-1]["policies"]
+    for entry in data["sweep"]:
+        assert set(entry["policies"]) == {"fcfs", "sjf", "oracle"}
+        for stats in entry["policies"].values():
+            assert set(stats) == POLICY_KEYS
+            assert stats["completed"] == 40 and stats["failed"] == 0
+            assert stats["p50_jct_s"] <= stats["p90_jct_s"] <= stats["p99_jct_s"]
+
+
+def _args(**overrides: Any) -> SimpleNamespace:
+    fields: dict[str, Any] = dict(
+        trace=Path("t.jsonl"),
+        sim=True,
+        live=False,
+        cluster=REPO / "configs" / "cluster-edge.toml",
+        policies="fcfs,sjf",
+        load="0.9",
+        rate=None,
+        placement="predicted",
+        length_scale=1.0,
+        max_output_tokens=None,
+        max_requests=None,
+        predictor="fake",
+        seed=1,
+        starvation_s=None,
+    )
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"live": True, "sim": False}, "not yet implemented"),
+        ({"cluster": None}, "--cluster"),
+        ({"policies": "fcfs,best"}, "unknown best"),
+        ({"policies": "fcfs,fcfs"}, "twice"),
+        ({"load": "0.9,x"}, "--load"),
+        ({"load": "0"}, "--load"),
+        ({"load": None, "rate": -1.0}, "--rate"),
+        ({"max_output_tokens": 0}, "--max-output-tokens"),
+        ({"predictor": "psychic"}, "--predictor"),
+    ],
+)
+def test_bad_bench_flags_are_invalid_requests(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        bench_spec_from_args(_args(**overrides))
+
+
+def test_good_bench_flags_make_a_spec() -> None:
+    spec = bench_spec_from_args(_args(load="0.5,0.7"))
+    assert spec.loads == (0.5, 0.7) and spec.policies == ("fcfs", "sjf")
