@@ -227,3 +227,34 @@ def test_sigterm_drains_an_agent_and_the_coordinator(cluster: LocalCluster) -> N
 
     asyncio.run(drain_coordinator())
     assert cluster.processes["coordinator"].wait(timeout=10) == 0
+
+
+def test_sjf_serves_the_queue_in_predicted_order(tmp_path) -> None:
+    cluster = LocalCluster(tmp_path, "--policy", "sjf")
+    try:
+        cluster.start_agent(
+            "serial", "--backend", "fake", "--fake-decode-tps", "100", "--max-seqs", "1"
+        )
+        cluster.wait_for_agents(1)
+        prompts = [
+            "Explain how a car engine works.",
+            "Answer with yes or no: is water wet?",
+            "Write a detailed essay about the history of Rome.",
+            "What is 2 + 2?",
+        ]
+
+        async def run() -> list:
+            async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+                blocker = asyncio.ensure_future(client.generate("blocker", max_tokens=60))
+                while not (await client.status()).running:
+                    await asyncio.sleep(0.05)
+                queued = [asyncio.ensure_future(client.generate(p, max_tokens=5)) for p in prompts]
+                await blocker
+                return await asyncio.gather(*queued)
+
+        results = asyncio.run(run())
+    finally:
+        cluster.stop()
+    by_start = sorted(results, key=lambda r: r.queue_s)
+    predicted = [r.predicted_tokens for r in by_start]
+    assert predicted == sorted(predicted), [(r.queue_s, r.predicted_tokens) for r in by_start]
