@@ -1,7 +1,8 @@
 """Control-plane capacity: requests/s the coordinator sustains for tiny generations.
 
 Two fake agents with effectively free compute (so the coordinator, the sockets and the SDK are
-all that is measured) serve N one-token requests from C concurrent in-flight requests.
+all that is measured) serve N one-token requests from C concurrent in-flight requests, once
+with the length predictor (every request is predicted) and once without.
 
     .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64] [--json OUT]
 """
@@ -59,27 +60,32 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgeorch-control-{os.getpid()}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(log_dir)
-    try:
-        for name in ("fast-1", "fast-2"):
-            cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
-        cluster.wait_for_agents(2)
-        asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
-        elapsed, latencies = asyncio.run(
-            hammer(cluster.clients_endpoint, args.requests, args.concurrency)
-        )
-    finally:
-        cluster.stop()
-    latencies.sort()
-    report = {
+    report: dict[str, object] = {
         "requests": args.requests,
         "concurrency": args.concurrency,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-        "requests_per_s": round(args.requests / elapsed, 1),
-        "p50_latency_ms": round(1000 * statistics.median(latencies), 2),
-        "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
     }
+    for predictor in ("shipped", "none"):
+        run_dir = log_dir / predictor
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cluster = LocalCluster(run_dir, "--predictor", predictor)
+        try:
+            for name in ("fast-1", "fast-2"):
+                cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
+            cluster.wait_for_agents(2)
+            asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
+            elapsed, latencies = asyncio.run(
+                hammer(cluster.clients_endpoint, args.requests, args.concurrency)
+            )
+        finally:
+            cluster.stop()
+        latencies.sort()
+        report[f"predictor_{predictor}"] = {
+            "requests_per_s": round(args.requests / elapsed, 1),
+            "p50_latency_ms": round(1000 * statistics.median(latencies), 2),
+            "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
+        }
+        print(f"predictor {predictor}: {report[f'predictor_{predictor}']}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
