@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from orchestrator.lengths import (
 from orchestrator.sim import SIM_UNAVAILABLE_TIMEOUT_S, Cluster, SimReport, SimRequest, Simulator
 from orchestrator.tokens import EstimatedTokenCounter
 
+if TYPE_CHECKING:
+    from orchestrator.live_bench import LiveCluster
+
 DEFAULT_SEED: Final = 1
 PROGRESS_BAR_WIDTH: Final = 30
 PERCENTILES: Final = (50, 90, 99)
@@ -52,7 +55,7 @@ class TraceRow:
 @dataclass(frozen=True, slots=True)
 class BenchSpec:
     trace: Path
-    cluster: Cluster
+    cluster: Cluster | None
     policies: tuple[str, ...]
     loads: tuple[float, ...]
     rate: float | None
@@ -63,6 +66,7 @@ class BenchSpec:
     predictor: str
     seed: int
     starvation_s: float = STARVATION_AGE_S
+    live: LiveCluster | None = None
 
 
 def _positive(value: float, flag: str) -> float:
@@ -76,13 +80,18 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
     from orchestrator.core.policies import POLICIES
     from orchestrator.sim import load_cluster
 
+    live = None
     if args.live:
-        raise InvalidRequest(
-            "edgeorch bench --live is not yet implemented: it needs the continuous-batching "
-            "engine (use --sim --cluster F for now)",
-            field="live",
-        )
-    if args.cluster is None:
+        from orchestrator.live_bench import LiveCluster
+
+        if args.agents < 1:
+            raise InvalidRequest(f"--agents must be at least 1, got {args.agents}", field="agents")
+        agent_args: tuple[str, ...] = ()
+        for flag, value in (("--threads", args.threads), ("--max-seqs", args.max_seqs)):
+            if value is not None:
+                agent_args += (flag, str(value))
+        live = LiveCluster(agents=args.agents, backend=args.backend, agent_args=agent_args)
+    elif args.cluster is None:
         raise InvalidRequest(
             "--sim needs --cluster F (e.g. configs/cluster-edge.toml)", field="cluster"
         )
@@ -116,9 +125,12 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
     parse_predictor(args.predictor)
     starvation = STARVATION_AGE_S if args.starvation_s is None else args.starvation_s
     _positive(starvation, "--starvation-s")
+    if live is not None and len(loads) > 1:
+        raise InvalidRequest("--live runs one --load at a time", field="load")
     return BenchSpec(
         trace=args.trace,
-        cluster=load_cluster(args.cluster),
+        cluster=None if live is not None else load_cluster(args.cluster),
+        live=live,
         policies=policies,
         loads=loads,
         rate=args.rate,
@@ -205,6 +217,21 @@ def run_bench(
 ) -> dict[str, Any]:
     rows = load_trace(spec.trace, spec.max_requests)
     lengths = output_lengths(rows, spec.length_scale, spec.max_output_tokens)
+    if spec.live is not None:
+        from orchestrator.live_bench import run_live
+
+        return run_live(
+            trace=spec.trace,
+            rows=rows,
+            lengths=lengths,
+            policies=spec.policies,
+            placement=spec.placement,
+            load=spec.loads[-1] if spec.loads else None,
+            rate=spec.rate,
+            cluster=spec.live,
+            progress=progress,
+        )
+    assert spec.cluster is not None
     max_tokens = spec.max_output_tokens or max(lengths)
     kind, tau = parse_predictor(spec.predictor)
     estimates, measured_tau = estimates_for(kind, tau, rows, lengths, spec)

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cluster", type=Path, default=None, help="cluster TOML (with --sim)")
     bench.add_argument("--agents", type=int, default=2, help="local agents (with --live)")
     bench.add_argument("--backend", choices=("llama", "fake"), default="fake")
+    bench.add_argument("--threads", type=int, default=None, help="threads per agent (--live)")
+    bench.add_argument("--max-seqs", type=int, default=None, help="sequences per agent (--live)")
     bench.add_argument("--policies", required=True, help="comma-separated policy names")
     rate = bench.add_mutually_exclusive_group(required=True)
     rate.add_argument("--load", default=None, help="offered load(s), x nominal decode capacity")

@@ -35,7 +35,9 @@ class LocalCluster:
         self.coordinator_args = coordinator_args
         self.start_coordinator()
 
-    def start_coordinator(self) -> subprocess.Popen[bytes]:
+    def start_coordinator(self, *extra_args: str) -> subprocess.Popen[bytes]:
+        """Start the coordinator with the cluster's arguments plus ``extra_args`` (later flags
+        win, so a restart can change the policy while the agents stay up)."""
         return self.spawn(
             "coordinator",
             "coordinator",
@@ -46,7 +48,19 @@ class LocalCluster:
             "--heartbeat-interval-s",
             "0.5",
             *self.coordinator_args,
+            *extra_args,
         )
+
+    def stop_process(self, name: str, timeout_s: float = 10.0) -> None:
+        """SIGINT (stop at once), then SIGKILL if it lingers."""
+        process = self.processes[name]
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def kill(self, name: str) -> None:
         """SIGKILL a process: the failure case, no cleanup."""

@@ -258,3 +258,57 @@ def test_sjf_serves_the_queue_in_predicted_order(tmp_path) -> None:
     by_start = sorted(results, key=lambda r: r.queue_s)
     predicted = [r.predicted_tokens for r in by_start]
     assert predicted == sorted(predicted), [(r.queue_s, r.predicted_tokens) for r in by_start]
+
+
+def test_live_bench_replays_a_trace_on_real_processes(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "arrival_s": i * 0.05,
+                    "prompt": f"question {i} about things",
+                    "output_tokens": 4 + i % 5,
+                }
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
+    out = tmp_path / "live.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "bench",
+            "--trace",
+            str(trace),
+            "--live",
+            "--agents",
+            "1",
+            "--backend",
+            "fake",
+            "--policies",
+            "fcfs,sjf",
+            "--rate",
+            "20",
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "live" and out.with_suffix(".png").is_file()
+    for stats in result["policies"].values():
+        assert stats["completed"] == 12 and stats["failed"] == 0
+        assert 0 < stats["mean_ttft_s"] <= stats["mean_jct_s"]
