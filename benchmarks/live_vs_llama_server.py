@@ -117,6 +117,14 @@ def replay_llama_server(
     return [o for o in outcomes if o is not None]
 
 
+def report_run(repetition: int, name: str, stats: dict[str, Any]) -> None:
+    print(
+        f"rep {repetition} {name}: mean JCT {stats['mean_jct_s']:.2f} s, "
+        f"p99 {stats['p99_jct_s']:.2f} s",
+        file=sys.stderr,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,10 +170,7 @@ def main() -> None:
         for name, stats in live["policies"].items():
             stats.pop("_jct_samples", None)
             runs.setdefault(name, []).append(stats)
-            print(
-                f"rep {repetition} {name}: mean JCT {stats['mean_jct_s']:.2f} s, p99 {stats['p99_jct_s']:.2f} s",
-                file=sys.stderr,
-            )
+            report_run(repetition, name, stats)
         server, port = start_llama_server(
             args.llama_server, model, args.threads, log_dir / f"server-{repetition}.log"
         )
@@ -176,10 +181,7 @@ def main() -> None:
             server.wait()
         stats.pop("_jct_samples", None)
         runs.setdefault("llama-server", []).append(stats)
-        print(
-            f"rep {repetition} llama-server: mean JCT {stats['mean_jct_s']:.2f} s, p99 {stats['p99_jct_s']:.2f} s",
-            file=sys.stderr,
-        )
+        report_run(repetition, "llama-server", stats)
     medians = {
         name: {
             key: statistics.median(r[key] for r in reps)
