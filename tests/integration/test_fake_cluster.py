@@ -312,3 +312,26 @@ def test_live_bench_replays_a_trace_on_real_processes(tmp_path) -> None:
     for stats in result["policies"].values():
         assert stats["completed"] == 12 and stats["failed"] == 0
         assert 0 < stats["mean_ttft_s"] <= stats["mean_jct_s"]
+
+
+def test_kill_9_mid_stream_resumes_on_another_agent_without_a_seam(cluster: LocalCluster) -> None:
+    victim = cluster.start_agent("victim", "--backend", "fake", "--fake-decode-tps", "40")
+    cluster.wait_for_agents(1)
+    prompt = "alpha beta gamma delta epsilon"
+
+    async def run() -> tuple[list[str], object]:
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+            stream = await client.generate(prompt, max_tokens=60, stream=True)
+            chunks: list[str] = []
+            async for text in stream:
+                chunks.append(text)
+                if len(chunks) == 5:
+                    cluster.start_agent("survivor", *FAST_FAKE)
+                    cluster.wait_for_agents(2)
+                    cluster.kill("victim")
+            return chunks, stream.result
+
+    chunks, result = asyncio.run(run())
+    assert victim.returncode is not None
+    assert "".join(chunks) == fake_completion(prompt, 60)
+    assert result.completion_tokens == 60 and result.attempts == 2 and result.agent == "survivor"
