@@ -59,7 +59,12 @@ class Embedder:
 
 
 def train_predictor_dir(
-    embedder: Embedder, prompts: list[str], tokens: np.ndarray, sources: list[str], seed: int, out: Path
+    embedder: Embedder,
+    prompts: list[str],
+    tokens: np.ndarray,
+    sources: list[str],
+    seed: int,
+    out: Path,
 ) -> LengthPredictor:
     """Fit the recipe's head on (prompts, tokens) and pair it with the shipped ONNX encoder."""
     data = TrainingSet(prompts=prompts, sources=sources, log_tokens=np.log1p(tokens))

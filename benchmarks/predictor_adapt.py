@@ -30,7 +30,9 @@ SCENARIOS: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def scenario(base: LengthPredictor, rows: list[LengthRecord], n_fit: int, seed: int) -> dict[str, float]:
+def scenario(
+    base: LengthPredictor, rows: list[LengthRecord], n_fit: int, seed: int
+) -> dict[str, float]:
     """MAE before/after adapting on n_fit rows, measured on the others."""
     order = np.random.default_rng(seed).permutation(len(rows))
     fit = [rows[i] for i in order[:n_fit]]

@@ -28,7 +28,9 @@ from orchestrator.predictor.evaluate import kendall_tau_b
 HOLDOUT_SHARE = 0.2
 
 
-def tfidf_ridge_tau(train_p: list[str], train_y: np.ndarray, test_p: list[str], test_y: np.ndarray) -> float:
+def tfidf_ridge_tau(
+    train_p: list[str], train_y: np.ndarray, test_p: list[str], test_y: np.ndarray
+) -> float:
     """Baseline: word 1-2-gram TF-IDF + ridge on log tokens."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
@@ -44,7 +46,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     vicuna = {r.prompt for r in records("vicuna80.jsonl")}
-    prompts, medians = median_by_prompt([r for r in records("alpaca_eval.jsonl") if r.prompt not in vicuna])
+    prompts, medians = median_by_prompt(
+        [r for r in records("alpaca_eval.jsonl") if r.prompt not in vicuna]
+    )
     embedder = Embedder()
     rows = []
     for seed in args.seeds:
@@ -59,9 +63,20 @@ def main() -> None:
         predicted = [p.quantiles[0.5] for p in predictor.predict_batch(test_p)]
         tau = kendall_tau_b(predicted, medians[test])
         base = tfidf_ridge_tau(train_p, medians[train], test_p, medians[test])
-        rows.append({"seed": seed, "n_train": len(train), "n_test": len(test), "kendall_tau": tau, "tfidf_ridge_tau": base})
+        rows.append(
+            {
+                "seed": seed,
+                "n_train": len(train),
+                "n_test": len(test),
+                "kendall_tau": tau,
+                "tfidf_ridge_tau": base,
+            }
+        )
         if not args.json:
-            print(f"seed {seed}: train {len(train)} test {len(test)}  tau {tau:.3f}  (TF-IDF ridge {base:.3f})", flush=True)
+            print(
+                f"seed {seed}: train {len(train)} test {len(test)}  tau {tau:.3f}  (TF-IDF ridge {base:.3f})",
+                flush=True,
+            )
     taus = np.asarray([r["kendall_tau"] for r in rows])
     base = np.asarray([r["tfidf_ridge_tau"] for r in rows])
     summary = {
@@ -75,7 +90,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"mean Kendall tau {taus.mean():.3f} +- {summary['kendall_tau_sd']:.3f} over {len(rows)} splits; TF-IDF ridge {base.mean():.3f}")
+        print(
+            f"mean Kendall tau {taus.mean():.3f} +- {summary['kendall_tau_sd']:.3f} over {len(rows)} splits; TF-IDF ridge {base.mean():.3f}"
+        )
 
 
 if __name__ == "__main__":

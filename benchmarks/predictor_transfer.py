@@ -84,7 +84,9 @@ def lodo_scores() -> dict[str, dict[str, float]]:
                 prompts += p
                 tokens.append(y)
                 sources += [s] * len(p)
-        predictor = train_predictor_dir(embedder, prompts, np.concatenate(tokens), sources, 0, scratch_dir())
+        predictor = train_predictor_dir(
+            embedder, prompts, np.concatenate(tokens), sources, 0, scratch_dir()
+        )
         out[f"lodo:{held}"] = score(predictor, *grouped[held])
         print(f"lodo {held}: {out[f'lodo:{held}']}", flush=True)
     return out
@@ -105,7 +107,9 @@ def main() -> None:
         print(json.dumps({"machine": machine(), "results": results}))
     else:
         for name, r in results.items():
-            print(f"{name:45s} n={r['n']:5d}  tau {r['kendall_tau']:.3f}  (prompt length {r['prompt_length_tau']:+.3f})")
+            print(
+                f"{name:45s} n={r['n']:5d}  tau {r['kendall_tau']:.3f}  (prompt length {r['prompt_length_tau']:+.3f})"
+            )
 
 
 if __name__ == "__main__":

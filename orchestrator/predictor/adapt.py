@@ -172,8 +172,14 @@ def _groups(models: Sequence[str], only: str | None) -> dict[str, list[int]]:
 def write_adaptation(
     out_dir: Path, base: LengthPredictor, calibrations: dict[str, Calibration]
 ) -> dict[str, Any]:
-    """Write adaptation.json into out_dir (created), naming the base model folder."""
+    """Write adaptation.json into out_dir (created), naming the base model folder.
+
+    Calibrations `base` already carried for other models are kept, so adapting an adapted
+    predictor to a second served model does not forget the first; keys in `calibrations`
+    (including the catch-all) replace the old ones.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    merged = {**base.calibrations, **calibrations}
     try:
         is_shipped = base.model_dir.resolve() == shipped_model_dir().resolve()
     except ValueError:
@@ -182,7 +188,7 @@ def write_adaptation(
         "format_version": ADAPTATION_FORMAT,
         "base": None if is_shipped else str(base.model_dir.resolve()),
         "created_at": time.time(),
-        "calibrations": {k: c.to_json() for k, c in sorted(calibrations.items())},
+        "calibrations": {k: c.to_json() for k, c in sorted(merged.items())},
     }
     tmp = out_dir / (ADAPTATION_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -251,7 +257,9 @@ def adapt_from_history(
     predictor = base or LengthPredictor.load()
     rows = history.records(model)
     if not rows:
-        raise PredictorDataError("the completion history has no records" + (f" for {model!r}" if model else ""))
+        raise PredictorDataError(
+            "the completion history has no records" + (f" for {model!r}" if model else "")
+        )
     models = [r.model for r in rows]
     tokens = np.asarray([r.actual_tokens for r in rows], dtype=np.float64)
     width = predictor.history_feature_width
@@ -265,7 +273,9 @@ def adapt_from_history(
         else:
             loc = np.log1p(np.asarray([rows[i].predicted_tokens for i in idx], dtype=np.float64))
             extra = None
-        data = AdaptationData(loc=loc, features=extra, base_offsets=base_grid, target=np.log1p(tokens[idx]))
+        data = AdaptationData(
+            loc=loc, features=extra, base_offsets=base_grid, target=np.log1p(tokens[idx])
+        )
         calibrations[key] = fit_calibration(data, seed)
     write_adaptation(out_dir, predictor, calibrations)
     return _summary(calibrations)

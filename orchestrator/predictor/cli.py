@@ -40,19 +40,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     sub = predictor.add_subparsers(dest="predictor_command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="train the predictor from the vendored data (needs the train extra)")
-    train.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: models/length_predictor)")
+    train = sub.add_parser(
+        "train", help="train the predictor from the vendored data (needs the train extra)"
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: models/length_predictor)",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    train.add_argument("--data", type=Path, default=None, metavar="DIR", help="folder of *.jsonl length files (default: models/data)")
-    train.add_argument("--fixture", type=Path, default=None, metavar="FILE", help="also write an ONNX parity fixture here")
+    train.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of *.jsonl length files (default: models/data)",
+    )
+    train.add_argument(
+        "--fixture",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write an ONNX parity fixture here",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=_cmd_train)
 
     ev = sub.add_parser("eval", help="rank quality, error and latency on a length file")
     ev.add_argument("--data", type=Path, required=True, metavar="F.jsonl")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--model", default=None, help="served model name for every record (default: each record's model)")
-    ev.add_argument("--latency-samples", type=int, default=1000, help="prompts timed one at a time (default 1000)")
+    ev.add_argument(
+        "--model",
+        default=None,
+        help="served model name for every record (default: each record's model)",
+    )
+    ev.add_argument(
+        "--latency-samples",
+        type=int,
+        default=1000,
+        help="prompts timed one at a time (default 1000)",
+    )
     _add_predictor_flag(ev)
     ev.set_defaults(handler=_cmd_eval)
 
@@ -67,7 +96,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ad = sub.add_parser("adapt", help="adapt the predictor to completions in a length file")
     ad.add_argument("--data", type=Path, required=True, metavar="F.jsonl")
     ad.add_argument("--out", type=Path, required=True, metavar="DIR")
-    ad.add_argument("--model", default=None, help="adapt for this model name only (default: per model in the file, plus '*')")
+    ad.add_argument(
+        "--model",
+        default=None,
+        help="adapt for this model name only (default: per model in the file, plus '*')",
+    )
     ad.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_predictor_flag(ad)
     ad.set_defaults(handler=_cmd_adapt)

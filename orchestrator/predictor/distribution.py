@@ -80,9 +80,7 @@ def distribution_from_grid(log_grid: np.ndarray) -> LengthPrediction:
     log_grid = np.sort(np.asarray(log_grid, dtype=np.float64))
     tokens = np.expm1(np.maximum(log_grid, 0.0))
     levels = np.asarray(GRID_LEVELS)
-    reported = {
-        q: float(np.expm1(np.interp(q, levels, np.log1p(tokens)))) for q in REPORTED_LEVELS
-    }
+    reported = {q: float(np.expm1(np.interp(q, levels, np.log1p(tokens)))) for q in REPORTED_LEVELS}
     expected = float(tokens.mean())
     if not math.isfinite(expected):
         raise ValueError("non-finite prediction")

@@ -48,7 +48,7 @@ def build_encoder(n_layers: int) -> Any:
             self.position = emb.position_embeddings
             self.token_type = emb.token_type_embeddings
             self.norm = emb.LayerNorm
-            self.layers = torch.nn.ModuleList(bert.encoder.layer[:n_layers])
+            self.layers: Any = torch.nn.ModuleList(bert.encoder.layer[:n_layers])
             self.heads = bert.config.num_attention_heads
             self.head_dim = bert.config.hidden_size // self.heads
 
@@ -91,10 +91,15 @@ def embed_prompts(
         for start in range(0, len(prompts), TRAIN_BATCH):
             idx = order[start : start + TRAIN_BATCH]
             batch = tokenizer.batch([prompts[i] for i in idx])
-            pooled = encoder(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+            pooled = encoder(
+                torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+            )
             out[idx] = pooled.numpy()
             if progress and (start // TRAIN_BATCH) % 40 == 0:
-                print(f"  embedded {min(start + TRAIN_BATCH, len(prompts))}/{len(prompts)}", flush=True)
+                print(
+                    f"  embedded {min(start + TRAIN_BATCH, len(prompts))}/{len(prompts)}",
+                    flush=True,
+                )
     return out
 
 

@@ -31,21 +31,57 @@ SEP_ID = 102
 PAD_ID = 0
 
 _NUMBER_WORDS = {
-    "a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3, "four": 4, "five": 5,
-    "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12,
-    "fifteen": 15, "twenty": 20, "thirty": 30, "fifty": 50, "hundred": 100, "few": 3,
-    "several": 4, "couple": 2,
+    "a": 1,
+    "an": 1,
+    "one": 1,
+    "single": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+    "fifteen": 15,
+    "twenty": 20,
+    "thirty": 30,
+    "fifty": 50,
+    "hundred": 100,
+    "few": 3,
+    "several": 4,
+    "couple": 2,
 }
 #: Rough answer tokens per requested unit ("3 paragraphs" -> about 3 x 90 tokens).
 _UNIT_TOKENS = {
-    "word": 1.4, "sentence": 25.0, "line": 12.0, "paragraph": 90.0, "item": 25.0,
-    "page": 500.0, "verse": 40.0, "stanza": 40.0, "character": 0.3,
+    "word": 1.4,
+    "sentence": 25.0,
+    "line": 12.0,
+    "paragraph": 90.0,
+    "item": 25.0,
+    "page": 500.0,
+    "verse": 40.0,
+    "stanza": 40.0,
+    "character": 0.3,
 }
 _UNIT_ALIASES = {
-    "words": "word", "word": "word", "sentences": "sentence", "sentence": "sentence",
-    "lines": "line", "line": "line", "paragraphs": "paragraph", "paragraph": "paragraph",
-    "pages": "page", "page": "page", "verses": "verse", "stanzas": "stanza",
-    "characters": "character", "chars": "character",
+    "words": "word",
+    "word": "word",
+    "sentences": "sentence",
+    "sentence": "sentence",
+    "lines": "line",
+    "line": "line",
+    "paragraphs": "paragraph",
+    "paragraph": "paragraph",
+    "pages": "page",
+    "page": "page",
+    "verses": "verse",
+    "stanzas": "stanza",
+    "characters": "character",
+    "chars": "character",
 }
 _ITEM_NOUNS = (
     "items|ideas|examples|tips|points|bullet points|bullets|steps|reasons|questions|names|"
@@ -56,7 +92,10 @@ _ITEM_NOUNS = (
 _COUNT_RE = re.compile(
     r"\b(\d{1,5}|" + "|".join(_NUMBER_WORDS) + r")[\s-]+(?:(?:short|long|brief|different|"
     r"unique|creative|new|more|key|main|simple|concise|detailed)\s+)?("
-    + "|".join(_UNIT_ALIASES) + "|" + _ITEM_NOUNS + r")\b"
+    + "|".join(_UNIT_ALIASES)
+    + "|"
+    + _ITEM_NOUNS
+    + r")\b"
 )
 _RANGE_WORDS_RE = re.compile(r"\b(\d{2,5})\s*(?:-|to)\s*(\d{2,5})\s+words\b")
 
@@ -66,45 +105,117 @@ CUES: tuple[tuple[str, str], ...] = (
     ("yes_no", r"\byes or no\b|\btrue or false\b|\byes/no\b"),
     ("one_sentence", r"\b(one|single|1|a) sentence\b|\bone line\b|\bone-liner\b"),
     ("brief", r"\b(brief|briefly|short|shortly|concise|concisely|succinct|quick|tl;?dr)\b"),
-    ("only", r"\bjust (the|give|answer|say|output|return)\b|\bonly (the|answer|output|return|respond)\b"),
-    ("classify", r"\b(classify|categori[sz]e|label|identify|detect|determine whether|which of|choose|select|pick)\b"),
+    (
+        "only",
+        r"\bjust (the|give|answer|say|output|return)\b|\bonly (the|answer|output|return|respond)\b",
+    ),
+    (
+        "classify",
+        r"\b(classify|categori[sz]e|label|identify|detect|determine whether|which of|choose|select|pick)\b",
+    ),
     ("sentiment", r"\b(sentiment|positive or negative|tone of)\b"),
-    ("math", r"\b(calculate|compute|solve|evaluate|how much|how many|what is \d|sum of|product of|equation|percent)\b|\d\s*[-+*/^]\s*\d"),
-    ("rewrite", r"\b(rewrite|rephrase|paraphrase|reword|edit|proofread|correct (the|this|my)|fix (the|this|my) grammar|grammar|simplify|shorten)\b"),
-    ("translate", r"\b(translate|translation|in (french|spanish|german|chinese|japanese|italian|korean|russian))\b"),
-    ("word_task", r"\b(synonym|antonym|rhymes? with|spell|plural|past tense|abbreviation|acronym|anagram|fill in the blank)\b"),
-    ("title", r"\b(title|headline|slogan|tagline|name for|hashtag|subject line|catchphrase|motto)\b"),
+    (
+        "math",
+        r"\b(calculate|compute|solve|evaluate|how much|how many|what is \d|sum of|product of|equation|percent)\b|\d\s*[-+*/^]\s*\d",
+    ),
+    (
+        "rewrite",
+        r"\b(rewrite|rephrase|paraphrase|reword|edit|proofread|correct (the|this|my)|fix (the|this|my) grammar|grammar|simplify|shorten)\b",
+    ),
+    (
+        "translate",
+        r"\b(translate|translation|in (french|spanish|german|chinese|japanese|italian|korean|russian))\b",
+    ),
+    (
+        "word_task",
+        r"\b(synonym|antonym|rhymes? with|spell|plural|past tense|abbreviation|acronym|anagram|fill in the blank)\b",
+    ),
+    (
+        "title",
+        r"\b(title|headline|slogan|tagline|name for|hashtag|subject line|catchphrase|motto)\b",
+    ),
     ("convert", r"\b(convert|format|sort|arrange|reverse|extract|find the|replace)\b"),
     ("define", r"\b(define|definition|meaning of|what does .{1,30} mean)\b"),
-    ("fact", r"^(who|when|where|which) \b|\bwhat year\b|\bcapital of\b|\bhow (old|tall|far|long ago)\b"),
-    ("essay", r"\b(essay|article|blog post|blog|report|thesis|research paper|white paper|chapter)\b"),
-    ("story", r"\b(story|stories|narrative|fiction|fairy tale|screenplay|script for|scene|dialogue|conversation between)\b"),
+    (
+        "fact",
+        r"^(who|when|where|which) \b|\bwhat year\b|\bcapital of\b|\bhow (old|tall|far|long ago)\b",
+    ),
+    (
+        "essay",
+        r"\b(essay|article|blog post|blog|report|thesis|research paper|white paper|chapter)\b",
+    ),
+    (
+        "story",
+        r"\b(story|stories|narrative|fiction|fairy tale|screenplay|script for|scene|dialogue|conversation between)\b",
+    ),
     ("poem", r"\b(poem|poetry|haiku|limerick|sonnet|song|lyrics|rap|verse)\b"),
-    ("letter", r"\b(letter|email|e-mail|cover letter|speech|toast|eulogy|announcement|press release|newsletter|memo)\b"),
-    ("detail", r"\b(in detail|detailed|elaborate|in depth|in-depth|thorough|thoroughly|comprehensive|extensive|long|lengthy|at length)\b"),
-    ("explain", r"\b(explain|explanation|describe|discuss|elaborate|analy[sz]e|analysis|why|how does|how do|how can|how to|how would)\b"),
-    ("step", r"\bstep[- ]by[- ]step\b|\bsteps\b|\bguide\b|\btutorial\b|\binstructions\b|\bwalk me through\b"),
-    ("plan", r"\b(plan|itinerary|schedule|outline|curriculum|syllabus|agenda|roadmap|strategy|proposal|business plan|workout|meal plan|recipe)\b"),
-    ("compare", r"\b(compare|comparison|contrast|differences?|versus|vs\.?|pros and cons|advantages and disadvantages)\b"),
-    ("list", r"\b(list|enumerate|bullet|ideas|suggest|suggestions|recommend|recommendations|examples|tips|ways to|options)\b"),
-    ("code", r"\b(code|program|function|script|implement|algorithm|class|python|javascript|java|c\+\+|sql|html|css|regex|bash|api|typescript|rust|golang)\b"),
+    (
+        "letter",
+        r"\b(letter|email|e-mail|cover letter|speech|toast|eulogy|announcement|press release|newsletter|memo)\b",
+    ),
+    (
+        "detail",
+        r"\b(in detail|detailed|elaborate|in depth|in-depth|thorough|thoroughly|comprehensive|extensive|long|lengthy|at length)\b",
+    ),
+    (
+        "explain",
+        r"\b(explain|explanation|describe|discuss|elaborate|analy[sz]e|analysis|why|how does|how do|how can|how to|how would)\b",
+    ),
+    (
+        "step",
+        r"\bstep[- ]by[- ]step\b|\bsteps\b|\bguide\b|\btutorial\b|\binstructions\b|\bwalk me through\b",
+    ),
+    (
+        "plan",
+        r"\b(plan|itinerary|schedule|outline|curriculum|syllabus|agenda|roadmap|strategy|proposal|business plan|workout|meal plan|recipe)\b",
+    ),
+    (
+        "compare",
+        r"\b(compare|comparison|contrast|differences?|versus|vs\.?|pros and cons|advantages and disadvantages)\b",
+    ),
+    (
+        "list",
+        r"\b(list|enumerate|bullet|ideas|suggest|suggestions|recommend|recommendations|examples|tips|ways to|options)\b",
+    ),
+    (
+        "code",
+        r"\b(code|program|function|script|implement|algorithm|class|python|javascript|java|c\+\+|sql|html|css|regex|bash|api|typescript|rust|golang)\b",
+    ),
     ("code_fix", r"\b(debug|bug|error|fix|optimi[sz]e|refactor|what does this code|output of)\b"),
-    ("create", r"^(write|create|generate|compose|draft|design|develop|build|make|produce|come up with)\b|\b(write|create|generate|compose|draft) (a|an|me|some|the)\b"),
+    (
+        "create",
+        r"^(write|create|generate|compose|draft|design|develop|build|make|produce|come up with)\b|\b(write|create|generate|compose|draft) (a|an|me|some|the)\b",
+    ),
     ("summarize", r"\b(summari[sz]e|summary|tl;?dr|key points|main points|in a nutshell|gist)\b"),
-    ("opinion", r"\b(what do you think|your opinion|do you think|would you|should i|is it (good|bad|worth))\b"),
+    (
+        "opinion",
+        r"\b(what do you think|your opinion|do you think|would you|should i|is it (good|bad|worth))\b",
+    ),
     ("chitchat", r"^(hi|hello|hey|thanks|thank you|good (morning|evening)|how are you)\b"),
     ("roleplay", r"\b(imagine you are|you are a|act as|pretend|role[- ]?play|as an? [a-z]+,)\b"),
     ("continue", r"\b(continue|go on|keep going|more)\b"),
 )
 _CUE_RES = tuple(re.compile(pattern) for _, pattern in CUES)
 _CODE_CHARS_RE = re.compile(r"[{};=<>()\[\]]")
-_QUESTION_START_RE = re.compile(r"^(what|who|when|where|why|how|is|are|can|could|do|does|did|should|would|will|which)\b")
+_QUESTION_START_RE = re.compile(
+    r"^(what|who|when|where|why|how|is|are|can|could|do|does|did|should|would|will|which)\b"
+)
 
 #: Names of the numeric features, in the order `cue_features` returns them.
 NUMERIC_FEATURES: tuple[str, ...] = (
-    "log_chars", "log_words", "log_lines", "question_marks", "ends_question", "question_start",
-    "code_char_ratio", "has_code_fence", "has_input_block", "digit_ratio",
-    "requested_log_tokens", "has_requested_count", "requested_word_count_log",
+    "log_chars",
+    "log_words",
+    "log_lines",
+    "question_marks",
+    "ends_question",
+    "question_start",
+    "code_char_ratio",
+    "has_code_fence",
+    "has_input_block",
+    "digit_ratio",
+    "requested_log_tokens",
+    "has_requested_count",
+    "requested_word_count_log",
 )
 FEATURE_NAMES: tuple[str, ...] = NUMERIC_FEATURES + tuple(f"cue_{name}" for name, _ in CUES)
 N_CUE_FEATURES = len(FEATURE_NAMES)

@@ -88,7 +88,11 @@ class CompletionHistory:
         Pass a fingerprint string (see `prompt_fingerprint`) or the feature vector from
         `LengthPredictor.features`; features let adaptation refit more than a calibration.
         """
-        if isinstance(actual_tokens, bool) or int(actual_tokens) != actual_tokens or actual_tokens < 0:
+        if (
+            isinstance(actual_tokens, bool)
+            or int(actual_tokens) != actual_tokens
+            or actual_tokens < 0
+        ):
             raise ValueError(f"actual_tokens must be a non-negative integer, got {actual_tokens!r}")
         if not np.isfinite(predicted_tokens) or predicted_tokens < 0:
             raise ValueError(f"predicted_tokens must be finite and >= 0, got {predicted_tokens!r}")
@@ -136,7 +140,9 @@ class CompletionHistory:
 
     def models(self) -> list[str]:
         """Models with at least one row, sorted."""
-        return [r[0] for r in self._db.execute("SELECT DISTINCT model FROM completions ORDER BY model")]
+        return [
+            r[0] for r in self._db.execute("SELECT DISTINCT model FROM completions ORDER BY model")
+        ]
 
     def records(self, model: str | None = None) -> list[HistoryRecord]:
         """Rows for `model` (None: all), oldest first."""

@@ -41,8 +41,7 @@ def shipped_model_dir() -> Path:
         if (candidate / METADATA_FILE).is_file():
             return candidate
     raise PredictorModelError(
-        "shipped length predictor not found; looked in "
-        + ", ".join(str(c) for c in candidates)
+        "shipped length predictor not found; looked in " + ", ".join(str(c) for c in candidates)
     )
 
 

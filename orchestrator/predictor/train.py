@@ -153,7 +153,10 @@ def fit_head(
             oof[test] = x[test] @ coef + bias
         score = weighted_kendall_proxy(oof, y, data.sources)
         if verbose:
-            print(f"  alpha={alpha:g}: cross-validated within-source Kendall tau {score:.3f}", flush=True)
+            print(
+                f"  alpha={alpha:g}: cross-validated within-source Kendall tau {score:.3f}",
+                flush=True,
+            )
         if best is None or score > best[0]:
             best = (score, alpha, oof)
     assert best is not None
@@ -259,7 +262,10 @@ def train(
             "tail_tokens": TAIL_TOKENS,
             "quantization": "onnxruntime dynamic int8, per-channel weights",
         },
-        "head": {"kind": "source-weighted ridge on [embedding, cues] + OOF residual quantiles", **stats},
+        "head": {
+            "kind": "source-weighted ridge on [embedding, cues] + OOF residual quantiles",
+            **stats,
+        },
         "source_weights": SOURCE_WEIGHTS,
         "cue_features": list(FEATURE_NAMES),
         "grid_levels": list(GRID_LEVELS),

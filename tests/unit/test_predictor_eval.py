@@ -56,7 +56,16 @@ def test_bad_length_files_raise_value_errors(tmp_path: Path) -> None:
 
 
 def test_cli_eval_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["eval", "--data", str(FIXTURES / "predictor_eval.jsonl"), "--json", "--latency-samples", "10"])
+    code = cli.main(
+        [
+            "eval",
+            "--data",
+            str(FIXTURES / "predictor_eval.jsonl"),
+            "--json",
+            "--latency-samples",
+            "10",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"n", "kendall_tau", "spearman", "mae_tokens", "p50_ms", "p99_ms"}

@@ -37,9 +37,9 @@ def test_cue_vector_shape_and_determinism() -> None:
 
 
 def test_requested_counts_are_read() -> None:
-    assert feature("Write a 500-word essay about dogs.", "requested_word_count_log") == pytest.approx(
-        np.log1p(500), rel=1e-6
-    )
+    assert feature(
+        "Write a 500-word essay about dogs.", "requested_word_count_log"
+    ) == pytest.approx(np.log1p(500), rel=1e-6)
     assert feature("List 10 ideas for a party.", "has_requested_count") == 1.0
     assert feature("Write three paragraphs on rain.", "requested_log_tokens") > feature(
         "Write three sentences on rain.", "requested_log_tokens"
@@ -66,7 +66,7 @@ def test_matrix_matches_rows_and_handles_empty() -> None:
     prompts = ["a", "List 3 fruits.", "x" * 50_000]
     matrix = cue_feature_matrix(prompts)
     assert matrix.shape == (3, N_CUE_FEATURES)
-    for row, prompt in zip(matrix, prompts):
+    for row, prompt in zip(matrix, prompts, strict=True):
         assert np.array_equal(row, cue_features(prompt))
     assert cue_feature_matrix([]).shape == (0, N_CUE_FEATURES)
 

@@ -56,6 +56,8 @@ def test_bad_inputs(predictor: LengthPredictor, tmp_path: Path) -> None:
         LengthPredictor.load(tmp_path)
     bad = tmp_path / "adapted"
     bad.mkdir()
-    (bad / ADAPTATION_FILE).write_text(json.dumps({"base": None, "calibrations": {"m": {"slope": 1}}}))
+    (bad / ADAPTATION_FILE).write_text(
+        json.dumps({"base": None, "calibrations": {"m": {"slope": 1}}})
+    )
     with pytest.raises(PredictorModelError, match="calibration"):
         LengthPredictor.load(bad)

@@ -35,7 +35,7 @@ def predictor() -> LengthPredictor:
 
 def test_token_ids_match(fixture: dict, predictor: LengthPredictor) -> None:
     tokenizer = predictor._tokenizer
-    for prompt, ids in zip(fixture["prompts"], fixture["ids"]):
+    for prompt, ids in zip(fixture["prompts"], fixture["ids"], strict=True):
         assert tokenizer.ids(prompt) == ids
 
 
@@ -46,7 +46,9 @@ def test_cue_features_match(fixture: dict) -> None:
 def test_onnx_outputs_match_training_model(fixture: dict, predictor: LengthPredictor) -> None:
     raw = predictor.raw_outputs(fixture["prompts"])
     median = raw.log_grid.shape[1] // 2
-    np.testing.assert_allclose(raw.log_grid[:, median], fixture["log_median"], atol=LOG_MEDIAN_TOLERANCE)
+    np.testing.assert_allclose(
+        raw.log_grid[:, median], fixture["log_median"], atol=LOG_MEDIAN_TOLERANCE
+    )
     head = np.asarray(fixture["embedding_head"])
     assert np.abs(raw.embeddings[:, : head.shape[1]] - head).max() < 0.05
     assert np.corrcoef(raw.log_grid[:, median], fixture["log_median"])[0, 1] > 0.98
@@ -56,6 +58,6 @@ def test_batch_and_single_agree(fixture: dict, predictor: LengthPredictor) -> No
     # The encoder runs prompt by prompt, so batching never changes a prediction.
     prompts = fixture["prompts"]
     batch = predictor.predict_batch(prompts)
-    for prompt, pred in zip(prompts, batch):
+    for prompt, pred in zip(prompts, batch, strict=True):
         single = predictor.predict(prompt)
         assert single.quantiles[0.5] == pytest.approx(pred.quantiles[0.5], rel=1e-6)
