@@ -11,8 +11,16 @@ Runtime needs numpy, onnxruntime and tokenizers only. Training (`train.py`,
 """
 
 from orchestrator.predictor.distribution import LengthPrediction
-from orchestrator.predictor.errors import PredictorDataError, PredictorError, PredictorModelError
-from orchestrator.predictor.history import CompletionHistory, HistoryRecord, prompt_fingerprint
+from orchestrator.predictor.errors import (
+    PredictorDataError,
+    PredictorError,
+    PredictorModelError,
+)
+from orchestrator.predictor.history import (
+    CompletionHistory,
+    HistoryRecord,
+    prompt_fingerprint,
+)
 from orchestrator.predictor.model import Calibration, LengthPredictor, shipped_model_dir
 
 __all__ = [

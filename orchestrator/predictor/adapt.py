@@ -172,8 +172,14 @@ def _groups(models: Sequence[str], only: str | None) -> dict[str, list[int]]:
 def write_adaptation(
     out_dir: Path, base: LengthPredictor, calibrations: dict[str, Calibration]
 ) -> dict[str, Any]:
-    """Write adaptation.json into out_dir (created), naming the base model folder."""
+    """Write adaptation.json into out_dir (created), naming the base model folder.
+
+    Calibrations `base` already carried for other models are kept, so adapting an adapted
+    predictor to a second served model does not forget the first; keys in `calibrations`
+    (including the catch-all) replace the old ones.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    merged = {**base.calibrations, **calibrations}
     try:
         is_shipped = base.model_dir.resolve() == shipped_model_dir().resolve()
     except ValueError:
@@ -182,7 +188,7 @@ def write_adaptation(
         "format_version": ADAPTATION_FORMAT,
         "base": None if is_shipped else str(base.model_dir.resolve()),
         "created_at": time.time(),
-        "calibrations": {k: c.to_json() for k, c in sorted(calibrations.items())},
+        "calibrations": {k: c.to_json() for k, c in sorted(merged.items())},
     }
     tmp = out_dir / (ADAPTATION_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from orchestrator.predictor.errors import PredictorError
 
-DEFAULT_ADAPT_HOLDOUT = 0.0
-
 
 def _add_predictor_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -48,7 +48,7 @@ def build_encoder(n_layers: int) -> Any:
             self.position = emb.position_embeddings
             self.token_type = emb.token_type_embeddings
             self.norm = emb.LayerNorm
-            self.layers = torch.nn.ModuleList(bert.encoder.layer[:n_layers])
+            self.layers: Any = torch.nn.ModuleList(bert.encoder.layer[:n_layers])
             self.heads = bert.config.num_attention_heads
             self.head_dim = bert.config.hidden_size // self.heads
 

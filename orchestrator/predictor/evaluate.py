@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from orchestrator.predictor.data import LengthRecord, load_records
 from orchestrator.predictor.errors import PredictorDataError
@@ -32,12 +33,12 @@ def _rankdata(values: np.ndarray) -> np.ndarray:
     boundaries = np.flatnonzero(np.diff(sorted_vals)) + 1
     starts = np.concatenate([[0], boundaries])
     ends = np.concatenate([boundaries, [len(values)]])
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         ranks[order[start:end]] = (start + end + 1) / 2.0
     return ranks
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+def spearman(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
     """Spearman's rho with average ranks for ties; nan when either side is constant."""
     rx, ry = _rankdata(np.asarray(x, dtype=np.float64)), _rankdata(np.asarray(y, dtype=np.float64))
     if rx.std() == 0 or ry.std() == 0:
@@ -76,7 +77,7 @@ def _count_discordant(values: np.ndarray) -> int:
     return inversions
 
 
-def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
+def kendall_tau_b(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
     """Kendall's tau-b (ties in either variable corrected), O(n log n) (Knight's algorithm)."""
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = len(xa)

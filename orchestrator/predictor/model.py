@@ -219,7 +219,8 @@ class LengthPredictor:
     def predict_batch(
         self, prompts: Sequence[str], model: str | None = None
     ) -> list[LengthPrediction]:
-        """Predictions for several prompts, in order; batched through the encoder."""
+        """Predictions for several prompts, in order (one encoder call per prompt, the cue
+        features and the head batched); identical to calling `predict` on each."""
         if isinstance(prompts, str):
             raise TypeError("predict_batch takes a sequence of prompts, not one string")
         if not prompts:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from orchestrator.predictor.adapt import AutoAdapter, adapt_from_history, adapt_records
-from orchestrator.predictor.data import load_records
+from orchestrator.predictor.data import LengthRecord, load_records
 from orchestrator.predictor.evaluate import evaluate_records
 from orchestrator.predictor.history import CompletionHistory, prompt_fingerprint
 from orchestrator.predictor.model import LengthPredictor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ADAPT_ROWS = 200
+#: Smaller split for the CLI round trip, which loads the model three times.
+CLI_FIT_ROWS = 120
+CLI_HELD_ROWS = 60
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def test_adapt_from_history_and_auto_mode(predictor: LengthPredictor, tmp_path: 
     with CompletionHistory(tmp_path / "h.sqlite") as history:
         auto = AutoAdapter(history, tmp_path / "auto", every_n=50, base=predictor)
         swapped = []
-        for rec, pred, vec in zip(records, preds, feats):
+        for rec, pred, vec in zip(records, preds, feats, strict=True):
             history.record(vec, rec.model, pred.quantiles[0.5], rec.output_tokens)
             new = auto.maybe_adapt()
             if new is not None:
@@ -86,7 +90,7 @@ def test_adapt_from_history_and_auto_mode(predictor: LengthPredictor, tmp_path: 
         )
         # Fingerprint-only rows adapt too (calibration of the stored predictions).
         with CompletionHistory(tmp_path / "fp.sqlite") as fp_history:
-            for rec, pred in zip(records, preds):
+            for rec, pred in zip(records, preds, strict=True):
                 fp_history.record(
                     prompt_fingerprint(rec.prompt),
                     rec.model,
@@ -95,3 +99,38 @@ def test_adapt_from_history_and_auto_mode(predictor: LengthPredictor, tmp_path: 
                 )
             summary = adapt_from_history(fp_history, tmp_path / "fp", predictor)
             assert summary["calibrations"]["terse-model"]["n_records"] == 60
+
+
+def test_cli_adapt_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.predictor import cli
+
+    records = (FIXTURES / "predictor_adapt.jsonl").read_text().splitlines()
+    fit, held = tmp_path / "fit.jsonl", tmp_path / "held.jsonl"
+    fit.write_text("\n".join(records[:CLI_FIT_ROWS]) + "\n")
+    held.write_text("\n".join(records[-CLI_HELD_ROWS:]) + "\n")
+    out = tmp_path / "adapted"
+    assert cli.main(["adapt", "--data", str(fit), "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    args = ["eval", "--data", str(held), "--json", "--latency-samples", "0"]
+    assert cli.main(args) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert cli.main([*args, "--predictor", str(out)]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["mae_tokens"] < 0.7 * before["mae_tokens"]
+
+
+def test_adapting_twice_keeps_other_models(predictor: LengthPredictor, tmp_path: Path) -> None:
+    records = load_records(FIXTURES / "predictor_adapt.jsonl")
+    first = records[:100]
+    second = [
+        LengthRecord(r.prompt, r.output_tokens * 10, r.source, "verbose-model")
+        for r in records[100:200]
+    ]
+    adapt_records(first, tmp_path / "a", predictor)
+    adapt_records(second, tmp_path / "b", LengthPredictor.load(tmp_path / "a"))
+    both = LengthPredictor.load(tmp_path / "b")
+    assert {"terse-model", "verbose-model", "*"} <= set(both.calibrations)
+    prompt = records[0].prompt
+    terse = both.predict(prompt, "terse-model").quantiles[0.5]
+    verbose = both.predict(prompt, "verbose-model").quantiles[0.5]
+    assert verbose > 5 * terse

@@ -66,7 +66,7 @@ def test_matrix_matches_rows_and_handles_empty() -> None:
     prompts = ["a", "List 3 fruits.", "x" * 50_000]
     matrix = cue_feature_matrix(prompts)
     assert matrix.shape == (3, N_CUE_FEATURES)
-    for row, prompt in zip(matrix, prompts):
+    for row, prompt in zip(matrix, prompts, strict=True):
         assert np.array_equal(row, cue_features(prompt))
     assert cue_feature_matrix([]).shape == (0, N_CUE_FEATURES)
 

@@ -35,7 +35,7 @@ def predictor() -> LengthPredictor:
 
 def test_token_ids_match(fixture: dict, predictor: LengthPredictor) -> None:
     tokenizer = predictor._tokenizer
-    for prompt, ids in zip(fixture["prompts"], fixture["ids"]):
+    for prompt, ids in zip(fixture["prompts"], fixture["ids"], strict=True):
         assert tokenizer.ids(prompt) == ids
 
 
@@ -58,6 +58,6 @@ def test_batch_and_single_agree(fixture: dict, predictor: LengthPredictor) -> No
     # The encoder runs prompt by prompt, so batching never changes a prediction.
     prompts = fixture["prompts"]
     batch = predictor.predict_batch(prompts)
-    for prompt, pred in zip(prompts, batch):
+    for prompt, pred in zip(prompts, batch, strict=True):
         single = predictor.predict(prompt)
         assert single.quantiles[0.5] == pytest.approx(pred.quantiles[0.5], rel=1e-6)
