@@ -250,7 +250,8 @@ def _place_queue(snapshot: Snapshot, now: float, state: _State, config: Schedule
         return
     lookahead = DECIDE_LOOKAHEAD if has_slot else PREEMPT_TRIES_PER_DECIDE
     if len(placeable) > lookahead:
-        ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now))
+        bound = policy.aging_bound_s(placeable, now)
+        ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now, bound))
     else:
         ordered = policy.order(placeable, now)
     preempt_tries = PREEMPT_TRIES_PER_DECIDE

@@ -126,15 +126,19 @@ def test_srtf_ranks_a_resumed_request_by_what_remains() -> None:
 def test_starved_requests_go_first_oldest_first(
     items: list[tuple[float, float, str]], now: float, name: str
 ) -> None:
-    """The aging bound: once a request is ``starvation_s`` old (class-adjusted), no younger
-    request ranks ahead of it, whatever the lengths."""
+    """The aging bound: once a request is as old (class-adjusted) as the bound, no younger
+    request ranks ahead of it, whatever the lengths; the bound is 20 s unless the queue's
+    median age says the cluster is overloaded."""
     policy = make_policy(name, starvation_s=20.0)
     queue = [
         queued(f"r{i}", arrival_s=a, estimate=estimate(n), priority=p)
         for i, (a, n, p) in enumerate(items)
     ]
+    ages = sorted(now - effective_arrival_s(r) for r in queue)
+    bound = policy.aging_bound_s(queue, now)
+    assert bound == max(20.0, 2.0 * ages[len(ages) // 2])
     order = policy.order(queue, now)
-    starved = [r for r in order if now - effective_arrival_s(r) >= 20.0]
+    starved = [r for r in order if now - effective_arrival_s(r) >= bound]
     assert order[: len(starved)] == starved
     assert [effective_arrival_s(r) for r in starved] == sorted(
         effective_arrival_s(r) for r in starved
