@@ -239,14 +239,16 @@ def run_bench(
                 unavailable_timeout_s=SIM_UNAVAILABLE_TIMEOUT_S,
             )
             label = f"{name} load {load}" if load is not None else f"{name} rate {spec.rate}"
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             report = Simulator(spec.cluster, config).run(
                 requests, None if progress is None else functools.partial(progress, label)
             )
             wall = time.perf_counter() - began
+            cpu = time.process_time() - cpu_began
             results[name] = policy_stats(report)
             diagnostics.setdefault(str(load), {})[name] = {
                 "sim_wall_s": round(wall, 3),
+                "sim_cpu_s": round(cpu, 3),
                 "events": report.events,
                 "decisions": report.decisions,
                 "priority_preemptions": report.preemptions,

@@ -12,7 +12,6 @@ from orchestrator.core.estimate import LengthEstimate
 from orchestrator.errors import EdgeorchError
 from orchestrator.protocol import AgentId, Priority, RequestId
 
-
 UNKNOWN_LENGTH_TOKENS: Final = 256.0
 """Output length assumed for a request without a prediction (about the traces' mean)."""
 
