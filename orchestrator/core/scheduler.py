@@ -5,9 +5,9 @@ One call does three things, in this order:
 1. KV growth. A running request whose KV use comes within ``KV_RAISE_TRIGGER_TOKENS`` of its
    reservation gets a raise: to prompt + generated + the ``kv_raise_quantile`` of its
    re-predicted remaining length if that fits the device, else by a small geometric step
-   (``KV_MIN_RAISE_FRACTION`` of its use; raise-as-you-go, as A_min does). When not even that fits, requests on the device are
-   preempted (recomputed later), cheapest recompute first, unless that would cost more than
-   preempting the grower itself. Reservations therefore never exceed a device's budget.
+   (``KV_MIN_RAISE_FRACTION`` of its use; raise-as-you-go, as A_min does). When not even that
+   fits, requests on the device are preempted (recomputed later), cheapest recompute first,
+   unless that would cost more than preempting the grower itself. Reservations therefore never exceed a device's budget.
 2. Ordering and placement. Requests are tried in policy order (at most ``DECIDE_LOOKAHEAD``
    per call, so each event costs bounded work); each is admitted where its prompt + generated
    + an adaptive quantile of its predicted output fits the free KV budget: the quantile rises
