@@ -7,7 +7,8 @@ One call does three things, in this order:
    re-predicted remaining length if that fits the device, else by a small geometric step
    (``KV_MIN_RAISE_FRACTION`` of its use; raise-as-you-go, as A_min does). When not even that
    fits, requests on the device are preempted (recomputed later), cheapest recompute first,
-   unless that would cost more than preempting the grower itself. Reservations therefore never exceed a device's budget.
+   unless that would cost more than preempting the grower itself. Reservations therefore never
+   exceed a device's budget.
 2. Ordering and placement. Requests are tried in policy order (at most ``DECIDE_LOOKAHEAD``
    per call, so each event costs bounded work); each is admitted where its prompt + generated
    + an adaptive quantile of its predicted output fits the free KV budget: the quantile rises
