@@ -32,6 +32,7 @@ from orchestrator.core.scheduler import (
     SchedulerConfig,
     admission_reservation,
     decide,
+    predicted_peak_tokens,
 )
 from orchestrator.core.views import (
     AgentView,
@@ -315,6 +316,14 @@ def test_decide_never_reserves_beyond_a_budget(
             total.pop(action.request_id)
         assert sum(total.values()) <= budget
     assert sum(1 for rid in total if rid.startswith(("q", "x"))) <= a1.max_seqs
+
+
+def test_predicted_peak_is_the_highest_total_kv_use_ahead() -> None:
+    # A: 100 cells, 50 to come; B: 10 cells, 500 to come. Just before A ends both have grown
+    # by 50 (210 cells); B alone then peaks at 510.
+    assert predicted_peak_tokens([(100.0, 50.0), (10.0, 500.0)]) == 510.0
+    assert predicted_peak_tokens([(100.0, 50.0)]) == 150.0
+    assert predicted_peak_tokens([]) == 0.0
 
 
 # --- preemption -----------------------------------------------------------------------------
