@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from orchestrator import transport
+from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
@@ -76,6 +77,11 @@ from orchestrator.tokens import EstimatedTokenCounter, TokenCounter
 log = logging.getLogger("edgeorch.coordinator")
 
 TICKS_PER_HEARTBEAT: Final = 4
+
+LengthPredictorFn = Callable[[str, str | None], LengthEstimate | None]
+"""(prompt, model) -> the request's predicted output length for the scheduling core; e.g.
+``lambda p, m: LengthEstimate.of(pred.expected_tokens, pred.quantiles)`` over
+``orchestrator.predictor``'s ``LengthPredictor.predict(p, m)``."""
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
 
 
@@ -104,6 +110,7 @@ class Coordinator:
         settings: CoordinatorSettings,
         *,
         token_counter: TokenCounter | None = None,
+        length_predictor: LengthPredictorFn | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -113,6 +120,7 @@ class Coordinator:
             unavailable_timeout_s=settings.unavailable_timeout_s,
         )
         self._tokens = token_counter or EstimatedTokenCounter()
+        self._predict = length_predictor
         self._clock = clock
         self.table = RequestTable()
         self._agents: dict[bytes, AgentSession] = {}
@@ -314,15 +322,18 @@ class Coordinator:
                 ),
             )
             return
-        prompt_tokens, exact = self._tokens.count(message.prompt, self._target_model(message))
+        target_model = self._target_model(message)
+        prompt_tokens, exact = self._tokens.count(message.prompt, target_model)
+        estimate = self._predict(message.prompt, target_model) if self._predict else None
         record = RequestRecord(
             request_id=RequestId(message.request_id),
             prompt=message.prompt,
             params=message.params,
             prompt_tokens=prompt_tokens,
             prompt_tokens_exact=exact,
-            predicted_tokens=None,
+            predicted_tokens=None if estimate is None else estimate.expected,
             arrival_s=now,
+            estimate=estimate,
         )
         self.table.add(record)
         self._routes[record.request_id] = ClientRoute(identity=identity, stream=message.stream)

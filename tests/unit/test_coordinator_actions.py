@@ -79,3 +79,18 @@ def test_raise_updates_the_reservation() -> None:
     c.schedule(now=1.0)
     assert sent == []
     assert c.table[RequestId("long")].kv_reservation_tokens > 30
+
+
+def test_submit_attaches_the_predicted_length() -> None:
+    from orchestrator.protocol import Submit
+
+    c = Coordinator(
+        CoordinatorSettings(policy="sjf"),
+        length_predictor=lambda prompt, model: LengthEstimate.exact(len(prompt)),
+    )
+    replies: list[WireModel] = []
+    c._reply_client = lambda identity, message: replies.append(message)  # type: ignore[method-assign]
+    c._on_submit(b"client", Submit(request_id="q1", prompt="hello there"), now=0.0)
+    queued = c.table[RequestId("q1")].queued_view()
+    assert queued.estimate == LengthEstimate.exact(11) and queued.predicted_tokens == 11
+    assert getattr(replies[0], "predicted_tokens", None) == 11
