@@ -226,7 +226,7 @@ def run_bench(
                 SimRequest(
                     request_id=f"r{i:05d}",
                     arrival_s=(row.arrival_s - start) * factor,
-                    prompt_tokens=min(prompt_tokens[i], 1024),
+                    prompt_tokens=prompt_tokens[i],
                     output_tokens=lengths[i],
                     max_tokens=max_tokens,
                     estimate=chosen[i],

@@ -325,7 +325,7 @@ class Simulator:
                         views.pop(action.request_id, None)
                     elif isinstance(action, RejectAction):
                         table.fail(action.request_id, action.error, now)
-                        outcomes.append(_outcome(table[action.request_id], specs, failed=True))
+                        outcomes.append(_outcome(table[action.request_id], failed=True))
                 for device in devices.values():
                     if device.reserved > device.spec.kv_budget_tokens:
                         raise InternalError(
@@ -451,7 +451,7 @@ def _record(request: SimRequest) -> RequestRecord:
     )
 
 
-def _outcome(record: RequestRecord, specs: dict[RequestId, SimRequest], *, failed: bool) -> Outcome:
+def _outcome(record: RequestRecord, *, failed: bool) -> Outcome:
     return Outcome(
         request_id=record.request_id,
         arrival_s=record.arrival_s,
