@@ -77,12 +77,13 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
     from orchestrator.sim import load_cluster
 
     if args.live:
-        raise InvalidRequest(
-            "edgeorch bench --live is not yet implemented: it needs the continuous-batching "
-            "engine (use --sim --cluster F for now)",
-            field="live",
-        )
-    if args.cluster is None:
+        if args.rate is None:
+            raise InvalidRequest(
+                "edgeorch bench --live needs --rate R (a live cluster's capacity is not known "
+                "in advance, so --load cannot be converted to arrivals)",
+                field="load",
+            )
+    elif args.cluster is None:
         raise InvalidRequest(
             "--sim needs --cluster F (e.g. configs/cluster-edge.toml)", field="cluster"
         )
@@ -118,7 +119,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
     _positive(starvation, "--starvation-s")
     return BenchSpec(
         trace=args.trace,
-        cluster=load_cluster(args.cluster),
+        cluster=load_cluster(args.cluster) if args.cluster is not None else Cluster("live", ()),
         policies=policies,
         loads=loads,
         rate=args.rate,

@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cluster", type=Path, default=None, help="cluster TOML (with --sim)")
     bench.add_argument("--agents", type=int, default=2, help="local agents (with --live)")
     bench.add_argument("--backend", choices=("llama", "fake"), default="fake")
+    bench.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        help="extra flag for every live agent, e.g. --agent-arg=--max-seqs=16 (repeatable)",
+    )
+    bench.add_argument("--log-dir", type=Path, default=None, help="keep live cluster logs here")
     bench.add_argument("--policies", required=True, help="comma-separated policy names")
     rate = bench.add_mutually_exclusive_group(required=True)
     rate.add_argument("--load", default=None, help="offered load(s), x nominal decode capacity")
@@ -144,7 +151,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     spec = bench_spec_from_args(args)
     bar = None if args.quiet else ProgressBar()
     try:
-        result = run_bench(spec, bar)
+        if args.live:
+            from orchestrator.bench_live import LiveSpec, run_live
+
+            live = LiveSpec(args.agents, args.backend, tuple(args.agent_arg), args.log_dir)
+            result = run_live(spec, live, bar)
+        else:
+            result = run_bench(spec, bar)
     finally:
         if bar is not None:
             bar.close()

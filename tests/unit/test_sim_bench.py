@@ -305,7 +305,7 @@ def _args(**overrides: Any) -> SimpleNamespace:
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"live": True, "sim": False}, "not yet implemented"),
+        ({"live": True, "sim": False}, "--rate"),
         ({"cluster": None}, "--cluster"),
         ({"policies": "fcfs,best"}, "unknown best"),
         ({"policies": "fcfs,fcfs"}, "twice"),
