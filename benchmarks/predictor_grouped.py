@@ -53,7 +53,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         order = np.random.default_rng(seed).permutation(len(prompts))
-        n_test = int(round(HOLDOUT_SHARE * len(prompts)))
+        n_test = round(HOLDOUT_SHARE * len(prompts))
         test, train = order[:n_test], order[n_test:]
         train_p = [prompts[i] for i in train]
         test_p = [prompts[i] for i in test]
@@ -74,7 +74,8 @@ def main() -> None:
         )
         if not args.json:
             print(
-                f"seed {seed}: train {len(train)} test {len(test)}  tau {tau:.3f}  (TF-IDF ridge {base:.3f})",
+                f"seed {seed}: train {len(train)} test {len(test)}  tau {tau:.3f}  "
+                f"(TF-IDF ridge {base:.3f})",
                 flush=True,
             )
     taus = np.asarray([r["kendall_tau"] for r in rows])
@@ -91,7 +92,8 @@ def main() -> None:
         print(json.dumps(summary))
     else:
         print(
-            f"mean Kendall tau {taus.mean():.3f} +- {summary['kendall_tau_sd']:.3f} over {len(rows)} splits; TF-IDF ridge {base.mean():.3f}"
+            f"mean Kendall tau {taus.mean():.3f} +- {summary['kendall_tau_sd']:.3f} over "
+            f"{len(rows)} splits; TF-IDF ridge {base.mean():.3f}"
         )
 
 

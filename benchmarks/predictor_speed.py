@@ -5,8 +5,8 @@
 Latency: each prompt predicted alone, onnxruntime with one intra-op thread, in wall time
 and in this process's CPU time (robust to other processes taking the core). Throughput:
 all prompts through `predict_batch` (one thread), per wall second and per CPU second (the
-latter is what one dedicated core gives when the machine is shared, as here). Memory: this process's peak RSS after
-loading the predictor and predicting (no torch imported).
+latter is what one dedicated core gives when the machine is shared, as here). Memory: this
+process's peak RSS after loading the predictor and predicting (no torch imported).
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ def main() -> None:
     else:
         for name, r in results.items():
             print(
-                f"{name:45s} n={r['n']:5d}  tau {r['kendall_tau']:.3f}  (prompt length {r['prompt_length_tau']:+.3f})"
+                f"{name:45s} n={r['n']:5d}  tau {r['kendall_tau']:.3f}  "
+                f"(prompt length {r['prompt_length_tau']:+.3f})"
             )
 
 

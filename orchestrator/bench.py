@@ -126,7 +126,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
     starvation = STARVATION_AGE_S if args.starvation_s is None else args.starvation_s
     _positive(starvation, "--starvation-s")
     if live is not None and len(loads) > 1:
-        raise InvalidRequest("--live runs one --load at a time", field="load")
+        raise InvalidRequest("--live runs one --load at a time, not a sweep", field="load")
     return BenchSpec(
         trace=args.trace,
         cluster=None if live is not None else load_cluster(args.cluster),
@@ -253,7 +253,7 @@ def run_bench(
                 SimRequest(
                     request_id=f"r{i:05d}",
                     arrival_s=(row.arrival_s - start) * factor,
-                    prompt_tokens=min(prompt_tokens[i], 1024),
+                    prompt_tokens=prompt_tokens[i],
                     output_tokens=lengths[i],
                     max_tokens=max_tokens,
                     estimate=chosen[i],
@@ -266,14 +266,16 @@ def run_bench(
                 unavailable_timeout_s=SIM_UNAVAILABLE_TIMEOUT_S,
             )
             label = f"{name} load {load}" if load is not None else f"{name} rate {spec.rate}"
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             report = Simulator(spec.cluster, config).run(
                 requests, None if progress is None else functools.partial(progress, label)
             )
             wall = time.perf_counter() - began
+            cpu = time.process_time() - cpu_began
             results[name] = policy_stats(report)
             diagnostics.setdefault(str(load), {})[name] = {
                 "sim_wall_s": round(wall, 3),
+                "sim_cpu_s": round(cpu, 3),
                 "events": report.events,
                 "decisions": report.decisions,
                 "priority_preemptions": report.preemptions,

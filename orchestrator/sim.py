@@ -251,6 +251,7 @@ class Simulator:
         index = events = decisions = dispatches = 0
         max_overuse = 0.0
         now = 0.0
+        queue_view: tuple[QueuedRequest, ...] | None = None
         total = len(arrivals)
         while True:
             next_arrival = arrivals[index].arrival_s if index < total else math.inf
@@ -275,9 +276,12 @@ class Simulator:
                         changed = True
             while index < total and arrivals[index].arrival_s <= now:
                 table.add(_record(arrivals[index]))
+                queue_view = None
                 index += 1
                 changed = True
-            queue = table.queued()
+            if queue_view is None:
+                queue_view = tuple(self._queued_view(views, r) for r in table.queued())
+            queue = queue_view
             kv_due = any(
                 seq.reservation < seq.cap
                 and seq.prompt_tokens + seq.generated + KV_RAISE_TRIGGER_TOKENS
@@ -293,7 +297,7 @@ class Simulator:
             if (queue and changed and can_act) or kv_due:
                 decisions += 1
                 snapshot = Snapshot(
-                    queue=tuple(self._queued_view(views, r) for r in queue),
+                    queue=queue,
                     agents=tuple(d.view(d.reserved) for d in devices.values()),
                     running=tuple(
                         _running_view(table[s.request_id], d.agent_id, s)
@@ -302,7 +306,10 @@ class Simulator:
                     ),
                     dispatch_count=dispatches,
                 )
-                for action in decide(snapshot, now, self.config):
+                actions = decide(snapshot, now, self.config)
+                if any(not isinstance(a, ReserveAction) for a in actions):
+                    queue_view = None
+                for action in actions:
                     if isinstance(action, DispatchAction):
                         dispatches += 1
                         views.pop(action.request_id, None)
@@ -318,7 +325,7 @@ class Simulator:
                         views.pop(action.request_id, None)
                     elif isinstance(action, RejectAction):
                         table.fail(action.request_id, action.error, now)
-                        outcomes.append(_outcome(table[action.request_id], specs, failed=True))
+                        outcomes.append(_outcome(table[action.request_id], failed=True))
                 for device in devices.values():
                     if device.reserved > device.spec.kv_budget_tokens:
                         raise InternalError(
@@ -444,7 +451,7 @@ def _record(request: SimRequest) -> RequestRecord:
     )
 
 
-def _outcome(record: RequestRecord, specs: dict[RequestId, SimRequest], *, failed: bool) -> Outcome:
+def _outcome(record: RequestRecord, *, failed: bool) -> Outcome:
     return Outcome(
         request_id=record.request_id,
         arrival_s=record.arrival_s,

@@ -5,10 +5,14 @@ Every policy shares two guards that the scheduler's tests rely on:
 
 - priority classes: a ``batch`` request yields to ``interactive`` ones until it has waited
   ``BATCH_PRIORITY_DELAY_S``, then competes as one of them (aging between the classes);
-- starvation: a request whose age (from its class-adjusted arrival) reaches ``starvation_s``
+- starvation: a request whose age (from its class-adjusted arrival) reaches the aging bound
   ranks ahead of every request that has not, oldest first. So no request is ever passed over
-  by a later arrival once it is ``starvation_s`` old: its wait is at most ``starvation_s`` plus
-  the time for the starved requests ahead of it to find slots.
+  by a later arrival once it is that old: its wait is at most the bound plus the time for the
+  starved requests ahead of it to find slots. The bound is
+  ``max(starvation_s, overload_multiple x the queue's median age)``: ``starvation_s`` whenever
+  the cluster keeps up (the queue's median age is then small), and relative to what everyone
+  waits in overload, where any fixed bound would eventually hold every request and turn the
+  policy into FCFS.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from orchestrator.core.estimate import LengthEstimate
-from orchestrator.core.views import QueuedRequest, RunningRequest
+from orchestrator.core.views import UNKNOWN_LENGTH_TOKENS, QueuedRequest, RunningRequest
 from orchestrator.errors import InvalidRequest
 
 BATCH_PRIORITY_DELAY_S: Final = 30.0
@@ -25,8 +29,8 @@ BATCH_PRIORITY_DELAY_S: Final = 30.0
 requests go first, yet a batch request waits at most this long beyond its FCFS turn."""
 STARVATION_AGE_S: Final = 30.0
 """Aging bound in seconds: a request this old (class-adjusted) jumps every younger one."""
-UNKNOWN_LENGTH_TOKENS: Final = 256.0
-"""Output length assumed for a request without a prediction (about the traces' mean)."""
+OVERLOAD_AGE_MULTIPLE: Final = 2.0
+"""In overload the bound becomes this multiple of the queue's median age (see above)."""
 PREEMPT_SIZE_RATIO: Final = 8.0
 """A waiting request may displace a running one only if the victim's expected remaining
 output is at least this many times the waiter's (SRPT with hysteresis against thrashing)."""
@@ -70,10 +74,15 @@ class Policy(Protocol):
         """The queue in the order placement should try it."""
         ...
 
-    def starved(self, request: QueuedRequest, now: float) -> bool: ...
+    def starved(self, request: QueuedRequest, now: float, bound_s: float | None = None) -> bool: ...
 
-    def rank(self, request: QueuedRequest, now: float) -> Rank:
-        """The sort key ``order`` uses: smaller goes first."""
+    def aging_bound_s(self, queue: Sequence[QueuedRequest], now: float) -> float:
+        """The age at which a request in ``queue`` jumps every younger one."""
+        ...
+
+    def rank(self, request: QueuedRequest, now: float, bound_s: float | None = None) -> Rank:
+        """The sort key ``order`` uses (smaller goes first) under aging bound ``bound_s``
+        (default ``starvation_s``)."""
         ...
 
 
@@ -84,6 +93,8 @@ def effective_arrival_s(request: View) -> float:
 
 def expected_remaining(request: View) -> float:
     """Expected output tokens still to come, from the re-predicted distribution."""
+    if isinstance(request, QueuedRequest):
+        return request.rest_tokens
     estimate = request.estimate
     if estimate is None:
         return max(1.0, UNKNOWN_LENGTH_TOKENS - request.generated_tokens)
@@ -101,25 +112,39 @@ class _Base:
     needs_truth = False
     ages_by_ratio = False
 
-    def __init__(self, starvation_s: float = STARVATION_AGE_S) -> None:
-        if not starvation_s > 0:
-            raise InvalidRequest(f"starvation bound must be > 0 s, got {starvation_s}")
+    def __init__(
+        self,
+        starvation_s: float = STARVATION_AGE_S,
+        overload_multiple: float = OVERLOAD_AGE_MULTIPLE,
+    ) -> None:
+        if not starvation_s > 0 or overload_multiple < 0:
+            raise InvalidRequest(
+                f"aging needs starvation_s > 0 and overload_multiple >= 0, got "
+                f"{starvation_s} and {overload_multiple}"
+            )
         self.starvation_s = starvation_s
+        self.overload_multiple = overload_multiple
+
+    def aging_bound_s(self, queue: Sequence[QueuedRequest], now: float) -> float:
+        if not queue or self.overload_multiple == 0:
+            return self.starvation_s
+        ages = sorted(now - effective_arrival_s(r) for r in queue)
+        return max(self.starvation_s, self.overload_multiple * ages[len(ages) // 2])
 
     def key(self, request: View) -> float:
         raise NotImplementedError
 
-    def starved(self, request: QueuedRequest, now: float) -> bool:
-        return now - effective_arrival_s(request) >= self.starvation_s
+    def starved(self, request: QueuedRequest, now: float, bound_s: float | None = None) -> bool:
+        bound = self.starvation_s if bound_s is None else bound_s
+        return now - effective_arrival_s(request) >= bound
 
-    def rank(self, request: QueuedRequest, now: float) -> Rank:
+    def rank(self, request: QueuedRequest, now: float, bound_s: float | None = None) -> Rank:
         """(starved first, class, policy key, class-adjusted arrival, id)."""
-        arrival = effective_arrival_s(request)
-        if self.starved(request, now):
+        batch = request.priority == "batch"
+        arrival = request.arrival_s + BATCH_PRIORITY_DELAY_S if batch else request.arrival_s
+        if now - arrival >= (self.starvation_s if bound_s is None else bound_s):
             return (0, 0, 0.0, arrival, request.request_id)
-        batch_waiting = request.priority == "batch" and now - request.arrival_s < (
-            BATCH_PRIORITY_DELAY_S
-        )
+        batch_waiting = batch and now - request.arrival_s < BATCH_PRIORITY_DELAY_S
         key = self.key(request)
         if self.ages_by_ratio and RESPONSE_RATIO_TOKEN_S > 0:
             waited = max(0.0, now - arrival)
@@ -127,7 +152,8 @@ class _Base:
         return (1, int(batch_waiting), key, arrival, request.request_id)
 
     def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
-        return sorted(queue, key=lambda r: self.rank(r, now))
+        bound = self.aging_bound_s(queue, now)
+        return sorted(queue, key=lambda r: self.rank(r, now, bound))
 
     def should_displace(self, waiting_key: float, victim_key: float) -> bool:
         return False
@@ -141,7 +167,7 @@ class FirstComeFirstServed(_Base):
     def key(self, request: View) -> float:
         return effective_arrival_s(request)
 
-    def rank(self, request: QueuedRequest, now: float) -> Rank:
+    def rank(self, request: QueuedRequest, now: float, bound_s: float | None = None) -> Rank:
         arrival = effective_arrival_s(request)
         return (0, 0, arrival, arrival, request.request_id)
 
@@ -214,7 +240,12 @@ POLICIES: Final[dict[str, Callable[..., Policy]]] = {
 }
 
 
-def make_policy(name: str, *, starvation_s: float = STARVATION_AGE_S) -> Policy:
+def make_policy(
+    name: str,
+    *,
+    starvation_s: float = STARVATION_AGE_S,
+    overload_multiple: float = OVERLOAD_AGE_MULTIPLE,
+) -> Policy:
     """Build a policy by its CLI name."""
     try:
         factory = POLICIES[name]
@@ -224,4 +255,4 @@ def make_policy(name: str, *, starvation_s: float = STARVATION_AGE_S) -> Policy:
             field="policy",
             value=name,
         ) from None
-    return factory(starvation_s=starvation_s)
+    return factory(starvation_s=starvation_s, overload_multiple=overload_multiple)

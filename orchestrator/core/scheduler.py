@@ -4,15 +4,17 @@ One call does three things, in this order:
 
 1. KV growth. A running request whose KV use comes within ``KV_RAISE_TRIGGER_TOKENS`` of its
    reservation gets a raise: to prompt + generated + the ``kv_raise_quantile`` of its
-   re-predicted remaining length if that fits the device, else by ``KV_HEADROOM_TOKENS`` only
-   (raise-as-you-go, as A_min does). When not even that fits, requests on the device are
-   preempted (recomputed later), cheapest recompute first, unless that would cost more than
-   preempting the grower itself. Reservations therefore never exceed a device's budget.
+   re-predicted remaining length if that fits the device, else by a small geometric step
+   (``KV_MIN_RAISE_FRACTION`` of its use; raise-as-you-go, as A_min does). When not even that
+   fits, requests on the device are preempted (recomputed later), cheapest recompute first,
+   unless that would cost more than preempting the grower itself. Reservations therefore never
+   exceed a device's budget.
 2. Ordering and placement. Requests are tried in policy order (at most ``DECIDE_LOOKAHEAD``
    per call, so each event costs bounded work); each is admitted where its prompt + generated
    + an adaptive quantile of its predicted output fits the free KV budget: the quantile rises
    from ``kv_quantile_low`` on an empty device to ``kv_quantile_high`` on a full one, because a
-   raise later is likely to fit on a device with room and unlikely on a crowded one.
+   raise later is likely to fit on a device with room and unlikely on a crowded one. Low
+   quantiles win: reserving high ones wastes concurrency (measured in docs/SCHED_RESULTS.md).
 3. Preemption (preemptive policies only). A request that cannot start anywhere may displace a
    running one when the policy says it is much more urgent, the victim has been preempted fewer
    than ``max_preemptions`` times and is not itself starving, and the recompute (re-prefill of
@@ -44,11 +46,14 @@ from orchestrator.core.views import (
 from orchestrator.errors import ContextOverflow, Unavailable
 from orchestrator.protocol import AgentId, RequestId
 
-KV_QUANTILE_LOW: Final = 0.3
-KV_QUANTILE_HIGH: Final = 0.6
+KV_QUANTILE_LOW: Final = 0.1
+KV_QUANTILE_HIGH: Final = 0.5
 KV_RAISE_QUANTILE: Final = 0.9
 KV_HEADROOM_TOKENS: Final = 32
 """Cells reserved beyond the predicted quantile, and the smallest raise."""
+KV_MIN_RAISE_FRACTION: Final = 0.125
+"""The smallest raise is this fraction of the cells in use (at least ``KV_HEADROOM_TOKENS``):
+geometric steps keep the number of raises per request logarithmic in its length."""
 KV_RAISE_TRIGGER_TOKENS: Final = 16
 """A running request is raised once fewer than this many reserved cells are left unused."""
 MAX_PREEMPTIONS: Final = 1
@@ -56,6 +61,9 @@ MAX_PREEMPTIONS: Final = 1
 PREEMPT_COST_FRACTION: Final = 0.15
 PREEMPT_TRIES_PER_DECIDE: Final = 2
 DECIDE_LOOKAHEAD: Final = 16
+KV_PEAK_ADMISSION: Final = False
+"""Past-Future style admission: besides its own reservation, a request starts only if the
+device's predicted future KV peak still fits its budget (see ``predicted_peak_tokens``)."""
 """Queued requests (in policy order) one call considers for placement."""
 
 
@@ -102,6 +110,23 @@ def raised_reservation(running: RunningRequest, agent: AgentView, config: Schedu
     return min(cap, max(running.kv_reservation_tokens + KV_HEADROOM_TOKENS, target))
 
 
+def predicted_peak_tokens(loads: list[tuple[float, float]]) -> float:
+    """The highest total KV use ahead for sequences given as (cells used now, expected tokens
+    still to come): each grows a cell a step until it ends and frees all its cells, so the
+    peak falls at one of the ends (Past-Future's peak estimate, with predicted lengths)."""
+    ordered = sorted(loads, key=lambda x: x[1])
+    used_now = sum(u for u, _ in ordered)
+    peak = used_now
+    # Just before the k-th shortest ends, the ones before it have freed their cells and every
+    # survivor (k included) has grown by the k-th's remaining tokens.
+    freed = 0.0
+    for k, (used, rest) in enumerate(ordered):
+        alive = len(ordered) - k
+        peak = max(peak, used_now - freed + alive * rest)
+        freed += used
+    return peak
+
+
 class _State:
     """The mutable working copy of one ``decide`` call (never escapes it)."""
 
@@ -116,6 +141,7 @@ class _State:
         self._finish_times: dict[AgentId, list[float]] = {}
         self._rest: dict[RequestId, float] = {}
         self._keys: dict[RequestId, float] = {}
+        self._loads: dict[AgentId, list[tuple[float, float]]] = {}
         self.dispatched = 0
 
     def rest(self, running: RunningRequest) -> float:
@@ -139,9 +165,27 @@ class _State:
         ]
         self.preempted.add(victim.request_id)
         self._finish_times.pop(victim.agent_id, None)
+        self._loads.pop(victim.agent_id, None)
         self.actions.append(PreemptAction(victim.request_id, victim.agent_id, reason))  # type: ignore[arg-type]
 
+    def peak_loads(self, agent_id: AgentId) -> list[tuple[float, float]]:
+        loads = self._loads.get(agent_id)
+        if loads is None:
+            loads = self._loads[agent_id] = [
+                (float(r.kv_used_tokens), self.rest(r)) for r in self.running[agent_id]
+            ]
+        return loads
+
+    def peak_fits(self, agent: AgentView, request: QueuedRequest) -> bool:
+        """Whether the device's predicted KV peak with ``request`` added fits its budget."""
+        loads = self.peak_loads(agent.agent_id)
+        new = (float(request.prompt_tokens + request.generated_tokens), request.rest_tokens)
+        return predicted_peak_tokens([*loads, new]) <= agent.kv_budget_tokens
+
     def dispatch(self, request: QueuedRequest, agent_id: AgentId, reservation: int) -> None:
+        self.peak_loads(agent_id).append(
+            (float(request.prompt_tokens + request.generated_tokens), request.rest_tokens)
+        )
         self.agents[agent_id] = self.agents[agent_id].with_dispatched(request, reservation)
         self.actions.append(DispatchAction(request.request_id, agent_id, reservation))
         self.dispatched += 1
@@ -177,7 +221,7 @@ def _grow_reservations(snapshot: Snapshot, state: _State, config: SchedulerConfi
         if agent is None or r.request_id in state.preempted or not needs_raise(r, agent):
             continue
         target = raised_reservation(r, agent, config)
-        for wanted in (target, r.kv_reservation_tokens + KV_HEADROOM_TOKENS):
+        for wanted in (target, r.kv_reservation_tokens + _min_raise(r)):
             wanted = min(wanted, _reservation_cap(r, agent))
             if wanted - r.kv_reservation_tokens <= agent.free_kv_tokens:
                 state.agents[r.agent_id] = agent.with_reserved(wanted - r.kv_reservation_tokens)
@@ -187,10 +231,14 @@ def _grow_reservations(snapshot: Snapshot, state: _State, config: SchedulerConfi
             _make_room(r, agent, state)
 
 
+def _min_raise(running: RunningRequest) -> int:
+    return max(KV_HEADROOM_TOKENS, math.ceil(KV_MIN_RAISE_FRACTION * running.kv_used_tokens))
+
+
 def _make_room(grower: RunningRequest, agent: AgentView, state: _State) -> None:
     """Free enough cells for the grower's smallest raise by preempting others, cheapest
     recompute first; if that would recompute more than the grower has, preempt the grower."""
-    extra = min(grower.kv_reservation_tokens + KV_HEADROOM_TOKENS, _reservation_cap(grower, agent))
+    extra = min(grower.kv_reservation_tokens + _min_raise(grower), _reservation_cap(grower, agent))
     extra -= grower.kv_reservation_tokens
     others = sorted(
         (
@@ -250,7 +298,8 @@ def _place_queue(snapshot: Snapshot, now: float, state: _State, config: Schedule
         return
     lookahead = DECIDE_LOOKAHEAD if has_slot else PREEMPT_TRIES_PER_DECIDE
     if len(placeable) > lookahead:
-        ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now))
+        bound = policy.aging_bound_s(placeable, now)
+        ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now, bound))
     else:
         ordered = policy.order(placeable, now)
     preempt_tries = PREEMPT_TRIES_PER_DECIDE
@@ -266,7 +315,9 @@ def _place_queue(snapshot: Snapshot, now: float, state: _State, config: Schedule
             if not agent.fits_context(request):
                 continue
             reservation = admission_reservation(request, agent, config)
-            can_start = agent.can_start(request, reservation)
+            can_start = agent.can_start(request, reservation) and (
+                not KV_PEAK_ADMISSION or agent.running == 0 or state.peak_fits(agent, request)
+            )
             free_in = 0.0 if can_start else state.free_in_s(agent)
             candidates.append(Candidate(agent, can_start, reservation, free_in))
         choice = config.placement.choose(

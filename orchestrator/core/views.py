@@ -6,11 +6,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Final, Literal
 
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.errors import EdgeorchError
 from orchestrator.protocol import AgentId, Priority, RequestId
+
+UNKNOWN_LENGTH_TOKENS: Final = 256.0
+"""Output length assumed for a request without a prediction (about the traces' mean)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,18 @@ class QueuedRequest:
     estimate: LengthEstimate | None = None
     generated_tokens: int = 0
     preemptions: int = 0
+    rest_tokens: float = field(default=0.0, init=False, compare=False)
+    """Expected output tokens still to come (re-predicted after ``generated_tokens``, capped by
+    the budget; ``UNKNOWN_LENGTH_TOKENS`` less what was generated without a prediction);
+    computed once, since every policy and placement asks for it."""
+
+    def __post_init__(self) -> None:
+        budget = float(max(1, self.max_tokens - self.generated_tokens))
+        if self.estimate is None:
+            rest = max(1.0, UNKNOWN_LENGTH_TOKENS - self.generated_tokens)
+        else:
+            rest = self.estimate.expected_remaining(self.generated_tokens)
+        object.__setattr__(self, "rest_tokens", min(rest, budget))
 
     @property
     def predicted_tokens(self) -> float | None:

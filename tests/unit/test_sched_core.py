@@ -32,6 +32,7 @@ from orchestrator.core.scheduler import (
     SchedulerConfig,
     admission_reservation,
     decide,
+    predicted_peak_tokens,
 )
 from orchestrator.core.views import (
     AgentView,
@@ -126,15 +127,19 @@ def test_srtf_ranks_a_resumed_request_by_what_remains() -> None:
 def test_starved_requests_go_first_oldest_first(
     items: list[tuple[float, float, str]], now: float, name: str
 ) -> None:
-    """The aging bound: once a request is ``starvation_s`` old (class-adjusted), no younger
-    request ranks ahead of it, whatever the lengths."""
+    """The aging bound: once a request is as old (class-adjusted) as the bound, no younger
+    request ranks ahead of it, whatever the lengths; the bound is 20 s unless the queue's
+    median age says the cluster is overloaded."""
     policy = make_policy(name, starvation_s=20.0)
     queue = [
         queued(f"r{i}", arrival_s=a, estimate=estimate(n), priority=p)
         for i, (a, n, p) in enumerate(items)
     ]
+    ages = sorted(now - effective_arrival_s(r) for r in queue)
+    bound = policy.aging_bound_s(queue, now)
+    assert bound == max(20.0, 2.0 * ages[len(ages) // 2])
     order = policy.order(queue, now)
-    starved = [r for r in order if now - effective_arrival_s(r) >= 20.0]
+    starved = [r for r in order if now - effective_arrival_s(r) >= bound]
     assert order[: len(starved)] == starved
     assert [effective_arrival_s(r) for r in starved] == sorted(
         effective_arrival_s(r) for r in starved
@@ -311,6 +316,14 @@ def test_decide_never_reserves_beyond_a_budget(
             total.pop(action.request_id)
         assert sum(total.values()) <= budget
     assert sum(1 for rid in total if rid.startswith(("q", "x"))) <= a1.max_seqs
+
+
+def test_predicted_peak_is_the_highest_total_kv_use_ahead() -> None:
+    # A: 100 cells, 50 to come; B: 10 cells, 500 to come. Just before A ends both have grown
+    # by 50 (210 cells); B alone then peaks at 510.
+    assert predicted_peak_tokens([(100.0, 50.0), (10.0, 500.0)]) == 510.0
+    assert predicted_peak_tokens([(100.0, 50.0)]) == 150.0
+    assert predicted_peak_tokens([]) == 0.0
 
 
 # --- preemption -----------------------------------------------------------------------------

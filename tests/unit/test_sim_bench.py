@@ -54,11 +54,18 @@ def device(name: str, single: float, seqs: int, kv: int) -> DeviceSpec:
 SMALL = Cluster("small", (device("fast", 100.0, 4, 4000), device("slow", 20.0, 2, 1500)))
 
 
-def sim(policy: str, placement: str = "predicted", starvation_s: float = 30.0) -> Simulator:
+def sim(
+    policy: str,
+    placement: str = "predicted",
+    starvation_s: float = 30.0,
+    overload_multiple: float = 2.0,
+) -> Simulator:
     return Simulator(
         SMALL,
         SchedulerConfig(
-            policy=make_policy(policy, starvation_s=starvation_s),
+            policy=make_policy(
+                policy, starvation_s=starvation_s, overload_multiple=overload_multiple
+            ),
             placement=make_placement(placement),
             unavailable_timeout_s=1e9,
         ),
@@ -102,11 +109,14 @@ def test_every_request_ends_exactly_once_within_its_kv_reservation(
 @settings(max_examples=30, deadline=None)
 @given(WORKLOAD)
 def test_no_request_waits_beyond_the_aging_bound(items: list[tuple[float, int, float]]) -> None:
-    """Once starved (10 s), a request is passed only by requests that arrived before it, and
-    by no more than the slots that were busy: its wait is bounded by the aging bound plus the
-    service of those (at most 600 tokens at the slow device's 2-sequence pace each)."""
+    """Once starved (a fixed 10 s here: the overload term off), a request is passed only by
+    requests that arrived before it, and by no more than the slots that were busy: its wait is
+    bounded by the aging bound plus the service of those (at most 600 tokens at the slow
+    device's 2-sequence pace each)."""
     bound = 10.0
-    report = sim("sjf", "least-loaded", starvation_s=bound).run(requests(items))
+    report = sim("sjf", "least-loaded", starvation_s=bound, overload_multiple=0.0).run(
+        requests(items)
+    )
     service_s = 600 * SMALL.devices[1].speed.step_s(2) + 1.0
     arrivals = sorted(o.arrival_s for o in report.outcomes)
     for o in report.outcomes:
@@ -126,7 +136,9 @@ def test_shortest_first_without_aging_would_starve_the_long_job() -> None:
         report = Simulator(
             cluster,
             SchedulerConfig(
-                make_policy("sjf", starvation_s=starvation_s), make_placement("least-loaded"), 1e9
+                make_policy("sjf", starvation_s=starvation_s, overload_multiple=0.0),
+                make_placement("least-loaded"),
+                1e9,
             ),
         ).run(requests(items))
         (long,) = [o for o in report.outcomes if o.output_tokens == 500]
@@ -285,6 +297,10 @@ def _args(**overrides: Any) -> SimpleNamespace:
         predictor="fake",
         seed=1,
         starvation_s=None,
+        agents=2,
+        backend="fake",
+        threads=None,
+        max_seqs=None,
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)
@@ -293,7 +309,8 @@ def _args(**overrides: Any) -> SimpleNamespace:
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"live": True, "sim": False}, "not yet implemented"),
+        ({"live": True, "sim": False, "agents": 0}, "--agents"),
+        ({"live": True, "sim": False, "load": "0.5,0.9"}, "--load"),
         ({"cluster": None}, "--cluster"),
         ({"policies": "fcfs,best"}, "unknown best"),
         ({"policies": "fcfs,fcfs"}, "twice"),

@@ -1,0 +1,81 @@
+"""The coordinator carries out the core's new actions: a preemption becomes cancel + requeue
+(the next attempt resumes after the streamed tokens), a raise updates the reservation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.lifecycle import RequestState
+from orchestrator.protocol import AgentId, CancelRun, Dispatch, RequestId, WireModel
+from orchestrator.settings import CoordinatorSettings
+from tests.factories import params, profile, record
+
+
+def coordinator(policy: str) -> tuple[Coordinator, list[WireModel]]:
+    sent: list[WireModel] = []
+    c = Coordinator(CoordinatorSettings(policy=policy, placement="predicted"))
+    c._agents[b"id-a1"] = AgentSession(
+        agent_id=AgentId("a1"),
+        identity=b"id-a1",
+        name="a1",
+        profile=profile(max_seqs=1, kv_budget_tokens=8000, n_ctx=4096, decode_tps=20.0),
+        last_seen_s=0.0,
+    )
+
+    def send(identity: bytes, message: WireModel) -> None:
+        sent.append(message)
+
+    c._send_agent = send  # type: ignore[method-assign]
+    return c, sent
+
+
+def _long_running(c: Coordinator, **overrides: Any) -> None:
+    fields: dict[str, Any] = {
+        "params": params(max_tokens=2000),
+        "estimate": LengthEstimate.exact(2000),
+        "prompt_tokens": 20,
+        **overrides,
+    }
+    long = record("long", **fields)
+    c.table.add(long)
+    c.table.dispatch(RequestId("long"), AgentId("a1"), 2100, now=0.0)
+    c.table.add_tokens(RequestId("long"), " one two", 2, now=0.5)
+
+
+def test_preemption_cancels_requeues_and_dispatches_the_waiter() -> None:
+    c, sent = coordinator("srtf")
+    _long_running(c)
+    c.table.add(
+        record(
+            "short",
+            params=params(max_tokens=2000),
+            estimate=LengthEstimate.exact(5),
+            arrival_s=1.0,
+        )
+    )
+    c.schedule(now=1.0)
+    assert isinstance(sent[0], CancelRun) and (sent[0].request_id, sent[0].attempt) == ("long", 1)
+    assert isinstance(sent[1], Dispatch) and sent[1].request_id == "short"
+    long = c.table[RequestId("long")]
+    assert (long.state, long.attempt, long.preemptions) == (RequestState.QUEUED, 2, 1)
+    assert long.text == " one two" and long.generated_tokens == 2  # resumed after these
+    assert c.table.preemptions == 1
+
+
+def test_fcfs_never_preempts() -> None:
+    c, sent = coordinator("fcfs")
+    _long_running(c)
+    c.table.add(record("short", params=params(max_tokens=2000), arrival_s=1.0))
+    c.schedule(now=1.0)
+    assert sent == []
+
+
+def test_raise_updates_the_reservation() -> None:
+    c, sent = coordinator("sjf")
+    _long_running(c, estimate=LengthEstimate.of(100.0, {0.5: 100.0, 0.9: 400.0}))
+    c.table.reserve(RequestId("long"), 30)  # 20 prompt + 2 generated: within the trigger
+    c.schedule(now=1.0)
+    assert sent == []
+    assert c.table[RequestId("long")].kv_reservation_tokens > 30
