@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run a coordinator and N local agents (foreground)")
     up.add_argument("--agents", type=int, default=2, help="number of local agents (default 2)")
     up.add_argument("--backend", choices=("llama", "fake"), default="llama")
-    up.add_argument("--policy", default="fcfs")
+    up.add_argument("--policy", default="srtf", help="ordering policy (default srtf)")
     up.add_argument("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT)
     up.add_argument("--clients-endpoint", default=DEFAULT_CLIENTS_ENDPOINT)
     up.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")

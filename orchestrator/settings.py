@@ -46,8 +46,10 @@ class CoordinatorSettings(Settings):
         DEFAULT_CLIENTS_ENDPOINT, description="ROUTER that clients connect to"
     )
     http: str | None = Field(None, description="HOST:PORT of the HTTP gateway (off when unset)")
-    policy: str = Field("fcfs", description="ordering policy")
-    placement: str = Field("least-loaded", description="placement strategy")
+    policy: str = Field("srtf", description="ordering policy: fcfs, sjf, srtf or mlfq")
+    placement: str = Field(
+        "predicted", description="placement: predicted, least-loaded or round-robin"
+    )
     heartbeat_interval_s: float = Field(HEARTBEAT_INTERVAL_S, gt=0, description="seconds")
     heartbeat_liveness: int = Field(
         HEARTBEAT_LIVENESS, ge=1, description="missed intervals before an agent is dead"
