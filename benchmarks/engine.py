@@ -280,7 +280,6 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     model = ensure_default_model(os.environ)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgeorch-engine-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)

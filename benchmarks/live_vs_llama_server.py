@@ -57,7 +57,6 @@ def start_llama_server(
         ],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -142,7 +141,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     model = ensure_default_model(os.environ)
     rows = load_trace(args.trace, args.max_requests)
     lengths = output_lengths(rows, args.length_scale, args.max_output_tokens)

@@ -295,7 +295,11 @@ def _run_up(args: argparse.Namespace) -> int:
         ensure_default_model(os.environ)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.agents)
     base = [sys.executable, "-m", "orchestrator.cli"]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = dict(os.environ)
+    if args.agents > 1:
+        # Several llama processes share the cores: spinning OpenMP threads would starve each
+        # other. One agent keeps OpenMP's default, which decodes up to 3x faster with 2 threads.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     commands = [
         [
             *base,

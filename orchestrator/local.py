@@ -71,7 +71,6 @@ class LocalCluster:
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
-            "OMP_WAIT_POLICY": "PASSIVE",
             "EDGEORCH_LOG_LEVEL": "INFO",
             "EDGEORCH_STATE_DIR": str(self.log_dir / "state"),
         }
