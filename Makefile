@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(BIN)/edgeorch up --agents 2 --backend llama
 
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator agents tests benchmarks

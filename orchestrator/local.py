@@ -29,6 +29,7 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, log_dir: Path, *coordinator_args: str) -> None:
         self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.agents_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.clients_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
