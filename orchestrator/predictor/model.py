@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ class LengthPredictor:
         self.metadata = dict(metadata)
         self.calibrations: dict[str, Calibration] = dict(calibrations or {})
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        # Parallelism comes from running prompts side by side (each encoder call is small and
+        # scales poorly inside one op), so every call uses one thread.
+        options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -184,12 +187,21 @@ class LengthPredictor:
         """
         n = len(prompts)
         emb = np.zeros((n, int(self.metadata["embedding_dim"])), dtype=np.float32)
-        for i, prompt in enumerate(prompts):
-            ids = np.asarray([self._tokenizer.ids(prompt)], dtype=np.int64)
+
+        def encode(i: int) -> None:
+            ids = np.asarray([self._tokenizer.ids(prompts[i])], dtype=np.int64)
             (pooled,) = self._encoder.run(
                 None, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
             )
             emb[i] = pooled[0]
+
+        if self.threads > 1 and n > 1:
+            # onnxruntime releases the GIL and its sessions take concurrent calls.
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                list(pool.map(encode, range(n)))
+        else:
+            for i in range(n):
+                encode(i)
         cues = cue_feature_matrix(prompts)
         (log_grid,) = self._head.run(None, {"embedding": emb, "cues": cues})
         return RawOutputs(emb, cues, np.asarray(log_grid, dtype=np.float32))

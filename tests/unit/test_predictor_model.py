@@ -61,3 +61,13 @@ def test_bad_inputs(predictor: LengthPredictor, tmp_path: Path) -> None:
     )
     with pytest.raises(PredictorModelError, match="calibration"):
         LengthPredictor.load(bad)
+
+
+def test_parallel_batches_equal_sequential_ones() -> None:
+    """Prompts run side by side on several threads give exactly the one-thread predictions."""
+    from orchestrator.predictor import LengthPredictor
+
+    prompts = [f"Explain topic number {i} in some detail." for i in range(12)]
+    sequential = LengthPredictor.load(threads=1).predict_batch(prompts)
+    parallel = LengthPredictor.load(threads=2).predict_batch(prompts)
+    assert [p.quantiles for p in parallel] == [p.quantiles for p in sequential]
