@@ -273,9 +273,9 @@ class LlamaEngine:
         rows: list[tuple[_Sequence, int]] = []
         n = 0
         for sequence in self._active.values():
-            if sequence.prefilling:
+            if sequence.next_token is None:
                 continue
-            self._put(n, sequence.next_token, sequence.n_past, sequence.slot, True)  # type: ignore[arg-type]
+            self._put(n, sequence.next_token, sequence.n_past, sequence.slot, True)
             rows.append((sequence, n))
             n += 1
         chunks: list[tuple[_Sequence, int]] = []

@@ -18,7 +18,7 @@ from agents.base import (
     admission_error,
 )
 from agents.text import StopStringFilter
-from orchestrator.protocol import Backend
+from orchestrator.protocol import Backend, FinishReason
 
 FAKE_MODEL_NAME: Final = "fake"
 BATCH_SCALING_EXPONENT: Final = 0.35
@@ -164,16 +164,16 @@ class FakeEngine:
     def close(self) -> None:
         self._active.clear()
 
-    def _finish(self, key: SequenceKey, reason: str) -> Completed:
+    def _finish(self, key: SequenceKey, reason: FinishReason) -> Completed:
         return self._completed(self._active.pop(key), reason)
 
     @staticmethod
-    def _completed(sequence: _Sequence, reason: str) -> Completed:
+    def _completed(sequence: _Sequence, reason: FinishReason) -> Completed:
         return Completed(
             key=sequence.spec.key,
             prompt_tokens=fake_prompt_tokens(sequence.spec.prompt),
             completion_tokens=sequence.generated,
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             prefill_s=sequence.prefill_s,
             decode_s=sequence.decode_s,
         )
