@@ -20,6 +20,7 @@ import zmq.asyncio
 from agents.base import Completed, Emitted, Engine, EngineEvent, Rejected, SequenceKey, SequenceSpec
 from orchestrator import transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
+from orchestrator.auth import ClientKeys, handshake_failures
 from orchestrator.errors import InternalError, Overloaded, ProtocolError
 from orchestrator.protocol import (
     AGENT_COMMANDS,
@@ -46,6 +47,8 @@ log = logging.getLogger("edgeorch.agent")
 REGISTER_RETRY_S: Final = 1.0
 REGISTER_LOG_EVERY: Final = 30
 GOODBYE_LINGER_MS: Final = 500
+REFUSED_LOG_INTERVAL_S: Final = 30.0
+"""A refused agent retries its handshake every 100 ms; it says why at most this often."""
 STREAM_FLUSH_INTERVAL_S: Final = 0.04
 """Tokens of one sequence produced within this window travel in one frame (the first token
 always goes at once), so the coordinator and client wake a few times per window, not per token:
@@ -104,8 +107,10 @@ class AgentDaemon:
         name: str,
         heartbeat_interval_s: float,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        curve: ClientKeys | None = None,
     ) -> None:
         self.engine = engine
+        self.curve = curve
         self.profile = profile
         self.endpoint = endpoint
         self.name = name
@@ -128,8 +133,8 @@ class AgentDaemon:
         context = zmq.asyncio.Context()
         linger_ms = 0
         try:
-            self._socket = transport.dealer(context, self.endpoint)
-            workers = [self._receive(), self._heartbeat(), self._run_engine()]
+            self._socket = transport.dealer(context, self.endpoint, curve=self.curve)
+            workers = [self._receive(), self._heartbeat(), self._run_engine(), self._watch()]
             if drain is not None:
                 workers.append(
                     drain_then_stop(
@@ -183,6 +188,17 @@ class AgentDaemon:
                 self._commands.append(message)
                 self._work.set()
 
+    async def _watch(self) -> None:
+        """Say why the coordinator refuses this agent's handshakes (ZeroMQ keeps retrying, so
+        an operator can fix the allow list without restarting the agent)."""
+        assert self._socket is not None
+        last_logged = -REFUSED_LOG_INTERVAL_S
+        async for error in handshake_failures(self._socket, self.endpoint, self.curve, "agents"):
+            now = time.monotonic()
+            if now - last_logged >= REFUSED_LOG_INTERVAL_S:
+                last_logged = now
+                log.error("%s (retrying)", error.message)
+
     async def _heartbeat(self) -> None:
         """Register until welcomed, then heartbeat; any frame also counts as a heartbeat."""
         attempts = 0
@@ -194,7 +210,14 @@ class AgentDaemon:
                 except TimeoutError:
                     attempts += 1
                     if attempts == 1 or attempts % REGISTER_LOG_EVERY == 0:
-                        log.info("waiting for the coordinator at %s", self.endpoint)
+                        log.info(
+                            "waiting for the coordinator at %s to welcome %r%s",
+                            self.endpoint,
+                            self.name,
+                            " (with CURVE, only the name its allow list gives this key)"
+                            if self.curve is not None
+                            else "",
+                        )
                 continue
             attempts = 0
             await asyncio.sleep(self.heartbeat_interval_s)

@@ -26,6 +26,7 @@ from orchestrator.settings import (
 )
 
 if TYPE_CHECKING:
+    from orchestrator.client import Client
     from orchestrator.prediction import PredictionService
 
 log = logging.getLogger("edgeorch.cli")
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit one request and stream its text")
     submit.add_argument("prompt")
     _add_client_endpoint(submit)
+    _add_client_keys(submit)
     submit.add_argument("--max-tokens", type=int, default=128)
     submit.add_argument("--temperature", type=float, default=0.8)
     submit.add_argument("--top-p", type=float, default=0.95)
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show agents, queue and running requests")
     _add_client_endpoint(status)
+    _add_client_keys(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_run_status)
 
@@ -140,6 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(handler=_run_bench)
 
+    keys = commands.add_parser("keys", help="CURVE keys for the coordinator, agents, clients")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    generate = keys_commands.add_parser(
+        "generate",
+        help="write a server key pair, agent and client key pairs, and the allow list",
+        description="Creates DIR/server.key_secret (coordinator), DIR/server.key (public), "
+        "DIR/agents/NAME.key_secret, DIR/clients/NAME.key_secret and their public keys in "
+        "DIR/allowed/{agents,clients}/. An existing server key is kept; existing identities "
+        "are never overwritten. Without --name or --client in a new DIR: agent-1 and client.",
+    )
+    generate.add_argument("dir", type=Path, help="folder for the keys (created if missing)")
+    generate.add_argument(
+        "--name", action="append", default=[], help="an agent identity (repeatable)"
+    )
+    generate.add_argument(
+        "--client", action="append", default=[], help="a client identity (repeatable)"
+    )
+    generate.set_defaults(handler=_run_keys_generate)
+
     from orchestrator.predictor.cli import register as register_predictor
 
     register_predictor(commands)
@@ -173,6 +195,38 @@ def _add_client_endpoint(parser: argparse.ArgumentParser) -> None:
         help=f"coordinator's clients endpoint (default {DEFAULT_CLIENTS_ENDPOINT}; "
         "env EDGEORCH_CLIENTS_ENDPOINT)",
     )
+
+
+def _add_client_keys(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--curve-secret-key",
+        default=None,
+        help="this client's CURVE certificate, NAME.key_secret (env EDGEORCH_CURVE_SECRET_KEY)",
+    )
+    parser.add_argument(
+        "--curve-server-key",
+        default=None,
+        help="the coordinator's public certificate, server.key (env EDGEORCH_CURVE_SERVER_KEY)",
+    )
+
+
+def _client(args: argparse.Namespace, timeout_s: float | None = None) -> Client:
+    """A client of ``--coordinator`` with the command's CURVE keys (flags, then environment)."""
+    from orchestrator.client import Client
+
+    return Client(
+        _client_endpoint(args),
+        timeout_s=timeout_s,
+        curve_secret_key=args.curve_secret_key or os.environ.get("EDGEORCH_CURVE_SECRET_KEY"),
+        curve_server_key=args.curve_server_key or os.environ.get("EDGEORCH_CURVE_SERVER_KEY"),
+    )
+
+
+def _run_keys_generate(args: argparse.Namespace) -> int:
+    from orchestrator.auth import describe, generate_keys
+
+    print(describe(generate_keys(args.dir, args.name, args.client)))
+    return 0
 
 
 def _client_endpoint(args: argparse.Namespace) -> str:
@@ -270,11 +324,13 @@ def _tokenizer_model(settings: CoordinatorSettings) -> Path | None:
 def _run_agent(args: argparse.Namespace) -> int:
     from agents.daemon import AgentDaemon
     from agents.device import build_engine, probe_profile
+    from orchestrator.auth import client_keys
 
     settings: AgentSettings = _settings(AgentSettings, args)
+    curve = client_keys(settings.curve_secret_key, settings.curve_server_key)
     engine = build_engine(settings, os.environ)
     profile = probe_profile(settings, engine, os.environ)
-    name = settings.name or profile.hostname
+    name = settings.name or (curve.keys.name if curve else None) or profile.hostname
     daemon = AgentDaemon(
         engine,
         profile,
@@ -282,6 +338,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         name=name,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         drain_timeout_s=settings.drain_timeout_s,
+        curve=curve,
     )
     return _serve(daemon.run)
 
@@ -369,7 +426,7 @@ def _supervise(commands: list[list[str]], env: Mapping[str, str]) -> int:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from orchestrator.client import Client, GenerationOptions
+    from orchestrator.client import GenerationOptions
 
     params: GenerationOptions = dict(
         max_tokens=args.max_tokens,
@@ -383,7 +440,7 @@ def _run_submit(args: argparse.Namespace) -> int:
         priority=args.priority,
         model=args.model,
     )
-    with Client(_client_endpoint(args), timeout_s=args.timeout) as client:
+    with _client(args, args.timeout) as client:
         if args.json:
             print(json.dumps(_result_json(client.generate(args.prompt, **params)), indent=2))
             return 0
@@ -412,9 +469,8 @@ def _result_json(result: Any) -> dict[str, Any]:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from orchestrator.client import Client
 
-    with Client(_client_endpoint(args)) as client:
+    with _client(args) as client:
         report = client.status()
     if args.json:
         print(report.model_dump_json(indent=2))

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack, overload
 
 import zmq
@@ -20,6 +21,7 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from orchestrator import transport
+from orchestrator.auth import client_keys, handshake_failures
 from orchestrator.errors import (
     EdgeorchError,
     InvalidRequest,
@@ -33,6 +35,7 @@ from orchestrator.protocol import (
     Accepted,
     CancelRequest,
     ClientReply,
+    ErrorInfo,
     ErrorReply,
     GenerationParams,
     Priority,
@@ -149,16 +152,28 @@ class Stream:
 
 
 class AsyncClient:
-    """Talks to a coordinator's clients endpoint; use as an async context manager."""
+    """Talks to a coordinator's clients endpoint; use as an async context manager.
+
+    ``curve_secret_key`` (this client's ``NAME.key_secret``) and ``curve_server_key`` (the
+    coordinator's ``server.key``) authenticate with CURVE; a refused handshake fails the waiting
+    calls at once with ``Unauthorized`` saying why.
+    """
 
     def __init__(
-        self, endpoint: str = DEFAULT_CLIENTS_ENDPOINT, *, timeout_s: float | None = None
+        self,
+        endpoint: str = DEFAULT_CLIENTS_ENDPOINT,
+        *,
+        timeout_s: float | None = None,
+        curve_secret_key: str | Path | None = None,
+        curve_server_key: str | Path | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.curve = client_keys(curve_secret_key, curve_server_key)
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._receiver: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._inboxes: dict[str, asyncio.Queue[ClientReply]] = {}
 
     async def __aenter__(self) -> AsyncClient:
@@ -171,17 +186,20 @@ class AsyncClient:
     def _connect(self) -> zmq.asyncio.Socket:
         if self._socket is None:
             self._context = zmq.asyncio.Context()
-            self._socket = transport.dealer(self._context, self.endpoint)
-            self._receiver = asyncio.get_running_loop().create_task(self._receive())
+            self._socket = transport.dealer(self._context, self.endpoint, curve=self.curve)
+            loop = asyncio.get_running_loop()
+            self._receiver = loop.create_task(self._receive())
+            self._watcher = loop.create_task(self._watch(self._socket))
         return self._socket
 
     async def close(self) -> None:
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
+        tasks = [t for t in (self._receiver, self._watcher) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._context is not None:
             self._context.destroy(linger=0)
-        self._socket = self._context = self._receiver = None
+        self._socket = self._context = self._receiver = self._watcher = None
 
     @overload
     async def generate(
@@ -293,6 +311,13 @@ class AsyncClient:
             if inbox is not None:
                 inbox.put_nowait(message)
 
+    async def _watch(self, socket: zmq.asyncio.Socket) -> None:
+        """Fail every waiting call when the coordinator refuses the handshake: without this
+        they would wait for a reply that cannot come."""
+        async for error in handshake_failures(socket, self.endpoint, self.curve, "clients"):
+            for key, inbox in self._inboxes.items():
+                inbox.put_nowait(ErrorReply(request_id=key, error=ErrorInfo.of(error)))
+
     def _send(self, message: WireModel) -> None:
         self._connect().send(encode(message))
 
@@ -301,14 +326,24 @@ class Client:
     """Blocking client: runs an ``AsyncClient`` on a private event loop thread."""
 
     def __init__(
-        self, endpoint: str = DEFAULT_CLIENTS_ENDPOINT, *, timeout_s: float | None = None
+        self,
+        endpoint: str = DEFAULT_CLIENTS_ENDPOINT,
+        *,
+        timeout_s: float | None = None,
+        curve_secret_key: str | Path | None = None,
+        curve_server_key: str | Path | None = None,
     ) -> None:
+        self._async = AsyncClient(
+            endpoint,
+            timeout_s=timeout_s,
+            curve_secret_key=curve_secret_key,
+            curve_server_key=curve_server_key,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="edgeorch-client", daemon=True
         )
         self._thread.start()
-        self._async = AsyncClient(endpoint, timeout_s=timeout_s)
 
     def __enter__(self) -> Client:
         return self

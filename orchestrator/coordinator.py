@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 import zmq
 import zmq.asyncio
 
-from orchestrator import transport
+from orchestrator import auth, transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
@@ -100,6 +100,8 @@ class AgentSession:
     last_seen_s: float
     kv_used_tokens: int = 0
     draining: bool = False
+    key: str | None = None
+    """The CURVE key's allow-list name that registered this session; None without CURVE."""
 
 
 @dataclass(slots=True)
@@ -121,6 +123,7 @@ class Coordinator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self._keys = auth.server_keys(settings)
         self._config = SchedulerConfig(
             policy=make_policy(settings.policy),
             placement=make_placement(settings.placement),
@@ -135,6 +138,7 @@ class Coordinator:
         self._agents: dict[bytes, AgentSession] = {}
         self._routes: dict[RequestId, ClientRoute] = {}
         self._agent_numbers = itertools.count(1)
+        self._refused_names: set[tuple[str, str]] = set()
         self._dispatch_count = 0
         self._schedule_needed = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
@@ -149,16 +153,26 @@ class Coordinator:
         """Bind both sockets and serve until ``stop`` is set, or ``drain`` is set and the
         accepted work has finished (bounded by ``drain_timeout_s``)."""
         self._context = zmq.asyncio.Context()
+        authenticator = None
         try:
             if self._predictions is not None:
                 await self._predictions.start()
-            self._agent_socket = transport.router(self._context, self.settings.agents_endpoint)
-            self._client_socket = transport.router(self._context, self.settings.clients_endpoint)
+            keys = self._keys.keys if self._keys else None
+            if self._keys is not None:
+                authenticator = auth.KeyAuthenticator(self._context, self._keys.allow_dir)
+                authenticator.start()
+            self._agent_socket = transport.router(
+                self._context, self.settings.agents_endpoint, curve=keys, role="agents"
+            )
+            self._client_socket = transport.router(
+                self._context, self.settings.clients_endpoint, curve=keys, role="clients"
+            )
             log.info(
-                "coordinator listening: agents %s, clients %s, policy %s",
+                "coordinator listening: agents %s, clients %s, policy %s, CURVE %s",
                 self.settings.agents_endpoint,
                 self.settings.clients_endpoint,
                 self.settings.policy,
+                f"on (allowed: {self._keys.allow_dir})" if self._keys else "off",
             )
             self.ready.set()
             workers = [
@@ -177,6 +191,8 @@ class Coordinator:
         finally:
             if self._predictions is not None:
                 await self._predictions.close()
+            if authenticator is not None:
+                authenticator.stop()
             self._context.destroy(linger=0)
 
     def _start_draining(self) -> None:
@@ -195,40 +211,62 @@ class Coordinator:
     async def _receive_agents(self) -> None:
         assert self._agent_socket is not None
         while True:
-            frames = await self._agent_socket.recv_multipart(copy=True)
-            if len(frames) != 2:
-                continue
-            identity, frame = frames
-            message = decode(frame, AGENT_MESSAGES)
-            now = self._clock()
-            session = self._agents.get(identity)
-            if session is not None:
-                session.last_seen_s = now
-            if isinstance(message, ProtocolError):
-                log.warning("dropped agent frame: %s", message.message)
-                continue
-            if isinstance(message, Register):
-                self._on_register(identity, message, now)
-            elif session is None:
-                self._send_agent(identity, Reregister())
-            elif isinstance(message, Heartbeat):
-                session.kv_used_tokens = message.kv_used_tokens
-                session.draining = message.draining
-            elif isinstance(message, Goodbye):
-                del self._agents[identity]
-                log.info("agent %s left after draining", session.agent_id)
-                self._requeue_agent_work(session.agent_id, now, reason="agent left", failed=False)
-            elif isinstance(message, TokenChunk):
-                self._on_chunk(session, message, now)
-            elif isinstance(message, RunFinished):
-                self._on_finished(session, message, now)
-            elif isinstance(message, RunFailed):
-                self._on_failed(session, message, now)
+            frames, key = await transport.receive(self._agent_socket, self._keys is not None)
+            if len(frames) == 2:
+                self._on_agent_frame(frames[0], frames[1], key)
+
+    def _on_agent_frame(self, identity: bytes, frame: bytes, key: str | None) -> None:
+        """One frame from an agent; ``key`` is its CURVE key's name (None without CURVE)."""
+        message = decode(frame, AGENT_MESSAGES)
+        now = self._clock()
+        session = self._agents.get(identity)
+        if session is not None and session.key != key:
+            log.warning(
+                "refused a frame from key %s on the connection of agent %s (key %s)",
+                key,
+                session.agent_id,
+                session.key,
+            )
+            return
+        if session is not None:
+            session.last_seen_s = now
+        if isinstance(message, ProtocolError):
+            log.warning("dropped agent frame: %s", message.message)
+            return
+        if isinstance(message, Register) and key is not None and message.name != key:
+            first = (key, message.name) not in self._refused_names
+            if first and len(self._refused_names) < auth.REFUSALS_LOGGED:
+                self._refused_names.add((key, message.name))
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "refused key %s registering as agent %r: it may register only as %r",
+                key,
+                message.name,
+                key,
+            )
+            return
+        if isinstance(message, Register):
+            self._on_register(identity, message, now, key)
+        elif session is None:
+            self._send_agent(identity, Reregister())
+        elif isinstance(message, Heartbeat):
+            session.kv_used_tokens = message.kv_used_tokens
+            session.draining = message.draining
+        elif isinstance(message, Goodbye):
+            del self._agents[identity]
+            log.info("agent %s left after draining", session.agent_id)
+            self._requeue_agent_work(session.agent_id, now, reason="agent left", failed=False)
+        elif isinstance(message, TokenChunk):
+            self._on_chunk(session, message, now)
+        elif isinstance(message, RunFinished):
+            self._on_finished(session, message, now)
+        elif isinstance(message, RunFailed):
+            self._on_failed(session, message, now)
 
     async def _receive_clients(self) -> None:
         assert self._client_socket is not None
         while True:
-            frames = await self._client_socket.recv_multipart(copy=True)
+            frames, _ = await transport.receive(self._client_socket, self._keys is not None)
             if len(frames) != 2:
                 continue
             identity, frame = frames
@@ -245,7 +283,9 @@ class Coordinator:
 
     # --- agent events -----------------------------------------------------------------------
 
-    def _on_register(self, identity: bytes, message: Register, now: float) -> None:
+    def _on_register(
+        self, identity: bytes, message: Register, now: float, key: str | None = None
+    ) -> None:
         previous = self._agents.pop(identity, None)
         if previous is not None:
             self._requeue_agent_work(previous.agent_id, now, reason="re-registered")
@@ -259,6 +299,7 @@ class Coordinator:
             name=message.name,
             profile=message.profile,
             last_seen_s=now,
+            key=key,
         )
         log.info(
             "agent %s registered: %s, model %s, n_ctx %d, kv budget %d tokens, %d seqs",
@@ -280,6 +321,16 @@ class Coordinator:
     ) -> RequestRecord | None:
         """The record a frame refers to, or None if the frame is from a superseded attempt."""
         record = self.table.get(RequestId(request_id))
+        if record is not None and record.attempt == attempt and record.agent_id != session.agent_id:
+            # A new attempt always gets a new number, so this attempt was never this agent's.
+            log.warning(
+                "refused agent %s's frame about request %s attempt %d, which runs on %s",
+                session.agent_id,
+                request_id,
+                attempt,
+                record.agent_id,
+            )
+            return None
         if (
             record is None
             or record.attempt != attempt

@@ -13,6 +13,7 @@ matching message text::
     ├── AgentFailure              agent_failure        the request kept killing its agents
     ├── Cancelled                 cancelled            cancelled by the client or on shutdown
     ├── RequestTimeout            timeout              the client gave up waiting
+    ├── Unauthorized              unauthorized         the coordinator refused this peer's key
     └── InternalError             internal             a bug: please report it
 
 An error crosses the wire as ``(code, message, retryable, details)``; ``error_from_wire`` rebuilds
@@ -91,6 +92,13 @@ class RequestTimeout(EdgeorchError):
     retryable = True
 
 
+class Unauthorized(EdgeorchError):
+    """The CURVE handshake failed: no key, a key not on the allow list, or a wrong server key.
+    Retrying does not help until an operator fixes the keys."""
+
+    code = "unauthorized"
+
+
 class InternalError(EdgeorchError):
     """An unexpected failure inside edgeorch."""
 
@@ -108,6 +116,7 @@ ERRORS_BY_CODE: Mapping[str, type[EdgeorchError]] = {
         AgentFailure,
         Cancelled,
         RequestTimeout,
+        Unauthorized,
         InternalError,
     )
 }

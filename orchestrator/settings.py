@@ -82,6 +82,15 @@ class CoordinatorSettings(Settings):
         description="GGUF whose tokenizer counts prompts exactly (default: the embedded model "
         "when assembled; otherwise an estimate and the agent checks)",
     )
+    curve_secret_key: str | None = Field(
+        None, description="the coordinator's CURVE certificate (server.key_secret): keys on"
+    )
+    curve_allow_dir: str | None = Field(
+        None, description="allowed public keys: agents/NAME.key and clients/NAME.key"
+    )
+    insecure: bool = Field(
+        False, description="listen beyond loopback without CURVE keys (anyone may connect)"
+    )
 
 
 class AgentSettings(Settings):
@@ -105,6 +114,12 @@ class AgentSettings(Settings):
     drain_timeout_s: float = Field(
         DRAIN_TIMEOUT_S, ge=0, description="on SIGTERM, seconds to let running work finish"
     )
+    curve_secret_key: str | None = Field(
+        None, description="this agent's CURVE certificate (NAME.key_secret; names the agent)"
+    )
+    curve_server_key: str | None = Field(
+        None, description="the coordinator's public CURVE certificate (server.key)"
+    )
 
 
 S = TypeVar("S", bound=Settings)
@@ -122,10 +137,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser, schema: type[Setting
     """Add one flag per settings field; unset flags stay out of the parsed namespace."""
     parser.add_argument("--config", type=Path, default=None, help="TOML file of settings")
     for name, info in schema.model_fields.items():
+        switch = info.annotation is bool  # a bare --flag means true; --flag false also works
         parser.add_argument(
             flag_name(name),
             dest=name,
             default=argparse.SUPPRESS,
+            nargs="?" if switch else None,
+            const="true" if switch else None,
             help=f"{info.description or name} (default: {info.default!r}; env {env_name(name)})",
         )
 

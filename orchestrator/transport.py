@@ -8,7 +8,11 @@ from typing import Any, Final
 import zmq
 import zmq.asyncio
 
+from orchestrator.auth import ClientKeys, KeyPair, Role, secure_client, secure_server
 from orchestrator.protocol import MAX_FRAME_BYTES
+
+USER_ID: Final = "User-Id"
+"""Frame property ZAP sets on CURVE connections: the sender key's allow-list name."""
 
 SEND_HIGH_WATER_MARK: Final = 100_000
 """Frames queued per peer before ZeroMQ drops (ROUTER) or blocks (DEALER) further sends."""
@@ -22,17 +26,42 @@ def configure(socket: zmq.Socket[Any]) -> None:
     socket.setsockopt(zmq.RCVHWM, SEND_HIGH_WATER_MARK)
 
 
-def router(context: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    """A bound ROUTER; raises ``zmq.ZMQError`` if the endpoint is taken."""
+def router(
+    context: zmq.asyncio.Context,
+    endpoint: str,
+    *,
+    curve: KeyPair | None = None,
+    role: Role = "agents",
+) -> zmq.asyncio.Socket:
+    """A bound ROUTER; raises ``zmq.ZMQError`` if the endpoint is taken. With ``curve`` it is
+    a CURVE server admitting the keys allowed for ``role`` (the context needs a running
+    ``auth.KeyAuthenticator`` first, or ZeroMQ admits any key)."""
     socket = context.socket(zmq.ROUTER)
     configure(socket)
+    if curve is not None:
+        secure_server(socket, curve, role)
     socket.bind(endpoint)
     return socket
 
 
-def dealer(context: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    """A DEALER connected to ``endpoint`` (ZeroMQ reconnects by itself if the peer restarts)."""
+def dealer(
+    context: zmq.asyncio.Context, endpoint: str, *, curve: ClientKeys | None = None
+) -> zmq.asyncio.Socket:
+    """A DEALER connected to ``endpoint`` (ZeroMQ reconnects by itself if the peer restarts),
+    as a CURVE client when given keys."""
     socket = context.socket(zmq.DEALER)
     configure(socket)
+    if curve is not None:
+        secure_client(socket, curve)
     socket.connect(endpoint)
     return socket
+
+
+async def receive(
+    socket: zmq.asyncio.Socket, authenticated: bool
+) -> tuple[list[bytes], str | None]:
+    """A ROUTER's next message and, on a CURVE socket, the sender key's name (``User-Id``)."""
+    if not authenticated:
+        return await socket.recv_multipart(copy=True), None
+    frames = await socket.recv_multipart(copy=False)
+    return [f.bytes for f in frames], str(frames[-1].get(USER_ID))
