@@ -34,6 +34,8 @@ class LocalCluster:
         self.clients_endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.coordinator_args = coordinator_args
+        self.client_keys: tuple[Path, Path] | None = None
+        """(this client's .key_secret, the coordinator's server.key) when it requires CURVE."""
         self.start_coordinator()
 
     def start_coordinator(self, *extra_args: str) -> subprocess.Popen[bytes]:
@@ -99,7 +101,13 @@ class LocalCluster:
         )
 
     def client(self, timeout_s: float | None = 120.0) -> Client:
-        return Client(self.clients_endpoint, timeout_s=timeout_s)
+        secret, server = self.client_keys or (None, None)
+        return Client(
+            self.clients_endpoint,
+            timeout_s=timeout_s,
+            curve_secret_key=secret,
+            curve_server_key=server,
+        )
 
     def wait_for_agents(self, count: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
