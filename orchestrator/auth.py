@@ -260,6 +260,19 @@ def read_allow_list(allow_dir: Path) -> dict[bytes, tuple[Role, str]]:
     return allowed
 
 
+def _allow_files(allow_dir: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """(path, inode, size, mtime) of every allow-list file: cheap enough for each handshake."""
+    files = []
+    for role in ROLES:
+        for path in sorted((allow_dir / role).glob("*" + PUBLIC_SUFFIX)):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            files.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(files)
+
+
 class KeyAuthenticator(AsyncioAuthenticator):
     """ZAP handler for the coordinator's context: a key is admitted on the endpoint whose ZAP
     domain is its role, and its connection's ``User-Id`` is its allow-list name."""
@@ -268,13 +281,16 @@ class KeyAuthenticator(AsyncioAuthenticator):
         super().__init__(context, log=logging.getLogger("edgeorch.auth.zap"))
         self.allow_dir = allow_dir
         self._names: dict[bytes, tuple[Role, str]] = {}
+        self._files: tuple[tuple[str, int, int, int], ...] | None = None
         self._refusals_logged: set[bytes] = set()
         for role in ROLES:
             self.configure_curve_callback(role, self)
 
     def callback(self, domain: str, key: bytes) -> bool:
         """``zmq.auth``'s credentials-provider hook, once per handshake (z85 ``key``)."""
-        self._names = read_allow_list(self.allow_dir)
+        files = _allow_files(self.allow_dir)
+        if files != self._files:  # parse (and log its problems) only when it changed
+            self._files, self._names = files, read_allow_list(self.allow_dir)
         entry = self._names.get(key)
         if entry is not None and entry[0] == domain:
             log.info("admitted %s key %s on the %s endpoint", entry[0], entry[1], domain)

@@ -246,9 +246,17 @@ def test_zap_admits_a_key_only_on_its_roles_endpoint_and_names_it(
         refusals = [r for r in caplog.records if r.getMessage().startswith("refused CURVE key")]
         assert [r.levelno for r in refusals] == [logging.WARNING] * 3 + [logging.DEBUG] * 2
         assert "allowed as agents 'gpu-box', not on the clients endpoint" in caplog.text
-        # revocation: the allow list is re-read at every handshake
-        (keys / "allowed" / "agents" / "gpu-box.key").unlink()
+        # the allow list is re-read at every handshake: revoke, grant, no restart
+        allowed_gpu = keys / "allowed" / "agents" / "gpu-box.key"
+        certificate = allowed_gpu.read_bytes()
+        allowed_gpu.unlink()
         assert not zap.callback("agents", gpu)
+        (keys / "allowed" / "agents" / "broken.key").write_text("no key here\n")
+        allowed_gpu.write_bytes(certificate)
+        caplog.clear()
+        for _ in range(3):
+            assert zap.callback("agents", gpu)
+        assert caplog.text.count("skipped") == 1  # a bad file is reported once, not per handshake
     finally:
         context.destroy(linger=0)
 
