@@ -324,11 +324,11 @@ class Coordinator:
         if record is not None and record.attempt == attempt and record.agent_id != session.agent_id:
             # A new attempt always gets a new number, so this attempt was never this agent's.
             log.warning(
-                "refused agent %s's frame about request %s attempt %d, which runs on %s",
+                "refused agent %s's frame about request %s attempt %d, which is %s's",
                 session.agent_id,
                 request_id,
                 attempt,
-                record.agent_id,
+                record.agent_id or "no agent",
             )
             return None
         if (

@@ -5,6 +5,7 @@ agent; a coordinator reachable from other machines will not start without keys."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,16 @@ def agent_args(keys: Path, name: str, server: Path | None = None) -> tuple[str, 
         str(keys / "agents" / f"{name}.key_secret"),
         "--curve-server-key",
         str(server or keys / "server.key"),
+    )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EDGEORCH_CURVE")},
     )
 
 
@@ -128,6 +139,25 @@ def test_allowed_keys_are_served_and_every_other_peer_is_refused(tmp_path: Path)
             assert time.monotonic() - started < ACCEPT_TIMEOUT_S  # told why, not timed out
         with cluster.client() as client:
             assert client.status().completed == 1  # no refused request was ever accepted
+
+        laptop = ("--curve-secret-key", str(keys / "clients" / "laptop.key_secret"))
+        submitted = cli(
+            "submit",
+            "from the cli",
+            "--max-tokens",
+            "4",
+            "--json",
+            *laptop,
+            "--curve-server-key",
+            str(keys / "server.key"),
+            "--coordinator",
+            cluster.clients_endpoint,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        assert json.loads(submitted.stdout)["text"] == fake_completion("from the cli", 4)
+        refused = cli("status", "--coordinator", cluster.clients_endpoint)
+        assert refused.returncode == 1
+        assert "unauthorized" in refused.stderr and "requires CURVE keys" in refused.stderr
     finally:
         cluster.stop()
 
@@ -189,22 +219,14 @@ def test_an_allowed_key_cannot_pose_as_another_agent(tmp_path: Path) -> None:
 
 
 def test_a_reachable_coordinator_without_keys_refuses_to_start(tmp_path: Path) -> None:
-    env = {**os.environ, "EDGEORCH_STATE_DIR": str(tmp_path / "state")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "coordinator",
-            "--agents-endpoint",
-            f"tcp://0.0.0.0:{free_port()}",
-            "--predictor",
-            "none",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+    done = cli(
+        "coordinator",
+        "--agents-endpoint",
+        f"tcp://0.0.0.0:{free_port()}",
+        "--predictor",
+        "none",
+        "--state-dir",
+        str(tmp_path / "state"),
     )
     assert done.returncode == 2, done.stderr
     assert "refusing to listen on tcp://0.0.0.0:" in done.stderr
