@@ -87,12 +87,12 @@ from orchestrator.tokens import EstimatedTokenCounter, TokenCounter
 log = logging.getLogger("edgeorch.coordinator")
 
 TICKS_PER_HEARTBEAT: Final = 4
-V = TypeVar("V", QueuedRequest, RunningRequest)
 
 """(prompt, model) -> the request's predicted output length for the scheduling core; e.g.
 ``lambda p, m: LengthEstimate.of(pred.expected_tokens, pred.quantiles)`` over
 ``orchestrator.predictor``'s ``LengthPredictor.predict(p, m)``."""
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
+V = TypeVar("V", QueuedRequest, RunningRequest)
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from orchestrator.protocol import AgentId, RequestId
 ETA_LOOKAHEAD: Final = 16
 """Queued requests a slot that frees is offered to, in policy order (as the scheduler's
 ``DECIDE_LOOKAHEAD``); bounds the simulation's cost on a long queue blocked by KV."""
-MAX_ETA_QUEUE: Final = 2000
+MAX_ETA_QUEUE: Final = 1000
 """Queued requests (from the head, in policy order) that get an estimate: bounds one call to
 tens of milliseconds, since the coordinator runs it on its event loop for every status query."""
 DONE_EPS_TOKENS: Final = 1e-6
