@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -426,8 +428,13 @@ def _supervise(commands: list[list[str]], env: Mapping[str, str]) -> int:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
+    """Stream the text to stdout (or print one JSON document with --json); while the request
+    waits, stderr shows its place in the queue and estimated start and finish: a line rewritten
+    in place on a terminal, else a line per change (none with --json off a terminal)."""
     from orchestrator.client import GenerationOptions
+    from orchestrator.status_view import WAIT_STATUS_TIMEOUT_S, WaitProgress
 
+    request_id = uuid.uuid4().hex
     params: GenerationOptions = dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -439,19 +446,33 @@ def _run_submit(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         priority=args.priority,
         model=args.model,
+        request_id=request_id,
     )
+    live = sys.stderr.isatty()
     with _client(args, args.timeout) as client:
+        progress = WaitProgress(
+            lambda: client.status(request_id, timeout_s=WAIT_STATUS_TIMEOUT_S),
+            request_id,
+            sys.stderr,
+            live=live,
+        )
         if args.json:
-            print(json.dumps(_result_json(client.generate(args.prompt, **params)), indent=2))
+            with progress if live else contextlib.nullcontext():
+                generated = client.generate(args.prompt, **params)
+            print(json.dumps(_result_json(generated), indent=2))
             return 0
-        stream = client.stream(args.prompt, **params)
-        print(f"[queued at position {stream.accepted.queue_position}]", file=sys.stderr)
-        sys.stdout.write(args.prompt)
-        for text in stream:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        with progress:
+            stream = client.stream(args.prompt, **params)
+            for index, text in enumerate(stream):
+                if index == 0:
+                    progress.stop()
+                    sys.stdout.write(args.prompt)
+                sys.stdout.write(text)
+                sys.stdout.flush()
         if (result := stream.result) is not None:
+            if result.completion_tokens == 0:
+                sys.stdout.write(args.prompt)
+            sys.stdout.write("\n")
             print(
                 f"[{result.completion_tokens} tokens on {result.agent}, "
                 f"queue {result.queue_s:.2f} s, first token {result.ttft_s:.2f} s, "
@@ -469,74 +490,12 @@ def _result_json(result: Any) -> dict[str, Any]:
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    from orchestrator.status_view import render_status
 
     with _client(args) as client:
         report = client.status()
-    if args.json:
-        print(report.model_dump_json(indent=2))
-        return 0
-    print(
-        f"policy {report.policy}; {len(report.queue)} queued, {len(report.running)} running, "
-        f"{report.completed} completed, {report.failed} failed"
-    )
-    rows: list[tuple[str, ...]] = [
-        ("AGENT", "BACKEND", "DEVICE", "MODEL", "RUNNING", "KV USED/BUDGET", "N_CTX", "TOK/S")
-    ]
-    for agent in report.agents:
-        p = agent.profile
-        device = "GPU" if p.n_gpu_layers > 0 else "CPU"
-        rows.append(
-            (
-                agent.agent_id,
-                p.backend,
-                f"{device} {p.hostname}",
-                p.model_name,
-                f"{agent.running}/{p.max_seqs}",
-                f"{agent.kv_used_tokens}/{p.kv_budget_tokens}",
-                str(p.n_ctx),
-                f"{p.decode_tps:.0f}" if p.decode_tps else "-",
-            )
-        )
-    _print_table(rows)
-    if report.queue or report.running:
-        print()
-        rows = [
-            (
-                "REQUEST",
-                "STATE",
-                "PRIORITY",
-                "PROMPT",
-                "MAX",
-                "PREDICTED",
-                "GENERATED",
-                "AGE S",
-                "AGENT",
-            )
-        ]
-        for position, r in enumerate([*report.running, *report.queue]):
-            rows.append(
-                (
-                    r.request_id[:12],
-                    r.state,
-                    r.priority,
-                    str(r.prompt_tokens),
-                    str(r.max_tokens),
-                    f"{r.predicted_tokens:.0f}" if r.predicted_tokens is not None else "-",
-                    str(r.generated_tokens),
-                    f"{r.age_s:.1f}",
-                    r.agent_id or f"#{position}",
-                )
-            )
-        _print_table(rows)
+    print(report.model_dump_json(indent=2) if args.json else render_status(report))
     return 0
-
-
-def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
 
 
 if __name__ == "__main__":

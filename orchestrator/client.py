@@ -261,13 +261,17 @@ class AsyncClient:
     async def cancel(self, request_id: str) -> None:
         self._send(CancelRequest(request_id=request_id))
 
-    async def status(self) -> StatusReport:
+    async def status(
+        self, request_id: str | None = None, *, timeout_s: float = ACCEPT_TIMEOUT_S
+    ) -> StatusReport:
+        """The cluster's agents, queue and running requests with estimated start and finish
+        times; with ``request_id``, only that request (cheap enough to poll while waiting)."""
         query_id = uuid.uuid4().hex
         inbox: asyncio.Queue[ClientReply] = asyncio.Queue()
         self._inboxes[query_id] = inbox
         try:
-            self._send(StatusQuery(query_id=query_id))
-            message = await self._next(inbox, ACCEPT_TIMEOUT_S, query_id, accepting=True)
+            self._send(StatusQuery(query_id=query_id, request_id=request_id))
+            message = await self._next(inbox, timeout_s, query_id, accepting=True)
             assert isinstance(message, StatusReport)
             return message
         finally:
@@ -362,8 +366,11 @@ class Client:
         """As ``AsyncClient.generate(stream=True)``: iterate text chunks, then read ``.result``."""
         return SyncStream(self, self._call(self._async.generate(prompt, stream=True, **options)))
 
-    def status(self) -> StatusReport:
-        return self._call(self._async.status())
+    def status(
+        self, request_id: str | None = None, *, timeout_s: float = ACCEPT_TIMEOUT_S
+    ) -> StatusReport:
+        """As ``AsyncClient.status``."""
+        return self._call(self._async.status(request_id, timeout_s=timeout_s))
 
     def cancel(self, request_id: str) -> None:
         self._call(self._async.cancel(request_id))

@@ -12,8 +12,8 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -21,6 +21,7 @@ import zmq.asyncio
 from orchestrator import auth, transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
 from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.eta import Eta, estimate_etas, measured_speed
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
@@ -30,8 +31,10 @@ from orchestrator.core.views import (
     AgentView,
     DispatchAction,
     PreemptAction,
+    QueuedRequest,
     RejectAction,
     ReserveAction,
+    RunningRequest,
     Snapshot,
 )
 from orchestrator.errors import (
@@ -89,6 +92,7 @@ TICKS_PER_HEARTBEAT: Final = 4
 ``lambda p, m: LengthEstimate.of(pred.expected_tokens, pred.quantiles)`` over
 ``orchestrator.predictor``'s ``LengthPredictor.predict(p, m)``."""
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
+V = TypeVar("V", QueuedRequest, RunningRequest)
 
 
 @dataclass(slots=True)
@@ -279,7 +283,7 @@ class Coordinator:
             elif isinstance(message, CancelRequest):
                 self._on_cancel(identity, message.request_id, now)
             elif isinstance(message, StatusQuery):
-                self._reply_client(identity, self.status(message.query_id, now))
+                self._reply_client(identity, self.status(message.query_id, now, message.request_id))
 
     # --- agent events -----------------------------------------------------------------------
 
@@ -705,8 +709,9 @@ class Coordinator:
             ),
         )
 
-    def status(self, query_id: str, now: float) -> StatusReport:
-        """The cluster as ``edgeorch status`` shows it."""
+    def status(self, query_id: str, now: float, request_id: str | None = None) -> StatusReport:
+        """The cluster as ``edgeorch status`` shows it, with each request's estimated start and
+        finish (``core.eta``); with ``request_id``, only that request is listed."""
         views = {v.agent_id: v for v in self._agent_views(include_draining=True)}
         agents = tuple(
             AgentStatus(
@@ -723,12 +728,34 @@ class Coordinator:
         )
         queued = self._config.policy.order([r.queued_view() for r in self.table.queued()], now)
         running = self.table.in_state(RequestState.DISPATCHED, RequestState.RUNNING)
+        target = RequestId(request_id) if request_id is not None else None
+        etas = estimate_etas(
+            [_known_length(q, self.table[q.request_id]) for q in queued],
+            [_known_length(r.running_view(), r) for r in running if r.dispatched_s is not None],
+            [
+                replace(
+                    views[s.agent_id],
+                    speed=measured_speed(s.profile.decode_curve, s.profile.prefill_tps),
+                )
+                for s in self._agents.values()
+            ],
+            draining={s.agent_id for s in self._agents.values() if s.draining},
+            until=target,
+        )
         return StatusReport(
             query_id=query_id,
             policy=self._config.policy.name,
             agents=agents,
-            queue=tuple(_request_status(self.table[q.request_id], now) for q in queued),
-            running=tuple(_request_status(r, now) for r in running),
+            queue=tuple(
+                _request_status(self.table[q.request_id], now, etas.get(q.request_id), position)
+                for position, q in enumerate(queued)
+                if target in (None, q.request_id)
+            ),
+            running=tuple(
+                _request_status(r, now, etas.get(r.request_id))
+                for r in running
+                if target in (None, r.request_id)
+            ),
             completed=self.table.completed,
             failed=self.table.failed,
         )
@@ -745,7 +772,16 @@ class Coordinator:
         self._client_socket.send_multipart([identity, encode(message)])
 
 
-def _request_status(record: RequestRecord, now: float) -> RequestStatus:
+def _known_length(view: V, record: RequestRecord) -> V:
+    """With ``ignore_eos`` the output is exactly ``max_tokens`` long, whatever the prediction."""
+    if not record.params.ignore_eos:
+        return view
+    return replace(view, estimate=LengthEstimate.exact(record.params.max_tokens))
+
+
+def _request_status(
+    record: RequestRecord, now: float, eta: Eta | None, queue_position: int | None = None
+) -> RequestStatus:
     return RequestStatus(
         request_id=record.request_id,
         state=record.state.value,
@@ -757,6 +793,10 @@ def _request_status(record: RequestRecord, now: float) -> RequestStatus:
         agent_id=record.agent_id,
         attempt=record.attempt,
         generated_tokens=record.generated_tokens,
+        queue_position=queue_position,
+        eta_start_s=eta.start_s if eta is not None else None,
+        eta_finish_s=eta.finish_s if eta is not None else None,
+        eta_agent_id=eta.agent_id if eta is not None else None,
     )
 
 

@@ -222,9 +222,13 @@ class CancelRequest(WireModel):
 
 
 class StatusQuery(WireModel):
+    """Ask for the cluster's status; with ``request_id``, the report lists only that request
+    (still with its place in the whole queue), which is cheap enough to poll while waiting."""
+
     type: Literal["status_query"] = "status_query"
     v: int = PROTOCOL_VERSION
     query_id: WireId
+    request_id: WireId | None = None
 
 
 # --- coordinator -> client ------------------------------------------------------------------
@@ -294,6 +298,14 @@ class RequestStatus(WireModel):
     agent_id: str | None = None
     attempt: int = Field(ge=1)
     generated_tokens: int = Field(ge=0)
+    queue_position: int | None = Field(default=None, ge=0)
+    """Requests ahead of this one in the policy's order (0: next); None once it runs."""
+    eta_start_s: float | None = Field(default=None, ge=0)
+    """Estimated seconds from the report until it starts (0 when running; None: unknown)."""
+    eta_finish_s: float | None = Field(default=None, ge=0)
+    """Estimated seconds from the report until it finishes (None: unknown)."""
+    eta_agent_id: str | None = None
+    """The agent the estimate expects it to run on."""
 
 
 class StatusReport(WireModel):

@@ -1,0 +1,213 @@
+"""Estimated start and finish times of queued and running requests (``edgeorch status``).
+
+A forward greedy simulation over a frozen snapshot, with time measured in seconds from now:
+each agent decodes its sequences together at the per-sequence pace of its batch
+(``SpeedProfile.step_s``); a request ends when its expected remaining tokens (the re-predicted
+``LengthEstimate``) are decoded after its prefill of prompt + resumed tokens (counted as the
+decode steps that take as long), freeing its slot and KV cells; whenever something frees, the
+queue is tried in the policy's order and each request that fits a free slot starts on the agent
+where it would finish first. It ignores preemption, future arrivals and the predictor's error:
+an estimate for operators and waiting users, not a promise.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from orchestrator.core.placement import DEFAULT_PREFILL_TPS, speed_of
+from orchestrator.core.policies import expected_remaining
+from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
+from orchestrator.protocol import AgentId, RequestId
+
+ETA_LOOKAHEAD: Final = 16
+"""Queued requests a slot that frees is offered to, in policy order (as the scheduler's
+``DECIDE_LOOKAHEAD``); bounds the simulation's cost on a long queue blocked by KV."""
+MAX_ETA_QUEUE: Final = 1000
+"""Queued requests (from the head, in policy order) that get an estimate: bounds one call to
+tens of milliseconds, since the coordinator runs it on its event loop for every status query."""
+DONE_EPS_TOKENS: Final = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Eta:
+    """When a request is expected to start (0 when it already runs) and finish, in seconds
+    from the snapshot, and on which agent."""
+
+    start_s: float
+    finish_s: float
+    agent_id: AgentId
+
+
+@dataclass(slots=True)
+class _Device:
+    """An agent in the simulation. All its sequences advance by the same number of tokens per
+    step, so it keeps one counter (``tokens``: tokens each sequence got since the snapshot) and a
+    heap of the counter values at which its sequences end; an event costs a heap operation."""
+
+    view: AgentView
+    speed: SpeedProfile
+    accepting: bool
+    tokens: float = 0.0
+    ends: list[tuple[float, int, RequestId, float, int]] = field(default_factory=list)
+    """(counter at the end, tie-breaker, request id, start time, KV cells)."""
+    kv_tokens: int = 0
+
+    def has_slot(self) -> bool:
+        return self.accepting and len(self.ends) < self.view.max_seqs
+
+    def fits(self, kv_tokens: int) -> bool:
+        return self.has_slot() and self.kv_tokens + kv_tokens <= self.view.kv_budget_tokens
+
+    def next_end_s(self) -> float:
+        return max(0.0, self.ends[0][0] - self.tokens) * self.speed.step_s(len(self.ends))
+
+    def advance(self, dt: float) -> None:
+        self.tokens += dt / self.speed.step_s(len(self.ends))
+
+    def pop_ended(self) -> list[tuple[RequestId, float]]:
+        """Remove the sequences that have ended: (request id, start time) each."""
+        ended: list[tuple[RequestId, float]] = []
+        while self.ends and self.ends[0][0] - self.tokens <= DONE_EPS_TOKENS:
+            _, _, request_id, start_s, kv_tokens = heapq.heappop(self.ends)
+            self.kv_tokens -= kv_tokens
+            ended.append((request_id, start_s))
+        return ended
+
+    def add(self, request_id: RequestId, tokens: float, start_s: float, kv_tokens: int) -> None:
+        entry = (self.tokens + tokens, len(self.ends), request_id, start_s, kv_tokens)
+        heapq.heappush(self.ends, entry)
+        self.kv_tokens += kv_tokens
+
+    def work_tokens(self, request: QueuedRequest) -> float:
+        """The request's expected remaining output plus its (re)prefill of prompt + resumed
+        tokens, counted as the decode steps that take as long in the batch it joins."""
+        prefill_s = self.speed.prefill_s(request.prompt_tokens + request.generated_tokens)
+        return request.rest_tokens + prefill_s / self.speed.step_s(len(self.ends) + 1)
+
+    def finish_in_s(self, request: QueuedRequest) -> float:
+        """Rough time to run ``request`` here if it started now (to pick among free agents)."""
+        return self.work_tokens(request) * self.speed.step_s(len(self.ends) + 1)
+
+
+def queued_kv_tokens(request: QueuedRequest, agent: AgentView) -> int:
+    """KV cells a queued request is expected to hold at its end: prompt, tokens generated so
+    far and its expected remaining output, within the agent's context limit."""
+    total = request.prompt_tokens + request.generated_tokens + math.ceil(request.rest_tokens)
+    return min(agent.n_ctx, total)
+
+
+def running_kv_tokens(request: RunningRequest, agent: AgentView) -> int:
+    """A running request's cells: its reservation or its expected end use, if larger."""
+    expected = request.kv_used_tokens + math.ceil(expected_remaining(request))
+    return max(request.kv_reservation_tokens, min(agent.n_ctx, expected))
+
+
+def estimate_etas(
+    queue: Sequence[QueuedRequest],
+    running: Sequence[RunningRequest],
+    agents: Sequence[AgentView],
+    *,
+    draining: Collection[AgentId] = (),
+    until: RequestId | None = None,
+) -> dict[RequestId, Eta]:
+    """Expected start and finish of every request, by id, from a snapshot.
+
+    ``queue`` must be in the policy's order. Agents in ``draining`` finish their running
+    requests but take no queued ones. A request that no live agent can run (model, context,
+    KV budget) gets no entry, nor does a running request on an agent not in ``agents``. With
+    ``until``, the simulation stops once that request's finish is known. Only the first
+    ``MAX_ETA_QUEUE`` queued requests are estimated. Each event costs a heap operation per busy
+    agent plus at most ``ETA_LOOKAHEAD`` queued requests tried.
+    """
+    devices = [_Device(a, speed_of(a), accepting=a.agent_id not in draining) for a in agents]
+    by_id = {d.view.agent_id: d for d in devices}
+    for request in running:
+        device = by_id.get(request.agent_id)
+        if device is not None:
+            kv_tokens = running_kv_tokens(request, device.view)
+            device.add(request.request_id, expected_remaining(request), 0.0, kv_tokens)
+    etas: dict[RequestId, Eta] = {}
+    queue_left = _Queue(queue[:MAX_ETA_QUEUE], [d for d in devices if d.accepting])
+    now_s = 0.0
+    queue_left.fill(now_s)
+    events_left = 2 * (len(queue) + len(running)) + 16
+    while events_left > 0:
+        busy = [d for d in devices if d.ends]
+        if not busy:
+            break
+        events_left -= 1
+        dt = min(d.next_end_s() for d in busy)
+        now_s += dt
+        for device in busy:
+            device.advance(dt)
+            for request_id, start_s in device.pop_ended():
+                etas[request_id] = Eta(start_s, now_s, device.view.agent_id)
+        if until is not None and until in etas:
+            break
+        queue_left.fill(now_s)
+    return etas
+
+
+class _Queue:
+    """The requests still waiting, in policy order; which agents can ever run each is worked
+    out when the request is first tried."""
+
+    def __init__(self, queue: Sequence[QueuedRequest], devices: list[_Device]) -> None:
+        self.waiting = list(queue)
+        self.devices = devices
+        self.capable: dict[RequestId, list[_Device]] = {}
+
+    def capable_of(self, request: QueuedRequest) -> list[_Device]:
+        found = self.capable.get(request.request_id)
+        if found is None:
+            found = [
+                d
+                for d in self.devices
+                if d.view.serves(request.model)
+                and d.view.fits_context(request)
+                and queued_kv_tokens(request, d.view) <= d.view.kv_budget_tokens
+            ]
+            self.capable[request.request_id] = found
+        return found
+
+    def fill(self, now_s: float) -> None:
+        """Start waiting requests in order on free slots, trying at most ``ETA_LOOKAHEAD``
+        that cannot start; requests no agent can ever run are dropped."""
+        index = blocked = 0
+        while index < len(self.waiting) and blocked < ETA_LOOKAHEAD:
+            if not any(d.has_slot() for d in self.devices):
+                return
+            request = self.waiting[index]
+            capable = self.capable_of(request)
+            if not capable:
+                del self.waiting[index]
+                continue
+            free = [d for d in capable if d.fits(queued_kv_tokens(request, d.view))]
+            if not free:
+                index += 1
+                blocked += 1
+                continue
+            best = min(free, key=lambda d: (d.finish_in_s(request), d.view.agent_id))
+            best.add(
+                request.request_id,
+                best.work_tokens(request),
+                now_s,
+                queued_kv_tokens(request, best.view),
+            )
+            del self.waiting[index]
+
+
+def measured_speed(
+    decode_curve: Sequence[tuple[int, float]], prefill_tps: float | None
+) -> SpeedProfile | None:
+    """An agent's advertised speed curve as a ``SpeedProfile`` (None when it sent none usable,
+    and the estimate falls back to its single-sequence ``decode_tps``)."""
+    points = sorted({(n, tps) for n, tps in decode_curve if n >= 1 and tps > 0})
+    if not points or len({n for n, _ in points}) != len(points):
+        return None
+    prefill = prefill_tps if prefill_tps is not None and prefill_tps > 0 else DEFAULT_PREFILL_TPS
+    return SpeedProfile(tuple(points), prefill)
