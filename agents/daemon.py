@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
@@ -29,6 +32,7 @@ from orchestrator.protocol import (
     ErrorInfo,
     Goodbye,
     Heartbeat,
+    Ping,
     Register,
     Reregister,
     RunFailed,
@@ -39,12 +43,19 @@ from orchestrator.protocol import (
     decode,
     encode,
 )
-from orchestrator.settings import DRAIN_TIMEOUT_S
+from orchestrator.settings import DRAIN_TIMEOUT_S, HEARTBEAT_LIVENESS
 
 log = logging.getLogger("edgeorch.agent")
 
-REGISTER_RETRY_S: Final = 1.0
+REGISTER_TIMEOUT_S: Final = 1.0
+"""How long one registration attempt waits for ``Welcome`` before backing off."""
 REGISTER_LOG_EVERY: Final = 30
+RECONNECT_INITIAL_S: Final = 0.1
+RECONNECT_FACTOR: Final = 2.0
+RECONNECT_MAX_S: Final = 5.0
+RECONNECT_JITTER: Final = 0.5
+"""Each backoff delay is drawn from [(1 - jitter) x d, d] so a fleet of agents that lost the
+same coordinator does not reconnect in lockstep."""
 GOODBYE_LINGER_MS: Final = 500
 STREAM_FLUSH_INTERVAL_S: Final = 0.04
 """Tokens of one sequence produced within this window travel in one frame (the first token
@@ -92,6 +103,35 @@ class StreamCoalescer:
         return [held] if held is not None else []
 
 
+class Backoff:
+    """Capped exponential delays with jitter; the randomness is injected."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        initial_s: float = RECONNECT_INITIAL_S,
+        factor: float = RECONNECT_FACTOR,
+        max_s: float = RECONNECT_MAX_S,
+        jitter: float = RECONNECT_JITTER,
+    ) -> None:
+        self._rng = rng
+        self.initial_s = initial_s
+        self.factor = factor
+        self.max_s = max_s
+        self.jitter = jitter
+        self._next_s = initial_s
+
+    def next(self) -> float:
+        """The delay before the next attempt (grows until ``max_s``)."""
+        ceiling = self._next_s
+        self._next_s = min(self.max_s, self._next_s * self.factor)
+        return ceiling * (1.0 - self.jitter * self._rng.random())
+
+    def reset(self) -> None:
+        self._next_s = self.initial_s
+
+
 class AgentDaemon:
     """Connects ``engine`` to the coordinator at ``endpoint``."""
 
@@ -104,16 +144,30 @@ class AgentDaemon:
         name: str,
         heartbeat_interval_s: float,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        heartbeat_liveness: int = HEARTBEAT_LIVENESS,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.profile = profile
         self.endpoint = endpoint
         self.name = name
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_liveness = heartbeat_liveness
         self.drain_timeout_s = drain_timeout_s
         self._draining = False
         self.agent_id: str | None = None
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._identity = f"{name}:{uuid.uuid4().hex[:12]}".encode()
+        """One routing id for every socket of this process, so a reconnect takes over the
+        coordinator's session (ROUTER_HANDOVER) instead of leaving an orphan behind."""
+        self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._last_heard_s = 0.0
+        self._forgotten = asyncio.Event()
+        self.reconnects = 0
         self._commands: deque[Dispatch | CancelRun] = deque()
         self._work = asyncio.Event()
         self._welcomed = asyncio.Event()
@@ -125,11 +179,10 @@ class AgentDaemon:
     async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
         """Serve until ``stop``; after ``drain``, take no new work, finish the running
         sequences (bounded by ``drain_timeout_s``), say goodbye and stop."""
-        context = zmq.asyncio.Context()
+        context = self._context = zmq.asyncio.Context()
         linger_ms = 0
         try:
-            self._socket = transport.dealer(context, self.endpoint)
-            workers = [self._receive(), self._heartbeat(), self._run_engine()]
+            workers = [self._connection(), self._run_engine()]
             if drain is not None:
                 workers.append(
                     drain_then_stop(
@@ -141,6 +194,9 @@ class AgentDaemon:
                 self._send(Goodbye())
                 linger_ms = GOODBYE_LINGER_MS
         finally:
+            if self._receiver is not None:
+                self._receiver.cancel()
+                await asyncio.gather(self._receiver, return_exceptions=True)
             self._executor.shutdown(wait=True)
             self.engine.close()
             context.destroy(linger=linger_ms)
@@ -158,46 +214,106 @@ class AgentDaemon:
             kv_used_tokens=self._kv_used_tokens, running=self._running, draining=self._draining
         )
 
-    async def _receive(self) -> None:
-        assert self._socket is not None
+    def _open(self) -> None:
+        """A fresh DEALER (and its reader) in place of the old one, whose queued frames (stale
+        heartbeats, chunks of abandoned attempts) are dropped with it."""
+        assert self._context is not None
+        if self._receiver is not None:
+            self._receiver.cancel()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.ROUTING_ID, self._identity)
+        transport.configure(socket)
+        socket.connect(self.endpoint)
+        self._socket = socket
+        self._receiver = asyncio.get_running_loop().create_task(self._receive(socket))
+
+    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
         while True:
-            frame = await self._socket.recv()
+            frame = await socket.recv()
+            self._last_heard_s = self._clock()
             message = decode(frame, AGENT_COMMANDS)
             if isinstance(message, ProtocolError):
                 log.warning("dropped coordinator frame: %s", message.message)
             elif isinstance(message, Welcome):
                 self.agent_id = message.agent_id
                 self.heartbeat_interval_s = message.heartbeat_interval_s
+                self.heartbeat_liveness = message.heartbeat_liveness
                 self._welcomed.set()
                 log.info("registered as %s", message.agent_id)
             elif isinstance(message, Reregister):
                 if self._welcomed.is_set():
                     log.warning("the coordinator does not know this agent: registering again")
-                    self._commands.extend(
-                        CancelRun(request_id=rid, attempt=attempt)
-                        for rid, attempt in self.engine.active_keys()
-                    )
-                    self._work.set()
-                self._welcomed.clear()
+                    self._abandon_work()
+                    self._forgotten.set()
+            elif isinstance(message, Ping):
+                continue
             else:
                 self._commands.append(message)
                 self._work.set()
 
-    async def _heartbeat(self) -> None:
-        """Register until welcomed, then heartbeat; any frame also counts as a heartbeat."""
-        attempts = 0
+    def _abandon_work(self) -> None:
+        """Cancel everything the lost (or forgetful) coordinator gave us: it has requeued that
+        work (or will, at its liveness bound) and drops frames of these attempts, so running on
+        would only steal the device from the attempts that replace them."""
+        self._welcomed.clear()
+        self._commands.clear()
+        self._commands.extend(
+            CancelRun(request_id=rid, attempt=attempt) for rid, attempt in self.engine.active_keys()
+        )
+        self._work.set()
+
+    async def _connection(self) -> None:
+        """Register (a fresh socket per attempt, capped exponential backoff between attempts),
+        heartbeat while registered, and start over when the coordinator forgets or loses us."""
+        backoff = Backoff(self._rng)
+        failures = 0
         while True:
-            if not self._welcomed.is_set():
-                self._send(Register(name=self.name, profile=self.profile))
-                try:
-                    await asyncio.wait_for(self._welcomed.wait(), REGISTER_RETRY_S)
-                except TimeoutError:
-                    attempts += 1
-                    if attempts == 1 or attempts % REGISTER_LOG_EVERY == 0:
-                        log.info("waiting for the coordinator at %s", self.endpoint)
+            self._open()
+            self._forgotten.clear()
+            self._send(Register(name=self.name, profile=self.profile))
+            try:
+                await asyncio.wait_for(self._welcomed.wait(), REGISTER_TIMEOUT_S)
+            except TimeoutError:
+                failures += 1
+                delay = backoff.next()
+                if failures <= 2 or failures % REGISTER_LOG_EVERY == 0:
+                    log.info(
+                        "no answer from the coordinator at %s (attempt %d): retrying in %.2f s",
+                        self.endpoint,
+                        failures,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
                 continue
-            attempts = 0
-            await asyncio.sleep(self.heartbeat_interval_s)
+            failures = 0
+            backoff.reset()
+            self._last_heard_s = self._clock()
+            await self._heartbeat()
+            self.reconnects += 1
+
+    async def _heartbeat(self) -> None:
+        """Heartbeat every interval until the coordinator says it forgot this agent or stays
+        silent for liveness x interval (it sends pings, so silence means it is gone)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._forgotten.wait(), self.heartbeat_interval_s)
+                return
+            except TimeoutError:
+                pass
+            silent_s = self._clock() - self._last_heard_s
+            if silent_s > self.heartbeat_interval_s * self.heartbeat_liveness:
+                log.warning(
+                    "no frame from the coordinator for %.1f s (liveness %d x %.2f s): "
+                    "cancelling %d running sequences and reconnecting",
+                    silent_s,
+                    self.heartbeat_liveness,
+                    self.heartbeat_interval_s,
+                    len(self.engine.active_keys()),
+                )
+                self._abandon_work()
+                return
             self._send(self._heartbeat_message())
 
     async def _run_engine(self) -> None:

@@ -22,10 +22,15 @@ def configure(socket: zmq.Socket[Any]) -> None:
     socket.setsockopt(zmq.RCVHWM, SEND_HIGH_WATER_MARK)
 
 
-def router(context: zmq.asyncio.Context, endpoint: str) -> zmq.asyncio.Socket:
-    """A bound ROUTER; raises ``zmq.ZMQError`` if the endpoint is taken."""
+def router(
+    context: zmq.asyncio.Context, endpoint: str, *, handover: bool = False
+) -> zmq.asyncio.Socket:
+    """A bound ROUTER; raises ``zmq.ZMQError`` if the endpoint is taken. ``handover``: a peer
+    connecting with a routing id already in use takes it over (a reconnecting agent)."""
     socket = context.socket(zmq.ROUTER)
     configure(socket)
+    if handover:
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
     socket.bind(endpoint)
     return socket
 
