@@ -49,7 +49,9 @@ log = logging.getLogger("edgeorch.agent")
 
 REGISTER_TIMEOUT_S: Final = 1.0
 """How long one registration attempt waits for ``Welcome`` before backing off."""
+REGISTER_LOG_FIRST: Final = 10
 REGISTER_LOG_EVERY: Final = 30
+"""Registration retries logged: the first ten, then every thirtieth."""
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_FACTOR: Final = 2.0
 RECONNECT_MAX_S: Final = 5.0
@@ -265,33 +267,44 @@ class AgentDaemon:
         self._work.set()
 
     async def _connection(self) -> None:
-        """Register (a fresh socket per attempt, capped exponential backoff between attempts),
-        heartbeat while registered, and start over when the coordinator forgets or loses us."""
+        """Register, heartbeat while registered, and start over when the coordinator forgets
+        this agent or goes silent."""
+        while True:
+            await self._register()
+            self._last_heard_s = self._clock()
+            await self._heartbeat()
+            self.reconnects += 1
+
+    async def _register(self) -> None:
+        """Send ``Register`` on a fresh socket until welcomed, with capped exponential backoff
+        between attempts (a ``Welcome`` arriving during the backoff still counts)."""
         backoff = Backoff(self._rng)
         failures = 0
+        self._welcomed.clear()
         while True:
             self._open()
             self._forgotten.clear()
             self._send(Register(name=self.name, profile=self.profile))
-            try:
-                await asyncio.wait_for(self._welcomed.wait(), REGISTER_TIMEOUT_S)
-            except TimeoutError:
-                failures += 1
-                delay = backoff.next()
-                if failures <= 2 or failures % REGISTER_LOG_EVERY == 0:
-                    log.info(
-                        "no answer from the coordinator at %s (attempt %d): retrying in %.2f s",
-                        self.endpoint,
-                        failures,
-                        delay,
-                    )
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            backoff.reset()
-            self._last_heard_s = self._clock()
-            await self._heartbeat()
-            self.reconnects += 1
+            if await self._welcome_within(REGISTER_TIMEOUT_S):
+                return
+            failures += 1
+            delay = backoff.next()
+            if failures <= REGISTER_LOG_FIRST or failures % REGISTER_LOG_EVERY == 0:
+                log.info(
+                    "no answer from the coordinator at %s (attempt %d): retrying in %.3f s",
+                    self.endpoint,
+                    failures,
+                    delay,
+                )
+            if await self._welcome_within(delay):
+                return
+
+    async def _welcome_within(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._welcomed.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _heartbeat(self) -> None:
         """Heartbeat every interval until the coordinator says it forgot this agent or stays
