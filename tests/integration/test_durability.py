@@ -52,7 +52,10 @@ def test_kill_9_of_the_coordinator_loses_no_accepted_request_and_answers_each_on
     prompts = [f"durable request {i} of thirty" for i in range(REQUESTS)]
 
     async def run() -> tuple[list[tuple[str, GenerationResult]], int, int]:
-        async with AsyncClient(cluster.clients_endpoint, timeout_s=120) as client:
+        # Re-sends on silence only after 60 s: recovery must come from the reconnect itself.
+        async with AsyncClient(
+            cluster.clients_endpoint, timeout_s=120, resubmit_after_s=60.0
+        ) as client:
 
             async def one(i: int) -> tuple[str, GenerationResult]:
                 options = {"max_tokens": max_tokens(i), "temperature": 0.0}
@@ -73,6 +76,7 @@ def test_kill_9_of_the_coordinator_loses_no_accepted_request_and_answers_each_on
             answered_before = sum(task.done() for task in tasks)
             cluster.start_coordinator()
             results = await asyncio.gather(*tasks)
+            assert client.resubmits >= REQUESTS - answered_before
             return results, (await client.status()).completed, answered_before
 
     results, completed_after_restart, answered_before = asyncio.run(run())
@@ -108,10 +112,14 @@ def test_an_agent_reconnects_with_backoff_when_the_coordinator_goes_silent(
     async def run() -> tuple[GenerationResult, list[tuple[str, str]]]:
         async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
             pending = asyncio.ensure_future(
-                client.generate("keep going please", max_tokens=60, temperature=0.0)
+                client.generate("keep going please", max_tokens=100, temperature=0.0)
             )
             while not (await client.status()).running:
                 await asyncio.sleep(0.05)
+            # Longer than liveness x interval (1.5 s) with nothing for the agent to receive but
+            # the coordinator's pings: a live coordinator is never taken for a lost one.
+            await asyncio.sleep(2.0)
+            assert "no frame from the coordinator" not in cluster.logs("fake-1")
             coordinator.send_signal(signal.SIGSTOP)
             try:
                 lost = "no frame from the coordinator"
@@ -126,8 +134,8 @@ def test_an_agent_reconnects_with_backoff_when_the_coordinator_goes_silent(
     assert [int(n) for n, _ in retries] == [1, 2, 3]
     for k, delay in enumerate(delays):  # 0.1 s doubling, jittered down by at most half
         assert 0.1 * 2**k * 0.5 <= delay <= 0.1 * 2**k + 0.001
-    assert result.text == fake_completion("keep going please", 60)
-    assert (result.agent, result.completion_tokens) == ("fake-1", 60) and result.attempts >= 2
+    assert result.text == fake_completion("keep going please", 100)
+    assert (result.agent, result.completion_tokens) == ("fake-1", 100) and result.attempts >= 2
     with cluster.client() as client:
         status = client.status()
         assert [a.agent_id for a in status.agents] == ["fake-1"]  # took its session back

@@ -1,4 +1,5 @@
-"""Pure parts of reconnecting: the agent's backoff and the SDK's stream de-duplication."""
+"""Parts of reconnecting without sockets: the agent's backoff, the SDK's stream
+de-duplication, the coordinator's pings."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import random
 
 from agents.daemon import RECONNECT_INITIAL_S, RECONNECT_MAX_S, Backoff
 from orchestrator.client import AsyncClient, Stream
-from orchestrator.protocol import Accepted, ClientReply, Result, StreamChunk
+from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.protocol import (
+    AGENT_COMMANDS,
+    Accepted,
+    AgentId,
+    ClientReply,
+    Ping,
+    Result,
+    StreamChunk,
+    decode,
+)
+from orchestrator.settings import CoordinatorSettings
+from tests.factories import profile
 
 
 def test_backoff_doubles_from_the_initial_delay_to_the_cap_with_bounded_jitter() -> None:
@@ -74,3 +87,31 @@ def test_a_re_attached_stream_yields_each_character_once() -> None:
     assert texts == [" one", " two", " thr", "ee four", " five"]
     assert "".join(texts) == " one two three four five"
     assert stream.result is not None and stream.result.text == "".join(texts)
+
+
+def test_the_coordinator_pings_only_agents_it_has_sent_nothing_for_an_interval() -> None:
+    now = [10.0]
+    coordinator = Coordinator(CoordinatorSettings(heartbeat_interval_s=1.0), clock=lambda: now[0])
+    sent: list[tuple[bytes, object]] = []
+
+    class Socket:
+        def send_multipart(self, frames: list[bytes]) -> None:
+            sent.append((frames[0], decode(frames[1], AGENT_COMMANDS)))
+
+    coordinator._agent_socket = Socket()  # type: ignore[assignment]
+    for name, last_sent in (("quiet", 8.9), ("recent", 9.5)):
+        coordinator._agents[name.encode()] = AgentSession(
+            agent_id=AgentId(name),
+            identity=name.encode(),
+            name=name,
+            profile=profile(),
+            last_seen_s=10.0,
+            last_sent_s=last_sent,
+        )
+    coordinator._ping_agents(now[0])
+    assert [identity for identity, _ in sent] == [b"quiet"]
+    assert coordinator._agents[b"quiet"].last_sent_s == 10.0  # the ping itself counts
+    now[0] = 10.6
+    coordinator._ping_agents(now[0])
+    assert [identity for identity, _ in sent] == [b"quiet", b"recent"]
+    assert all(isinstance(message, Ping) for _, message in sent)
