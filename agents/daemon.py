@@ -372,8 +372,9 @@ class AgentDaemon:
         self._running = tuple(request_id for request_id, _ in self.engine.active_keys())
 
     def _send(self, message: WireModel) -> None:
-        assert self._socket is not None
-        self._socket.send(encode(message))
+        """Send on the current connection (nothing before the first one opens)."""
+        if self._socket is not None:
+            self._socket.send(encode(message))
 
 
 def _event_message(event: EngineEvent) -> WireModel:

@@ -21,6 +21,10 @@ dispatched (so frames from agents about older attempts are dropped), with the to
 so far to resume after; ended requests come back with their result for idempotent re-submits
 until ``result_retention_s`` has passed, after which ``prune`` deletes them.
 
+One coordinator per journal: the file is locked (``flock`` on ``<journal>.lock``, released by
+the kernel when the process dies, ``kill -9`` included), and a second coordinator pointed at it
+refuses to start with ``InvalidRequest`` instead of re-running the first one's requests.
+
 A journal that SQLite cannot read (torn or foreign file, other schema version) is moved aside
 next to itself with a ``.corrupt-<unix time>`` suffix, loudly logged, and a fresh one started:
 a coordinator that refuses to start serves nobody.
@@ -28,8 +32,10 @@ a coordinator that refuses to start serves nobody.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import time
 from array import array
@@ -41,7 +47,7 @@ from typing import Final, Literal
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord
-from orchestrator.errors import EdgeorchError, error_from_wire
+from orchestrator.errors import EdgeorchError, InvalidRequest, error_from_wire
 from orchestrator.protocol import AgentId, ErrorInfo, FinishReason, GenerationParams, RequestId
 
 log = logging.getLogger("edgeorch.journal")
@@ -145,6 +151,7 @@ class Journal:
         self.path = path
         self.moved_aside: Path | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(path.with_name(path.name + ".lock"))
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
@@ -192,6 +199,7 @@ class Journal:
 
     def close(self) -> None:
         self._db.close()
+        os.close(self._lock)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -357,6 +365,25 @@ class Journal:
     def counts(self) -> dict[str, int]:
         """Rows per state (tests and logs)."""
         return dict(self._db.execute("SELECT state, count(*) FROM requests GROUP BY state"))
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive lock on ``path`` for this process's lifetime; returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InvalidRequest(
+            f"journal {path.with_suffix('')} is in use by another coordinator (pid {holder}); "
+            "give this one its own --journal or --state-dir",
+            field="journal",
+            path=str(path),
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def _estimate(raw: str | None) -> LengthEstimate | None:
