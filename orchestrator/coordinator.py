@@ -95,6 +95,10 @@ JOURNAL_BATCH_MAX: Final = 512
 """Journal ops and frames held for one commit before flushing without waiting for the loop to
 go idle (a burst of frames is read without yielding, so bursts share one commit)."""
 JOURNAL_PRUNE_INTERVAL_S: Final = 10.0
+RESTART_GRACE_S: Final = 10.0
+"""After a restart, replayed requests are not refused as 'unavailable' (they may have waited
+longer than ``unavailable_timeout_s`` already) until agents had time to find the new
+coordinator: their longest reconnect backoff (5 s) plus a registration and liveness bound."""
 
 
 @dataclass(slots=True)
@@ -147,6 +151,8 @@ class Coordinator:
         self._flush_handle: asyncio.Handle | None = None
         self._journal_failed: asyncio.Future[None] | None = None
         self._pruned_s = 0.0
+        self._replayed: set[RequestId] = set()
+        self._grace_until_s = 0.0
         self.table = RequestTable()
         self._agents: dict[bytes, AgentSession] = {}
         self._routes: dict[RequestId, ClientRoute] = {}
@@ -212,6 +218,8 @@ class Coordinator:
         for record in records:
             self.table.restore(record)
         queued = self.table.count(RequestState.QUEUED)
+        self._replayed = {r.request_id for r in self.table.queued()}
+        self._grace_until_s = self._clock() + RESTART_GRACE_S
         log.info(
             "journal %s: %d unfinished requests requeued, %d ended kept for re-submits",
             self._journal.path,
@@ -592,6 +600,12 @@ class Coordinator:
                 self._dispatch_count += 1
                 self._dispatch(action, now)
             elif isinstance(action, RejectAction):
+                if (
+                    isinstance(action.error, Unavailable)
+                    and action.request_id in self._replayed
+                    and now < self._grace_until_s
+                ):
+                    continue
                 self._fail(action.request_id, action.error, now)
             elif isinstance(action, ReserveAction):
                 self.table.reserve(action.request_id, action.kv_reservation_tokens)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.coordinator import Coordinator
+from orchestrator.coordinator import RESTART_GRACE_S, Coordinator
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord
@@ -274,5 +274,27 @@ def test_a_restarted_coordinator_answers_re_submits_from_the_journal(tmp_path: P
         assert (resent.offset, resent.text) == (0, " so far")  # the text so far, once
         assert coordinator.table[RequestId("open")].attempt == 2
         assert coordinator.table.count(RequestState.QUEUED) == 1
+
+    asyncio.run(run())
+
+
+def test_replayed_requests_wait_for_agents_to_come_back_before_unavailable(
+    tmp_path: Path,
+) -> None:
+    """A request that already waited past unavailable_timeout_s before the crash is not refused
+    the moment the restarted coordinator finds no agent: they need time to reconnect."""
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    accept(journal, "old", time.time() - 120.0)
+    journal.close()
+
+    async def run() -> None:
+        coordinator, _ = journaled_coordinator(path)
+        coordinator._restore()
+        now = time.monotonic()
+        coordinator.schedule(now)
+        assert coordinator.table[RequestId("old")].state is RequestState.QUEUED
+        coordinator.schedule(now + RESTART_GRACE_S + 1.0)
+        assert coordinator.table[RequestId("old")].state is RequestState.FAILED
 
     asyncio.run(run())
