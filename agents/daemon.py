@@ -3,6 +3,12 @@
 One DEALER socket carries everything. The engine's blocking ``step`` runs in a worker thread so
 the event loop keeps receiving commands and heartbeating while a step computes; commands are
 applied to the engine only between steps.
+
+Liveness goes both ways: any coordinator frame (it pings when it has nothing else to send)
+proves the coordinator alive. After ``heartbeat_liveness`` silent intervals, or a
+``Reregister``, the agent cancels its running sequences (the coordinator re-dispatches them as
+later attempts and drops frames of these), opens a fresh socket with the same routing id and
+registers again, backing off exponentially between unanswered attempts.
 """
 
 from __future__ import annotations
