@@ -8,6 +8,9 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
     .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64]
         [--predictors shipped,none] [--journal on|off|both] [--json OUT]
 
+``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
+measured requests) is steadier than requests/s on a machine shared with other work.
+
 A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
 ``predictor_<name>_no_journal`` with it off.
 """
@@ -23,6 +26,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,9 +90,12 @@ def main() -> None:
                 cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
             cluster.wait_for_agents(2)
             asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
+            coordinator = psutil.Process(cluster.processes["coordinator"].pid)
+            cpu_before = sum(coordinator.cpu_times()[:2])
             elapsed, latencies = asyncio.run(
                 hammer(cluster.clients_endpoint, args.requests, args.concurrency)
             )
+            cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before
         finally:
             cluster.stop()
         latencies.sort()
@@ -95,6 +103,7 @@ def main() -> None:
             "requests_per_s": round(args.requests / elapsed, 1),
             "p50_latency_ms": round(1000 * statistics.median(latencies), 2),
             "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
+            "coordinator_cpu_us_per_request": round(1e6 * cpu_s / args.requests, 1),
         }
         print(f"{key}: {report[key]}", file=sys.stderr)
     text = json.dumps(report, indent=2)
