@@ -368,7 +368,8 @@ class AsyncClient:
     ) -> ClientReply:
         """The next reply about ``request_id`` before ``deadline`` (default: ``timeout_s`` from
         now). While the coordinator is silent about a pending request its ``Submit`` is re-sent
-        every ``resubmit_after_s``; silence beyond ``reconnect_timeout_s`` is ``Unavailable``."""
+        every ``resubmit_after_s``; once accepted, silence beyond ``reconnect_timeout_s`` is
+        ``Unavailable`` (before, the acceptance deadline alone applies)."""
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = self._deadline(timeout_s)
@@ -386,7 +387,7 @@ class AsyncClient:
                 now = loop.time()
                 if request_id not in self._submits or (deadline is not None and now >= deadline):
                     continue
-                if now - heard >= self.reconnect_timeout_s:
+                if not accepting and now - heard >= self.reconnect_timeout_s:
                     raise Unavailable(
                         f"no answer from the coordinator at {self.endpoint} about request "
                         f"{request_id} for {now - heard:.0f} s despite re-sending it",

@@ -13,6 +13,7 @@ import pytest
 
 from agents.fake import fake_completion
 from orchestrator.client import AsyncClient, GenerationResult
+from orchestrator.errors import Unavailable
 from orchestrator.journal import JOURNAL_FILE
 from orchestrator.local import LocalCluster
 
@@ -140,3 +141,49 @@ def test_an_agent_reconnects_with_backoff_when_the_coordinator_goes_silent(
         status = client.status()
         assert [a.agent_id for a in status.agents] == ["fake-1"]  # took its session back
         assert client.generate("after the stall", max_tokens=3).completion_tokens == 3
+
+
+def test_without_a_journal_the_sdk_resubmits_and_requests_run_again(tmp_path: Path) -> None:
+    """``--journal off``: the restarted coordinator knows nothing, but a client that is still
+    waiting re-sends its requests on reconnect, so they run again from the start."""
+    cluster = LocalCluster(tmp_path, "--journal", "off")
+    try:
+        cluster.start_agent("slow-1", *SLOW_FAKE)
+        cluster.wait_for_agents(1)
+
+        async def run() -> list[GenerationResult]:
+            async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+                tasks = [
+                    asyncio.ensure_future(client.generate(f"no journal {i}", max_tokens=20))
+                    for i in range(4)
+                ]
+                while not (await client.status()).running:
+                    await asyncio.sleep(0.05)
+                cluster.kill("coordinator")
+                cluster.start_coordinator()
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+    finally:
+        cluster.stop()
+    assert [r.text for r in results] == [fake_completion(f"no journal {i}", 20) for i in range(4)]
+    assert all(r.attempts == 1 for r in results)  # new requests to the new coordinator
+    assert not (tmp_path / "state" / JOURNAL_FILE).exists()
+
+
+def test_the_sdk_gives_up_when_the_coordinator_does_not_come_back(cluster: LocalCluster) -> None:
+    async def run() -> None:
+        async with AsyncClient(
+            cluster.clients_endpoint, resubmit_after_s=0.2, reconnect_timeout_s=1.5
+        ) as client:
+            pending = asyncio.ensure_future(client.generate("nobody serves this", max_tokens=5))
+            while not (await client.status()).queue:  # accepted, no agent yet
+                await asyncio.sleep(0.05)
+            cluster.kill("coordinator")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(Unavailable) as error:
+                await pending
+            assert 1.4 <= asyncio.get_running_loop().time() - started < 10, error.value
+            assert error.value.retryable and error.value.details["silent_s"] >= 1.5
+
+    asyncio.run(run())
