@@ -827,6 +827,8 @@ class Coordinator:
             self._flush_handle = None
         ops, self._ops = self._ops, []
         outbox, self._outbox = self._outbox, []
+        if self._journal_failed is not None and self._journal_failed.done():
+            return  # stopping: nothing leaves that the journal may not hold
         if self._journal is not None and ops:
             try:
                 self._journal.write(ops)

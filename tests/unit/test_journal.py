@@ -298,3 +298,22 @@ def test_replayed_requests_wait_for_agents_to_come_back_before_unavailable(
         assert coordinator.table[RequestId("old")].state is RequestState.FAILED
 
     asyncio.run(run())
+
+
+def test_a_failed_journal_write_sends_nothing_and_stops_the_coordinator(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+
+    async def run() -> None:
+        coordinator, socket = journaled_coordinator(path)
+        coordinator._journal_failed = asyncio.get_running_loop().create_future()
+        coordinator._journal._db.close()  # type: ignore[union-attr]  # every write now fails
+        coordinator._on_submit(b"client", Submit(request_id="r1", prompt="hello"), 1.0)
+        await asyncio.sleep(0)
+        assert socket.sent == []  # no Accepted for a request the journal does not hold
+        with pytest.raises(sqlite3.ProgrammingError):
+            await coordinator._watch_journal()
+        coordinator._on_submit(b"client", Submit(request_id="r2", prompt="again"), 1.0)
+        await asyncio.sleep(0)
+        assert socket.sent == []
+
+    asyncio.run(run())
