@@ -25,9 +25,11 @@ One coordinator per journal: the file is locked (``flock`` on ``<journal>.lock``
 the kernel when the process dies, ``kill -9`` included), and a second coordinator pointed at it
 refuses to start with ``InvalidRequest`` instead of re-running the first one's requests.
 
-A journal that SQLite cannot read (torn or foreign file, other schema version) is moved aside
-next to itself with a ``.corrupt-<unix time>`` suffix, loudly logged, and a fresh one started:
-a coordinator that refuses to start serves nobody.
+A journal that SQLite cannot open at all (no permission, read-only, locked) is an
+``InvalidRequest`` naming the path, and the file is left alone. One whose content SQLite cannot
+read (torn or foreign file, other schema version) is moved aside next to itself with a
+``.corrupt-<unix time>`` suffix, loudly logged, and a fresh one started: a coordinator that
+refuses to start serves nobody.
 """
 
 from __future__ import annotations
@@ -150,10 +152,17 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.moved_aside: Path | None = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(path.with_name(path.name + ".lock"))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(path.with_name(path.name + ".lock"))
+        except OSError as exc:
+            raise _unusable(path, exc) from None
         try:
             self._db = self._connect()
+        except sqlite3.OperationalError as exc:
+            # Cannot open, locked, read-only, I/O error: the file may be fine, so keep it.
+            os.close(self._lock)
+            raise _unusable(path, exc) from None
         except sqlite3.DatabaseError as exc:
             self.moved_aside = self._move_aside(exc)
             self._db = self._connect()
@@ -365,6 +374,15 @@ class Journal:
     def counts(self) -> dict[str, int]:
         """Rows per state (tests and logs)."""
         return dict(self._db.execute("SELECT state, count(*) FROM requests GROUP BY state"))
+
+
+def _unusable(path: Path, exc: Exception) -> InvalidRequest:
+    return InvalidRequest(
+        f"cannot use journal {path}: {exc}; give the coordinator a writable --journal or "
+        "--state-dir (or --journal off)",
+        field="journal",
+        path=str(path),
+    )
 
 
 def _lock(path: Path) -> int:

@@ -317,3 +317,19 @@ def test_a_failed_journal_write_sends_nothing_and_stops_the_coordinator(tmp_path
         assert socket.sent == []
 
     asyncio.run(run())
+
+
+def test_a_journal_that_cannot_be_opened_is_a_clear_error_and_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    (folder / "keep").write_text("x")
+    with pytest.raises(InvalidRequest, match="cannot use journal") as error:
+        Journal(folder)  # a directory: SQLite cannot open it (like a read-only or locked file)
+    assert error.value.details["field"] == "journal"
+    assert (folder / "keep").read_text() == "x" and not list(tmp_path.glob("*.corrupt-*"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InvalidRequest, match="cannot use journal"):
+        Journal(blocker / "journal.sqlite3")
