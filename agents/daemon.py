@@ -3,14 +3,23 @@
 One DEALER socket carries everything. The engine's blocking ``step`` runs in a worker thread so
 the event loop keeps receiving commands and heartbeating while a step computes; commands are
 applied to the engine only between steps.
+
+Liveness goes both ways: any coordinator frame (it pings when it has nothing else to send)
+proves the coordinator alive. After ``heartbeat_liveness`` silent intervals, or a
+``Reregister``, the agent cancels its running sequences (the coordinator re-dispatches them as
+later attempts and drops frames of these), opens a fresh socket with the same routing id and
+registers again, backing off exponentially between unanswered attempts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
@@ -20,7 +29,7 @@ import zmq.asyncio
 from agents.base import Completed, Emitted, Engine, EngineEvent, Rejected, SequenceKey, SequenceSpec
 from orchestrator import transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
-from orchestrator.auth import ClientKeys, handshake_failures
+from orchestrator.auth import ClientKeys, handshake_failures, handshake_monitor, secure_client
 from orchestrator.errors import InternalError, Overloaded, ProtocolError
 from orchestrator.protocol import (
     AGENT_COMMANDS,
@@ -30,6 +39,7 @@ from orchestrator.protocol import (
     ErrorInfo,
     Goodbye,
     Heartbeat,
+    Ping,
     Register,
     Reregister,
     RunFailed,
@@ -40,12 +50,21 @@ from orchestrator.protocol import (
     decode,
     encode,
 )
-from orchestrator.settings import DRAIN_TIMEOUT_S
+from orchestrator.settings import DRAIN_TIMEOUT_S, HEARTBEAT_LIVENESS
 
 log = logging.getLogger("edgeorch.agent")
 
-REGISTER_RETRY_S: Final = 1.0
+REGISTER_TIMEOUT_S: Final = 1.0
+"""How long one registration attempt waits for ``Welcome`` before backing off."""
+REGISTER_LOG_FIRST: Final = 10
 REGISTER_LOG_EVERY: Final = 30
+"""Registration retries logged: the first ten, then every thirtieth."""
+RECONNECT_INITIAL_S: Final = 0.1
+RECONNECT_FACTOR: Final = 2.0
+RECONNECT_MAX_S: Final = 5.0
+RECONNECT_JITTER: Final = 0.5
+"""Each backoff delay is drawn from [(1 - jitter) x d, d] so a fleet of agents that lost the
+same coordinator does not reconnect in lockstep."""
 GOODBYE_LINGER_MS: Final = 500
 REFUSED_LOG_INTERVAL_S: Final = 30.0
 """A refused agent retries its handshake every 100 ms; it says why at most this often."""
@@ -95,6 +114,35 @@ class StreamCoalescer:
         return [held] if held is not None else []
 
 
+class Backoff:
+    """Capped exponential delays with jitter; the randomness is injected."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        initial_s: float = RECONNECT_INITIAL_S,
+        factor: float = RECONNECT_FACTOR,
+        max_s: float = RECONNECT_MAX_S,
+        jitter: float = RECONNECT_JITTER,
+    ) -> None:
+        self._rng = rng
+        self.initial_s = initial_s
+        self.factor = factor
+        self.max_s = max_s
+        self.jitter = jitter
+        self._next_s = initial_s
+
+    def next(self) -> float:
+        """The delay before the next attempt (grows until ``max_s``)."""
+        ceiling = self._next_s
+        self._next_s = min(self.max_s, self._next_s * self.factor)
+        return ceiling * (1.0 - self.jitter * self._rng.random())
+
+    def reset(self) -> None:
+        self._next_s = self.initial_s
+
+
 class AgentDaemon:
     """Connects ``engine`` to the coordinator at ``endpoint``."""
 
@@ -108,6 +156,9 @@ class AgentDaemon:
         heartbeat_interval_s: float,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         curve: ClientKeys | None = None,
+        heartbeat_liveness: int = HEARTBEAT_LIVENESS,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.curve = curve
@@ -115,10 +166,22 @@ class AgentDaemon:
         self.endpoint = endpoint
         self.name = name
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_liveness = heartbeat_liveness
         self.drain_timeout_s = drain_timeout_s
         self._draining = False
         self.agent_id: str | None = None
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._identity = f"{name}:{uuid.uuid4().hex[:12]}".encode()
+        """One routing id for every socket of this process, so a reconnect takes over the
+        coordinator's session (ROUTER_HANDOVER) instead of leaving an orphan behind."""
+        self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._last_heard_s = 0.0
+        self._forgotten = asyncio.Event()
+        self.reconnects = 0
         self._commands: deque[Dispatch | CancelRun] = deque()
         self._work = asyncio.Event()
         self._welcomed = asyncio.Event()
@@ -130,11 +193,10 @@ class AgentDaemon:
     async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
         """Serve until ``stop``; after ``drain``, take no new work, finish the running
         sequences (bounded by ``drain_timeout_s``), say goodbye and stop."""
-        context = zmq.asyncio.Context()
+        context = self._context = zmq.asyncio.Context()
         linger_ms = 0
         try:
-            self._socket = transport.dealer(context, self.endpoint, curve=self.curve)
-            workers = [self._receive(), self._heartbeat(), self._run_engine(), self._watch()]
+            workers = [self._connection(), self._run_engine()]
             if drain is not None:
                 workers.append(
                     drain_then_stop(
@@ -146,6 +208,10 @@ class AgentDaemon:
                 self._send(Goodbye())
                 linger_ms = GOODBYE_LINGER_MS
         finally:
+            tasks = [t for t in (self._receiver, self._watcher) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._executor.shutdown(wait=True)
             self.engine.close()
             context.destroy(linger=linger_ms)
@@ -163,64 +229,137 @@ class AgentDaemon:
             kv_used_tokens=self._kv_used_tokens, running=self._running, draining=self._draining
         )
 
-    async def _receive(self) -> None:
-        assert self._socket is not None
+    def _open(self) -> None:
+        """A fresh DEALER (and its reader) in place of the old one, whose queued frames (stale
+        heartbeats, chunks of abandoned attempts) are dropped with it."""
+        assert self._context is not None
+        for task in (self._receiver, self._watcher):
+            if task is not None:
+                task.cancel()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.ROUTING_ID, self._identity)
+        transport.configure(socket)
+        if self.curve is not None:
+            secure_client(socket, self.curve)
+        monitor = handshake_monitor(socket)
+        socket.connect(self.endpoint)
+        self._socket = socket
+        loop = asyncio.get_running_loop()
+        self._receiver = loop.create_task(self._receive(socket))
+        self._watcher = loop.create_task(self._watch(socket, monitor))
+
+    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
         while True:
-            frame = await self._socket.recv()
+            frame = await socket.recv()
+            self._last_heard_s = self._clock()
             message = decode(frame, AGENT_COMMANDS)
             if isinstance(message, ProtocolError):
                 log.warning("dropped coordinator frame: %s", message.message)
             elif isinstance(message, Welcome):
                 self.agent_id = message.agent_id
                 self.heartbeat_interval_s = message.heartbeat_interval_s
+                self.heartbeat_liveness = message.heartbeat_liveness
                 self._welcomed.set()
                 log.info("registered as %s", message.agent_id)
             elif isinstance(message, Reregister):
                 if self._welcomed.is_set():
                     log.warning("the coordinator does not know this agent: registering again")
-                    self._commands.extend(
-                        CancelRun(request_id=rid, attempt=attempt)
-                        for rid, attempt in self.engine.active_keys()
-                    )
-                    self._work.set()
-                self._welcomed.clear()
+                    self._abandon_work()
+                    self._forgotten.set()
+            elif isinstance(message, Ping):
+                continue
             else:
                 self._commands.append(message)
                 self._work.set()
 
-    async def _watch(self) -> None:
+    async def _watch(self, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """Say why the coordinator refuses this agent's handshakes (ZeroMQ keeps retrying, so
         an operator can fix the allow list without restarting the agent)."""
-        assert self._socket is not None
         last_logged = -REFUSED_LOG_INTERVAL_S
-        async for error in handshake_failures(self._socket, self.endpoint, self.curve, "agents"):
+        failures = handshake_failures(socket, self.endpoint, self.curve, "agents", monitor=monitor)
+        async for error in failures:
             now = time.monotonic()
             if now - last_logged >= REFUSED_LOG_INTERVAL_S:
                 last_logged = now
                 log.error("%s (retrying)", error.message)
 
-    async def _heartbeat(self) -> None:
-        """Register until welcomed, then heartbeat; any frame also counts as a heartbeat."""
-        attempts = 0
+    def _abandon_work(self) -> None:
+        """Cancel everything the lost (or forgetful) coordinator gave us: it has requeued that
+        work (or will, at its liveness bound) and drops frames of these attempts, so running on
+        would only steal the device from the attempts that replace them."""
+        self._welcomed.clear()
+        self._commands.clear()
+        self._commands.extend(
+            CancelRun(request_id=rid, attempt=attempt) for rid, attempt in self.engine.active_keys()
+        )
+        self._work.set()
+
+    async def _connection(self) -> None:
+        """Register, heartbeat while registered, and start over when the coordinator forgets
+        this agent or goes silent."""
         while True:
-            if not self._welcomed.is_set():
-                self._send(Register(name=self.name, profile=self.profile))
-                try:
-                    await asyncio.wait_for(self._welcomed.wait(), REGISTER_RETRY_S)
-                except TimeoutError:
-                    attempts += 1
-                    if attempts == 1 or attempts % REGISTER_LOG_EVERY == 0:
-                        log.info(
-                            "waiting for the coordinator at %s to welcome %r%s",
-                            self.endpoint,
-                            self.name,
-                            " (with CURVE, only the name its allow list gives this key)"
-                            if self.curve is not None
-                            else "",
-                        )
-                continue
-            attempts = 0
-            await asyncio.sleep(self.heartbeat_interval_s)
+            await self._register()
+            self._last_heard_s = self._clock()
+            await self._heartbeat()
+            self.reconnects += 1
+
+    async def _register(self) -> None:
+        """Send ``Register`` on a fresh socket until welcomed, with capped exponential backoff
+        between attempts (a ``Welcome`` arriving during the backoff still counts)."""
+        backoff = Backoff(self._rng)
+        failures = 0
+        self._welcomed.clear()
+        while True:
+            self._open()
+            self._forgotten.clear()
+            self._send(Register(name=self.name, profile=self.profile))
+            if await self._welcome_within(REGISTER_TIMEOUT_S):
+                return
+            failures += 1
+            delay = backoff.next()
+            if failures <= REGISTER_LOG_FIRST or failures % REGISTER_LOG_EVERY == 0:
+                log.info(
+                    "no answer from the coordinator at %s (attempt %d): retrying in %.3f s%s",
+                    self.endpoint,
+                    failures,
+                    delay,
+                    " (with CURVE it welcomes only the name its allow list gives this key)"
+                    if self.curve is not None
+                    else "",
+                )
+            if await self._welcome_within(delay):
+                return
+
+    async def _welcome_within(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._welcomed.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _heartbeat(self) -> None:
+        """Heartbeat every interval until the coordinator says it forgot this agent or stays
+        silent for liveness x interval (it sends pings, so silence means it is gone)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._forgotten.wait(), self.heartbeat_interval_s)
+                return
+            except TimeoutError:
+                pass
+            silent_s = self._clock() - self._last_heard_s
+            if silent_s > self.heartbeat_interval_s * self.heartbeat_liveness:
+                log.warning(
+                    "no frame from the coordinator for %.1f s (liveness %d x %.2f s): "
+                    "cancelling %d running sequences and reconnecting",
+                    silent_s,
+                    self.heartbeat_liveness,
+                    self.heartbeat_interval_s,
+                    len(self.engine.active_keys()),
+                )
+                self._abandon_work()
+                return
             self._send(self._heartbeat_message())
 
     async def _run_engine(self) -> None:
@@ -266,8 +405,9 @@ class AgentDaemon:
         self._running = tuple(request_id for request_id, _ in self.engine.active_keys())
 
     def _send(self, message: WireModel) -> None:
-        assert self._socket is not None
-        self._socket.send(encode(message))
+        """Send on the current connection (nothing before the first one opens)."""
+        if self._socket is not None:
+            self._socket.send(encode(message))
 
 
 def _event_message(event: EngineEvent) -> WireModel:

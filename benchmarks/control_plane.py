@@ -1,10 +1,18 @@
 """Control-plane capacity: requests/s the coordinator sustains for tiny generations.
 
 Two fake agents with effectively free compute (so the coordinator, the sockets and the SDK are
-all that is measured) serve N one-token requests from C concurrent in-flight requests, once
-with the length predictor (every request is predicted) and once without.
+all that is measured) serve N one-token requests from C concurrent in-flight requests, with
+and without the length predictor (every request is predicted), and with and without the request
+journal (``--journal off``: no fsync per accept batch, no write-ahead of replies).
 
-    .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64] [--json OUT]
+    .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64]
+        [--predictors shipped,none] [--journal on|off|both] [--json OUT]
+
+``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
+measured requests) is steadier than requests/s on a machine shared with other work.
+
+A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
+``predictor_<name>_no_journal`` with it off.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,35 +67,45 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--predictors", default="shipped,none")
+    parser.add_argument("--journal", choices=("on", "off", "both"), default="on")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    journal_modes = {"on": ("on",), "off": ("off",), "both": ("on", "off")}[args.journal]
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgeorch-control-{os.getpid()}"
     report: dict[str, object] = {
         "requests": args.requests,
         "concurrency": args.concurrency,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
-    for predictor in ("shipped", "none"):
-        run_dir = log_dir / predictor
+    runs = [(p, j) for p in args.predictors.split(",") for j in journal_modes]
+    for predictor, journal in runs:
+        key = f"predictor_{predictor}" + ("_no_journal" if journal == "off" else "")
+        run_dir = log_dir / key
         run_dir.mkdir(parents=True, exist_ok=True)
-        cluster = LocalCluster(run_dir, "--predictor", predictor)
+        journal_args = ("--journal", "off") if journal == "off" else ()
+        cluster = LocalCluster(run_dir, "--predictor", predictor, *journal_args)
         try:
             for name in ("fast-1", "fast-2"):
                 cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
             cluster.wait_for_agents(2)
             asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
+            coordinator = psutil.Process(cluster.processes["coordinator"].pid)
+            cpu_before = sum(coordinator.cpu_times()[:2])
             elapsed, latencies = asyncio.run(
                 hammer(cluster.clients_endpoint, args.requests, args.concurrency)
             )
+            cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before
         finally:
             cluster.stop()
         latencies.sort()
-        report[f"predictor_{predictor}"] = {
+        report[key] = {
             "requests_per_s": round(args.requests / elapsed, 1),
             "p50_latency_ms": round(1000 * statistics.median(latencies), 2),
             "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
+            "coordinator_cpu_us_per_request": round(1e6 * cpu_s / args.requests, 1),
         }
-        print(f"predictor {predictor}: {report[f'predictor_{predictor}']}", file=sys.stderr)
+        print(f"{key}: {report[key]}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -334,12 +334,25 @@ def secure_client(socket: zmq.Socket[Any], keys: ClientKeys) -> None:
 # --- the connecting side ----------------------------------------------------------------------
 
 
+def handshake_monitor(socket: zmq.asyncio.Socket) -> zmq.asyncio.Socket:
+    """The monitor ``handshake_failures`` reads; attach it before ``connect`` so that no
+    handshake is missed (a socket has one monitor)."""
+    return socket.get_monitor_socket(HANDSHAKE_EVENTS)
+
+
 async def handshake_failures(
-    socket: zmq.asyncio.Socket, endpoint: str, keys: ClientKeys | None, role: Role
+    socket: zmq.asyncio.Socket,
+    endpoint: str,
+    keys: ClientKeys | None,
+    role: Role,
+    *,
+    monitor: zmq.asyncio.Socket | None = None,
+    on_success: Callable[[], None] | None = None,
 ) -> AsyncIterator[EdgeorchError]:
     """One typed error per refused handshake of a connecting socket, explaining the cause;
-    unexplained failures count only after ``UNEXPLAINED_FAILURES`` in a row."""
-    monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
+    unexplained failures count only after ``UNEXPLAINED_FAILURES`` in a row. ``on_success``
+    runs at every completed handshake (with or without CURVE), i.e. at every (re)connection."""
+    monitor = monitor or handshake_monitor(socket)
     unexplained = 0
     try:
         while True:
@@ -347,6 +360,8 @@ async def handshake_failures(
             kind, value = int(event["event"]), int(event["value"])
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 unexplained = 0
+                if on_success is not None:
+                    on_success()
                 continue
             if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 unexplained += 1

@@ -29,6 +29,7 @@ from orchestrator.settings import (
 
 if TYPE_CHECKING:
     from orchestrator.client import Client
+    from orchestrator.journal import Journal
     from orchestrator.prediction import PredictionService
 
 log = logging.getLogger("edgeorch.cli")
@@ -279,9 +280,22 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     else:
         log.info("no tokenizer model: estimating prompt tokens; agents check exactly")
     coordinator = Coordinator(
-        settings, token_counter=counter, predictions=_prediction_service(settings)
+        settings,
+        token_counter=counter,
+        predictions=_prediction_service(settings),
+        journal=_journal(settings),
     )
     return _serve(coordinator.run)
+
+
+def _journal(settings: CoordinatorSettings) -> Journal | None:
+    from orchestrator.journal import JOURNAL_FILE, Journal
+
+    if settings.journal == "off":
+        log.info("journal off: accepted requests do not survive a coordinator crash")
+        return None
+    path = Path(settings.journal) if settings.journal else _state_dir(settings) / JOURNAL_FILE
+    return Journal(path)
 
 
 def _prediction_service(settings: CoordinatorSettings) -> PredictionService | None:

@@ -4,11 +4,19 @@ One DEALER socket per client multiplexes any number of concurrent requests by re
 ``generate`` returns a ``GenerationResult``; with ``stream=True`` it returns a ``Stream`` that
 yields text chunks as they arrive and then exposes ``.result``. Every failure raises a typed
 ``EdgeorchError``.
+
+Retries are transparent: the request id is the idempotency key, so the client re-sends the same
+``Submit`` whenever its connection to the coordinator is re-established (a restarted
+coordinator replays its journal and re-attaches the request) and whenever it has heard nothing
+about a request for ``resubmit_after_s``. A request gets exactly one result; a stream yields
+each character once (chunks carry their character offset, and a re-attach resends the text so
+far, of which the client yields only what it did not have).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
@@ -21,7 +29,7 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from orchestrator import transport
-from orchestrator.auth import client_keys, handshake_failures
+from orchestrator.auth import client_keys, handshake_failures, handshake_monitor, secure_client
 from orchestrator.errors import (
     EdgeorchError,
     InvalidRequest,
@@ -50,8 +58,20 @@ from orchestrator.protocol import (
 )
 from orchestrator.settings import DEFAULT_CLIENTS_ENDPOINT
 
+log = logging.getLogger("edgeorch.client")
+
 ACCEPT_TIMEOUT_S: Final = 10.0
 """How long to wait for the coordinator to acknowledge a request before calling it unavailable."""
+RESUBMIT_AFTER_S: Final = 5.0
+"""Silence about a request after which its ``Submit`` is sent again (a re-attach if the
+coordinator has it; replies lost on the way are re-sent)."""
+RECONNECT_TIMEOUT_S: Final = 60.0
+"""Silence about an accepted request, despite re-sends, after which it is ``Unavailable``: the
+coordinator did not come back in time."""
+ZMTP_HEARTBEAT_IVL_MS: Final = 1000
+ZMTP_HEARTBEAT_TIMEOUT_MS: Final = 5000
+"""ZeroMQ-level pings on the client's connection: a coordinator that vanishes without closing
+TCP (a partition, a dead host) is noticed, and the reconnect triggers the re-sends."""
 
 T = TypeVar("T")
 
@@ -128,24 +148,39 @@ class Stream:
         self._client = client
         self._inbox = inbox
         self._timeout_s = timeout_s
-        self._next_index = 0
+        self._chars = 0
+        """Characters of the output yielded so far."""
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[str]:
+        client = self._client
         try:
+            deadline = client._deadline(self._timeout_s)
             while True:
-                message = await self._client._next(self._inbox, self._timeout_s, self.request_id)
+                message = await client._next(
+                    self._inbox, self._timeout_s, self.request_id, deadline=deadline
+                )
                 if isinstance(message, StreamChunk):
-                    if message.index >= self._next_index:
-                        self._next_index = message.index + 1
-                        yield message.text
+                    if message.offset > self._chars:
+                        # A chunk went missing: re-attach, which resends the text so far.
+                        client._resubmit(self.request_id)
+                        continue
+                    new = message.text[self._chars - message.offset :]
+                    if new:
+                        self._chars += len(new)
+                        deadline = client._deadline(self._timeout_s)
+                        yield new
                 elif isinstance(message, Result):
                     self.result = GenerationResult.from_wire(message)
+                    rest = message.text[self._chars :]
+                    if rest:
+                        self._chars += len(rest)
+                        yield rest
                     return
         finally:
-            self._client._inboxes.pop(self.request_id, None)
+            client._forget(self.request_id)
 
     async def cancel(self) -> None:
         await self._client.cancel(self.request_id)
@@ -166,15 +201,22 @@ class AsyncClient:
         timeout_s: float | None = None,
         curve_secret_key: str | Path | None = None,
         curve_server_key: str | Path | None = None,
+        resubmit_after_s: float = RESUBMIT_AFTER_S,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
     ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.curve = client_keys(curve_secret_key, curve_server_key)
+        self.resubmit_after_s = resubmit_after_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.resubmits = 0
+        self._connections = 0
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
-        self._receiver: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._inboxes: dict[str, asyncio.Queue[ClientReply]] = {}
+        self._submits: dict[str, Submit] = {}
+        """Requests awaiting their result: what to re-send after a reconnect."""
 
     async def __aenter__(self) -> AsyncClient:
         self._connect()
@@ -186,20 +228,71 @@ class AsyncClient:
     def _connect(self) -> zmq.asyncio.Socket:
         if self._socket is None:
             self._context = zmq.asyncio.Context()
-            self._socket = transport.dealer(self._context, self.endpoint, curve=self.curve)
+            socket = self._context.socket(zmq.DEALER)
+            transport.configure(socket)
+            socket.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS)
+            if self.curve is not None:
+                secure_client(socket, self.curve)
+            monitor = handshake_monitor(socket)
+            socket.connect(self.endpoint)
+            self._socket = socket
             loop = asyncio.get_running_loop()
-            self._receiver = loop.create_task(self._receive())
-            self._watcher = loop.create_task(self._watch(self._socket))
+            self._tasks = [
+                loop.create_task(self._receive()),
+                loop.create_task(self._watch(socket, monitor)),
+            ]
         return self._socket
 
     async def close(self) -> None:
-        tasks = [t for t in (self._receiver, self._watcher) if t is not None]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._context is not None:
             self._context.destroy(linger=0)
-        self._socket = self._context = self._receiver = self._watcher = None
+        self._socket = self._context = None
+        self._tasks = []
+
+    async def _watch(self, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Fail every waiting call when the coordinator refuses the handshake (they would wait
+        for a reply that cannot come), and re-send pending submits on every reconnect."""
+        failures = handshake_failures(
+            socket,
+            self.endpoint,
+            self.curve,
+            "clients",
+            monitor=monitor,
+            on_success=self._connected,
+        )
+        async for error in failures:
+            for key, inbox in self._inboxes.items():
+                inbox.put_nowait(ErrorReply(request_id=key, error=ErrorInfo.of(error)))
+
+    def _connected(self) -> None:
+        """Every connection after the first is a reconnect (the coordinator restarted, or the
+        link dropped): re-send each pending ``Submit`` so the coordinator re-attaches it."""
+        self._connections += 1
+        if self._connections > 1 and self._submits:
+            log.info(
+                "reconnected to %s: re-sending %d pending requests",
+                self.endpoint,
+                len(self._submits),
+            )
+            for request_id in list(self._submits):
+                self._resubmit(request_id)
+
+    def _resubmit(self, request_id: str) -> None:
+        submit = self._submits.get(request_id)
+        if submit is not None:
+            self.resubmits += 1
+            self._send(submit)
+
+    def _forget(self, request_id: str) -> None:
+        self._inboxes.pop(request_id, None)
+        self._submits.pop(request_id, None)
+
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
 
     @overload
     async def generate(
@@ -237,9 +330,13 @@ class AsyncClient:
             raise _invalid(exc) from None
         inbox: asyncio.Queue[ClientReply] = asyncio.Queue()
         self._inboxes[submit.request_id] = inbox
+        self._submits[submit.request_id] = submit
         try:
             self._send(submit)
             first = await self._next(inbox, ACCEPT_TIMEOUT_S, submit.request_id, accepting=True)
+            while not isinstance(first, Accepted | Result):
+                # Nothing else precedes the acknowledgement; a stream re-fetches what it skips.
+                first = await self._next(inbox, ACCEPT_TIMEOUT_S, submit.request_id, accepting=True)
             if isinstance(first, Result):
                 if not stream:
                     return GenerationResult.from_wire(first)
@@ -247,18 +344,24 @@ class AsyncClient:
                 first = Accepted(
                     request_id=first.request_id, queue_position=0, prompt_tokens=first.prompt_tokens
                 )
-            assert isinstance(first, Accepted)
             if stream:
                 return Stream(self, submit.request_id, first, inbox, self.timeout_s)
+            deadline = self._deadline(self.timeout_s)
             while True:
-                message = await self._next(inbox, self.timeout_s, submit.request_id)
+                message = await self._next(
+                    inbox, self.timeout_s, submit.request_id, deadline=deadline
+                )
                 if isinstance(message, Result):
                     return GenerationResult.from_wire(message)
+        except BaseException:
+            self._forget(submit.request_id)
+            raise
         finally:
             if not stream:
-                self._inboxes.pop(submit.request_id, None)
+                self._forget(submit.request_id)
 
     async def cancel(self, request_id: str) -> None:
+        self._submits.pop(request_id, None)
         self._send(CancelRequest(request_id=request_id))
 
     async def status(
@@ -284,24 +387,59 @@ class AsyncClient:
         request_id: str,
         *,
         accepting: bool = False,
+        deadline: float | None = None,
     ) -> ClientReply:
-        try:
-            message = await asyncio.wait_for(inbox.get(), timeout_s)
-        except TimeoutError:
-            if accepting:
-                raise Unavailable(
-                    f"no answer from the coordinator at {self.endpoint} within {timeout_s:.0f} s",
-                    endpoint=self.endpoint,
-                    timeout_s=timeout_s,
-                ) from None
-            raise RequestTimeout(
-                f"request {request_id} got no result within {timeout_s} s",
-                request_id=request_id,
+        """The next reply about ``request_id`` before ``deadline`` (default: ``timeout_s`` from
+        now). While the coordinator is silent about a pending request its ``Submit`` is re-sent
+        every ``resubmit_after_s``; once accepted, silence beyond ``reconnect_timeout_s`` is
+        ``Unavailable`` (before, the acceptance deadline alone applies)."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = self._deadline(timeout_s)
+        heard = loop.time()
+        while True:
+            now = loop.time()
+            wait = self.resubmit_after_s
+            if deadline is not None:
+                if now >= deadline:
+                    raise self._timed_out(request_id, timeout_s, accepting=accepting)
+                wait = min(wait, deadline - now)
+            try:
+                message = await asyncio.wait_for(inbox.get(), wait)
+            except TimeoutError:
+                now = loop.time()
+                if request_id not in self._submits or (deadline is not None and now >= deadline):
+                    continue
+                if not accepting and now - heard >= self.reconnect_timeout_s:
+                    raise Unavailable(
+                        f"no answer from the coordinator at {self.endpoint} about request "
+                        f"{request_id} for {now - heard:.0f} s despite re-sending it",
+                        endpoint=self.endpoint,
+                        request_id=request_id,
+                        silent_s=round(now - heard, 1),
+                    ) from None
+                self._resubmit(request_id)
+                continue
+            if isinstance(message, ErrorReply):
+                raise error_from_wire(
+                    message.error.code, message.error.message, message.error.details
+                )
+            return message
+
+    def _timed_out(
+        self, request_id: str, timeout_s: float | None, *, accepting: bool
+    ) -> EdgeorchError:
+        if accepting:
+            return Unavailable(
+                f"no answer from the coordinator at {self.endpoint} within {timeout_s:.0f} s",
+                endpoint=self.endpoint,
                 timeout_s=timeout_s,
-            ) from None
-        if isinstance(message, ErrorReply):
-            raise error_from_wire(message.error.code, message.error.message, message.error.details)
-        return message
+            )
+        return RequestTimeout(
+            f"request {request_id} got no result within {timeout_s} s",
+            request_id=request_id,
+            timeout_s=timeout_s,
+        )
 
     async def _receive(self) -> None:
         assert self._socket is not None
@@ -314,13 +452,6 @@ class AsyncClient:
             inbox = self._inboxes.get(key) if key is not None else None
             if inbox is not None:
                 inbox.put_nowait(message)
-
-    async def _watch(self, socket: zmq.asyncio.Socket) -> None:
-        """Fail every waiting call when the coordinator refuses the handshake: without this
-        they would wait for a reply that cannot come."""
-        async for error in handshake_failures(socket, self.endpoint, self.curve, "clients"):
-            for key, inbox in self._inboxes.items():
-                inbox.put_nowait(ErrorReply(request_id=key, error=ErrorInfo.of(error)))
 
     def _send(self, message: WireModel) -> None:
         self._connect().send(encode(message))
@@ -336,16 +467,20 @@ class Client:
         timeout_s: float | None = None,
         curve_secret_key: str | Path | None = None,
         curve_server_key: str | Path | None = None,
+        resubmit_after_s: float = RESUBMIT_AFTER_S,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
     ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="edgeorch-client", daemon=True
+        )
         self._async = AsyncClient(
             endpoint,
             timeout_s=timeout_s,
             curve_secret_key=curve_secret_key,
             curve_server_key=curve_server_key,
-        )
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="edgeorch-client", daemon=True
+            resubmit_after_s=resubmit_after_s,
+            reconnect_timeout_s=reconnect_timeout_s,
         )
         self._thread.start()
 

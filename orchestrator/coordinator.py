@@ -47,6 +47,7 @@ from orchestrator.errors import (
     Unavailable,
     error_from_wire,
 )
+from orchestrator.journal import AcceptOp, ChunkOp, DispatchOp, EndOp, Journal, JournalOp
 from orchestrator.protocol import (
     AGENT_MESSAGES,
     CLIENT_MESSAGES,
@@ -61,6 +62,7 @@ from orchestrator.protocol import (
     ErrorReply,
     Goodbye,
     Heartbeat,
+    Ping,
     Register,
     RequestId,
     RequestStatus,
@@ -93,6 +95,14 @@ TICKS_PER_HEARTBEAT: Final = 4
 ``orchestrator.predictor``'s ``LengthPredictor.predict(p, m)``."""
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
 V = TypeVar("V", QueuedRequest, RunningRequest)
+JOURNAL_BATCH_MAX: Final = 512
+"""Journal ops and frames held for one commit before flushing without waiting for the loop to
+go idle (a burst of frames is read without yielding, so bursts share one commit)."""
+JOURNAL_PRUNE_INTERVAL_S: Final = 10.0
+RESTART_GRACE_S: Final = 10.0
+"""After a restart, replayed requests are not refused as 'unavailable' (they may have waited
+longer than ``unavailable_timeout_s`` already) until agents had time to find the new
+coordinator: their longest reconnect backoff (5 s) plus a registration and liveness bound."""
 
 
 @dataclass(slots=True)
@@ -102,6 +112,7 @@ class AgentSession:
     name: str
     profile: DeviceProfile
     last_seen_s: float
+    last_sent_s: float = 0.0
     kv_used_tokens: int = 0
     draining: bool = False
     key: str | None = None
@@ -124,7 +135,9 @@ class Coordinator:
         *,
         token_counter: TokenCounter | None = None,
         predictions: PredictionService | None = None,
+        journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._keys = auth.server_keys(settings)
@@ -138,6 +151,15 @@ class Coordinator:
         self._predicted: dict[RequestId, Predicted] = {}
         self._admitting: set[RequestId] = set()
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._journal = journal
+        self._ops: list[JournalOp] = []
+        self._outbox: list[tuple[zmq.asyncio.Socket, bytes, bytes]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._journal_failed: asyncio.Future[None] | None = None
+        self._pruned_s = 0.0
+        self._replayed: set[RequestId] = set()
+        self._grace_until_s = 0.0
         self.table = RequestTable()
         self._agents: dict[bytes, AgentSession] = {}
         self._routes: dict[RequestId, ClientRoute] = {}
@@ -161,12 +183,18 @@ class Coordinator:
         try:
             if self._predictions is not None:
                 await self._predictions.start()
+            self._journal_failed = asyncio.get_running_loop().create_future()
+            self._restore()
             keys = self._keys.keys if self._keys else None
             if self._keys is not None:
                 authenticator = auth.KeyAuthenticator(self._context, self._keys.allow_dir)
                 authenticator.start()
             self._agent_socket = transport.router(
-                self._context, self.settings.agents_endpoint, curve=keys, role="agents"
+                self._context,
+                self.settings.agents_endpoint,
+                curve=keys,
+                role="agents",
+                handover=True,
             )
             self._client_socket = transport.router(
                 self._context, self.settings.clients_endpoint, curve=keys, role="clients"
@@ -184,6 +212,7 @@ class Coordinator:
                 self._receive_clients(),
                 self._tick(),
                 self._schedule_loop(),
+                self._watch_journal(),
             ]
             if drain is not None:
                 workers.append(
@@ -192,12 +221,41 @@ class Coordinator:
                     )
                 )
             await run_until_stopped(stop, *workers)
+            self._flush()
         finally:
             if self._predictions is not None:
                 await self._predictions.close()
             if authenticator is not None:
                 authenticator.stop()
+            if self._journal is not None:
+                self._journal.close()
             self._context.destroy(linger=0)
+
+    def _restore(self) -> None:
+        """Take back the journaled requests: unfinished ones queue again (clients re-attach by
+        re-submitting their ids), ended ones answer re-submits until retention passes."""
+        if self._journal is None:
+            return
+        records = self._journal.replay(self._clock() - self._wall_clock())
+        for record in records:
+            self.table.restore(record)
+        queued = self.table.count(RequestState.QUEUED)
+        self._replayed = {r.request_id for r in self.table.queued()}
+        self._grace_until_s = self._clock() + RESTART_GRACE_S
+        log.info(
+            "journal %s: %d unfinished requests requeued, %d ended kept for re-submits",
+            self._journal.path,
+            queued,
+            len(records) - queued,
+        )
+        if queued:
+            self._schedule_needed.set()
+
+    async def _watch_journal(self) -> None:
+        """Crash-only: a journal that cannot be written stops the coordinator rather than let
+        it acknowledge what it could not record."""
+        assert self._journal_failed is not None
+        await self._journal_failed
 
     def _start_draining(self) -> None:
         self._draining = True
@@ -316,7 +374,11 @@ class Coordinator:
         )
         self._send_agent(
             identity,
-            Welcome(agent_id=agent_id, heartbeat_interval_s=self.settings.heartbeat_interval_s),
+            Welcome(
+                agent_id=agent_id,
+                heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                heartbeat_liveness=self.settings.heartbeat_liveness,
+            ),
         )
         self._schedule_needed.set()
 
@@ -348,6 +410,7 @@ class Coordinator:
         record = self._current(session, message.request_id, message.attempt)
         if record is None:
             return
+        offset = record.text_chars
         self.table.add_tokens(
             record.request_id,
             message.text,
@@ -356,15 +419,25 @@ class Coordinator:
             message.token_ids,
             session.profile.model_name,
         )
+        self._write(
+            ChunkOp(
+                record.request_id,
+                message.text,
+                message.n_tokens,
+                message.token_ids,
+                session.profile.model_name,
+            )
+        )
         route = self._routes.get(record.request_id)
         if route is not None and route.stream and message.text:
-            self._reply_client(
-                route.identity,
-                StreamChunk(
-                    request_id=record.request_id, index=route.next_index, text=message.text
-                ),
-            )
-            route.next_index += 1
+            self._stream(route, record.request_id, message.text, offset)
+
+    def _stream(self, route: ClientRoute, request_id: RequestId, text: str, offset: int) -> None:
+        self._reply_client(
+            route.identity,
+            StreamChunk(request_id=request_id, index=route.next_index, text=text, offset=offset),
+        )
+        route.next_index += 1
 
     def _on_finished(self, session: AgentSession, message: RunFinished, now: float) -> None:
         record = self._current(session, message.request_id, message.attempt)
@@ -372,6 +445,23 @@ class Coordinator:
             return
         record.prompt_tokens, record.prompt_tokens_exact = message.prompt_tokens, True
         self.table.finish(record.request_id, message.finish_reason, now)
+        result = _result(record, session.agent_id)
+        self._write(
+            EndOp(
+                record.request_id,
+                RequestState.FINISHED,
+                self._wall(now),
+                text=result.text,
+                completion_tokens=result.completion_tokens,
+                prompt_tokens=result.prompt_tokens,
+                finish_reason=result.finish_reason,
+                queue_s=result.queue_s,
+                ttft_s=result.ttft_s,
+                total_s=result.total_s,
+                agent=result.agent,
+                attempt=result.attempts,
+            )
+        )
         predicted = self._predicted.pop(record.request_id, None)
         if (
             predicted is not None
@@ -474,6 +564,7 @@ class Coordinator:
             ),
         )
         self.table.add(record)
+        self._write(AcceptOp(record, self._wall(arrival_s)))
         if predicted is not None:
             self._predicted[record.request_id] = predicted
         self._routes[record.request_id] = ClientRoute(identity=identity, stream=message.stream)
@@ -520,6 +611,8 @@ class Coordinator:
                     predicted_tokens=record.predicted_tokens,
                 ),
             )
+            if stream and record.text_chars:
+                self._stream(self._routes[record.request_id], record.request_id, record.text, 0)
 
     def _on_cancel(self, identity: bytes, request_id: str, now: float) -> None:
         record = self.table.get(RequestId(request_id))
@@ -532,6 +625,7 @@ class Coordinator:
                     session.identity, CancelRun(request_id=request_id, attempt=record.attempt)
                 )
         self.table.cancel(record.request_id, now)
+        self._write(EndOp(record.request_id, RequestState.CANCELLED, self._wall(now)))
         self._predicted.pop(record.request_id, None)
         route = self._routes.pop(record.request_id, None)
         target = route.identity if route else identity
@@ -563,6 +657,12 @@ class Coordinator:
                 self._dispatch_count += 1
                 self._dispatch(action, now)
             elif isinstance(action, RejectAction):
+                if (
+                    isinstance(action.error, Unavailable)
+                    and action.request_id in self._replayed
+                    and now < self._grace_until_s
+                ):
+                    continue
                 self._fail(action.request_id, action.error, now)
             elif isinstance(action, ReserveAction):
                 self.table.reserve(action.request_id, action.kv_reservation_tokens)
@@ -613,6 +713,7 @@ class Coordinator:
         )
         if record.attempt == 1:
             record.dispatched_s = now
+        self._write(DispatchOp(record.request_id, record.attempt))
         self._send_agent(
             session.identity,
             Dispatch(
@@ -635,10 +736,22 @@ class Coordinator:
             await asyncio.sleep(interval)
             now = self._clock()
             self._expire_agents(now)
+            self._ping_agents(now)
             for request_id in self.table.prune(now, self.settings.result_retention_s):
                 self._routes.pop(request_id, None)
+            if self._journal is not None and now - self._pruned_s >= JOURNAL_PRUNE_INTERVAL_S:
+                self._pruned_s = now
+                self._flush()
+                self._journal.prune(self._wall(now) - self.settings.result_retention_s)
             if self.table.count(RequestState.QUEUED):
                 self._schedule_needed.set()
+
+    def _ping_agents(self, now: float) -> None:
+        """Two-way liveness: an agent that got no frame for an interval gets a ping, so it
+        can tell a quiet coordinator from a vanished one."""
+        for session in list(self._agents.values()):
+            if now - session.last_sent_s >= self.settings.heartbeat_interval_s:
+                self._send_agent(session.identity, Ping())
 
     def _expire_agents(self, now: float) -> None:
         deadline = self.settings.heartbeat_interval_s * self.settings.heartbeat_liveness
@@ -681,6 +794,7 @@ class Coordinator:
 
     def _fail(self, request_id: RequestId, error: EdgeorchError, now: float) -> None:
         self.table.fail(request_id, error, now)
+        self._write(EndOp(request_id, RequestState.FAILED, self._wall(now), error=error))
         self._predicted.pop(request_id, None)
         route = self._routes.get(request_id)
         if route is not None:
@@ -690,23 +804,8 @@ class Coordinator:
         route = self._routes.get(record.request_id)
         if route is None:
             return
-        arrival = record.arrival_s
-        finished = record.finished_s if record.finished_s is not None else arrival
         self._reply_client(
-            route.identity,
-            Result(
-                request_id=record.request_id,
-                text=record.text,
-                prompt_tokens=record.prompt_tokens,
-                completion_tokens=record.generated_tokens,
-                finish_reason=record.finish_reason or "stop",
-                queue_s=max(0.0, (record.dispatched_s or finished) - arrival),
-                ttft_s=max(0.0, (record.first_token_s or finished) - arrival),
-                total_s=max(0.0, finished - arrival),
-                agent=session.agent_id if session else (record.agent_id or ""),
-                attempts=record.attempt,
-                predicted_tokens=record.predicted_tokens,
-            ),
+            route.identity, _result(record, session.agent_id if session else record.agent_id)
         )
 
     def status(self, query_id: str, now: float, request_id: str | None = None) -> StatusReport:
@@ -765,11 +864,79 @@ class Coordinator:
 
     def _send_agent(self, identity: bytes, message: WireModel) -> None:
         assert self._agent_socket is not None
-        self._agent_socket.send_multipart([identity, encode(message)])
+        session = self._agents.get(identity)
+        if session is not None:
+            session.last_sent_s = self._clock()
+        self._send(self._agent_socket, identity, message)
 
     def _reply_client(self, identity: bytes, message: WireModel) -> None:
         assert self._client_socket is not None
-        self._client_socket.send_multipart([identity, encode(message)])
+        self._send(self._client_socket, identity, message)
+
+    # --- journal ----------------------------------------------------------------------------
+
+    def _wall(self, monotonic_s: float) -> float:
+        """A time on the coordinator's clock as wall-clock seconds (what the journal keeps)."""
+        return self._wall_clock() - (self._clock() - monotonic_s)
+
+    def _write(self, op: JournalOp) -> None:
+        """Journal ``op``; it commits before any frame sent after this call leaves."""
+        if self._journal is not None:
+            self._ops.append(op)
+            self._schedule_flush()
+
+    def _send(self, socket: zmq.asyncio.Socket, identity: bytes, message: WireModel) -> None:
+        """Without a journal frames leave at once; with one they wait in the outbox for the
+        commit of every op written before them (write-ahead)."""
+        if self._journal is None:
+            socket.send_multipart([identity, encode(message)])
+            return
+        self._outbox.append((socket, identity, encode(message)))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if len(self._ops) + len(self._outbox) >= JOURNAL_BATCH_MAX:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Commit the pending ops as one transaction, then send the frames that waited."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        ops, self._ops = self._ops, []
+        outbox, self._outbox = self._outbox, []
+        if self._journal_failed is not None and self._journal_failed.done():
+            return  # stopping: nothing leaves that the journal may not hold
+        if self._journal is not None and ops:
+            try:
+                self._journal.write(ops)
+            except Exception as exc:
+                log.exception("journal %s write failed: stopping", self._journal.path)
+                if self._journal_failed is not None and not self._journal_failed.done():
+                    self._journal_failed.set_exception(exc)
+                return
+        for socket, identity, frame in outbox:
+            socket.send_multipart([identity, frame])
+
+
+def _result(record: RequestRecord, agent: str | None) -> Result:
+    arrival = record.arrival_s
+    finished = record.finished_s if record.finished_s is not None else arrival
+    return Result(
+        request_id=record.request_id,
+        text=record.text,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.generated_tokens,
+        finish_reason=record.finish_reason or "stop",
+        queue_s=max(0.0, (record.dispatched_s or finished) - arrival),
+        ttft_s=max(0.0, (record.first_token_s or finished) - arrival),
+        total_s=max(0.0, finished - arrival),
+        agent=agent or record.agent_id or "",
+        attempts=record.attempt,
+        predicted_tokens=record.predicted_tokens,
+    )
 
 
 def _known_length(view: V, record: RequestRecord) -> V:

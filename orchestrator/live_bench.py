@@ -178,7 +178,9 @@ def run_live(
         for position, name in enumerate(policies):
             if position > 0:
                 local.stop_process("coordinator")
-                local.start_coordinator("--policy", name)
+                # A journal of its own: no request left over from the last policy is replayed.
+                journal = str(folder / f"journal-{name}.sqlite3")
+                local.start_coordinator("--policy", name, "--journal", journal)
                 local.wait_for_agents(cluster.agents, timeout_s=AGENT_START_TIMEOUT_S)
             label = f"{name} (live)"
             report = asyncio.run(

@@ -162,10 +162,21 @@ class RunFailed(WireModel):
 
 
 class Welcome(WireModel):
+    """Registration accepted; the agent adopts the coordinator's heartbeat timing, and calls
+    the coordinator lost after ``heartbeat_liveness`` silent intervals."""
+
     type: Literal["welcome"] = "welcome"
     v: int = PROTOCOL_VERSION
     agent_id: WireId
     heartbeat_interval_s: float = Field(gt=0)
+    heartbeat_liveness: int = Field(default=3, ge=1)
+
+
+class Ping(WireModel):
+    """Coordinator liveness: sent to an agent that got no other frame for an interval."""
+
+    type: Literal["ping"] = "ping"
+    v: int = PROTOCOL_VERSION
 
 
 class Dispatch(WireModel):
@@ -244,13 +255,16 @@ class Accepted(WireModel):
 
 
 class StreamChunk(WireModel):
-    """Streamed text; ``index`` counts chunks from 0 so a client can drop repeats."""
+    """Streamed text starting at character ``offset`` of the output; ``index`` counts chunks
+    sent to the current route. On a re-attach the coordinator resends the whole output so far
+    at offset 0, and the client yields only the characters past what it already has."""
 
     type: Literal["stream"] = "stream"
     v: int = PROTOCOL_VERSION
     request_id: WireId
     index: int = Field(ge=0)
     text: str
+    offset: int = Field(ge=0)
 
 
 class Result(WireModel):
@@ -324,7 +338,9 @@ AgentMessage = Annotated[
     Register | Heartbeat | TokenChunk | RunFinished | RunFailed | Goodbye,
     Field(discriminator="type"),
 ]
-AgentCommand = Annotated[Welcome | Dispatch | CancelRun | Reregister, Field(discriminator="type")]
+AgentCommand = Annotated[
+    Welcome | Dispatch | CancelRun | Reregister | Ping, Field(discriminator="type")
+]
 ClientMessage = Annotated[Submit | CancelRequest | StatusQuery, Field(discriminator="type")]
 ClientReply = Annotated[
     Accepted | StreamChunk | Result | ErrorReply | StatusReport, Field(discriminator="type")

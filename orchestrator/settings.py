@@ -71,6 +71,11 @@ class CoordinatorSettings(Settings):
         description="where the completion history and adapted predictor live "
         "(default: $XDG_STATE_HOME/edgeorch or ~/.local/state/edgeorch)",
     )
+    journal: str | None = Field(
+        None,
+        description="SQLite journal that lets accepted requests survive a coordinator crash "
+        "(default: STATE_DIR/journal.sqlite3; 'off' disables it)",
+    )
     adapt_every: int = Field(
         ADAPT_EVERY, ge=0, description="recalibrate the predictor every N completions (0: never)"
     )

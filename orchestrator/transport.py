@@ -32,14 +32,18 @@ def router(
     *,
     curve: KeyPair | None = None,
     role: Role = "agents",
+    handover: bool = False,
 ) -> zmq.asyncio.Socket:
     """A bound ROUTER; raises ``zmq.ZMQError`` if the endpoint is taken. With ``curve`` it is
     a CURVE server admitting the keys allowed for ``role`` (the context needs a running
-    ``auth.KeyAuthenticator`` first, or ZeroMQ admits any key)."""
+    ``auth.KeyAuthenticator`` first, or ZeroMQ admits any key). ``handover``: a peer
+    connecting with a routing id already in use takes it over (a reconnecting agent)."""
     socket = context.socket(zmq.ROUTER)
     configure(socket)
     if curve is not None:
         secure_server(socket, curve, role)
+    if handover:
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
     socket.bind(endpoint)
     return socket
 

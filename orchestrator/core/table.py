@@ -46,10 +46,28 @@ class RequestRecord:
     """Preemptions forced by KV growth (not limited: they are what keeps reservations safe)."""
     attempt_start_tokens: int = 0
     """``generated_tokens`` when the current attempt was dispatched (what it resumes after)."""
+    text_chars: int = 0
+    """``len(text)``, kept so a streamed chunk's offset costs nothing to compute."""
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+    def append_tokens(
+        self, text: str, n_tokens: int, token_ids: tuple[int, ...], model: str | None
+    ) -> None:
+        """Extend the output; token ids are kept only while every chunk came with its ids from
+        one model (the journal replays chunks through this too)."""
+        self.text_parts.append(text)
+        self.text_chars += len(text)
+        self.generated_tokens += n_tokens
+        if self.token_model is None and not self.token_ids:
+            self.token_model = model
+        if model != self.token_model or len(token_ids) != n_tokens:
+            self.token_model = ""
+            self.token_ids.clear()
+        elif self.token_model:
+            self.token_ids.extend(token_ids)
 
     def queued_view(self) -> QueuedRequest:
         return QueuedRequest(
@@ -134,6 +152,16 @@ class RequestTable:
         self._records[record.request_id] = record
         self._by_state[RequestState.QUEUED][record.request_id] = record
 
+    def restore(self, record: RequestRecord) -> None:
+        """Re-insert a journaled request after a restart: queued, or ended (restore ended ones
+        in the order they ended, which ``prune`` relies on). Counters are not touched."""
+        if record.request_id in self._records:
+            raise InternalError(f"request {record.request_id} is already in the table")
+        if record.state is not RequestState.QUEUED and not record.state.terminal:
+            raise InternalError(f"a restored request must be queued or ended, not {record.state}")
+        self._records[record.request_id] = record
+        self._by_state[record.state][record.request_id] = record
+
     def dispatch(
         self, request_id: RequestId, agent_id: AgentId, kv_reservation_tokens: int, now: float
     ) -> RequestRecord:
@@ -169,15 +197,7 @@ class RequestTable:
             raise InternalError(f"tokens for request {request_id} in state {record.state}")
         if record.first_token_s is None and n_tokens > 0:
             record.first_token_s = now
-        record.text_parts.append(text)
-        record.generated_tokens += n_tokens
-        if record.token_model is None and not record.token_ids:
-            record.token_model = model
-        if model != record.token_model or len(token_ids) != n_tokens:
-            record.token_model = ""
-            record.token_ids.clear()
-        elif record.token_model:
-            record.token_ids.extend(token_ids)
+        record.append_tokens(text, n_tokens, token_ids, model)
 
     def finish(self, request_id: RequestId, reason: FinishReason, now: float) -> RequestRecord:
         record = self._move(request_id, RequestState.FINISHED)

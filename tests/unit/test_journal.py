@@ -1,0 +1,335 @@
+"""The journal: what a restarted coordinator gets back, pruning, and unreadable files."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.coordinator import RESTART_GRACE_S, Coordinator
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.lifecycle import RequestState
+from orchestrator.core.table import RequestRecord
+from orchestrator.errors import ContextOverflow, InvalidRequest, ProtocolError
+from orchestrator.journal import AcceptOp, ChunkOp, DispatchOp, EndOp, Journal
+from orchestrator.protocol import (
+    CLIENT_REPLIES,
+    Accepted,
+    RequestId,
+    Result,
+    StreamChunk,
+    Submit,
+    WireModel,
+    decode,
+)
+from orchestrator.settings import CoordinatorSettings
+from tests.factories import params, record
+
+WALL = 1_700_000_000.0
+OFFSET = 5_000.0 - WALL
+"""Replay maps wall-clock second WALL onto monotonic second 5000."""
+
+
+def accept(journal: Journal, request_id: str, arrival_wall: float = WALL, **fields: object) -> None:
+    journal.write([AcceptOp(record(request_id, **fields), arrival_wall)])
+
+
+def by_id(journal: Journal) -> dict[str, RequestRecord]:
+    return {r.request_id: r for r in journal.replay(OFFSET)}
+
+
+def test_an_accepted_request_replays_queued_with_its_parameters(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    estimate = LengthEstimate.of(40.0, {0.5: 30.0, 0.9: 90.0})
+    accept(
+        journal,
+        "r1",
+        WALL + 2.5,
+        prompt="say hi",
+        params=params(max_tokens=77, stop=("x", "yz"), priority="batch", seed=3),
+        prompt_tokens=4,
+        predicted_tokens=30.0,
+        estimate=estimate,
+    )
+    journal.close()
+    (replayed,) = Journal(tmp_path / "j.sqlite3").replay(OFFSET)
+    assert replayed.request_id == "r1" and replayed.state is RequestState.QUEUED
+    assert replayed.prompt == "say hi" and replayed.params.stop == ("x", "yz")
+    assert replayed.params == params(max_tokens=77, stop=("x", "yz"), priority="batch", seed=3)
+    assert (replayed.prompt_tokens, replayed.predicted_tokens) == (4, 30.0)
+    assert replayed.estimate == estimate
+    assert replayed.arrival_s == pytest.approx(5002.5)
+    assert replayed.attempt == 1 and replayed.text == "" and replayed.generated_tokens == 0
+
+
+def test_a_running_request_resumes_after_its_journaled_tokens_as_a_later_attempt(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    accept(journal, "r1")
+    rid = RequestId("r1")
+    journal.write([DispatchOp(rid, 1), ChunkOp(rid, " one", 1, (11,), "gemma")])
+    journal.write([DispatchOp(rid, 2), ChunkOp(rid, " two three", 2, (12, 13), "gemma")])
+    replayed = by_id(journal)["r1"]
+    assert (replayed.state, replayed.attempt) == (RequestState.QUEUED, 3)
+    assert (replayed.text, replayed.text_chars) == (" one two three", 14)
+    assert replayed.generated_tokens == 3
+    assert (replayed.token_ids, replayed.token_model) == ([11, 12, 13], "gemma")
+
+
+def test_ended_requests_replay_with_their_result_error_or_cancellation(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    for name in ("done", "bad", "gone", "open"):
+        accept(journal, name)
+    journal.write([DispatchOp(RequestId("done"), 2), ChunkOp(RequestId("done"), " a", 1, (), None)])
+    journal.write(
+        [
+            EndOp(
+                RequestId("done"),
+                RequestState.FINISHED,
+                WALL + 9.0,
+                text=" a b",
+                completion_tokens=2,
+                prompt_tokens=3,
+                finish_reason="length",
+                queue_s=1.0,
+                ttft_s=1.5,
+                total_s=9.0,
+                agent="fake-1",
+                attempt=2,
+            ),
+            EndOp(
+                RequestId("bad"),
+                RequestState.FAILED,
+                WALL + 3.0,
+                error=ContextOverflow("too long", prompt_tokens=9, n_ctx=8),
+            ),
+            EndOp(RequestId("gone"), RequestState.CANCELLED, WALL + 4.0),
+        ]
+    )
+    replayed = journal.replay(OFFSET)
+    assert [r.request_id for r in replayed] == ["open", "bad", "gone", "done"]  # ended by time
+    done = replayed[-1]
+    assert (done.state, done.text, done.generated_tokens, done.finish_reason) == (
+        RequestState.FINISHED,
+        " a b",
+        2,
+        "length",
+    )
+    assert (done.attempt, done.agent_id) == (2, "fake-1")
+    assert done.finished_s == pytest.approx(5009.0)
+    assert done.dispatched_s == pytest.approx(5001.0)
+    bad = replayed[1]
+    assert isinstance(bad.error, ContextOverflow)
+    assert bad.error.details == {"prompt_tokens": 9, "n_ctx": 8}
+    assert replayed[2].state is RequestState.CANCELLED
+    assert journal.counts() == {"active": 1, "finished": 1, "failed": 1, "cancelled": 1}
+    chunks = sqlite3.connect(tmp_path / "j.sqlite3").execute("SELECT count(*) FROM chunks")
+    assert chunks.fetchone()[0] == 0  # an ended request's chunks are folded into its row
+
+
+def test_prune_deletes_only_requests_that_ended_before_the_bound(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    for name in ("old", "new", "open"):
+        accept(journal, name)
+    journal.write(
+        [
+            EndOp(RequestId("old"), RequestState.CANCELLED, WALL + 1.0),
+            EndOp(RequestId("new"), RequestState.CANCELLED, WALL + 100.0),
+        ]
+    )
+    assert journal.prune(WALL + 50.0) == 1
+    assert set(by_id(journal)) == {"new", "open"}
+
+
+def test_an_unreadable_journal_is_moved_aside_and_a_fresh_one_started(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    path.write_bytes(b"this is not a database, it is a torn page of something else" * 100)
+    journal = Journal(path)
+    assert journal.moved_aside is not None and journal.moved_aside.is_file()
+    assert journal.moved_aside.read_bytes().startswith(b"this is not a database")
+    assert journal.replay(OFFSET) == []
+    accept(journal, "r1")
+    assert set(by_id(journal)) == {"r1"}
+
+
+def test_a_journal_from_another_schema_version_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    journal = Journal(path)
+    assert journal.moved_aside is not None
+    assert journal.replay(OFFSET) == []
+
+
+def test_a_torn_wal_tail_loses_only_the_torn_commit(tmp_path: Path) -> None:
+    """A crash mid-write leaves a partial frame at the WAL's end: SQLite's frame checksums make
+    replay stop at the last whole commit instead of failing."""
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    accept(journal, "kept")
+    wal = path.with_name(path.name + "-wal")
+    whole = wal.stat().st_size
+    accept(journal, "torn", prompt="x" * 20_000)
+    grown = wal.read_bytes()
+    assert len(grown) > whole
+    copy = tmp_path / "copy.sqlite3"
+    copy.write_bytes(path.read_bytes())
+    copy.with_name(copy.name + "-wal").write_bytes(grown[: whole + (len(grown) - whole) // 2])
+    recovered = Journal(copy)
+    assert recovered.moved_aside is None
+    assert [r.request_id for r in recovered.replay(OFFSET)] == ["kept"]
+
+
+def committed_ids(path: Path) -> list[str]:
+    """What another process reading the journal would see."""
+    db = sqlite3.connect(path)
+    try:
+        return [row[0] for row in db.execute("SELECT request_id FROM requests")]
+    finally:
+        db.close()
+
+
+def test_a_second_coordinator_cannot_open_a_journal_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    first = Journal(path)
+    with pytest.raises(InvalidRequest, match="in use by another coordinator") as error:
+        Journal(path)
+    assert error.value.details["field"] == "journal"
+    first.close()
+    Journal(path).close()  # released on close (and by the kernel when the process dies)
+
+
+class CapturingSocket:
+    """Stands in for a ROUTER: records what the coordinator sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[WireModel | ProtocolError] = []
+
+    def send_multipart(self, frames: list[bytes]) -> None:
+        self.sent.append(decode(frames[1], CLIENT_REPLIES))
+
+
+def journaled_coordinator(path: Path) -> tuple[Coordinator, CapturingSocket]:
+    coordinator = Coordinator(CoordinatorSettings(policy="fcfs"), journal=Journal(path))
+    socket = CapturingSocket()
+    coordinator._client_socket = socket  # type: ignore[assignment]
+    coordinator._agent_socket = CapturingSocket()  # type: ignore[assignment]
+    return coordinator, socket
+
+
+def test_accepted_leaves_only_after_its_row_is_committed(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+
+    async def run() -> None:
+        coordinator, socket = journaled_coordinator(path)
+        coordinator._on_submit(b"client", Submit(request_id="r1", prompt="hello"), 1.0)
+        assert socket.sent == []
+        assert committed_ids(path) == []  # not yet committed: nothing was sent
+        await asyncio.sleep(0)
+        assert [type(m) for m in socket.sent] == [Accepted]
+        assert committed_ids(path) == ["r1"]
+
+    asyncio.run(run())
+
+
+def test_a_restarted_coordinator_answers_re_submits_from_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    accept(journal, "done", prompt="p1")
+    accept(journal, "open", prompt="p2")
+    journal.write(
+        [
+            DispatchOp(RequestId("open"), 1),
+            ChunkOp(RequestId("open"), " so far", 2, (), None),
+            EndOp(
+                RequestId("done"),
+                RequestState.FINISHED,
+                time.time(),
+                text=" the answer",
+                completion_tokens=2,
+                prompt_tokens=3,
+                finish_reason="stop",
+                agent="fake-1",
+            ),
+        ]
+    )
+    journal.close()
+
+    async def run() -> None:
+        coordinator, socket = journaled_coordinator(path)
+        coordinator._restore()
+        coordinator._on_submit(b"c", Submit(request_id="done", prompt="p1"), 1.0)
+        coordinator._on_submit(b"c", Submit(request_id="open", prompt="p2", stream=True), 1.0)
+        await asyncio.sleep(0)
+        result, accepted, resent = socket.sent
+        assert isinstance(result, Result)
+        assert (result.text, result.completion_tokens, result.agent) == (" the answer", 2, "fake-1")
+        assert isinstance(accepted, Accepted) and accepted.request_id == "open"
+        assert isinstance(resent, StreamChunk)
+        assert (resent.offset, resent.text) == (0, " so far")  # the text so far, once
+        assert coordinator.table[RequestId("open")].attempt == 2
+        assert coordinator.table.count(RequestState.QUEUED) == 1
+
+    asyncio.run(run())
+
+
+def test_replayed_requests_wait_for_agents_to_come_back_before_unavailable(
+    tmp_path: Path,
+) -> None:
+    """A request that already waited past unavailable_timeout_s before the crash is not refused
+    the moment the restarted coordinator finds no agent: they need time to reconnect."""
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    accept(journal, "old", time.time() - 120.0)
+    journal.close()
+
+    async def run() -> None:
+        coordinator, _ = journaled_coordinator(path)
+        coordinator._restore()
+        now = time.monotonic()
+        coordinator.schedule(now)
+        assert coordinator.table[RequestId("old")].state is RequestState.QUEUED
+        coordinator.schedule(now + RESTART_GRACE_S + 1.0)
+        assert coordinator.table[RequestId("old")].state is RequestState.FAILED
+
+    asyncio.run(run())
+
+
+def test_a_failed_journal_write_sends_nothing_and_stops_the_coordinator(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+
+    async def run() -> None:
+        coordinator, socket = journaled_coordinator(path)
+        coordinator._journal_failed = asyncio.get_running_loop().create_future()
+        coordinator._journal._db.close()  # type: ignore[union-attr]  # every write now fails
+        coordinator._on_submit(b"client", Submit(request_id="r1", prompt="hello"), 1.0)
+        await asyncio.sleep(0)
+        assert socket.sent == []  # no Accepted for a request the journal does not hold
+        with pytest.raises(sqlite3.ProgrammingError):
+            await coordinator._watch_journal()
+        coordinator._on_submit(b"client", Submit(request_id="r2", prompt="again"), 1.0)
+        await asyncio.sleep(0)
+        assert socket.sent == []
+
+    asyncio.run(run())
+
+
+def test_a_journal_that_cannot_be_opened_is_a_clear_error_and_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    (folder / "keep").write_text("x")
+    with pytest.raises(InvalidRequest, match="cannot use journal") as error:
+        Journal(folder)  # a directory: SQLite cannot open it (like a read-only or locked file)
+    assert error.value.details["field"] == "journal"
+    assert (folder / "keep").read_text() == "x" and not list(tmp_path.glob("*.corrupt-*"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InvalidRequest, match="cannot use journal"):
+        Journal(blocker / "journal.sqlite3")

@@ -1,0 +1,117 @@
+"""Parts of reconnecting without sockets: the agent's backoff, the SDK's stream
+de-duplication, the coordinator's pings."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from agents.daemon import RECONNECT_INITIAL_S, RECONNECT_MAX_S, Backoff
+from orchestrator.client import AsyncClient, Stream
+from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.protocol import (
+    AGENT_COMMANDS,
+    Accepted,
+    AgentId,
+    ClientReply,
+    Ping,
+    Result,
+    StreamChunk,
+    decode,
+)
+from orchestrator.settings import CoordinatorSettings
+from tests.factories import profile
+
+
+def test_backoff_doubles_from_the_initial_delay_to_the_cap_with_bounded_jitter() -> None:
+    backoff = Backoff(random.Random(7))
+    delays = [backoff.next() for _ in range(10)]
+    ceilings = [min(RECONNECT_MAX_S, RECONNECT_INITIAL_S * 2**k) for k in range(10)]
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert ceiling * 0.5 <= delay <= ceiling
+    growing = delays[:6]  # ceilings 0.1 .. 3.2 s: [c/2, c] intervals of doubling c
+    assert growing == sorted(growing)
+    assert len({round(d, 9) for d in delays[-4:]}) == 4  # jittered, not lockstep
+    backoff.reset()
+    assert backoff.next() <= RECONNECT_INITIAL_S
+
+
+def test_backoff_is_reproducible_from_its_seed() -> None:
+    first = Backoff(random.Random(3))
+    second = Backoff(random.Random(3))
+    assert [first.next() for _ in range(6)] == [second.next() for _ in range(6)]
+
+
+def chunk(offset: int, text: str, index: int = 0) -> StreamChunk:
+    return StreamChunk(request_id="r", index=index, text=text, offset=offset)
+
+
+def result(text: str) -> Result:
+    return Result(
+        request_id="r",
+        text=text,
+        prompt_tokens=1,
+        completion_tokens=len(text.split()),
+        finish_reason="length",
+        queue_s=0.0,
+        ttft_s=0.0,
+        total_s=0.0,
+        agent="a",
+        attempts=2,
+    )
+
+
+def collect(*replies: ClientReply) -> tuple[list[str], Stream]:
+    async def run() -> tuple[list[str], Stream]:
+        client = AsyncClient("tcp://127.0.0.1:1")
+        inbox: asyncio.Queue[ClientReply] = asyncio.Queue()
+        for reply in replies:
+            inbox.put_nowait(reply)
+        accepted = Accepted(request_id="r", queue_position=0, prompt_tokens=1)
+        stream = Stream(client, "r", accepted, inbox, timeout_s=5.0)
+        return [text async for text in stream], stream
+
+    return asyncio.run(run())
+
+
+def test_a_re_attached_stream_yields_each_character_once() -> None:
+    texts, stream = collect(
+        chunk(0, " one"),
+        chunk(4, " two", 1),
+        Accepted(request_id="r", queue_position=0, prompt_tokens=1),  # the re-send's answer
+        chunk(0, " one two thr"),  # the re-attach resends the text so far
+        chunk(12, "ee four"),
+        chunk(4, " two", 2),  # a late duplicate
+        result(" one two three four five"),
+    )
+    assert texts == [" one", " two", " thr", "ee four", " five"]
+    assert "".join(texts) == " one two three four five"
+    assert stream.result is not None and stream.result.text == "".join(texts)
+
+
+def test_the_coordinator_pings_only_agents_it_has_sent_nothing_for_an_interval() -> None:
+    now = [10.0]
+    coordinator = Coordinator(CoordinatorSettings(heartbeat_interval_s=1.0), clock=lambda: now[0])
+    sent: list[tuple[bytes, object]] = []
+
+    class Socket:
+        def send_multipart(self, frames: list[bytes]) -> None:
+            sent.append((frames[0], decode(frames[1], AGENT_COMMANDS)))
+
+    coordinator._agent_socket = Socket()  # type: ignore[assignment]
+    for name, last_sent in (("quiet", 8.9), ("recent", 9.5)):
+        coordinator._agents[name.encode()] = AgentSession(
+            agent_id=AgentId(name),
+            identity=name.encode(),
+            name=name,
+            profile=profile(),
+            last_seen_s=10.0,
+            last_sent_s=last_sent,
+        )
+    coordinator._ping_agents(now[0])
+    assert [identity for identity, _ in sent] == [b"quiet"]
+    assert coordinator._agents[b"quiet"].last_sent_s == 10.0  # the ping itself counts
+    now[0] = 10.6
+    coordinator._ping_agents(now[0])
+    assert [identity for identity, _ in sent] == [b"quiet", b"recent"]
+    assert all(isinstance(message, Ping) for _, message in sent)
