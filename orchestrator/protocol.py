@@ -26,6 +26,9 @@ MAX_CONTAINER_ITEMS: Final = 10_000
 MAX_TEMPERATURE: Final = 100.0
 MAX_SEED: Final = (1 << 32) - 1
 MAX_ID_CHARS: Final = 128
+MAX_SEQS_LIMIT: Final = 256
+"""Concurrent sequences an agent may advertise (the agent's ``--max-seqs`` bound): placement
+tabulates a speed per batch size, so an unbounded value from a hostile peer would stall it."""
 
 RequestId = NewType("RequestId", str)
 AgentId = NewType("AgentId", str)
@@ -91,7 +94,7 @@ class DeviceProfile(WireModel):
     model_path: str | None = None
     n_ctx: int = Field(ge=1)
     kv_budget_tokens: int = Field(ge=1)
-    max_seqs: int = Field(ge=1)
+    max_seqs: int = Field(ge=1, le=MAX_SEQS_LIMIT)
     decode_tps: float | None = Field(default=None, gt=0)
     prefill_tps: float | None = Field(default=None, gt=0)
     decode_curve: tuple[tuple[int, float], ...] = Field(default=(), max_length=64)

@@ -6,13 +6,14 @@ import msgpack
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.errors import ProtocolError
+from orchestrator.errors import ContextOverflow, ProtocolError, error_from_wire
 from orchestrator.protocol import (
     AGENT_COMMANDS,
     AGENT_MESSAGES,
     CLIENT_MESSAGES,
     CLIENT_REPLIES,
     MAX_FRAME_BYTES,
+    MAX_SEQS_LIMIT,
     PROTOCOL_VERSION,
     Accepted,
     Dispatch,
@@ -148,3 +149,17 @@ def test_float_fields_accept_integers_from_msgpack() -> None:
     message = decode(frame, CLIENT_MESSAGES)
     assert isinstance(message, Submit)
     assert message.params.temperature == 0.0
+
+
+def test_error_details_named_like_constructor_arguments_survive_the_wire() -> None:
+    error = error_from_wire("context_overflow", "too long", {"message": "peer's", "n_ctx": 8})
+    assert isinstance(error, ContextOverflow)
+    assert (error.message, error.details) == ("too long", {"message": "peer's", "n_ctx": 8})
+
+
+def test_an_agent_cannot_advertise_an_absurd_batch_size() -> None:
+    frame = encode(Register(name="a", profile=profile()))
+    raw = msgpack.unpackb(frame)
+    raw["profile"]["max_seqs"] = MAX_SEQS_LIMIT + 1
+    error = decode(msgpack.packb(raw), AGENT_MESSAGES)
+    assert isinstance(error, ProtocolError) and error.details["field"] == "profile.max_seqs"
