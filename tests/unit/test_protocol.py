@@ -12,6 +12,7 @@ from orchestrator.protocol import (
     AGENT_MESSAGES,
     CLIENT_MESSAGES,
     CLIENT_REPLIES,
+    MAX_ERROR_CHARS,
     MAX_FRAME_BYTES,
     MAX_SEQS_LIMIT,
     PROTOCOL_VERSION,
@@ -163,3 +164,12 @@ def test_an_agent_cannot_advertise_an_absurd_batch_size() -> None:
     raw["profile"]["max_seqs"] = MAX_SEQS_LIMIT + 1
     error = decode(msgpack.packb(raw), AGENT_MESSAGES)
     assert isinstance(error, ProtocolError) and error.details["field"] == "profile.max_seqs"
+
+
+def test_an_error_echoing_a_huge_tag_still_fits_a_reply() -> None:
+    error = decode(_frame(type="y" * 1_000_000, request_id="r" * 1000), CLIENT_MESSAGES)
+    assert isinstance(error, ProtocolError)
+    assert error.details["type"] is None and error.details["request_id"] is None
+    info = ErrorInfo.of(error)
+    assert len(info.message) <= MAX_ERROR_CHARS
+    assert len(encode(ErrorReply(error=info))) < 3 * MAX_ERROR_CHARS

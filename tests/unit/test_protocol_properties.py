@@ -18,9 +18,13 @@ from orchestrator.protocol import (
     AGENT_MESSAGES,
     CLIENT_MESSAGES,
     CLIENT_REPLIES,
+    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    ErrorInfo,
+    ErrorReply,
     WireModel,
     decode,
+    encode,
 )
 from tests.mutations import agent_frames, client_frames, encoded, mutate
 
@@ -62,9 +66,13 @@ message_like = st.fixed_dictionaries(
 
 
 def _check(frame: bytes) -> None:
+    """Decoding never raises, and the coordinator can always answer the error it gets."""
     for adapter in ADAPTERS:
         result = decode(frame, adapter)
         assert isinstance(result, ProtocolError | WireModel), type(result)
+        if isinstance(result, ProtocolError):
+            reply = encode(ErrorReply(error=ErrorInfo.of(result)))
+            assert len(reply) < MAX_FRAME_BYTES // 100
 
 
 @settings(max_examples=400, deadline=None)
