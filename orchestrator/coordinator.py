@@ -601,7 +601,11 @@ class Coordinator:
         self, agent_id: AgentId, now: float, *, reason: str, failed: bool = True
     ) -> None:
         for record in self.table.on_agent(agent_id):
-            if failed and record.agent_failures + 1 >= self.settings.max_attempts:
+            # Only an attempt that produced no token is blamed for its agent's death: requests
+            # that were streaming are bystanders of whatever killed it, and since each of their
+            # attempts advances, they cannot loop (at most max_tokens + max_attempts attempts).
+            blamed = failed and record.generated_tokens == record.attempt_start_tokens
+            if blamed and record.agent_failures + 1 >= self.settings.max_attempts:
                 self._fail(
                     record.request_id,
                     AgentFailure(
@@ -613,7 +617,7 @@ class Coordinator:
                     now,
                 )
             else:
-                self.table.requeue(record.request_id, agent_failed=failed)
+                self.table.requeue(record.request_id, agent_failed=blamed)
                 log.info(
                     "request %s requeued as attempt %d: %s",
                     record.request_id,

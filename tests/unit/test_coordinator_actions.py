@@ -79,3 +79,20 @@ def test_raise_updates_the_reservation() -> None:
     c.schedule(now=1.0)
     assert sent == []
     assert c.table[RequestId("long")].kv_reservation_tokens > 30
+
+
+def test_an_agent_death_is_charged_only_to_attempts_that_made_no_progress() -> None:
+    c = Coordinator(CoordinatorSettings(max_attempts=1))
+    for rid in ("streaming", "silent"):
+        c.table.add(record(rid))
+        c.table.dispatch(RequestId(rid), AgentId("a1"), 40, now=0.0)
+    c.table.add_tokens(RequestId("streaming"), " one", 1, now=0.5)
+    c._requeue_agent_work(AgentId("a1"), now=1.0, reason="agent died")
+    streaming, silent = c.table[RequestId("streaming")], c.table[RequestId("silent")]
+    assert (streaming.state, streaming.attempt, streaming.agent_failures) == (
+        RequestState.QUEUED,
+        2,
+        0,
+    )
+    assert silent.state is RequestState.FAILED
+    assert silent.error is not None and silent.error.code == "agent_failure"
