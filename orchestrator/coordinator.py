@@ -89,6 +89,9 @@ TICKS_PER_HEARTBEAT: Final = 4
 ``lambda p, m: LengthEstimate.of(pred.expected_tokens, pred.quantiles)`` over
 ``orchestrator.predictor``'s ``LengthPredictor.predict(p, m)``."""
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
+MAX_CHUNK_CHARS_PER_TOKEN: Final = 1024
+"""Most characters a chunk may carry per token (plus one token's worth for text an engine
+held back, e.g. a partial stop string): far above any real token, a bound on a rogue agent."""
 
 
 @dataclass(slots=True)
@@ -292,6 +295,21 @@ class Coordinator:
     def _on_chunk(self, session: AgentSession, message: TokenChunk, now: float) -> None:
         record = self._current(session, message.request_id, message.attempt)
         if record is None:
+            return
+        if record.generated_tokens + message.n_tokens > record.params.max_tokens or len(
+            message.text
+        ) > MAX_CHUNK_CHARS_PER_TOKEN * (message.n_tokens + 1):
+            # No engine sends this; taking it would let one agent grow a request without bound.
+            log.warning(
+                "dropped a chunk of %d tokens, %d characters for %s from %s: beyond its budget "
+                "of %d tokens (%d so far)",
+                message.n_tokens,
+                len(message.text),
+                record.request_id,
+                session.agent_id,
+                record.params.max_tokens,
+                record.generated_tokens,
+            )
             return
         self.table.add_tokens(
             record.request_id,
