@@ -8,7 +8,6 @@ import asyncio
 import random
 import signal
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from orchestrator.protocol import (
     AGENT_COMMANDS,
     Dispatch,
     GenerationParams,
+    Heartbeat,
     Register,
     Reregister,
     StatusQuery,
@@ -42,10 +42,11 @@ LIVENESS_BOUND_S = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
 SLACK_S = 1.0
 """Scheduling delay allowed on top of the liveness bound on a loaded two-core machine."""
 RSS_GROWTH_BOUND_MIB = 32
-"""What the coordinator may keep after 10,000 hostile frames: the requests that mutations made
-valid (kept for result_retention_s) and allocator slack; a leak per frame would exceed it."""
+"""Coordinator RSS growth allowed over 10,000 hostile frames, measured once all the work they
+made valid has ended: allocator slack; a leak of 3.4 KB a frame would exceed it."""
 SYNC_EVERY = 100
 HOSTILE_BURST = 10
+MIN_HOSTILE_DISPATCHES = 4
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()  # noqa: SIM905
 FAST = ("--backend", "fake", "--fake-decode-tps", "100", "--fake-prefill-tps", "20000")
 
@@ -103,6 +104,7 @@ def test_sigstopped_agent_is_declared_dead_its_request_moves_and_it_rejoins(
             frozen.send_signal(signal.SIGSTOP)
             stopped_at = time.monotonic()
             while "frozen" in await _agent_ids(cluster.clients_endpoint):
+                assert time.monotonic() - stopped_at < 30, "the frozen agent was never dropped"
                 await asyncio.sleep(0.02)
             declared_dead_s = time.monotonic() - stopped_at
             # The new attempt streams on the healthy agent; then the frozen one wakes up in the
@@ -112,7 +114,9 @@ def test_sigstopped_agent_is_declared_dead_its_request_moves_and_it_rejoins(
             frozen.send_signal(signal.SIGCONT)
             chunks_at_wake = len(observed.chunks)
             assert await client.wait_until(lambda: observed.done_s is not None, 60)
+            woke_at = time.monotonic()
             while "frozen" not in await _agent_ids(cluster.clients_endpoint):
+                assert time.monotonic() - woke_at < 30, "the woken agent never registered again"
                 await asyncio.sleep(0.05)
             return observed, declared_dead_s, chunks_at_wake
 
@@ -161,8 +165,9 @@ def test_300_requests_survive_agents_killed_every_2_s(tmp_path: Path) -> None:
     assert report.finished and problems == [], problems[:20]
     assert len(report.observed) == 300
     assert len(report.kills) >= 10
-    attempts = Counter(o.results[0].attempts for o in report.observed.values())
-    assert sum(n for a, n in attempts.items() if a > 1) >= 5, attempts  # kills hit live work
+    log = (tmp_path / "coordinator.log").read_text(errors="replace")
+    moved = log.count(": agent died")
+    assert moved >= 5  # the kills hit live work, which moved to other agents
 
 
 def test_poison_request_fails_with_agent_failure_after_the_attempt_limit(
@@ -213,7 +218,6 @@ def test_poison_request_fails_with_agent_failure_after_the_attempt_limit(
     assert len(crashes) == 3  # one death per attempt, then no more looping
     problems = [p for o in innocents for p in o.problems(expected(o))]
     assert problems == []
-    print("innocent attempts", Counter(o.results[0].attempts for o in innocents))
     with cluster.client() as client:
         status = client.status()
     assert (status.failed, status.completed) == (1, 30)
@@ -265,12 +269,13 @@ def _hostile_agent(
     number of dispatches it got."""
     seeds = encoded(agent_frames()[1:5])  # no goodbye: it wants to stay registered
     register = encode(Register(name="hostile", profile=profile(max_seqs=8, decode_tps=1e4)))
+    heartbeat = encode(Heartbeat(kv_used_tokens=0))
     socket = _fuzz_socket(context, endpoint)
     socket.send(register)
     dispatches = 0
     sent = 0
     deadline = time.monotonic() + 60
-    while sent < count and time.monotonic() < deadline:
+    while (sent < count or dispatches < MIN_HOSTILE_DISPATCHES) and time.monotonic() < deadline:
         if socket.poll(5):
             message = decode(socket.recv(), AGENT_COMMANDS)
             if isinstance(message, Reregister):
@@ -284,15 +289,35 @@ def _hostile_agent(
                 sent += 21
         else:
             for _ in range(HOSTILE_BURST):
-                socket.send_multipart(mutate(rng.choice(seeds), rng))
-            sent += HOSTILE_BURST
+                # Oversized frames would cut its connection (the sprays above send those).
+                socket.send_multipart(mutate(rng.choice(seeds), rng, allow_oversized=False))
+            # A mutation may have been a valid draining heartbeat: undo it to keep getting work.
+            socket.send(heartbeat)
+            sent += HOSTILE_BURST + 1
     socket.close()
     return dispatches
 
 
-def test_10000_hostile_frames_at_both_sockets(tmp_path: Path) -> None:
+def _wait_until_only_honest_and_idle(cluster: LocalCluster, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with cluster.client() as client:
+        while True:
+            status = client.status()
+            agents = {a.agent_id for a in status.agents}
+            if agents == {"honest"} and not status.queue and not status.running:
+                return
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+
+
+def test_10000_hostile_frames_at_both_sockets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Results are forgotten at once, so whatever the fuzz made valid (prompts of up to 1 MB)
-    # is not retained and memory growth measures leaks, not result_retention_s.
+    # is not retained and memory growth measures leaks, not result_retention_s. A fixed glibc
+    # mmap threshold returns freed large buffers to the system, so RSS shows live memory rather
+    # than the allocator's high-water mark from the megabyte frames.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     cluster = LocalCluster(tmp_path, "--predictor", "none", "--result-retention-s", "0")
     try:
         _fuzz(cluster)
@@ -327,6 +352,7 @@ def _fuzz(cluster: LocalCluster) -> None:
             warm = _fuzz_socket(context, endpoint)
             _spray(warm, seeds, rng, 1000, sync)
             warm.close()
+        _wait_until_only_honest_and_idle(cluster)
         rss_before = coordinator.memory_info().rss
 
         clients = _fuzz_socket(context, cluster.clients_endpoint)
@@ -351,19 +377,12 @@ def _fuzz(cluster: LocalCluster) -> None:
         replies = _drain_replies(clients)
         clients.close()
         assert cluster.processes["coordinator"].poll() is None, cluster.logs("coordinator")
-        assert dispatches > 0  # the hostile agent's frames reached real requests
+        # The hostile agent's frames reached real requests' current attempts.
+        assert dispatches >= MIN_HOSTILE_DISPATCHES
         assert replies > 0
         # Every phantom agent the fuzz registered expires and every request the fuzz made
         # valid ends (nothing stuck); then the honest agent serves as before.
-        deadline = time.monotonic() + 60
-        with cluster.client() as client:
-            while True:
-                status = client.status()
-                agents = {a.agent_id for a in status.agents}
-                if agents == {"honest"} and not status.queue and not status.running:
-                    break
-                assert time.monotonic() < deadline, status
-                time.sleep(0.2)
+        _wait_until_only_honest_and_idle(cluster)
         serve_valid("after")
         rss_after = coordinator.memory_info().rss
     finally:
