@@ -136,6 +136,23 @@ def test_sigstopped_agent_is_declared_dead_its_request_moves_and_it_rejoins(
     assert (again.agent, again.text) == ("frozen", fake_completion("alpha after the stall", 6))
 
 
+def test_a_busy_agent_in_a_step_longer_than_the_liveness_bound_is_not_declared_dead(
+    quiet_cluster: LocalCluster,
+) -> None:
+    """The engine's step runs in a worker thread, so heartbeats keep flowing through it."""
+    cluster = quiet_cluster
+    # 150 prompt tokens at 50 tokens/s: one 3 s prefill step, twice the 1.5 s bound.
+    cluster.start_agent("busy", "--backend", "fake", "--fake-prefill-tps", "50")
+    cluster.wait_for_agents(1)
+    prompt = " ".join(f"w{i}" for i in range(149))
+    with cluster.client() as client:
+        result = client.generate(prompt, max_tokens=3, temperature=0.0)
+    assert (result.agent, result.attempts, result.text) == ("busy", 1, fake_completion(prompt, 3))
+    assert result.ttft_s >= 150 / 50
+    log = (cluster.log_dir / "coordinator.log").read_text(errors="replace")
+    assert "declared dead" not in log
+
+
 def test_300_requests_survive_agents_killed_every_2_s(tmp_path: Path) -> None:
     # Random kills are not the requests' fault, so the poison guard (attempt limit) is lifted
     # here; test_poison_request_* covers it.
