@@ -147,6 +147,16 @@ class CoreMachine(RuleBasedStateMachine):
         )
         self.attempts[request_id] = 1
 
+    @rule(longs=st.integers(1, 6), priority=st.sampled_from(["interactive", "batch"]))
+    def rush(self, longs: int, priority: str) -> None:
+        """Long predicted jobs fill the devices, then a short one arrives: the situation in
+        which preemptive policies displace a running request."""
+        for _ in range(longs):
+            self.submit(10, 50, True, 45.0, "batch")
+        self.schedule()
+        self.submit(10, 50, True, 2.0, priority)
+        self.schedule()
+
     @precondition(lambda self: self._live())
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
