@@ -1,6 +1,7 @@
 """The reliability promises under failure, on real processes over loopback ZeroMQ: a stalled
-agent, random kill -9 while 300 requests run, a request that crashes every agent it touches,
-and 10,000 hostile frames at both sockets."""
+(SIGSTOP) agent, a busy one that must not be declared dead, random kill -9 while 300 requests
+run, a request that crashes every agent it touches, and 10,000 hostile frames at both sockets.
+Answers are checked frame by frame against the fake engine's deterministic text."""
 
 from __future__ import annotations
 
