@@ -32,6 +32,7 @@ def build_engine(settings: AgentSettings, environ: Mapping[str, str]) -> Engine:
             max_seqs=settings.max_seqs,
             kv_budget_tokens=settings.kv_budget_tokens,
             model_name=settings.model_name or "fake",
+            crash_marker=settings.fake_crash_marker,
         )
     from agents.engine import LlamaEngine
     from agents.model import ensure_default_model

@@ -3,10 +3,11 @@ simulator and chaos runs. Tokens are the prompt's words, cycled; nothing is load
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NoReturn
 
 from agents.base import (
     Completed,
@@ -24,6 +25,8 @@ FAKE_MODEL_NAME: Final = "fake"
 BATCH_SCALING_EXPONENT: Final = 0.35
 """Aggregate decode throughput grows as batch**0.35: measured on this 2-core machine with the
 default model, 88 tok/s at 1 sequence, 177 at 8 and 270 at 32 (shared/DESIGN.md)."""
+FAKE_CRASH_EXIT_CODE: Final = 86
+"""Exit status of an agent killed by its ``crash_marker`` (tests tell it from other deaths)."""
 
 
 def fake_words(prompt: str) -> list[str]:
@@ -74,7 +77,12 @@ class _Sequence:
 
 
 class FakeEngine:
-    """Implements ``agents.base.Engine`` without a model; ``sleep`` makes its time pass."""
+    """Implements ``agents.base.Engine`` without a model; ``sleep`` makes its time pass.
+
+    ``crash_marker`` is a test and chaos seam: prefilling a prompt that contains it ends the
+    whole process at once through ``crash`` (``os._exit``: no cleanup, no goodbye), as a
+    request that crashes llama.cpp would, so tests can drive the coordinator's attempt limit.
+    """
 
     backend: Backend = "fake"
 
@@ -87,6 +95,8 @@ class FakeEngine:
         kv_budget_tokens: int | None = None,
         model_name: str = FAKE_MODEL_NAME,
         sleep: Callable[[float], None] = time.sleep,
+        crash_marker: str | None = None,
+        crash: Callable[[int], NoReturn] = os._exit,
     ) -> None:
         self.timing = timing
         self.n_ctx = n_ctx
@@ -97,6 +107,8 @@ class FakeEngine:
         self.n_gpu_layers = 0
         self.threads = 1
         self._sleep = sleep
+        self.crash_marker = crash_marker or None
+        self._crash = crash
         self._active: dict[SequenceKey, _Sequence] = {}
 
     def add(self, spec: SequenceSpec) -> list[EngineEvent]:
@@ -136,6 +148,9 @@ class FakeEngine:
     def step(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []
         pending = [s for s in self._active.values() if not s.prefilled]
+        marker = self.crash_marker
+        if marker is not None and any(marker in s.spec.prompt for s in pending):
+            self._crash(FAKE_CRASH_EXIT_CODE)
         prefill_s = self.timing.prefill_s(sum(s.prompt_tokens for s in pending))
         decode_s = self.timing.decode_step_s(len(self._active))
         self._sleep(prefill_s + decode_s)

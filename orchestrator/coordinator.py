@@ -103,6 +103,9 @@ RESTART_GRACE_S: Final = 10.0
 """After a restart, replayed requests are not refused as 'unavailable' (they may have waited
 longer than ``unavailable_timeout_s`` already) until agents had time to find the new
 coordinator: their longest reconnect backoff (5 s) plus a registration and liveness bound."""
+MAX_CHUNK_CHARS_PER_TOKEN: Final = 1024
+"""Most characters a chunk may carry per token (plus one token's worth for text an engine
+held back, e.g. a partial stop string): far above any real token, a bound on a rogue agent."""
 
 
 @dataclass(slots=True)
@@ -409,6 +412,21 @@ class Coordinator:
     def _on_chunk(self, session: AgentSession, message: TokenChunk, now: float) -> None:
         record = self._current(session, message.request_id, message.attempt)
         if record is None:
+            return
+        if record.generated_tokens + message.n_tokens > record.params.max_tokens or len(
+            message.text
+        ) > MAX_CHUNK_CHARS_PER_TOKEN * (message.n_tokens + 1):
+            # No engine sends this; taking it would let one agent grow a request without bound.
+            log.warning(
+                "dropped a chunk of %d tokens, %d characters for %s from %s: beyond its budget "
+                "of %d tokens (%d so far)",
+                message.n_tokens,
+                len(message.text),
+                record.request_id,
+                session.agent_id,
+                record.params.max_tokens,
+                record.generated_tokens,
+            )
             return
         offset = record.text_chars
         self.table.add_tokens(
@@ -769,7 +787,11 @@ class Coordinator:
         self, agent_id: AgentId, now: float, *, reason: str, failed: bool = True
     ) -> None:
         for record in self.table.on_agent(agent_id):
-            if failed and record.agent_failures + 1 >= self.settings.max_attempts:
+            # Only an attempt that produced no token is blamed for its agent's death: requests
+            # that were streaming are bystanders of whatever killed it, and since each of their
+            # attempts advances, they cannot loop (at most max_tokens + max_attempts attempts).
+            blamed = failed and record.generated_tokens == record.attempt_start_tokens
+            if blamed and record.agent_failures + 1 >= self.settings.max_attempts:
                 self._fail(
                     record.request_id,
                     AgentFailure(
@@ -781,7 +803,7 @@ class Coordinator:
                     now,
                 )
             else:
-                self.table.requeue(record.request_id, agent_failed=failed)
+                self.table.requeue(record.request_id, agent_failed=blamed)
                 log.info(
                     "request %s requeued as attempt %d: %s",
                     record.request_id,

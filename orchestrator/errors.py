@@ -123,6 +123,9 @@ ERRORS_BY_CODE: Mapping[str, type[EdgeorchError]] = {
 
 
 def error_from_wire(code: str, message: str, details: Mapping[str, Any]) -> EdgeorchError:
-    """Rebuild the typed error a peer sent; an unknown code becomes ``InternalError``."""
-    cls = ERRORS_BY_CODE.get(code, InternalError)
-    return cls(message, **dict(details))
+    """Rebuild the typed error a peer sent; an unknown code becomes ``InternalError``. Details
+    are set after construction, so a peer's detail named like a constructor argument
+    (``message``) cannot turn a typed error into a ``TypeError``."""
+    error = ERRORS_BY_CODE.get(code, InternalError)(message)
+    error.details = dict(details)
+    return error

@@ -9,6 +9,7 @@ and never raises, so a hostile peer cannot crash a daemon. The ZeroMQ sockets ar
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any, Final, Literal, NewType, TypeVar
 
 import msgpack
@@ -26,6 +27,12 @@ MAX_CONTAINER_ITEMS: Final = 10_000
 MAX_TEMPERATURE: Final = 100.0
 MAX_SEED: Final = (1 << 32) - 1
 MAX_ID_CHARS: Final = 128
+MAX_ERROR_CHARS: Final = 4096
+"""Longest error message on the wire; longer ones (and string details) are cut to fit."""
+MAX_ERROR_DETAILS: Final = 64
+MAX_SEQS_LIMIT: Final = 256
+"""Concurrent sequences an agent may advertise (the agent's ``--max-seqs`` bound): placement
+tabulates a speed per batch size, so an unbounded value from a hostile peer would stall it."""
 
 RequestId = NewType("RequestId", str)
 AgentId = NewType("AgentId", str)
@@ -64,15 +71,24 @@ class ErrorInfo(WireModel):
     """An ``EdgeorchError`` in transit."""
 
     code: str = Field(max_length=64)
-    message: str = Field(max_length=4096)
+    message: str = Field(max_length=MAX_ERROR_CHARS)
     retryable: bool
-    details: dict[str, DetailValue] = Field(default_factory=dict, max_length=64)
+    details: dict[str, DetailValue] = Field(default_factory=dict, max_length=MAX_ERROR_DETAILS)
 
     @classmethod
     def of(cls, error: EdgeorchError) -> ErrorInfo:
-        details = {k: v for k, v in error.details.items() if isinstance(v, DETAIL_TYPES)}
+        """The wire form of ``error``; a message or string detail that echoes a hostile
+        peer's input is cut to ``MAX_ERROR_CHARS`` so the reply stays valid and small."""
+        details = {
+            k: v[:MAX_ERROR_CHARS] if isinstance(v, str) else v
+            for k, v in itertools.islice(error.details.items(), MAX_ERROR_DETAILS)
+            if isinstance(v, DETAIL_TYPES)
+        }
         return cls(
-            code=error.code, message=error.message, retryable=error.retryable, details=details
+            code=error.code,
+            message=error.message[:MAX_ERROR_CHARS],
+            retryable=error.retryable,
+            details=details,
         )
 
 
@@ -91,7 +107,7 @@ class DeviceProfile(WireModel):
     model_path: str | None = None
     n_ctx: int = Field(ge=1)
     kv_budget_tokens: int = Field(ge=1)
-    max_seqs: int = Field(ge=1)
+    max_seqs: int = Field(ge=1, le=MAX_SEQS_LIMIT)
     decode_tps: float | None = Field(default=None, gt=0)
     prefill_tps: float | None = Field(default=None, gt=0)
     decode_curve: tuple[tuple[int, float], ...] = Field(default=(), max_length=64)
@@ -389,7 +405,8 @@ def decode(frame: bytes, adapter: TypeAdapter[T]) -> T | ProtocolError:
     version = raw.get("v")
     if version != PROTOCOL_VERSION:
         return ProtocolError(
-            f"protocol version {version!r} is not supported (expected {PROTOCOL_VERSION})",
+            f"protocol version {repr(version)[:MAX_ID_CHARS]} is not supported "
+            f"(expected {PROTOCOL_VERSION})",
             version=version if isinstance(version, int) else None,
             expected=PROTOCOL_VERSION,
         )
@@ -403,16 +420,23 @@ def decode(frame: bytes, adapter: TypeAdapter[T]) -> T | ProtocolError:
 
 def _schema_error(raw: dict[Any, Any], exc: ValidationError) -> ProtocolError:
     first = exc.errors(include_url=False)[0]
-    tag = raw.get("type")
+    tag = _short(raw.get("type"))
     location = [str(part) for part in first["loc"]]
     if location and location[0] == tag:
         location = location[1:]
-    field = ".".join(location) or "type"
-    request_id = raw.get("request_id")
+    field = ".".join(location)[:MAX_ID_CHARS] or "type"
+    request_id = _short(raw.get("request_id"))
     return ProtocolError(
-        f"invalid {tag if isinstance(tag, str) else 'message'}: {field}: {first['msg']}",
+        f"invalid {tag if isinstance(tag, str) else 'message'}: {field}: {first['msg']}"[
+            :MAX_ERROR_CHARS
+        ],
         type=tag if isinstance(tag, str) else None,
         field=field,
         request_id=request_id if isinstance(request_id, str) else None,
         errors=exc.error_count(),
     )
+
+
+def _short(value: object) -> str | None:
+    """A string from a frame that is safe to echo in an error (an id or a tag), else None."""
+    return value if isinstance(value, str) and len(value) <= MAX_ID_CHARS else None

@@ -115,6 +115,11 @@ class AgentSettings(Settings):
     threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: all cores)")
     fake_decode_tps: float = Field(50.0, gt=0, description="fake backend: tokens/s, one stream")
     fake_prefill_tps: float = Field(2000.0, gt=0, description="fake backend: prompt tokens/s")
+    fake_crash_marker: str | None = Field(
+        None,
+        description="fake backend, test/chaos seam: a prompt containing this string kills the "
+        "agent process (os._exit) when it is prefilled",
+    )
     heartbeat_interval_s: float = Field(HEARTBEAT_INTERVAL_S, gt=0, description="seconds")
     drain_timeout_s: float = Field(
         DRAIN_TIMEOUT_S, ge=0, description="on SIGTERM, seconds to let running work finish"

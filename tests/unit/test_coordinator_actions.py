@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.coordinator import MAX_CHUNK_CHARS_PER_TOKEN, AgentSession, Coordinator
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
-from orchestrator.protocol import AgentId, CancelRun, Dispatch, RequestId, WireModel
+from orchestrator.protocol import AgentId, CancelRun, Dispatch, RequestId, TokenChunk, WireModel
 from orchestrator.settings import CoordinatorSettings
 from tests.factories import params, profile, record
 
@@ -79,3 +79,41 @@ def test_raise_updates_the_reservation() -> None:
     c.schedule(now=1.0)
     assert sent == []
     assert c.table[RequestId("long")].kv_reservation_tokens > 30
+
+
+def test_an_agent_death_is_charged_only_to_attempts_that_made_no_progress() -> None:
+    c = Coordinator(CoordinatorSettings(max_attempts=1))
+    for rid in ("streaming", "silent"):
+        c.table.add(record(rid))
+        c.table.dispatch(RequestId(rid), AgentId("a1"), 40, now=0.0)
+    c.table.add_tokens(RequestId("streaming"), " one", 1, now=0.5)
+    c._requeue_agent_work(AgentId("a1"), now=1.0, reason="agent died")
+    streaming, silent = c.table[RequestId("streaming")], c.table[RequestId("silent")]
+    assert (streaming.state, streaming.attempt, streaming.agent_failures) == (
+        RequestState.QUEUED,
+        2,
+        0,
+    )
+    assert silent.state is RequestState.FAILED
+    assert silent.error is not None and silent.error.code == "agent_failure"
+
+
+def test_chunks_beyond_the_token_budget_or_text_bound_are_dropped() -> None:
+    c, _ = coordinator("fcfs")
+    session = c._agents[b"id-a1"]
+    c.table.add(record("r1", params=params(max_tokens=3)))
+    c.table.dispatch(RequestId("r1"), AgentId("a1"), 40, now=0.0)
+
+    def chunk(text: str, n_tokens: int) -> None:
+        c._on_chunk(
+            session,
+            TokenChunk(request_id="r1", attempt=1, text=text, n_tokens=n_tokens),
+            now=1.0,
+        )
+
+    chunk(" a b", 2)
+    chunk(" c d", 2)  # 4 tokens of a 3-token budget
+    chunk("y" * (2 * MAX_CHUNK_CHARS_PER_TOKEN + 1), 1)  # no token is that long
+    chunk(" c", 1)
+    r1 = c.table[RequestId("r1")]
+    assert (r1.text, r1.generated_tokens) == (" a b c", 3)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import pytest
 
 from agents.base import Completed, Emitted, Rejected, SequenceSpec
-from agents.fake import FakeEngine, FakeTimingModel, fake_completion
+from agents.fake import FAKE_CRASH_EXIT_CODE, FakeEngine, FakeTimingModel, fake_completion
 from orchestrator.errors import ContextOverflow, Overloaded
 from tests.factories import params
 
@@ -80,3 +82,20 @@ def test_batched_decode_is_sublinear() -> None:
     timing = FakeTimingModel(decode_tps=88.0, prefill_tps=1000.0)
     assert timing.decode_step_s(1) == pytest.approx(1 / 88.0)
     assert 8 / timing.decode_step_s(8) == pytest.approx(88.0 * 8**0.35)
+
+
+def test_crash_marker_ends_the_process_when_its_prompt_is_prefilled() -> None:
+    exits: list[int] = []
+
+    def crash(code: int) -> NoReturn:
+        exits.append(code)
+        raise SystemExit(code)
+
+    engine, _ = make_engine(crash_marker="POISON", crash=crash, n_ctx=512)
+    engine.add(spec("innocent", max_tokens=3))
+    engine.step()
+    assert exits == []
+    engine.add(spec("poison", "eat the POISON pill", max_tokens=3))
+    with pytest.raises(SystemExit):
+        engine.step()
+    assert exits == [FAKE_CRASH_EXIT_CODE]

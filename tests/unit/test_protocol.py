@@ -6,13 +6,15 @@ import msgpack
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.errors import ProtocolError
+from orchestrator.errors import ContextOverflow, ProtocolError, error_from_wire
 from orchestrator.protocol import (
     AGENT_COMMANDS,
     AGENT_MESSAGES,
     CLIENT_MESSAGES,
     CLIENT_REPLIES,
+    MAX_ERROR_CHARS,
     MAX_FRAME_BYTES,
+    MAX_SEQS_LIMIT,
     PROTOCOL_VERSION,
     Accepted,
     Dispatch,
@@ -148,3 +150,26 @@ def test_float_fields_accept_integers_from_msgpack() -> None:
     message = decode(frame, CLIENT_MESSAGES)
     assert isinstance(message, Submit)
     assert message.params.temperature == 0.0
+
+
+def test_error_details_named_like_constructor_arguments_survive_the_wire() -> None:
+    error = error_from_wire("context_overflow", "too long", {"message": "peer's", "n_ctx": 8})
+    assert isinstance(error, ContextOverflow)
+    assert (error.message, error.details) == ("too long", {"message": "peer's", "n_ctx": 8})
+
+
+def test_an_agent_cannot_advertise_an_absurd_batch_size() -> None:
+    frame = encode(Register(name="a", profile=profile()))
+    raw = msgpack.unpackb(frame)
+    raw["profile"]["max_seqs"] = MAX_SEQS_LIMIT + 1
+    error = decode(msgpack.packb(raw), AGENT_MESSAGES)
+    assert isinstance(error, ProtocolError) and error.details["field"] == "profile.max_seqs"
+
+
+def test_an_error_echoing_a_huge_tag_still_fits_a_reply() -> None:
+    error = decode(_frame(type="y" * 1_000_000, request_id="r" * 1000), CLIENT_MESSAGES)
+    assert isinstance(error, ProtocolError)
+    assert error.details["type"] is None and error.details["request_id"] is None
+    info = ErrorInfo.of(error)
+    assert len(info.message) <= MAX_ERROR_CHARS
+    assert len(encode(ErrorReply(error=info))) < 3 * MAX_ERROR_CHARS
