@@ -15,7 +15,7 @@ DEFAULT_DECODE_TPS: Final = 50.0
 """Single-sequence tokens/s assumed for an agent that reports no speed."""
 DEFAULT_PREFILL_TPS: Final = 1000.0
 DEFAULT_BATCH_EXPONENT: Final = 0.35
-WAIT_ADVANTAGE: Final = 0.7
+WAIT_ADVANTAGE: Final = 0.3
 """Predicted placement waits for a busy device only if the request would finish there in at
 most this fraction of the time it would take on the best device free now."""
 
