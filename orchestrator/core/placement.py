@@ -15,9 +15,12 @@ DEFAULT_DECODE_TPS: Final = 50.0
 """Single-sequence tokens/s assumed for an agent that reports no speed."""
 DEFAULT_PREFILL_TPS: Final = 1000.0
 DEFAULT_BATCH_EXPONENT: Final = 0.35
-WAIT_ADVANTAGE: Final = 0.7
+WAIT_ADVANTAGE: Final = 0.3
 """Predicted placement waits for a busy device only if the request would finish there in at
-most this fraction of the time it would take on the best device free now."""
+most this fraction of the time it would take on the best device free now. Waiting is rarely
+worth it near saturation: when the busy device frees a slot, shorter requests ranked ahead
+take it, and the waiter waits again (0.3 measured best of 0, 0.3-0.5 and 0.7 on the
+development trace; docs/SCHED_RESULTS.md)."""
 
 
 @dataclass(frozen=True, slots=True)

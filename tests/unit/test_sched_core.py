@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.placement import (
+    WAIT_ADVANTAGE,
     Candidate,
     PredictedCompletion,
     RoundRobin,
     make_placement,
+    predicted_completion_s,
 )
 from orchestrator.core.policies import (
     BATCH_PRIORITY_DELAY_S,
@@ -181,6 +183,24 @@ def test_predicted_placement_waits_for_a_much_faster_busy_device_only_for_long_j
     choice = PredictedCompletion().choose(long_job, candidates, 0, True)
     assert choice.agent_id is None and choice.waits_for == "gpu"
     assert PredictedCompletion().choose(short_job, candidates, 0, True).agent_id == "cpu"
+
+
+def test_predicted_placement_starts_now_unless_the_busy_device_is_several_times_faster() -> None:
+    """Waiting leaves a free slot idle, which costs throughput near saturation: a job waits
+    only when it would finish on the busy device in at most ``WAIT_ADVANTAGE`` of its time on
+    the free one (measured on the development trace, docs/SCHED_RESULTS.md)."""
+    gpu, cpu = _gpu_and_cpu(gpu_running=4)
+    job = queued("long", max_tokens=2000, estimate=LengthEstimate.exact(1000))
+    on_cpu = predicted_completion_s(job, Candidate(cpu, True, 100, 0.0))
+    on_gpu_now = predicted_completion_s(job, Candidate(gpu, False, 100, 0.0))
+    for ratio, waits in ((WAIT_ADVANTAGE * 0.9, True), (WAIT_ADVANTAGE * 1.1, False)):
+        free_in = ratio * on_cpu - on_gpu_now
+        assert free_in > 0
+        candidates = [Candidate(gpu, False, 100, free_in), Candidate(cpu, True, 100, 0.0)]
+        choice = PredictedCompletion().choose(job, candidates, 0, True)
+        assert (choice.agent_id is None) is waits
+        assert choice.agent_id == (None if waits else "cpu")
+        assert choice.waits_for == ("gpu" if waits else None)
 
 
 def test_predicted_placement_prefers_the_faster_free_device() -> None:
