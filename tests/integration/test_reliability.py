@@ -127,7 +127,9 @@ def test_sigstopped_agent_is_declared_dead_its_request_moves_and_it_rejoins(
     (result,) = observed.results
     assert (result.agent, result.attempts) == ("healthy", 2)
     assert chunks_at_wake < len(observed.chunks)  # the wake-up overlapped the new attempt
-    assert "does not know this agent: registering again" in cluster.logs("frozen")
+    # It rejoins by whichever comes first: the coordinator's Reregister for its late frames, or
+    # its own liveness rule (it heard nothing from the coordinator while frozen).
+    assert cluster.logs("frozen").count("registered as frozen") >= 2
     # Back in service: with the healthy agent drained away, the woken agent runs new work.
     healthy = cluster.processes["healthy"]
     healthy.send_signal(signal.SIGTERM)
