@@ -2,7 +2,9 @@
 
 Everything that decides (ordering, placement, rejection) lives in ``orchestrator.core``; this
 module turns frames into table events, asks ``decide`` what to do, and turns its actions back into
-frames. Agents connect to ``agents_endpoint``, clients to ``clients_endpoint``.
+frames. Agents connect to ``agents_endpoint``, clients to ``clients_endpoint``; with ``http`` set,
+the OpenAI-compatible gateway (``orchestrator.gateway``) runs in the same event loop as an
+in-process client, and ``orchestrator.metrics`` records what happens.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from orchestrator.errors import (
     Unavailable,
     error_from_wire,
 )
+from orchestrator.metrics import CoordinatorMetrics
 from orchestrator.protocol import (
     AGENT_MESSAGES,
     CLIENT_MESSAGES,
@@ -78,6 +81,7 @@ from orchestrator.protocol import (
 from orchestrator.settings import CoordinatorSettings
 
 if TYPE_CHECKING:
+    from orchestrator.gateway import Gateway
     from orchestrator.prediction import Predicted, PredictionService
 from orchestrator.tokens import EstimatedTokenCounter, TokenCounter
 
@@ -142,6 +146,10 @@ class Coordinator:
         self._client_socket: zmq.asyncio.Socket | None = None
         self.ready = asyncio.Event()
         self._draining = False
+        self.metrics = CoordinatorMetrics(self)
+        self.gateway: Gateway | None = None
+        self._local: dict[bytes, Callable[[WireModel], None]] = {}
+        self._local_numbers = itertools.count(1)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -154,6 +162,10 @@ class Coordinator:
                 await self._predictions.start()
             self._agent_socket = transport.router(self._context, self.settings.agents_endpoint)
             self._client_socket = transport.router(self._context, self.settings.clients_endpoint)
+            if self.settings.http is not None:
+                from orchestrator.gateway import Gateway
+
+                self.gateway = Gateway(self)
             log.info(
                 "coordinator listening: agents %s, clients %s, policy %s",
                 self.settings.agents_endpoint,
@@ -167,6 +179,8 @@ class Coordinator:
                 self._tick(),
                 self._schedule_loop(),
             ]
+            if self.gateway is not None:
+                workers.append(self.gateway.serve())
             if drain is not None:
                 workers.append(
                     drain_then_stop(
@@ -189,6 +203,38 @@ class Coordinator:
 
     def _idle(self) -> bool:
         return self._in_flight() == 0
+
+    # --- in-process clients and read-only views (the HTTP gateway, metrics) --------------------
+
+    def connect_local(self, deliver: Callable[[WireModel], None]) -> bytes:
+        """Register an in-process client: replies to the returned identity go to ``deliver``
+        instead of the clients socket. (ZeroMQ's own identities are 5 bytes or never start with
+        a zero byte, so these cannot collide with a remote client's.)"""
+        identity = b"\x00local-%d" % next(self._local_numbers)
+        self._local[identity] = deliver
+        return identity
+
+    def send_local(self, identity: bytes, message: Submit | CancelRequest) -> None:
+        """A message from an in-process client, handled exactly as one from the socket."""
+        self._on_client_message(identity, message, self._clock())
+
+    def now(self) -> float:
+        return self._clock()
+
+    def waiting(self) -> int:
+        """Requests accepted (or being admitted) and not yet placed."""
+        return self.table.count(RequestState.QUEUED) + len(self._admitting)
+
+    def agent_sessions(self) -> list[AgentSession]:
+        return list(self._agents.values())
+
+    @property
+    def token_counter(self) -> TokenCounter:
+        return self._tokens
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -233,15 +279,22 @@ class Coordinator:
                 continue
             identity, frame = frames
             message = decode(frame, CLIENT_MESSAGES)
-            now = self._clock()
-            if isinstance(message, ProtocolError):
-                self._reply_client(identity, _error_reply(_client_facing(message)))
-            elif isinstance(message, Submit):
-                self._on_submit(identity, message, now)
-            elif isinstance(message, CancelRequest):
-                self._on_cancel(identity, message.request_id, now)
-            elif isinstance(message, StatusQuery):
-                self._reply_client(identity, self.status(message.query_id, now))
+            self._on_client_message(identity, message, self._clock())
+
+    def _on_client_message(
+        self,
+        identity: bytes,
+        message: Submit | CancelRequest | StatusQuery | ProtocolError,
+        now: float,
+    ) -> None:
+        if isinstance(message, ProtocolError):
+            self._refuse(identity, _client_facing(message))
+        elif isinstance(message, Submit):
+            self._on_submit(identity, message, now)
+        elif isinstance(message, CancelRequest):
+            self._on_cancel(identity, message.request_id, now)
+        elif isinstance(message, StatusQuery):
+            self._reply_client(identity, self.status(message.query_id, now))
 
     # --- agent events -----------------------------------------------------------------------
 
@@ -293,6 +346,7 @@ class Coordinator:
         record = self._current(session, message.request_id, message.attempt)
         if record is None:
             return
+        first = record.first_token_s is None
         self.table.add_tokens(
             record.request_id,
             message.text,
@@ -301,6 +355,7 @@ class Coordinator:
             message.token_ids,
             session.profile.model_name,
         )
+        self.metrics.tokens(record, session.agent_id, message.n_tokens, first, now)
         route = self._routes.get(record.request_id)
         if route is not None and route.stream and message.text:
             self._reply_client(
@@ -317,6 +372,7 @@ class Coordinator:
             return
         record.prompt_tokens, record.prompt_tokens_exact = message.prompt_tokens, True
         self.table.finish(record.request_id, message.finish_reason, now)
+        self.metrics.finished(record, now)
         predicted = self._predicted.pop(record.request_id, None)
         if (
             predicted is not None
@@ -343,6 +399,7 @@ class Coordinator:
                 error.code,
             )
             self.table.requeue(record.request_id, agent_failed=False)
+            self.metrics.requeued(record.request_id, "agent_refused")
         else:
             self._fail(record.request_id, error, now)
         self._schedule_needed.set()
@@ -359,23 +416,21 @@ class Coordinator:
             refusal = Unavailable(
                 "the coordinator is shutting down and accepts no new requests", draining=True
             )
-            self._reply_client(identity, _error_reply(refusal, message.request_id))
+            self._refuse(identity, refusal, message.request_id)
             return
         if request_id in self._admitting:
             return
         queued = self.table.count(RequestState.QUEUED) + len(self._admitting)
         if queued >= self.settings.max_queue:
-            self._reply_client(
+            self._refuse(
                 identity,
-                _error_reply(
-                    Overloaded(
-                        f"queue is full ({queued} of {self.settings.max_queue} requests waiting)",
-                        queued=queued,
-                        max_queue=self.settings.max_queue,
-                        retry_after_s=OVERLOADED_RETRY_AFTER_S,
-                    ),
-                    message.request_id,
+                Overloaded(
+                    f"queue is full ({queued} of {self.settings.max_queue} requests waiting)",
+                    queued=queued,
+                    max_queue=self.settings.max_queue,
+                    retry_after_s=OVERLOADED_RETRY_AFTER_S,
                 ),
+                message.request_id,
             )
             return
         if self._predictions is None:
@@ -524,6 +579,7 @@ class Coordinator:
                 session.identity, CancelRun(request_id=record.request_id, attempt=record.attempt)
             )
         self.table.requeue(record.request_id, agent_failed=False, preempted=action.reason)
+        self.metrics.requeued(record.request_id, f"preempted_{action.reason}")
         log.info(
             "request %s preempted on %s (%s)", record.request_id, action.agent_id, action.reason
         )
@@ -558,6 +614,7 @@ class Coordinator:
         )
         if record.attempt == 1:
             record.dispatched_s = now
+        self.metrics.dispatched(record, now)
         self._send_agent(
             session.identity,
             Dispatch(
@@ -582,6 +639,7 @@ class Coordinator:
             self._expire_agents(now)
             for request_id in self.table.prune(now, self.settings.result_retention_s):
                 self._routes.pop(request_id, None)
+                self.metrics.forget(request_id)
             if self.table.count(RequestState.QUEUED):
                 self._schedule_needed.set()
 
@@ -614,6 +672,7 @@ class Coordinator:
                 )
             else:
                 self.table.requeue(record.request_id, agent_failed=failed)
+                self.metrics.requeued(record.request_id, reason.replace("-", "").replace(" ", "_"))
                 log.info(
                     "request %s requeued as attempt %d: %s",
                     record.request_id,
@@ -626,10 +685,17 @@ class Coordinator:
 
     def _fail(self, request_id: RequestId, error: EdgeorchError, now: float) -> None:
         self.table.fail(request_id, error, now)
+        self.metrics.refused(error.code)
+        self.metrics.forget(request_id)
         self._predicted.pop(request_id, None)
         route = self._routes.get(request_id)
         if route is not None:
             self._reply_client(route.identity, _error_reply(error, request_id))
+
+    def _refuse(self, identity: bytes, error: EdgeorchError, request_id: str | None = None) -> None:
+        """Refuse a message before it became a request (counted by reason)."""
+        self.metrics.refused("draining" if error.details.get("draining") else error.code)
+        self._reply_client(identity, _error_reply(error, request_id))
 
     def _send_result(self, record: RequestRecord, session: AgentSession | None) -> None:
         route = self._routes.get(record.request_id)
@@ -690,6 +756,10 @@ class Coordinator:
         self._agent_socket.send_multipart([identity, encode(message)])
 
     def _reply_client(self, identity: bytes, message: WireModel) -> None:
+        deliver = self._local.get(identity)
+        if deliver is not None:
+            deliver(message)
+            return
         assert self._client_socket is not None
         self._client_socket.send_multipart([identity, encode(message)])
 
