@@ -723,10 +723,22 @@ class Gateway:
     # --- routes -----------------------------------------------------------------------------
 
     async def _completions(self, request: Request) -> Response:
-        return await self._generate(request, parse_completion)
+        return await self._guarded(request, parse_completion)
 
     async def _chat(self, request: Request) -> Response:
-        return await self._generate(request, parse_chat)
+        return await self._guarded(request, parse_chat)
+
+    async def _guarded(
+        self, request: Request, parse: Callable[[Mapping[str, Any], ModelView], Call]
+    ) -> Response:
+        """``_generate``, with a bug answered as an OpenAI-shaped 500 rather than plain text."""
+        try:
+            return await self._generate(request, parse)
+        except Exception:
+            log.exception("%s failed with an internal error", request.scope["edgeorch.request_id"])
+            return error_response(
+                InternalError("internal error in the HTTP gateway; see the coordinator's log")
+            )
 
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": self._model_cards()})
