@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -338,5 +339,34 @@ def test_bearer_keys_are_required_when_configured(tmp_path: Path) -> None:
         assert httpx.get(f"{served.url}/health", timeout=WAIT_S).status_code == 200
         metrics = served.metrics()
         assert sample(metrics, "edgeorch_rejected_requests_total", reason="unauthorized") == 2
+    finally:
+        served.stop()
+
+
+def test_sigterm_finishes_open_streams_and_refuses_new_requests(tmp_path: Path) -> None:
+    served = Gateway(tmp_path)
+    try:
+        served.cluster.start_agent("paced", "--backend", "fake", "--fake-decode-tps", "40")
+        served.cluster.wait_for_agents(1)
+        body = {"prompt": "drain me", "max_tokens": 60, "stream": True, "ignore_eos": True}
+        with (
+            httpx.Client(base_url=served.url, timeout=WAIT_S) as http,
+            http.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            events = (line for line in response.iter_lines() if line.startswith("data: "))
+            texts = [json.loads(next(events).removeprefix("data: "))["choices"][0]["text"]]
+            served.cluster.processes["coordinator"].send_signal(signal.SIGTERM)
+            refused = httpx.post(
+                f"{served.url}/v1/completions", json={"prompt": "too late"}, timeout=WAIT_S
+            )
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            assert refused.json()["error"]["code"] == "unavailable"
+            health = httpx.get(f"{served.url}/health", timeout=WAIT_S)
+            assert health.status_code == 503 and health.json()["draining"] is True
+            rest = [e.removeprefix("data: ") for e in events]
+        assert rest[-1] == "[DONE]"
+        texts += [json.loads(e)["choices"][0]["text"] for e in rest[:-1]]
+        assert "".join(texts) == fake_completion("drain me", 60)
+        assert served.cluster.processes["coordinator"].wait(timeout=WAIT_S) == 0
     finally:
         served.stop()
