@@ -573,6 +573,8 @@ class _Flight:
     watcher: asyncio.Task[None]
     ended: bool = False
     """The coordinator is done with it (result or error): nothing to cancel."""
+    accepted: bool = False
+    """The coordinator admitted it (a cancel before that would find no request)."""
 
 
 class _EventStream(StreamingResponse):
@@ -613,6 +615,7 @@ class Gateway:
         self._keys = tuple(k.encode() for k in load_api_keys(settings))
         self._identity = coordinator.connect_local(self._deliver)
         self._flights: dict[str, _Flight] = {}
+        self._cancel_when_accepted: set[str] = set()
         self._started = int(time.time())
         host, port = parse_http_address(settings.http)
         self._socket = _listen(host, port)
@@ -806,7 +809,7 @@ class Gateway:
         try:
             call = parse(await _json_body(request), self._model_view())
             submit = _submit(request_id, call)
-            if request_id in self._flights:
+            if request_id in self._flights or request_id in self._cancel_when_accepted:
                 raise InvalidRequest(
                     f"request {request_id} is already in flight", field="X-Request-Id"
                 )
@@ -967,9 +970,24 @@ class Gateway:
 
     def _deliver(self, message: WireModel) -> None:
         """A reply from the coordinator to the gateway's identity."""
-        request_id = getattr(message, "request_id", None)
-        flight = self._flights.get(request_id) if isinstance(request_id, str) else None
-        if flight is not None and isinstance(message, Accepted | StreamChunk | Result | ErrorReply):
+        if not isinstance(message, Accepted | StreamChunk | Result | ErrorReply):
+            return
+        request_id = message.request_id
+        if request_id is None:
+            return
+        if request_id in self._cancel_when_accepted and not isinstance(message, StreamChunk):
+            self._cancel_when_accepted.discard(request_id)
+            if isinstance(message, Accepted):
+                # Admitted after its client left (it was still being predicted): cancel it now,
+                # from the loop rather than from inside the coordinator's admission.
+                cancel = CancelRequest(request_id=request_id)
+                asyncio.get_running_loop().call_soon(
+                    self._coordinator.send_local, self._identity, cancel
+                )
+            return
+        flight = self._flights.get(request_id)
+        if flight is not None:
+            flight.accepted = flight.accepted or isinstance(message, Accepted)
             flight.inbox.put_nowait(message)
 
     def _end(self, flight: _Flight) -> None:
@@ -980,6 +998,8 @@ class Gateway:
         if not flight.ended:
             flight.ended = True
             log.info("%s: the client went away before the result; cancelling", flight.request_id)
+            if not flight.accepted:
+                self._cancel_when_accepted.add(flight.request_id)
             self._coordinator.send_local(
                 self._identity, CancelRequest(request_id=flight.request_id)
             )

@@ -3,6 +3,7 @@ the coordinator's metrics hooks read back through the Prometheus exposition."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -32,7 +33,9 @@ from orchestrator.gateway import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     PLAIN_CHAT_STOPS,
     UNAVAILABLE_RETRY_AFTER_S,
+    Gateway,
     ModelView,
+    _Flight,
     error_response,
     load_api_keys,
     parse_chat,
@@ -40,7 +43,7 @@ from orchestrator.gateway import (
     parse_http_address,
     render_chat,
 )
-from orchestrator.protocol import AgentId, RequestId
+from orchestrator.protocol import Accepted, AgentId, CancelRequest, RequestId, WireModel
 from orchestrator.settings import CoordinatorSettings
 from orchestrator.tokens import ChatTemplate
 from tests.factories import profile, record
@@ -376,3 +379,30 @@ def test_metrics_hooks_and_state_read_back_through_the_exposition() -> None:
     samples = _samples(coordinator)
     assert samples[("edgeorch_redispatches_total", (("reason", "agent_died"),))] == 1
     assert samples[("edgeorch_rejected_requests_total", (("reason", "overloaded"),))] == 1
+
+
+def test_a_request_admitted_after_its_client_left_is_cancelled_then() -> None:
+    """With a predictor, admission waits for the prediction; a cancel sent before it finds no
+    request, so the gateway cancels again when the acceptance arrives."""
+
+    async def scenario() -> None:
+        coordinator = Coordinator(CoordinatorSettings(http="127.0.0.1:0"))
+        gateway = Gateway(coordinator)
+        sent: list[WireModel] = []
+        coordinator.send_local = lambda identity, message: sent.append(message)  # type: ignore[method-assign]
+        try:
+            inbox: asyncio.Queue[Any] = asyncio.Queue()
+            flight = _Flight("r1", inbox, asyncio.ensure_future(asyncio.sleep(3600)))
+            gateway._flights["r1"] = flight
+            gateway._end(flight)  # the client left before the acceptance
+            assert sent == [CancelRequest(request_id="r1")]
+            gateway._deliver(Accepted(request_id="r1", queue_position=0, prompt_tokens=3))
+            await asyncio.sleep(0)
+            assert sent == [CancelRequest(request_id="r1")] * 2 and inbox.empty()
+            gateway._deliver(Accepted(request_id="r1", queue_position=0, prompt_tokens=3))
+            await asyncio.sleep(0)
+            assert len(sent) == 2  # only once
+        finally:
+            gateway._socket.close()
+
+    asyncio.run(scenario())
