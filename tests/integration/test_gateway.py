@@ -370,3 +370,21 @@ def test_sigterm_finishes_open_streams_and_refuses_new_requests(tmp_path: Path) 
         assert served.cluster.processes["coordinator"].wait(timeout=WAIT_S) == 0
     finally:
         served.stop()
+
+
+def test_a_failure_after_streaming_began_is_an_error_event(tmp_path: Path) -> None:
+    served = Gateway(tmp_path, "--max-attempts", "1")
+    try:
+        served.cluster.start_agent("doomed", *SLOW)
+        served.cluster.wait_for_agents(1)
+        stream = served.openai().completions.create(
+            model="slow", prompt="until the agent dies", max_tokens=1000, stream=True
+        )
+        texts = [next(iter(stream)).choices[0].text]
+        served.cluster.kill("doomed")
+        with pytest.raises(openai.APIError) as error:
+            texts += [chunk.choices[0].text for chunk in stream]
+        assert error.value.code == "agent_failure" and "limit 1" in error.value.message
+        assert texts[0]
+    finally:
+        served.stop()
