@@ -148,6 +148,10 @@ def main() -> None:
         },
         "all_rounds": {name: [round(v, 1) for v in values] for name, values in rates.items()},
         "http_vs_sdk": round(medians["http"] / medians["sdk"], 3),
+        # Each round's two runs are adjacent: their ratio cancels slow drifts in machine load.
+        "median_round_ratio": round(
+            statistics.median(h / s for h, s in zip(rates["http"], rates["sdk"], strict=True)), 3
+        ),
     }
     text = json.dumps(report, indent=2)
     print(text)
