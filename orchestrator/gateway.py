@@ -417,7 +417,7 @@ def _rest_of_context(prompt: str, model: str | None, models: ModelView) -> int:
     if model is not None and model in models.served:
         contexts = [models.served[model]]
     if not contexts:
-        return GenerationParams.model_fields["max_tokens"].default  # type: ignore[no-any-return]
+        return GenerationParams().max_tokens
     return max(1, min(contexts) - models.count_tokens(prompt, model))
 
 
