@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy", default="srtf", help="ordering policy (default srtf)")
     up.add_argument("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT)
     up.add_argument("--clients-endpoint", default=DEFAULT_CLIENTS_ENDPOINT)
+    up.add_argument("--http", default=None, help="HOST:PORT of the HTTP gateway (default: off)")
     up.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")
     up.add_argument("--max-seqs", type=int, default=None)
     up.add_argument("--n-ctx", type=int, default=None)
@@ -383,6 +384,7 @@ def _run_up(args: argparse.Namespace) -> int:
             args.clients_endpoint,
             "--policy",
             args.policy,
+            *(["--http", args.http] if args.http else []),
         ]
     ]
     for index in range(1, args.agents + 1):

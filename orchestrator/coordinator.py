@@ -2,12 +2,15 @@
 
 Everything that decides (ordering, placement, rejection) lives in ``orchestrator.core``; this
 module turns frames into table events, asks ``decide`` what to do, and turns its actions back into
-frames. Agents connect to ``agents_endpoint``, clients to ``clients_endpoint``.
+frames. Agents connect to ``agents_endpoint``, clients to ``clients_endpoint``; with ``http`` set,
+the OpenAI-compatible gateway (``orchestrator.gateway``) runs in the same event loop as an
+in-process client, and ``orchestrator.metrics`` records what happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -48,6 +51,7 @@ from orchestrator.errors import (
     error_from_wire,
 )
 from orchestrator.journal import AcceptOp, ChunkOp, DispatchOp, EndOp, Journal, JournalOp
+from orchestrator.metrics import CoordinatorMetrics
 from orchestrator.protocol import (
     AGENT_MESSAGES,
     CLIENT_MESSAGES,
@@ -83,6 +87,7 @@ from orchestrator.protocol import (
 from orchestrator.settings import CoordinatorSettings
 
 if TYPE_CHECKING:
+    from orchestrator.gateway import Gateway
     from orchestrator.prediction import Predicted, PredictionService
 from orchestrator.tokens import EstimatedTokenCounter, TokenCounter
 
@@ -157,7 +162,7 @@ class Coordinator:
         self._wall_clock = wall_clock
         self._journal = journal
         self._ops: list[JournalOp] = []
-        self._outbox: list[tuple[zmq.asyncio.Socket, bytes, bytes]] = []
+        self._outbox: list[Callable[[], object]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._journal_failed: asyncio.Future[None] | None = None
         self._pruned_s = 0.0
@@ -175,6 +180,10 @@ class Coordinator:
         self._client_socket: zmq.asyncio.Socket | None = None
         self.ready = asyncio.Event()
         self._draining = False
+        self.metrics = CoordinatorMetrics(self)
+        self.gateway: Gateway | None = None
+        self._local: dict[bytes, Callable[[WireModel], None]] = {}
+        self._local_numbers = itertools.count(1)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -202,6 +211,10 @@ class Coordinator:
             self._client_socket = transport.router(
                 self._context, self.settings.clients_endpoint, curve=keys, role="clients"
             )
+            if self.settings.http is not None:
+                from orchestrator.gateway import Gateway
+
+                self.gateway = Gateway(self)
             log.info(
                 "coordinator listening: agents %s, clients %s, policy %s, CURVE %s",
                 self.settings.agents_endpoint,
@@ -217,6 +230,8 @@ class Coordinator:
                 self._schedule_loop(),
                 self._watch_journal(),
             ]
+            if self.gateway is not None:
+                workers.append(self.gateway.serve())
             if drain is not None:
                 workers.append(
                     drain_then_stop(
@@ -270,6 +285,38 @@ class Coordinator:
 
     def _idle(self) -> bool:
         return self._in_flight() == 0
+
+    # --- in-process clients and read-only views (the HTTP gateway, metrics) --------------------
+
+    def connect_local(self, deliver: Callable[[WireModel], None]) -> bytes:
+        """Register an in-process client: replies to the returned identity go to ``deliver``
+        instead of the clients socket. (ZeroMQ's own identities are 5 bytes or never start with
+        a zero byte, so these cannot collide with a remote client's.)"""
+        identity = b"\x00local-%d" % next(self._local_numbers)
+        self._local[identity] = deliver
+        return identity
+
+    def send_local(self, identity: bytes, message: Submit | CancelRequest) -> None:
+        """A message from an in-process client, handled exactly as one from the socket."""
+        self._on_client_message(identity, message, self._clock())
+
+    def now(self) -> float:
+        return self._clock()
+
+    def waiting(self) -> int:
+        """Requests accepted (or being admitted) and not yet placed."""
+        return self.table.count(RequestState.QUEUED) + len(self._admitting)
+
+    def agent_sessions(self) -> list[AgentSession]:
+        return list(self._agents.values())
+
+    @property
+    def token_counter(self) -> TokenCounter:
+        return self._tokens
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -336,15 +383,22 @@ class Coordinator:
                 continue
             identity, frame = frames
             message = decode(frame, CLIENT_MESSAGES)
-            now = self._clock()
-            if isinstance(message, ProtocolError):
-                self._reply_client(identity, _error_reply(_client_facing(message)))
-            elif isinstance(message, Submit):
-                self._on_submit(identity, message, now)
-            elif isinstance(message, CancelRequest):
-                self._on_cancel(identity, message.request_id, now)
-            elif isinstance(message, StatusQuery):
-                self._reply_client(identity, self.status(message.query_id, now, message.request_id))
+            self._on_client_message(identity, message, self._clock())
+
+    def _on_client_message(
+        self,
+        identity: bytes,
+        message: Submit | CancelRequest | StatusQuery | ProtocolError,
+        now: float,
+    ) -> None:
+        if isinstance(message, ProtocolError):
+            self._refuse(identity, _client_facing(message))
+        elif isinstance(message, Submit):
+            self._on_submit(identity, message, now)
+        elif isinstance(message, CancelRequest):
+            self._on_cancel(identity, message.request_id, now)
+        elif isinstance(message, StatusQuery):
+            self._reply_client(identity, self.status(message.query_id, now, message.request_id))
 
     # --- agent events -----------------------------------------------------------------------
 
@@ -429,6 +483,7 @@ class Coordinator:
             )
             return
         offset = record.text_chars
+        first = record.first_token_s is None
         self.table.add_tokens(
             record.request_id,
             message.text,
@@ -446,6 +501,7 @@ class Coordinator:
                 session.profile.model_name,
             )
         )
+        self.metrics.tokens(record, session.agent_id, message.n_tokens, first, now)
         route = self._routes.get(record.request_id)
         if route is not None and route.stream and message.text:
             self._stream(route, record.request_id, message.text, offset)
@@ -480,6 +536,7 @@ class Coordinator:
                 attempt=result.attempts,
             )
         )
+        self.metrics.finished(record, now)
         predicted = self._predicted.pop(record.request_id, None)
         if (
             predicted is not None
@@ -506,6 +563,7 @@ class Coordinator:
                 error.code,
             )
             self.table.requeue(record.request_id, agent_failed=False)
+            self.metrics.requeued(record.request_id, "agent_refused")
         else:
             self._fail(record.request_id, error, now)
         self._schedule_needed.set()
@@ -522,23 +580,21 @@ class Coordinator:
             refusal = Unavailable(
                 "the coordinator is shutting down and accepts no new requests", draining=True
             )
-            self._reply_client(identity, _error_reply(refusal, message.request_id))
+            self._refuse(identity, refusal, message.request_id)
             return
         if request_id in self._admitting:
             return
         queued = self.table.count(RequestState.QUEUED) + len(self._admitting)
         if queued >= self.settings.max_queue:
-            self._reply_client(
+            self._refuse(
                 identity,
-                _error_reply(
-                    Overloaded(
-                        f"queue is full ({queued} of {self.settings.max_queue} requests waiting)",
-                        queued=queued,
-                        max_queue=self.settings.max_queue,
-                        retry_after_s=OVERLOADED_RETRY_AFTER_S,
-                    ),
-                    message.request_id,
+                Overloaded(
+                    f"queue is full ({queued} of {self.settings.max_queue} requests waiting)",
+                    queued=queued,
+                    max_queue=self.settings.max_queue,
+                    retry_after_s=OVERLOADED_RETRY_AFTER_S,
                 ),
+                message.request_id,
             )
             return
         if self._predictions is None:
@@ -697,6 +753,7 @@ class Coordinator:
                 session.identity, CancelRun(request_id=record.request_id, attempt=record.attempt)
             )
         self.table.requeue(record.request_id, agent_failed=False, preempted=action.reason)
+        self.metrics.requeued(record.request_id, f"preempted_{action.reason}")
         log.info(
             "request %s preempted on %s (%s)", record.request_id, action.agent_id, action.reason
         )
@@ -732,6 +789,7 @@ class Coordinator:
         if record.attempt == 1:
             record.dispatched_s = now
         self._write(DispatchOp(record.request_id, record.attempt))
+        self.metrics.dispatched(record, now)
         self._send_agent(
             session.identity,
             Dispatch(
@@ -757,6 +815,7 @@ class Coordinator:
             self._ping_agents(now)
             for request_id in self.table.prune(now, self.settings.result_retention_s):
                 self._routes.pop(request_id, None)
+                self.metrics.forget(request_id)
             if self._journal is not None and now - self._pruned_s >= JOURNAL_PRUNE_INTERVAL_S:
                 self._pruned_s = now
                 self._flush()
@@ -804,6 +863,7 @@ class Coordinator:
                 )
             else:
                 self.table.requeue(record.request_id, agent_failed=blamed)
+                self.metrics.requeued(record.request_id, reason.replace("-", "").replace(" ", "_"))
                 log.info(
                     "request %s requeued as attempt %d: %s",
                     record.request_id,
@@ -817,10 +877,17 @@ class Coordinator:
     def _fail(self, request_id: RequestId, error: EdgeorchError, now: float) -> None:
         self.table.fail(request_id, error, now)
         self._write(EndOp(request_id, RequestState.FAILED, self._wall(now), error=error))
+        self.metrics.refused(error.code)
+        self.metrics.forget(request_id)
         self._predicted.pop(request_id, None)
         route = self._routes.get(request_id)
         if route is not None:
             self._reply_client(route.identity, _error_reply(error, request_id))
+
+    def _refuse(self, identity: bytes, error: EdgeorchError, request_id: str | None = None) -> None:
+        """Refuse a message before it became a request (counted by reason)."""
+        self.metrics.refused("draining" if error.details.get("draining") else error.code)
+        self._reply_client(identity, _error_reply(error, request_id))
 
     def _send_result(self, record: RequestRecord, session: AgentSession | None) -> None:
         route = self._routes.get(record.request_id)
@@ -892,8 +959,15 @@ class Coordinator:
         self._send(self._agent_socket, identity, message)
 
     def _reply_client(self, identity: bytes, message: WireModel) -> None:
-        assert self._client_socket is not None
-        self._send(self._client_socket, identity, message)
+        deliver = self._local.get(identity)
+        if deliver is None:
+            assert self._client_socket is not None
+            self._send(self._client_socket, identity, message)
+        elif self._journal is None:
+            deliver(message)
+        else:
+            self._outbox.append(functools.partial(deliver, message))
+            self._schedule_flush()
 
     # --- journal ----------------------------------------------------------------------------
 
@@ -913,7 +987,7 @@ class Coordinator:
         if self._journal is None:
             socket.send_multipart([identity, encode(message)])
             return
-        self._outbox.append((socket, identity, encode(message)))
+        self._outbox.append(functools.partial(socket.send_multipart, [identity, encode(message)]))
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -923,7 +997,8 @@ class Coordinator:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Commit the pending ops as one transaction, then send the frames that waited."""
+        """Commit the pending ops as one transaction, then send the frames (and in-process
+        gateway replies) that waited."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -939,8 +1014,8 @@ class Coordinator:
                 if self._journal_failed is not None and not self._journal_failed.done():
                     self._journal_failed.set_exception(exc)
                 return
-        for socket, identity, frame in outbox:
-            socket.send_multipart([identity, frame])
+        for send in outbox:
+            send()
 
 
 def _result(record: RequestRecord, agent: str | None) -> Result:

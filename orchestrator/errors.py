@@ -6,14 +6,16 @@ matching message text::
 
     EdgeorchError
     ├── InvalidRequest            invalid_request      bad parameters, empty prompt, unknown fields
-    │   └── ContextOverflow       context_overflow     prompt + max_tokens beyond the context
+    │   ├── ContextOverflow       context_overflow     prompt + max_tokens beyond the context
+    │   ├── Unsupported           unsupported          a known feature edgeorch does not offer
+    │   └── ModelNotFound         model_not_found      no live agent serves the named model
     ├── ProtocolError             protocol_error       a frame that is not a valid message
     ├── Unavailable               unavailable          no capable agent within the timeout (retry)
     ├── Overloaded                overloaded           the queue is full (retry after a while)
     ├── AgentFailure              agent_failure        the request kept killing its agents
     ├── Cancelled                 cancelled            cancelled by the client or on shutdown
     ├── RequestTimeout            timeout              the client gave up waiting
-    ├── Unauthorized              unauthorized         the coordinator refused this peer's key
+    ├── Unauthorized              unauthorized         a refused CURVE key or HTTP API key
     └── InternalError             internal             a bug: please report it
 
 An error crosses the wire as ``(code, message, retryable, details)``; ``error_from_wire`` rebuilds
@@ -51,6 +53,18 @@ class ContextOverflow(InvalidRequest):
     """Prompt tokens plus max_tokens exceed the context of every capable agent."""
 
     code = "context_overflow"
+
+
+class Unsupported(InvalidRequest):
+    """A valid request for a feature edgeorch does not offer (e.g. ``n`` > 1, tools)."""
+
+    code = "unsupported"
+
+
+class ModelNotFound(InvalidRequest):
+    """The request names a model that no live agent serves; ``details['served']`` lists them."""
+
+    code = "model_not_found"
 
 
 class ProtocolError(EdgeorchError):
@@ -93,8 +107,9 @@ class RequestTimeout(EdgeorchError):
 
 
 class Unauthorized(EdgeorchError):
-    """The CURVE handshake failed: no key, a key not on the allow list, or a wrong server key.
-    Retrying does not help until an operator fixes the keys."""
+    """The peer could not prove who it is: a CURVE handshake refused (no key, a key not on the
+    allow list, a wrong server key) or an HTTP request without a valid API key. Retrying does
+    not help until the keys are fixed."""
 
     code = "unauthorized"
 
@@ -110,6 +125,8 @@ ERRORS_BY_CODE: Mapping[str, type[EdgeorchError]] = {
     for cls in (
         InvalidRequest,
         ContextOverflow,
+        Unsupported,
+        ModelNotFound,
         ProtocolError,
         Unavailable,
         Overloaded,

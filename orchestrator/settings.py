@@ -46,6 +46,14 @@ class CoordinatorSettings(Settings):
         DEFAULT_CLIENTS_ENDPOINT, description="ROUTER that clients connect to"
     )
     http: str | None = Field(None, description="HOST:PORT of the HTTP gateway (off when unset)")
+    http_api_keys: str | None = Field(
+        None,
+        description="comma-separated bearer keys the HTTP gateway's /v1 routes require "
+        "(prefer the environment or a keys file to a flag; off when neither is set)",
+    )
+    http_api_keys_file: str | None = Field(
+        None, description="file of bearer keys for the HTTP gateway, one a line ('#' comments)"
+    )
     policy: str = Field("srtf", description="ordering policy: fcfs, sjf, srtf or mlfq")
     placement: str = Field(
         "predicted", description="placement: predicted, least-loaded or round-robin"

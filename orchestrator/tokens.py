@@ -9,12 +9,24 @@ bytes and leaves the exact check to the agent, which answers a typed ``context_o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
 BYTES_PER_TOKEN_ESTIMATE: Final = 3.5
 """UTF-8 bytes per Gemma 3 token on English prose and code; deliberately on the low side so the
 estimate errs towards more tokens (a larger KV reservation) rather than fewer."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """A GGUF's Jinja chat template (``tokenizer.chat_template``) and the texts of the special
+    tokens templates refer to as ``bos_token`` and ``eos_token``."""
+
+    model_name: str
+    source: str
+    bos_token: str
+    eos_token: str
 
 
 class TokenCounter(Protocol):
@@ -42,6 +54,23 @@ class GgufTokenCounter:
             self._llama = library.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
         self.model_name = str(self._llama.metadata.get("general.name", model_path.stem))
         self._fallback = EstimatedTokenCounter()
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        self.chat_template = (
+            ChatTemplate(
+                self.model_name,
+                str(template),
+                bos_token=self._token_text(self._llama.token_bos()),
+                eos_token=self._token_text(self._llama.token_eos()),
+            )
+            if template
+            else None
+        )
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text: bytes = self._llama.detokenize([token], special=True)
+        return text.decode("utf-8", errors="replace")
 
     def count(self, text: str, model: str | None) -> tuple[int, bool]:
         if model != self.model_name:
