@@ -33,6 +33,7 @@ from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
 from orchestrator.llamalib import llama_cpp
 from orchestrator.protocol import Backend, FinishReason
+from orchestrator.tokens import without_doubled_bos
 
 log = logging.getLogger("edgeorch.engine")
 
@@ -185,18 +186,22 @@ class LlamaEngine:
 
     # --- Engine interface -------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special`` parses control-token texts (``<start_of_turn>``)
+        as the control tokens, as llama-server does for prompts, so chat-template renderings
+        work; a BOS the text itself starts with is not doubled."""
         data = text.encode("utf-8")
         capacity = len(data) + 2
         tokens = (self._lib.llama_token * capacity)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos, False)
+        lib = self._lib
+        n = lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos, special)
         if n < 0:
             tokens = (self._lib.llama_token * -n)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, -n, add_bos, False)
-        return list(tokens[:n])
+            n = lib.llama_tokenize(self._vocab, data, len(data), tokens, -n, add_bos, special)
+        return without_doubled_bos(list(tokens[:n]), lib.llama_vocab_bos(self._vocab))
 
     def add(self, spec: SequenceSpec) -> list[EngineEvent]:
-        prompt = self.tokenize(spec.prompt, add_bos=True)
+        prompt = self.tokenize(spec.prompt, add_bos=True, special=True)
         prompt_tokens = len(prompt)
         resume_ids = spec.resume_ids_for(self.model_name)
         if resume_ids is not None:

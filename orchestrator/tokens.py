@@ -75,4 +75,13 @@ class GgufTokenCounter:
     def count(self, text: str, model: str | None) -> tuple[int, bool]:
         if model != self.model_name:
             return self._fallback.count(text, model)
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)), True
+        tokens = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return len(without_doubled_bos(tokens, self._llama.token_bos())), True
+
+
+def without_doubled_bos(tokens: list[int], bos: int) -> list[int]:
+    """Drop the BOS the tokenizer added when the text began with its own (a chat template
+    rendering ``{{ bos_token }}``): agents and the coordinator count prompts the same way."""
+    if bos >= 0 and len(tokens) >= 2 and tokens[0] == tokens[1] == bos:
+        return tokens[1:]
+    return tokens

@@ -270,3 +270,24 @@ def test_gpu_layers_on_a_cpu_build_fall_back_with_one_warning(
         assert next(iter(done.values()))[1].completion_tokens == 3
     finally:
         engine.close()
+
+
+def test_prompts_parse_control_tokens_like_the_coordinators_count(
+    engine: LlamaEngine, model_path: Path
+) -> None:
+    """A chat-template rendering reaches the model as control tokens, a leading BOS text is not
+    doubled, and the coordinator's exact count equals what the agent feeds the model."""
+    from orchestrator.tokens import GgufTokenCounter
+
+    counter = GgufTokenCounter(model_path)
+    bos = engine.tokenize("", add_bos=True)[0]
+    turn = engine.tokenize("<start_of_turn>", add_bos=False, special=True)
+    assert len(turn) == 1
+    assert len(engine.tokenize("<start_of_turn>", add_bos=False)) > 1  # as text otherwise
+    rendered = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    tokens = engine.tokenize(rendered, add_bos=True, special=True)
+    assert tokens[0] == bos and tokens[1] != bos
+    assert tokens[1] == turn[0]
+    for prompt in (rendered, "Plain text, no markers.", "<start_of_turn>user\nHi"):
+        agent = engine.tokenize(prompt, add_bos=True, special=True)
+        assert counter.count(prompt, counter.model_name) == (len(agent), True)
