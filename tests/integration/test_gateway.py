@@ -373,7 +373,9 @@ def test_sigterm_finishes_open_streams_and_refuses_new_requests(tmp_path: Path) 
 
 
 def test_a_failure_after_streaming_began_is_an_error_event(tmp_path: Path) -> None:
-    served = Gateway(tmp_path, "--max-attempts", "1")
+    """The only agent dies mid-stream: the request (not blamed, it was making progress) waits
+    for another agent, none comes, and the open stream ends with an error event."""
+    served = Gateway(tmp_path, "--unavailable-timeout-s", "1")
     try:
         served.cluster.start_agent("doomed", *SLOW)
         served.cluster.wait_for_agents(1)
@@ -384,7 +386,7 @@ def test_a_failure_after_streaming_began_is_an_error_event(tmp_path: Path) -> No
         served.cluster.kill("doomed")
         with pytest.raises(openai.APIError) as error:
             texts += [chunk.choices[0].text for chunk in stream]
-        assert error.value.code == "agent_failure" and "limit 1" in error.value.message
+        assert error.value.code == "unavailable" and "no agent" in error.value.message
         assert texts[0]
     finally:
         served.stop()
