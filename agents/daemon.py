@@ -29,7 +29,7 @@ import zmq.asyncio
 from agents.base import Completed, Emitted, Engine, EngineEvent, Rejected, SequenceKey, SequenceSpec
 from orchestrator import transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
-from orchestrator.auth import ClientKeys, handshake_failures, handshake_monitor, secure_client
+from orchestrator.auth import ClientKeys, handshake_failures
 from orchestrator.errors import InternalError, Overloaded, ProtocolError
 from orchestrator.protocol import (
     AGENT_COMMANDS,
@@ -238,13 +238,9 @@ class AgentDaemon:
                 task.cancel()
         if self._socket is not None:
             self._socket.close(linger=0)
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.ROUTING_ID, self._identity)
-        transport.configure(socket)
-        if self.curve is not None:
-            secure_client(socket, self.curve)
-        monitor = handshake_monitor(socket)
-        socket.connect(self.endpoint)
+        socket, monitor = transport.monitored_dealer(
+            self._context, self.endpoint, curve=self.curve, routing_id=self._identity
+        )
         self._socket = socket
         loop = asyncio.get_running_loop()
         self._receiver = loop.create_task(self._receive(socket))

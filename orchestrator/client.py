@@ -29,7 +29,7 @@ import zmq.asyncio
 from pydantic import ValidationError
 
 from orchestrator import transport
-from orchestrator.auth import client_keys, handshake_failures, handshake_monitor, secure_client
+from orchestrator.auth import client_keys, handshake_failures
 from orchestrator.errors import (
     EdgeorchError,
     InvalidRequest,
@@ -228,14 +228,12 @@ class AsyncClient:
     def _connect(self) -> zmq.asyncio.Socket:
         if self._socket is None:
             self._context = zmq.asyncio.Context()
-            socket = self._context.socket(zmq.DEALER)
-            transport.configure(socket)
-            socket.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
-            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS)
-            if self.curve is not None:
-                secure_client(socket, self.curve)
-            monitor = handshake_monitor(socket)
-            socket.connect(self.endpoint)
+            socket, monitor = transport.monitored_dealer(
+                self._context,
+                self.endpoint,
+                curve=self.curve,
+                zmtp_heartbeat_ms=(ZMTP_HEARTBEAT_IVL_MS, ZMTP_HEARTBEAT_TIMEOUT_MS),
+            )
             self._socket = socket
             loop = asyncio.get_running_loop()
             self._tasks = [

@@ -8,7 +8,14 @@ from typing import Any, Final
 import zmq
 import zmq.asyncio
 
-from orchestrator.auth import ClientKeys, KeyPair, Role, secure_client, secure_server
+from orchestrator.auth import (
+    ClientKeys,
+    KeyPair,
+    Role,
+    handshake_monitor,
+    secure_client,
+    secure_server,
+)
 from orchestrator.protocol import MAX_FRAME_BYTES
 
 USER_ID: Final = "User-Id"
@@ -53,12 +60,50 @@ def dealer(
 ) -> zmq.asyncio.Socket:
     """A DEALER connected to ``endpoint`` (ZeroMQ reconnects by itself if the peer restarts),
     as a CURVE client when given keys."""
+    socket, _ = _dealer(context, endpoint, curve, monitored=False)
+    return socket
+
+
+def monitored_dealer(
+    context: zmq.asyncio.Context,
+    endpoint: str,
+    *,
+    curve: ClientKeys | None = None,
+    routing_id: bytes | None = None,
+    zmtp_heartbeat_ms: tuple[int, int] | None = None,
+) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+    """A DEALER as ``dealer`` makes, and the handshake monitor attached to it before it
+    connected, so no handshake is missed (``auth.handshake_failures`` reads it). Optionally a
+    fixed routing id (a reconnect takes over its session) and ZMTP heartbeats as (interval,
+    timeout) in milliseconds (a dead link is noticed without application traffic)."""
+    socket, monitor = _dealer(
+        context, endpoint, curve, monitored=True, routing_id=routing_id, heartbeat=zmtp_heartbeat_ms
+    )
+    assert monitor is not None
+    return socket, monitor
+
+
+def _dealer(
+    context: zmq.asyncio.Context,
+    endpoint: str,
+    curve: ClientKeys | None,
+    *,
+    monitored: bool,
+    routing_id: bytes | None = None,
+    heartbeat: tuple[int, int] | None = None,
+) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket | None]:
     socket = context.socket(zmq.DEALER)
     configure(socket)
+    if routing_id is not None:
+        socket.setsockopt(zmq.ROUTING_ID, routing_id)
+    if heartbeat is not None:
+        socket.setsockopt(zmq.HEARTBEAT_IVL, heartbeat[0])
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat[1])
     if curve is not None:
         secure_client(socket, curve)
+    monitor = handshake_monitor(socket) if monitored else None
     socket.connect(endpoint)
-    return socket
+    return socket, monitor
 
 
 async def receive(
