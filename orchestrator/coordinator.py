@@ -158,6 +158,7 @@ class Coordinator:
         self._predictions = predictions
         self._predicted: dict[RequestId, Predicted] = {}
         self._admitting: set[RequestId] = set()
+        self._cancel_on_admit: set[RequestId] = set()
         self._clock = clock
         self._wall_clock = wall_clock
         self._journal = journal
@@ -615,6 +616,9 @@ class Coordinator:
         finally:
             self._admitting.discard(RequestId(message.request_id))
         self._admit(identity, message, arrival_s, predicted)
+        if RequestId(message.request_id) in self._cancel_on_admit:
+            self._cancel_on_admit.discard(RequestId(message.request_id))
+            self._on_cancel(identity, message.request_id, self._clock())
 
     def _admit(
         self, identity: bytes, message: Submit, arrival_s: float, predicted: Predicted | None
@@ -690,6 +694,10 @@ class Coordinator:
 
     def _on_cancel(self, identity: bytes, request_id: str, now: float) -> None:
         record = self.table.get(RequestId(request_id))
+        if record is None and RequestId(request_id) in self._admitting:
+            # Still being predicted: cancel it the moment it is admitted (and journaled).
+            self._cancel_on_admit.add(RequestId(request_id))
+            return
         if record is None or record.state.terminal:
             return
         if record.agent_id is not None:

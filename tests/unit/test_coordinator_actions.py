@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from orchestrator.coordinator import MAX_CHUNK_CHARS_PER_TOKEN, AgentSession, Coordinator
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
-from orchestrator.protocol import AgentId, CancelRun, Dispatch, RequestId, TokenChunk, WireModel
+from orchestrator.protocol import (
+    AgentId,
+    CancelRequest,
+    CancelRun,
+    Dispatch,
+    ErrorReply,
+    RequestId,
+    Submit,
+    TokenChunk,
+    WireModel,
+)
 from orchestrator.settings import CoordinatorSettings
 from tests.factories import params, profile, record
 
@@ -117,3 +128,32 @@ def test_chunks_beyond_the_token_budget_or_text_bound_are_dropped() -> None:
     chunk(" c", 1)
     r1 = c.table[RequestId("r1")]
     assert (r1.text, r1.generated_tokens) == (" a b c", 3)
+
+
+def test_a_cancel_while_the_request_is_being_predicted_cancels_it_once_admitted() -> None:
+    class HeldPredictions:
+        """Predictions that return only when released (a slow predictor)."""
+
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        async def predict(self, prompt: str, model: str | None) -> None:
+            await self.release.wait()
+
+    async def scenario() -> tuple[Coordinator, list[WireModel]]:
+        predictions = HeldPredictions()
+        c = Coordinator(CoordinatorSettings(), predictions=predictions)  # type: ignore[arg-type]
+        replies: list[WireModel] = []
+        client = c.connect_local(replies.append)
+        c.send_local(client, Submit(request_id="r1", prompt="hello", params=params()))
+        await asyncio.sleep(0)
+        c.send_local(client, CancelRequest(request_id="r1"))
+        predictions.release.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        return c, replies
+
+    c, replies = asyncio.run(scenario())
+    assert c.table[RequestId("r1")].state is RequestState.CANCELLED
+    assert [type(r).__name__ for r in replies] == ["Accepted", "ErrorReply"]
+    assert isinstance(replies[1], ErrorReply) and replies[1].error.code == "cancelled"
