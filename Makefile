@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/edgeorch up --agents 2 --backend llama
+	$(BIN)/edgeorch up --agents 2 --backend llama --http 127.0.0.1:8000
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
