@@ -22,7 +22,12 @@ from orchestrator.predictor.model import (
     LengthPredictor,
     shipped_model_dir,
 )
-from orchestrator.predictor.train import ENCODER_LAYERS, TrainingSet, fit_head
+from orchestrator.predictor.train import (
+    ENCODER_LAYERS,
+    fit_head,
+    group_records,
+    weighted_records,
+)
 
 SHARED_LENGTHS = Path(os.environ.get("EDGEORCH_SHARED_DATA", "../shared/data")) / "lengths"
 
@@ -59,15 +64,12 @@ class Embedder:
 
 
 def train_predictor_dir(
-    embedder: Embedder,
-    prompts: list[str],
-    tokens: np.ndarray,
-    sources: list[str],
-    seed: int,
-    out: Path,
+    embedder: Embedder, training: list[LengthRecord], seed: int, out: Path
 ) -> LengthPredictor:
-    """Fit the recipe's head on (prompts, tokens) and pair it with the shipped ONNX encoder."""
-    data = TrainingSet(prompts=prompts, sources=sources, log_tokens=np.log1p(tokens))
+    """Fit the recipe's head on length records (weighted and grouped as the recipe does,
+    CC BY-NC sources allowed: measurement only) and pair it with the shipped ONNX encoder."""
+    data = group_records(weighted_records(training), measurement_only=True)
+    prompts = data.prompts
     head, _ = fit_head(embedder(prompts), cue_feature_matrix(prompts), data, seed, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
     shipped = shipped_model_dir()

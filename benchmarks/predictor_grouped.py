@@ -3,9 +3,11 @@
     python benchmarks/predictor_grouped.py [--seeds 0 1 2 3 4] [--json]
 
 alpaca_eval's prompts minus the 80 Vicuna questions are split 80/20 by prompt (every
-model's answers to a held-out prompt stay out of training); the recipe's head is trained on
-the 80% with target = median length over the 12 models, and Kendall tau-b is measured on the
-20% through the ONNX runtime. A TF-IDF ridge baseline on the same split is shown for scale.
+model's answers to a held-out prompt stay out of training). The recipe's head is trained as
+the recipe trains it (mean log length over the answering models, sources at equal shares,
+penalty by cross-validation) on the 80% plus the recipe's own vendored data except
+Vicuna-80, and Kendall tau-b against the median length over the 12 models is measured on the
+20% through the ONNX runtime. A TF-IDF ridge baseline (80% only) is shown for scale.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from benchmarks._predictor_common import (
     scratch_dir,
     train_predictor_dir,
 )
+from orchestrator.predictor.data import load_records
 from orchestrator.predictor.evaluate import kendall_tau_b
+from orchestrator.predictor.train import DEFAULT_DATA_DIR
 
 HOLDOUT_SHARE = 0.2
 
@@ -46,9 +50,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     vicuna = {r.prompt for r in records("vicuna80.jsonl")}
-    prompts, medians = median_by_prompt(
-        [r for r in records("alpaca_eval.jsonl") if r.prompt not in vicuna]
-    )
+    alpaca_eval = [r for r in records("alpaca_eval.jsonl") if r.prompt not in vicuna]
+    prompts, medians = median_by_prompt(alpaca_eval)
+    recipe_data = [
+        r
+        for path in sorted(DEFAULT_DATA_DIR.glob("*.jsonl"))
+        for r in load_records(path)
+        if r.source != "vicuna80" and r.prompt not in vicuna
+    ]
     embedder = Embedder()
     rows = []
     for seed in args.seeds:
@@ -57,9 +66,9 @@ def main() -> None:
         test, train = order[:n_test], order[n_test:]
         train_p = [prompts[i] for i in train]
         test_p = [prompts[i] for i in test]
-        predictor = train_predictor_dir(
-            embedder, train_p, medians[train], ["alpaca_eval"] * len(train), seed, scratch_dir()
-        )
+        held_out = set(test_p)
+        training = [r for r in alpaca_eval if r.prompt not in held_out] + recipe_data
+        predictor = train_predictor_dir(embedder, training, seed, scratch_dir())
         predicted = [p.quantiles[0.5] for p in predictor.predict_batch(test_p)]
         tau = kendall_tau_b(predicted, medians[test])
         base = tfidf_ridge_tau(train_p, medians[train], test_p, medians[test])

@@ -72,22 +72,12 @@ def lodo_scores() -> dict[str, dict[str, float]]:
     for path in sorted(Path(DEFAULT_DATA_DIR).glob("*.jsonl")):
         for rec in load_records(path):
             by_source[rec.source].append(rec)
-    grouped = {s: median_by_prompt(rows) for s, rows in sorted(by_source.items())}
     embedder = Embedder()
     out = {}
-    for held in grouped:
-        prompts: list[str] = []
-        tokens: list[np.ndarray] = []
-        sources: list[str] = []
-        for s, (p, y) in grouped.items():
-            if s != held:
-                prompts += p
-                tokens.append(y)
-                sources += [s] * len(p)
-        predictor = train_predictor_dir(
-            embedder, prompts, np.concatenate(tokens), sources, 0, scratch_dir()
-        )
-        out[f"lodo:{held}"] = score(predictor, *grouped[held])
+    for held, rows in sorted(by_source.items()):
+        training = [r for s, other in by_source.items() if s != held for r in other]
+        predictor = train_predictor_dir(embedder, training, 0, scratch_dir())
+        out[f"lodo:{held}"] = score(predictor, *median_by_prompt(rows))
         print(f"lodo {held}: {out[f'lodo:{held}']}", flush=True)
     return out
 
