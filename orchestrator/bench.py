@@ -29,10 +29,10 @@ from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.errors import InvalidRequest
 from orchestrator.lengths import (
     FakePredictor,
+    RealEstimates,
     exact_estimates,
     kendall_tau,
     parse_predictor,
-    real_estimates,
 )
 from orchestrator.sim import SIM_UNAVAILABLE_TIMEOUT_S, Cluster, SimReport, SimRequest, Simulator
 from orchestrator.tokens import EstimatedTokenCounter
@@ -66,6 +66,7 @@ class BenchSpec:
     predictor: str
     seed: int
     starvation_s: float = STARVATION_AGE_S
+    adapt_every: int = 0
     live: LiveCluster | None = None
 
 
@@ -123,6 +124,10 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         if value is not None and value < 1:
             raise InvalidRequest(f"{flag} must be at least 1, got {value}", field=flag[2:])
     parse_predictor(args.predictor)
+    if args.adapt_every < 0:
+        raise InvalidRequest(
+            f"--adapt-every must be 0 or more, got {args.adapt_every}", field="adapt_every"
+        )
     starvation = STARVATION_AGE_S if args.starvation_s is None else args.starvation_s
     _positive(starvation, "--starvation-s")
     if live is not None and len(loads) > 1:
@@ -141,6 +146,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         predictor=args.predictor,
         seed=args.seed,
         starvation_s=starvation,
+        adapt_every=args.adapt_every,
     )
 
 
@@ -199,17 +205,25 @@ def arrival_scale(
     return ((len(rows) - 1) / span) / rate
 
 
+def request_id(index: int) -> str:
+    return f"r{index:05d}"
+
+
 def estimates_for(
     kind: str, tau: float, rows: Sequence[TraceRow], lengths: Sequence[int], spec: BenchSpec
-) -> tuple[list[LengthEstimate], float]:
-    """Estimates for the non-oracle policies and their Kendall tau against the truth."""
+) -> tuple[list[LengthEstimate], RealEstimates | None, float]:
+    """Estimates for the non-oracle policies, the real predictor when it adapts during the
+    run, and the Kendall tau of the (unadapted) estimates against the truth."""
+    online = None
     if kind == "real":
-        estimates = real_estimates([r.prompt for r in rows], spec.length_scale)
+        ids = [request_id(i) for i in range(len(rows))]
+        real = RealEstimates([r.prompt for r in rows], ids, spec.length_scale, spec.adapt_every)
+        estimates = real.base
+        online = real if spec.adapt_every > 0 else None
     else:
         estimates = FakePredictor.for_tau(tau, lengths, spec.seed).estimates(lengths)
-    sample = len(lengths)
-    measured = kendall_tau([e.quantile(0.5) for e in estimates[:sample]], lengths[:sample])
-    return estimates, measured
+    measured = kendall_tau([e.quantile(0.5) for e in estimates], lengths)
+    return estimates, online, measured
 
 
 def run_bench(
@@ -234,7 +248,7 @@ def run_bench(
     assert spec.cluster is not None
     max_tokens = spec.max_output_tokens or max(lengths)
     kind, tau = parse_predictor(spec.predictor)
-    estimates, measured_tau = estimates_for(kind, tau, rows, lengths, spec)
+    estimates, online, measured_tau = estimates_for(kind, tau, rows, lengths, spec)
     truth = exact_estimates(lengths)
     counter = EstimatedTokenCounter()
     prompt_tokens = [counter.count(r.prompt, None)[0] for r in rows]
@@ -251,7 +265,7 @@ def run_bench(
             chosen = truth if policy.needs_truth else estimates
             requests = [
                 SimRequest(
-                    request_id=f"r{i:05d}",
+                    request_id=request_id(i),
                     arrival_s=(row.arrival_s - start) * factor,
                     prompt_tokens=prompt_tokens[i],
                     output_tokens=lengths[i],
@@ -267,8 +281,11 @@ def run_bench(
             )
             label = f"{name} load {load}" if load is not None else f"{name} rate {spec.rate}"
             began, cpu_began = time.perf_counter(), time.process_time()
+            adapting = None if online is None or policy.needs_truth else online.fresh()
             report = Simulator(spec.cluster, config).run(
-                requests, None if progress is None else functools.partial(progress, label)
+                requests,
+                None if progress is None else functools.partial(progress, label),
+                adapting,
             )
             wall = time.perf_counter() - began
             cpu = time.process_time() - cpu_began
@@ -283,6 +300,8 @@ def run_bench(
                 "max_kv_overuse_tokens": round(report.max_kv_overuse_tokens, 3),
                 "makespan_s": round(report.end_s, 3),
             }
+            if adapting is not None:
+                diagnostics[str(load)][name]["predictor_adaptations"] = adapting.adaptations
         sweep.append({"load": load, "policies": results})
     out: dict[str, Any] = {
         "trace": str(spec.trace),
@@ -297,6 +316,8 @@ def run_bench(
     if len(sweep) > 1:
         out["sweep"] = sweep
     out["predictor"] = {"kind": kind, "kendall_tau": round(measured_tau, 4)}
+    if kind == "real":
+        out["predictor"]["adapt_every"] = spec.adapt_every
     out["settings"] = {
         "length_scale": spec.length_scale,
         "max_output_tokens": spec.max_output_tokens,

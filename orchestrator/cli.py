@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from orchestrator.errors import EdgeorchError, InvalidRequest
 from orchestrator.settings import (
+    ADAPT_EVERY,
     DEFAULT_AGENTS_ENDPOINT,
     DEFAULT_CLIENTS_ENDPOINT,
     AgentSettings,
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictor",
         default="fake",
         help="fake[:TAU] (seeded noise around the truth, default tau 0.55) or real",
+    )
+    bench.add_argument(
+        "--adapt-every",
+        type=int,
+        default=ADAPT_EVERY,
+        help="with --predictor real: recalibrate every N completions, as the coordinator "
+        f"does (default {ADAPT_EVERY}; 0: never)",
     )
     bench.add_argument("--seed", type=int, default=1, help="fake predictor's seed")
     bench.add_argument(

@@ -9,6 +9,7 @@ truth is the predicted distribution's draw) and its rank quality is set by ``sig
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections.abc import Sequence
@@ -95,25 +96,90 @@ def exact_estimates(lengths: Sequence[int]) -> list[LengthEstimate]:
     return [LengthEstimate.exact(n) for n in lengths]
 
 
-def real_estimates(prompts: Sequence[str], scale: float) -> list[LengthEstimate]:
-    """Estimates from the shipped predictor (``orchestrator.predictor``), multiplied by the
-    bench's ``--length-scale`` (the trace's answers are scaled the same way)."""
+def _predictor_module() -> Any:
     try:
-        module: Any = importlib.import_module("orchestrator.predictor")
+        return importlib.import_module("orchestrator.predictor")
     except ImportError as exc:
         raise InvalidRequest(
             f"--predictor real needs orchestrator.predictor, which is not installed here ({exc})",
             field="predictor",
         ) from None
-    predictor = module.LengthPredictor.load()
-    out: list[LengthEstimate] = []
-    for prompt in prompts:
-        prediction = predictor.predict(prompt)
-        quantiles = {float(q): float(v) * scale for q, v in prediction.quantiles.items()}
-        if not quantiles:
-            quantiles = {0.5: float(prediction.expected_tokens) * scale}
-        out.append(LengthEstimate.of(float(prediction.expected_tokens) * scale, quantiles))
-    return out
+
+
+class RealEstimates:
+    """The shipped predictor as the coordinator runs it, for the simulator.
+
+    Each request is predicted on arrival. With ``adapt_every`` > 0 the predictor is
+    recalibrated, as the coordinator's automatic mode does, after every ``adapt_every``
+    completions on all completions so far (`fit_calibration` over the stored features), and
+    requests arriving afterwards get the recalibrated prediction. Token counts are multiplied
+    by the bench's ``--length-scale`` (the trace's answers are scaled the same way). The
+    encoder runs once per prompt; ``fresh()`` gives another run the same start.
+    """
+
+    def __init__(
+        self, prompts: Sequence[str], request_ids: Sequence[str], scale: float, adapt_every: int
+    ) -> None:
+        module = _predictor_module()
+        self._adapt: Any = importlib.import_module("orchestrator.predictor.adapt")
+        self._distribution: Any = importlib.import_module("orchestrator.predictor.distribution")
+        self._predictor = module.LengthPredictor.load()
+        self._raw = self._predictor.raw_outputs(list(prompts))
+        self._features = np.hstack([self._raw.embeddings, self._raw.cues]).astype(np.float64)
+        self._loc = self._raw.log_grid[:, len(self._raw.log_grid[0]) // 2].astype(np.float64)
+        self._index = {request_id: i for i, request_id in enumerate(request_ids)}
+        self._scale = scale
+        self.adapt_every = adapt_every
+        self.base = [self._estimate(row) for row in self._raw.log_grid]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._completed: list[tuple[int, float]] = []
+        self._calibrated = False
+        self.adaptations = 0
+
+    def fresh(self) -> RealEstimates:
+        """The same predictions with no completions seen yet."""
+        other = object.__new__(RealEstimates)
+        other.__dict__.update(self.__dict__)
+        other._reset()
+        return other
+
+    def _estimate(self, log_grid: np.ndarray) -> LengthEstimate:
+        prediction = self._distribution.distribution_from_grid(log_grid)
+        quantiles = {float(q): float(v) * self._scale for q, v in prediction.quantiles.items()}
+        return LengthEstimate.of(float(prediction.expected_tokens) * self._scale, quantiles)
+
+    def on_arrival(self, request_id: str) -> LengthEstimate:
+        """What the coordinator would predict for the request now."""
+        i = self._index[request_id]
+        if not self._calibrated:
+            return self.base[i]
+        row = dataclasses.replace(
+            self._raw,
+            embeddings=self._raw.embeddings[i : i + 1],
+            cues=self._raw.cues[i : i + 1],
+            log_grid=self._raw.log_grid[i : i + 1],
+        )
+        return self._estimate(self._predictor.calibrated_grid(row, None)[0])
+
+    def on_completion(self, request_id: str, output_tokens: int) -> None:
+        """Record a finished request; recalibrate every ``adapt_every`` completions."""
+        if self.adapt_every <= 0:
+            return
+        self._completed.append((self._index[request_id], output_tokens / self._scale))
+        if len(self._completed) % self.adapt_every:
+            return
+        rows = np.asarray([i for i, _ in self._completed])
+        data = self._adapt.AdaptationData(
+            loc=self._loc[rows],
+            features=self._features[rows],
+            base_offsets=self._predictor.base_offsets(),
+            target=np.log1p([tokens for _, tokens in self._completed]),
+        )
+        self._predictor.calibrations = {"*": self._adapt.fit_calibration(data, 0)}
+        self._calibrated = True
+        self.adaptations += 1
 
 
 def parse_predictor(spec: str) -> tuple[str, float]:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
@@ -228,6 +228,19 @@ def _whole(tokens: float) -> int:
     return math.floor(tokens + TOKEN_EPSILON)
 
 
+class OnlineEstimates(Protocol):
+    """Predictions that change during a run, as the coordinator's do when it adapts to the
+    completions it has seen (``orchestrator.lengths.RealEstimates``)."""
+
+    def on_arrival(self, request_id: str) -> LengthEstimate | None:
+        """The estimate the scheduler gets for a request arriving now."""
+        ...
+
+    def on_completion(self, request_id: str, output_tokens: int) -> None:
+        """A request finished with this many tokens."""
+        ...
+
+
 class Simulator:
     """Replays ``requests`` on ``cluster`` under ``config``; deterministic for its inputs."""
 
@@ -239,7 +252,10 @@ class Simulator:
         self,
         requests: Sequence[SimRequest],
         progress: Callable[[int, int], None] | None = None,
+        online: OnlineEstimates | None = None,
     ) -> SimReport:
+        """Run to the last completion. With ``online``, each request's estimate is asked for
+        on arrival (replacing ``SimRequest.estimate``) and every completion is reported."""
         table = RequestTable()
         devices = {
             AgentId(d.name): _Device(spec=d, agent_id=AgentId(d.name)) for d in self.cluster.devices
@@ -273,9 +289,14 @@ class Simulator:
                     max_overuse = max(max_overuse, used - seq.reservation)
                     if seq.generated >= seq.target - TOKEN_EPSILON:
                         self._finish(table, device, seq, now, outcomes)
+                        if online is not None:
+                            online.on_completion(seq.request_id, seq.target)
                         changed = True
             while index < total and arrivals[index].arrival_s <= now:
-                table.add(_record(arrivals[index]))
+                arriving = arrivals[index]
+                if online is not None:
+                    arriving = replace(arriving, estimate=online.on_arrival(arriving.request_id))
+                table.add(_record(arriving))
                 queue_view = None
                 index += 1
                 changed = True

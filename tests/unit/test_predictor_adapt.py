@@ -134,3 +134,26 @@ def test_adapting_twice_keeps_other_models(predictor: LengthPredictor, tmp_path:
     terse = both.predict(prompt, "terse-model").quantiles[0.5]
     verbose = both.predict(prompt, "verbose-model").quantiles[0.5]
     assert verbose > 5 * terse
+
+
+def test_simulated_coordinator_recalibrates_after_every_n_completions() -> None:
+    """`RealEstimates` (the bench's real predictor) adapts as the coordinator does: requests
+    arriving after N completions get the recalibrated prediction; a fresh copy starts over."""
+    from orchestrator.lengths import RealEstimates
+
+    rows = load_records(FIXTURES / "predictor_adapt.jsonl")[:60]
+    ids = [f"r{i:03d}" for i in range(len(rows))]
+    real = RealEstimates([r.prompt for r in rows], ids, scale=2.0, adapt_every=30)
+    before = [real.on_arrival(i).quantile(0.5) for i in ids[30:]]
+    for request_id, row in zip(ids[:30], rows[:30], strict=True):
+        real.on_completion(request_id, row.output_tokens * 2)
+    assert real.adaptations == 1
+    after = [real.on_arrival(i).quantile(0.5) for i in ids[30:]]
+    truth = [2 * r.output_tokens for r in rows[30:]]
+
+    def mae(predicted: list[float]) -> float:
+        return float(np.mean(np.abs(np.asarray(predicted) - truth)))
+
+    assert mae(after) < mae(before)
+    fresh = real.fresh()
+    assert fresh.adaptations == 0 and fresh.on_arrival(ids[30]).quantile(0.5) == before[0]

@@ -156,6 +156,36 @@ def test_simulation_is_deterministic() -> None:
     assert first.outcomes == second.outcomes and first.end_s == second.end_s
 
 
+class RecordingEstimates:
+    """Online estimates that tell a request's true length and record what the sim reports."""
+
+    def __init__(self, items: Sequence[tuple[float, int, float]]) -> None:
+        self.lengths = {f"r{i:03d}": length for i, (_, length, _) in enumerate(items)}
+        self.arrived: list[str] = []
+        self.completed: list[tuple[str, int]] = []
+
+    def on_arrival(self, request_id: str) -> LengthEstimate:
+        self.arrived.append(request_id)
+        return LengthEstimate.exact(self.lengths[request_id])
+
+    def on_completion(self, request_id: str, output_tokens: int) -> None:
+        self.completed.append((request_id, output_tokens))
+
+
+def test_online_estimates_are_asked_on_arrival_and_told_every_completion() -> None:
+    items = [(i * 0.3, 50 + (i * 37) % 400, 1.0) for i in range(40)]
+    online = RecordingEstimates(items)
+    report = sim("sjf").run(requests(items), online=online)
+    assert online.arrived == sorted(online.lengths)
+    assert sorted(online.completed) == sorted(online.lengths.items())
+    # The online (exact) estimates replaced the misleading ones given up front.
+    told_up_front = [
+        SimRequest(r.request_id, r.arrival_s, 20, r.output_tokens, 1200, LengthEstimate.exact(n))
+        for r, n in zip(requests(items), online.lengths.values(), strict=True)
+    ]
+    assert report.outcomes == sim("sjf").run(told_up_front).outcomes
+
+
 def test_oracle_with_exact_lengths_never_outgrows_its_reservation() -> None:
     items = [(i * 0.2, 50 + (i * 37) % 400, 1.0) for i in range(60)]
     exact = [
@@ -295,6 +325,7 @@ def _args(**overrides: Any) -> SimpleNamespace:
         max_output_tokens=None,
         max_requests=None,
         predictor="fake",
+        adapt_every=0,
         seed=1,
         starvation_s=None,
         agents=2,
@@ -319,6 +350,7 @@ def _args(**overrides: Any) -> SimpleNamespace:
         ({"load": None, "rate": -1.0}, "--rate"),
         ({"max_output_tokens": 0}, "--max-output-tokens"),
         ({"predictor": "psychic"}, "--predictor"),
+        ({"adapt_every": -1}, "--adapt-every"),
     ],
 )
 def test_bad_bench_flags_are_invalid_requests(overrides: dict[str, Any], match: str) -> None:
