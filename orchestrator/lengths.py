@@ -9,6 +9,7 @@ truth is the predicted distribution's draw) and its rank quality is set by ``sig
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import math
@@ -139,9 +140,10 @@ class RealEstimates:
         self.adaptations = 0
 
     def fresh(self) -> RealEstimates:
-        """The same predictions with no completions seen yet."""
-        other = object.__new__(RealEstimates)
-        other.__dict__.update(self.__dict__)
+        """The same predictions with no completions seen yet (its own calibration; the ONNX
+        sessions and encoder outputs are shared)."""
+        other = copy.copy(self)
+        other._predictor = copy.copy(self._predictor)
         other._reset()
         return other
 

@@ -157,3 +157,8 @@ def test_simulated_coordinator_recalibrates_after_every_n_completions() -> None:
     assert mae(after) < mae(before)
     fresh = real.fresh()
     assert fresh.adaptations == 0 and fresh.on_arrival(ids[30]).quantile(0.5) == before[0]
+    for request_id in ids[:30]:
+        fresh.on_completion(request_id, 1)
+    # One-token answers pull the fresh copy's prediction down; the original keeps its own.
+    assert fresh.on_arrival(ids[30]).quantile(0.5) < min(before[0], after[0])
+    assert real.on_arrival(ids[30]).quantile(0.5) == after[0]
