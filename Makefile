@@ -10,9 +10,17 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test lint bench clean
 
+# llama.cpp's native CPU build uses AMX tiles where the CPU advertises them; some VMs advertise
+# AMX without enabling its tile state, and the first matrix product then dies with an illegal
+# instruction (seen on the development machine, an Intel Xeon VM). Undefining the feature macro
+# leaves llama.cpp's AMX kernels out and keeps every other native instruction. Your CMAKE_ARGS
+# (e.g. -DGGML_CUDA=on) are added after these.
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --no-binary llama-cpp-python -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" \
+		$(BIN)/pip install --no-binary llama-cpp-python -e '.[dev]'
 	$(BIN)/python -m agents.model
 	touch $(STAMP)
 
