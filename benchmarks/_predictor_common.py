@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.predictor.data import LengthRecord, load_records
-from orchestrator.predictor.encoder_export import build_encoder, embed_prompts, minilm_dir
+from orchestrator.predictor.encoder_export import (
+    build_encoder,
+    embed_prompts,
+    export_encoder,
+    minilm_dir,
+)
 from orchestrator.predictor.features import PromptTokenizer, cue_feature_matrix
 from orchestrator.predictor.head import write_head_onnx
 from orchestrator.predictor.model import (
@@ -26,6 +31,7 @@ from orchestrator.predictor.train import (
     ENCODER_LAYERS,
     fit_head,
     group_records,
+    tune_encoder,
     weighted_records,
 )
 
@@ -50,12 +56,12 @@ def median_by_prompt(records: list[LengthRecord]) -> tuple[list[str], np.ndarray
 
 
 class Embedder:
-    """The recipe's training-time encoder (torch fp32, first ENCODER_LAYERS layers)."""
+    """The recipe's untrained encoder (torch fp32, first ENCODER_LAYERS layers)."""
 
     def __init__(self) -> None:
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(os.cpu_count() or 1)
         self.tokenizer = PromptTokenizer(minilm_dir() / "tokenizer.json")
         self.encoder = build_encoder(ENCODER_LAYERS)
 
@@ -66,17 +72,22 @@ class Embedder:
 def train_predictor_dir(
     embedder: Embedder, training: list[LengthRecord], seed: int, out: Path
 ) -> LengthPredictor:
-    """Fit the recipe's head on length records (weighted and grouped as the recipe does,
-    CC BY-NC sources allowed: measurement only) and pair it with the shipped ONNX encoder."""
+    """Train the recipe on length records (weighted and grouped as the recipe does, CC BY-NC
+    sources allowed: measurement only): fine-tune a fresh encoder, fit the head, and write
+    both as ONNX beside the shipped tokenizer and metadata."""
     data = group_records(weighted_records(training), measurement_only=True)
     prompts = data.prompts
-    head, _ = fit_head(embedder(prompts), cue_feature_matrix(prompts), data, seed, verbose=False)
+    frozen = embedder(prompts)
+    encoder = build_encoder(ENCODER_LAYERS)
+    tune_encoder(encoder, embedder.tokenizer, data, frozen, seed, verbose=False)
+    tuned = embed_prompts(encoder, embedder.tokenizer, prompts, progress=False)
+    cues = cue_feature_matrix(prompts)
+    head, _ = fit_head(frozen, cues, data, seed, verbose=False, final_embeddings=tuned)
     out.mkdir(parents=True, exist_ok=True)
+    export_encoder(encoder, out / ENCODER_FILE, quantize=True)
     shipped = shipped_model_dir()
-    for name in (ENCODER_FILE, TOKENIZER_FILE):
-        target = out / name
-        if not target.exists():
-            target.symlink_to(shipped / name)
+    if not (out / TOKENIZER_FILE).exists():
+        (out / TOKENIZER_FILE).symlink_to(shipped / TOKENIZER_FILE)
     write_head_onnx(head, out / "head.onnx")
     with open(shipped / METADATA_FILE, encoding="utf-8") as handle:
         metadata = json.load(handle)

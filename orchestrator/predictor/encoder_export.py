@@ -7,6 +7,7 @@ and sequence length, and matches the torch model to float precision.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,5 +128,11 @@ def export_encoder(encoder: Any, path: Path, quantize: bool = True) -> None:
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8, per_channel=True)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.WARNING)  # the quantiser logs each tensor at INFO on the root logger
+        try:
+            quantize_dynamic(str(target), str(path), weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)
         target.unlink()

