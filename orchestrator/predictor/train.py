@@ -135,7 +135,6 @@ def group_records(
 ) -> TrainingSet:
     """Mean log1p length per (source, prompt). CC BY-NC sources are refused unless the
     result is ``measurement_only`` (a benchmark's scratch model, never shipped)."""
-    grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
     by_answerer: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -143,19 +142,21 @@ def group_records(
         source = rec.source or "unknown"
         if not measurement_only and source.lower().replace("-", "_") in FORBIDDEN_SOURCES:
             raise PredictorDataError(f"source {source!r} is CC BY-NC: not for the shipped model")
-        grouped[(source, rec.prompt)].append(rec.output_tokens)
         by_answerer[(source, rec.prompt)][f"{source}/{rec.model}"].append(rec.output_tokens)
-    keys = sorted(grouped)
+    keys = sorted(by_answerer)
     answerers = sorted({a for answers in by_answerer.values() for a in answers})
     column = {a: j for j, a in enumerate(answerers)}
     per_answerer = np.full((len(keys), len(answerers)), np.nan)
+    mean_log = np.zeros(len(keys))
     for i, key in enumerate(keys):
         for answerer, lengths in by_answerer[key].items():
             per_answerer[i, column[answerer]] = float(np.mean(np.log1p(lengths)))
+        every_answer = [n for lengths in by_answerer[key].values() for n in lengths]
+        mean_log[i] = float(np.mean(np.log1p(every_answer)))
     return TrainingSet(
         prompts=[p for _, p in keys],
         sources=[s for s, _ in keys],
-        log_tokens=np.asarray([float(np.mean(np.log1p(grouped[k]))) for k in keys]),
+        log_tokens=mean_log,
         answer_log_tokens=per_answerer,
         answerers=answerers,
     )
