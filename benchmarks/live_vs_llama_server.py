@@ -164,6 +164,7 @@ def main() -> None:
                 1, "llama", ("--threads", str(args.threads), "--max-seqs", str(SLOTS))
             ),
             log_dir=log_dir / f"edgeorch-{repetition}",
+            max_tokens=args.max_output_tokens,
         )
         for name, stats in live["policies"].items():
             stats.pop("_jct_samples", None)

@@ -244,6 +244,7 @@ def run_bench(
             rate=spec.rate,
             cluster=spec.live,
             progress=progress,
+            max_tokens=spec.max_output_tokens,
         )
     assert spec.cluster is not None
     max_tokens = spec.max_output_tokens or max(lengths)

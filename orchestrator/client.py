@@ -150,6 +150,10 @@ class Stream:
         self._timeout_s = timeout_s
         self._chars = 0
         """Characters of the output yielded so far."""
+        self.tokens = 0
+        """Output tokens generated so far, as of the last chunk received."""
+        self.attempts = 1
+        """Dispatch attempts so far, as of the last chunk received."""
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._chunks()
@@ -168,12 +172,16 @@ class Stream:
                         client._resubmit(self.request_id)
                         continue
                     new = message.text[self._chars - message.offset :]
+                    self.tokens = max(self.tokens, message.tokens)
+                    self.attempts = max(self.attempts, message.attempt)
                     if new:
                         self._chars += len(new)
                         deadline = client._deadline(self._timeout_s)
                         yield new
                 elif isinstance(message, Result):
                     self.result = GenerationResult.from_wire(message)
+                    self.tokens = message.completion_tokens
+                    self.attempts = message.attempts
                     rest = message.text[self._chars :]
                     if rest:
                         self._chars += len(rest)

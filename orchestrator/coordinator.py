@@ -505,12 +505,19 @@ class Coordinator:
         self.metrics.tokens(record, session.agent_id, message.n_tokens, first, now)
         route = self._routes.get(record.request_id)
         if route is not None and route.stream and message.text:
-            self._stream(route, record.request_id, message.text, offset)
+            self._stream(route, record, message.text, offset)
 
-    def _stream(self, route: ClientRoute, request_id: RequestId, text: str, offset: int) -> None:
+    def _stream(self, route: ClientRoute, record: RequestRecord, text: str, offset: int) -> None:
         self._reply_client(
             route.identity,
-            StreamChunk(request_id=request_id, index=route.next_index, text=text, offset=offset),
+            StreamChunk(
+                request_id=record.request_id,
+                index=route.next_index,
+                text=text,
+                offset=offset,
+                tokens=record.generated_tokens,
+                attempt=record.attempt,
+            ),
         )
         route.next_index += 1
 
@@ -690,7 +697,7 @@ class Coordinator:
                 ),
             )
             if stream and record.text_chars:
-                self._stream(self._routes[record.request_id], record.request_id, record.text, 0)
+                self._stream(self._routes[record.request_id], record, record.text, 0)
 
     def _on_cancel(self, identity: bytes, request_id: str, now: float) -> None:
         record = self.table.get(RequestId(request_id))

@@ -3,14 +3,18 @@ other on the same arrivals.
 
 The agents start once (model loaded, speed probed) and stay up; for each policy the coordinator
 is restarted with it and the agents re-register. Every request is sent at its scaled arrival
-time with ``max_tokens`` = its trace length and ``ignore_eos``, so the engine generates exactly
-that many tokens, as serving benchmarks do with ShareGPT lengths; timings are taken by the
-client (submit to first streamed text, submit to result).
+time with ``ignore_eos`` and the same ``max_tokens`` for all (the ``--max-output-tokens`` cap, or
+the longest length), and the client stops it (cancels) once it has streamed its trace length.
+Sending each request's own length as ``max_tokens``, as serving benchmarks do with ShareGPT
+lengths, would tell a length-aware scheduler the truth (it caps predictions by the budget).
+Timings are taken by the client (submit to first streamed text, submit to the last token it
+needed); the few tokens generated before a cancel lands are the replay's overhead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import tempfile
@@ -75,9 +79,11 @@ async def replay(
     prompts: Sequence[str],
     arrivals_s: Sequence[float],
     lengths: Sequence[int],
+    max_tokens: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[LiveOutcome]:
-    """Send each request at its arrival offset; return client-side timings."""
+    """Send each request at its arrival offset with the shared ``max_tokens`` and stop it
+    (cancel) once it has streamed its trace length; return client-side timings."""
     outcomes: list[LiveOutcome | None] = [None] * len(prompts)
     done = 0
 
@@ -94,17 +100,21 @@ async def replay(
             try:
                 stream = await client.generate(
                     prompts[index],
-                    max_tokens=lengths[index],
+                    max_tokens=max_tokens,
                     ignore_eos=True,
                     temperature=0.0,
                     stream=True,
                 )
-                async for _ in stream:
-                    if first is None:
-                        first = time.perf_counter() - origin
+                async with contextlib.aclosing(aiter(stream)) as chunks:
+                    async for _ in chunks:
+                        if first is None:
+                            first = time.perf_counter() - origin
+                        if stream.tokens >= lengths[index]:
+                            break
                 finished = time.perf_counter() - origin
-                if stream.result is not None:
-                    attempts, produced = stream.result.attempts, stream.result.completion_tokens
+                if stream.result is None:
+                    await stream.cancel()
+                attempts, produced = stream.attempts, min(stream.tokens, lengths[index])
             except EdgeorchError:
                 finished = None
             outcomes[index] = LiveOutcome(sent, first, finished, produced, attempts)
@@ -159,8 +169,10 @@ def run_live(
     cluster: LiveCluster,
     progress: Callable[[str, int, int], None] | None = None,
     log_dir: Path | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Run every policy on the same scaled arrivals against one set of live agents."""
+    """Run every policy on the same scaled arrivals against one set of live agents; every
+    request asks for ``max_tokens`` (default: the longest length), never its own length."""
     from orchestrator.bench import arrival_scale
 
     if "oracle" in policies:
@@ -189,6 +201,7 @@ def run_live(
                     [row.prompt for row in rows],
                     arrivals,
                     lengths,
+                    max_tokens or max(lengths),
                     None if progress is None else functools.partial(progress, label),
                 )
             )

@@ -281,6 +281,10 @@ class StreamChunk(WireModel):
     index: int = Field(ge=0)
     text: str
     offset: int = Field(ge=0)
+    tokens: int = Field(default=0, ge=0)
+    """Output tokens generated so far, this chunk's included (text alone cannot be counted)."""
+    attempt: int = Field(default=1, ge=1)
+    """The dispatch attempt running now (above 1 after a preemption or a failed agent)."""
 
 
 class Result(WireModel):

@@ -260,6 +260,36 @@ def test_sjf_serves_the_queue_in_predicted_order(tmp_path) -> None:
     assert predicted == sorted(predicted), [(r.queue_s, r.predicted_tokens) for r in by_start]
 
 
+def test_live_replay_hides_each_length_and_stops_the_request_at_it(cluster: LocalCluster) -> None:
+    from orchestrator.live_bench import replay
+
+    cluster.start_agent("serial", *FAST_FAKE, "--max-seqs", "1")
+    cluster.wait_for_agents(1)
+    lengths = [6, 9, 4]
+    seen_max_tokens: set[int] = set()
+
+    async def run() -> list:
+        task = asyncio.ensure_future(
+            replay(cluster.clients_endpoint, ["a b", "c d", "e f"], [0.0, 0.0, 0.0], lengths, 2000)
+        )
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+            while not task.done():
+                status = await client.status()
+                seen_max_tokens.update(r.max_tokens for r in (*status.queue, *status.running))
+                await asyncio.sleep(0.005)
+        return await task
+
+    outcomes = asyncio.run(run())
+    assert seen_max_tokens == {2000}
+    assert [o.output_tokens for o in outcomes] == lengths
+    # One slot at 400 tokens/s: had a request run to its 2,000-token budget, the ones queued
+    # behind it would have waited 5 s.
+    assert max(o.finished_s - o.arrival_s for o in outcomes) < 3.0
+    with cluster.client() as client:
+        status = client.status()
+    assert not status.queue and not status.running
+
+
 def test_live_bench_replays_a_trace_on_real_processes(tmp_path) -> None:
     import json
     import subprocess
