@@ -5,7 +5,8 @@ Arrivals are scaled so that the offered decode load is ``--load`` times the clus
 decode capacity (the sum over devices of tokens/s at a full batch), or to a mean of ``--rate``
 requests/s. Every request generates exactly its trace length (times ``--length-scale``, capped
 by ``--max-output-tokens``); its ``max_tokens`` is the same for all requests (the cap, or the
-longest answer), so the scheduler learns nothing of a request's length from it.
+longest answer; lowered only where prompt + cap exceeds every device's context, see
+``request_budgets``), so the scheduler learns nothing of a request's length from it.
 """
 
 from __future__ import annotations
@@ -205,6 +206,19 @@ def arrival_scale(
     return ((len(rows) - 1) / span) / rate
 
 
+def request_budgets(
+    prompt_tokens: Sequence[int], max_tokens: int, context_tokens: int
+) -> list[int]:
+    """Each request's ``max_tokens``: the shared cap, lowered where prompt + cap would not fit
+    the largest context (the answer then stops where the context ends, as llama.cpp's server
+    stops it) instead of being refused. It depends on the prompt's length alone, which the
+    scheduler knows anyway; a prompt that fills the context keeps the cap and is refused."""
+    return [
+        min(max_tokens, context_tokens - prompt) if prompt < context_tokens else max_tokens
+        for prompt in prompt_tokens
+    ]
+
+
 def request_id(index: int) -> str:
     return f"r{index:05d}"
 
@@ -247,12 +261,14 @@ def run_bench(
             max_tokens=spec.max_output_tokens,
         )
     assert spec.cluster is not None
-    max_tokens = spec.max_output_tokens or max(lengths)
+    counter = EstimatedTokenCounter()
+    prompt_tokens = [counter.count(r.prompt, None)[0] for r in rows]
+    cap = spec.max_output_tokens or max(lengths)
+    budgets = request_budgets(prompt_tokens, cap, spec.cluster.context_limit_tokens)
+    lengths = [min(length, budget) for length, budget in zip(lengths, budgets, strict=True)]
     kind, tau = parse_predictor(spec.predictor)
     estimates, online, measured_tau = estimates_for(kind, tau, rows, lengths, spec)
     truth = exact_estimates(lengths)
-    counter = EstimatedTokenCounter()
-    prompt_tokens = [counter.count(r.prompt, None)[0] for r in rows]
     capacity = spec.cluster.capacity_tokens_s
     sweep: list[dict[str, Any]] = []
     diagnostics: dict[str, Any] = {}
@@ -270,7 +286,7 @@ def run_bench(
                     arrival_s=(row.arrival_s - start) * factor,
                     prompt_tokens=prompt_tokens[i],
                     output_tokens=lengths[i],
-                    max_tokens=max_tokens,
+                    max_tokens=budgets[i],
                     estimate=chosen[i],
                 )
                 for i, row in enumerate(rows)
@@ -325,6 +341,7 @@ def run_bench(
         "max_requests": spec.max_requests,
         "requests": len(rows),
         "mean_output_tokens": round(float(np.mean(lengths)), 1),
+        "max_tokens_cut_to_context": sum(budget < cap for budget in budgets),
         "seed": spec.seed,
         "starvation_s": spec.starvation_s,
     }

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack, overload
@@ -155,10 +155,10 @@ class Stream:
         self.attempts = 1
         """Dispatch attempts so far, as of the last chunk received."""
 
-    def __aiter__(self) -> AsyncIterator[str]:
+    def __aiter__(self) -> AsyncGenerator[str, None]:
         return self._chunks()
 
-    async def _chunks(self) -> AsyncIterator[str]:
+    async def _chunks(self) -> AsyncGenerator[str, None]:
         client = self._client
         try:
             deadline = client._deadline(self._timeout_s)

@@ -66,6 +66,11 @@ class Cluster:
     def capacity_tokens_s(self) -> float:
         return sum(d.capacity_tokens_s for d in self.devices)
 
+    @property
+    def context_limit_tokens(self) -> int:
+        """The longest prompt + output any device can hold."""
+        return max((min(d.n_ctx, d.kv_budget_tokens) for d in self.devices), default=0)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,7 @@ from orchestrator.bench import (
     bench_spec_from_args,
     load_trace,
     output_lengths,
+    request_budgets,
     run_bench,
     write_outputs,
 )
@@ -272,6 +274,38 @@ def test_load_scaling_offers_the_requested_share_of_capacity(tmp_path: Path) -> 
     assert (len(rows) - 1) / ((rows[-1].arrival_s - rows[0].arrival_s) * factor) == pytest.approx(
         4.0
     )
+
+
+def test_budgets_are_shared_except_where_the_prompt_leaves_less_context() -> None:
+    assert request_budgets([10, 900, 1000, 1200], 300, 1000) == [300, 100, 300, 300]
+
+
+def test_a_long_prompt_runs_to_the_end_of_the_context_instead_of_failing(tmp_path: Path) -> None:
+    trace = tmp_path / "long.jsonl"
+    prompts = ["short question", "long " * 4000]
+    trace.write_text(
+        "".join(
+            json.dumps({"arrival_s": float(i), "prompt": p, "output_tokens": 500}) + "\n"
+            for i, p in enumerate(prompts)
+        )
+    )
+    small_ctx = Cluster("ctx", (replace(device("d", 100.0, 2, 8000), n_ctx=6000),))
+    spec = BenchSpec(
+        trace=trace,
+        cluster=small_ctx,
+        policies=("fcfs",),
+        loads=(),
+        rate=1.0,
+        placement="predicted",
+        length_scale=1.0,
+        max_output_tokens=None,
+        max_requests=None,
+        predictor="fake:0.6",
+        seed=1,
+    )
+    result = run_bench(spec)
+    assert result["policies"]["fcfs"]["completed"] == 2
+    assert result["settings"]["max_tokens_cut_to_context"] == 1
 
 
 def test_bench_json_follows_the_contract(tmp_path: Path) -> None:
