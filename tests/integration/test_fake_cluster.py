@@ -263,7 +263,7 @@ def test_sjf_serves_the_queue_in_predicted_order(tmp_path) -> None:
 def test_live_replay_hides_each_length_and_stops_the_request_at_it(cluster: LocalCluster) -> None:
     from orchestrator.live_bench import replay
 
-    cluster.start_agent("serial", *FAST_FAKE, "--max-seqs", "1")
+    cluster.start_agent("serial", "--backend", "fake", "--fake-decode-tps", "40", "--max-seqs", "1")
     cluster.wait_for_agents(1)
     lengths = [6, 9, 4]
     seen_max_tokens: set[int] = set()
@@ -282,8 +282,8 @@ def test_live_replay_hides_each_length_and_stops_the_request_at_it(cluster: Loca
     outcomes = asyncio.run(run())
     assert seen_max_tokens == {2000}
     assert [o.output_tokens for o in outcomes] == lengths
-    # One slot at 400 tokens/s: had a request run to its 2,000-token budget, the ones queued
-    # behind it would have waited 5 s.
+    # One slot at 40 tokens/s: had a request run to its 2,000-token budget, the ones queued
+    # behind it would have waited 50 s.
     assert max(o.finished_s - o.arrival_s for o in outcomes) < 3.0
     with cluster.client() as client:
         status = client.status()
