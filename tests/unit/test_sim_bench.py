@@ -276,6 +276,24 @@ def test_load_scaling_offers_the_requested_share_of_capacity(tmp_path: Path) -> 
     )
 
 
+def bench_spec(trace: Path, cluster: Cluster, **overrides: Any) -> BenchSpec:
+    """A simulator bench of fcfs, sjf and the oracle at loads 0.5 and 0.9 on a fake predictor."""
+    spec = BenchSpec(
+        trace=trace,
+        cluster=cluster,
+        policies=("fcfs", "sjf", "oracle"),
+        loads=(0.5, 0.9),
+        rate=None,
+        placement="predicted",
+        length_scale=1.0,
+        max_output_tokens=None,
+        max_requests=None,
+        predictor="fake:0.6",
+        seed=1,
+    )
+    return replace(spec, **overrides)
+
+
 def test_budgets_are_shared_except_where_the_prompt_leaves_less_context() -> None:
     assert request_budgets([10, 900, 1000, 1200], 300, 1000) == [300, 100, 300, 300]
 
@@ -290,39 +308,13 @@ def test_a_long_prompt_runs_to_the_end_of_the_context_instead_of_failing(tmp_pat
         )
     )
     small_ctx = Cluster("ctx", (replace(device("d", 100.0, 2, 8000), n_ctx=6000),))
-    spec = BenchSpec(
-        trace=trace,
-        cluster=small_ctx,
-        policies=("fcfs",),
-        loads=(),
-        rate=1.0,
-        placement="predicted",
-        length_scale=1.0,
-        max_output_tokens=None,
-        max_requests=None,
-        predictor="fake:0.6",
-        seed=1,
-    )
-    result = run_bench(spec)
+    result = run_bench(bench_spec(trace, small_ctx, policies=("fcfs",), loads=(), rate=1.0))
     assert result["policies"]["fcfs"]["completed"] == 2
     assert result["settings"]["max_tokens_cut_to_context"] == 1
 
 
 def test_bench_json_follows_the_contract(tmp_path: Path) -> None:
-    spec = BenchSpec(
-        trace=write_trace(tmp_path / "t.jsonl"),
-        cluster=SMALL,
-        policies=("fcfs", "sjf", "oracle"),
-        loads=(0.5, 0.9),
-        rate=None,
-        placement="predicted",
-        length_scale=1.0,
-        max_output_tokens=None,
-        max_requests=None,
-        predictor="fake:0.6",
-        seed=1,
-    )
-    result = run_bench(spec)
+    result = run_bench(bench_spec(write_trace(tmp_path / "t.jsonl"), SMALL))
     png = write_outputs(result, tmp_path / "out.json")
     data = json.loads((tmp_path / "out.json").read_text())
     assert png.exists() and png.stat().st_size > 1000
