@@ -12,9 +12,12 @@ One call does three things, in this order:
 2. Ordering and placement. Requests are tried in policy order (at most ``DECIDE_LOOKAHEAD``
    per call, so each event costs bounded work); each is admitted where its prompt + generated
    + an adaptive quantile of its predicted output fits the free KV budget: the quantile rises
-   from ``kv_quantile_low`` on an empty device to ``kv_quantile_high`` on a full one, because a
-   raise later is likely to fit on a device with room and unlikely on a crowded one. Low
-   quantiles win: reserving high ones wastes concurrency (measured in docs/SCHED_RESULTS.md).
+   from ``kv_quantile_low`` on an empty device to ``kv_quantile_high`` (more for a long prompt)
+   on a full one, because a raise later is likely to fit on a device with room and unlikely on
+   a crowded one. Low
+   quantiles win: cells reserved for tokens not yet generated are concurrency lost now, while a
+   preemption only costs a re-prefill, so starting almost empty and raising as the answer grows
+   beats any up-front guess (measured in docs/SCHED_RESULTS.md).
 3. Preemption (preemptive policies only). A request that cannot start anywhere may displace a
    running one when the policy says it is much more urgent, the victim has been preempted fewer
    than ``max_preemptions`` times and is not itself starving, and the recompute (re-prefill of
@@ -46,8 +49,16 @@ from orchestrator.core.views import (
 from orchestrator.errors import ContextOverflow, Unavailable
 from orchestrator.protocol import AgentId, RequestId
 
-KV_QUANTILE_LOW: Final = 0.1
-KV_QUANTILE_HIGH: Final = 0.5
+KV_QUANTILE_LOW: Final = 0.0
+KV_QUANTILE_HIGH: Final = 0.1
+"""Admission reserves this quantile range of the predicted output (empty -> full device),
+the upper end raised for long prompts (``KV_QUANTILE_PER_PROMPT_SHARE``)."""
+KV_QUANTILE_PER_PROMPT_SHARE: Final = 1.6
+"""The upper quantile grows by this times the request's prompt share (prompt + generated over
+that plus the expected rest), up to 1: a preemption re-prefills the prompt, so a request with
+a long prompt loses more when it outgrows a small reservation. With short prompts 0.0 -> 0.1
+halved mean JCT in KV-bound runs against the fixed 0.1 -> 0.5 used before; with long prompts
+it cost 20%, which the share term takes back (docs/SCHED_RESULTS.md, reservation table)."""
 KV_RAISE_QUANTILE: Final = 0.9
 KV_HEADROOM_TOKENS: Final = 32
 """Cells reserved beyond the predicted quantile, and the smallest raise."""
@@ -84,7 +95,10 @@ def admission_reservation(request: QueuedRequest, agent: AgentView, config: Sche
     if request.estimate is None:
         return cap
     used = agent.kv_reserved_tokens / max(1, agent.kv_budget_tokens)
-    q = config.kv_quantile_low + (config.kv_quantile_high - config.kv_quantile_low) * min(1.0, used)
+    held = request.prompt_tokens + request.generated_tokens
+    share = held / (held + request.rest_tokens)
+    high = min(1.0, config.kv_quantile_high + KV_QUANTILE_PER_PROMPT_SHARE * share)
+    q = config.kv_quantile_low + (high - config.kv_quantile_low) * min(1.0, used)
     output = request.estimate.remaining_quantile(q, request.generated_tokens)
     need = request.prompt_tokens + request.generated_tokens + math.ceil(output)
     return min(cap, need + KV_HEADROOM_TOKENS)

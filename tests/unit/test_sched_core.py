@@ -3,6 +3,7 @@ placement across unequal devices, KV admission and growth, preemption."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -31,6 +32,7 @@ from orchestrator.core.scheduler import (
     KV_HEADROOM_TOKENS,
     KV_QUANTILE_HIGH,
     KV_QUANTILE_LOW,
+    KV_QUANTILE_PER_PROMPT_SHARE,
     SchedulerConfig,
     admission_reservation,
     decide,
@@ -228,10 +230,24 @@ def test_admission_reserves_a_quantile_that_rises_with_occupancy() -> None:
     e = request.estimate
     assert e is not None
     low = admission_reservation(request, empty, cfg)
-    assert low == 50 + int(-(-e.quantile(KV_QUANTILE_LOW) // 1)) + KV_HEADROOM_TOKENS
+    assert low == 50 + math.ceil(e.quantile(KV_QUANTILE_LOW)) + KV_HEADROOM_TOKENS
     high = admission_reservation(request, full, cfg)
-    assert high == 50 + int(-(-e.quantile(KV_QUANTILE_HIGH) // 1)) + KV_HEADROOM_TOKENS
+    share = 50 / (50 + request.rest_tokens)
+    top = KV_QUANTILE_HIGH + KV_QUANTILE_PER_PROMPT_SHARE * share
+    assert high == 50 + math.ceil(e.quantile(top)) + KV_HEADROOM_TOKENS
     assert low < high <= request.context_tokens
+
+
+def test_a_long_prompt_reserves_more_of_its_answer_because_recomputing_it_costs_more() -> None:
+    crowded = agent("a", kv_budget_tokens=10_000, kv_reserved_tokens=5_000)
+    short, long = (
+        queued(prompt_tokens=prompt, max_tokens=3000, estimate=estimate(400))
+        for prompt in (30, 1500)
+    )
+    reserved_output = [
+        admission_reservation(r, crowded, config()) - r.prompt_tokens for r in (short, long)
+    ]
+    assert reserved_output[0] < reserved_output[1]
 
 
 def test_without_a_prediction_the_whole_context_is_reserved() -> None:
