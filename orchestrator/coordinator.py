@@ -99,6 +99,11 @@ TICKS_PER_HEARTBEAT: Final = 4
 ``lambda p, m: LengthEstimate.of(pred.expected_tokens, pred.quantiles)`` over
 ``orchestrator.predictor``'s ``LengthPredictor.predict(p, m)``."""
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
+AGENT_REFUSAL_BACKOFF_S: Final = 0.5
+"""An agent that refused a dispatch takes no new work until one of its runs ends or this many
+seconds pass. Its own check (the whole remaining max_tokens must fit its free cells) is
+stricter than the coordinator's growing reservations, so without a pause the same request
+would be offered to it again at once, and refused again, until something ended there."""
 V = TypeVar("V", QueuedRequest, RunningRequest)
 JOURNAL_BATCH_MAX: Final = 512
 """Journal ops and frames held for one commit before flushing without waiting for the loop to
@@ -123,6 +128,8 @@ class AgentSession:
     last_sent_s: float = 0.0
     kv_used_tokens: int = 0
     draining: bool = False
+    refused_until_s: float = 0.0
+    """Placement skips the agent until then (see ``AGENT_REFUSAL_BACKOFF_S``)."""
     key: str | None = None
     """The CURVE key's allow-list name that registered this session; None without CURVE."""
 
@@ -527,6 +534,7 @@ class Coordinator:
             return
         record.prompt_tokens, record.prompt_tokens_exact = message.prompt_tokens, True
         self.table.finish(record.request_id, message.finish_reason, now)
+        session.refused_until_s = 0.0
         result = _result(record, session.agent_id)
         self._write(
             EndOp(
@@ -572,6 +580,7 @@ class Coordinator:
             )
             self.table.requeue(record.request_id, agent_failed=False)
             self.metrics.requeued(record.request_id, "agent_refused")
+            session.refused_until_s = now + AGENT_REFUSAL_BACKOFF_S
         else:
             self._fail(record.request_id, error, now)
         self._schedule_needed.set()
@@ -737,7 +746,7 @@ class Coordinator:
             return
         snapshot = Snapshot(
             queue=queue,
-            agents=tuple(self._agent_views()),
+            agents=tuple(self._agent_views(now=now)),
             running=tuple(r.running_view() for r in active if r.dispatched_s is not None),
             dispatch_count=self._dispatch_count,
         )
@@ -774,19 +783,26 @@ class Coordinator:
         )
         self._schedule_needed.set()
 
-    def _agent_views(self, *, include_draining: bool = False) -> list[AgentView]:
-        """Agents as placement sees them; draining ones take no new work."""
+    def _agent_views(
+        self, *, include_draining: bool = False, now: float | None = None
+    ) -> list[AgentView]:
+        """Agents as placement sees them; draining ones take no new work, nor (given ``now``)
+        ones that refused a dispatch moments ago: those show no free slot (or, idle, are left
+        out), so the core still raises and preempts what runs there."""
         views = []
         for session in self._agents.values():
             if session.draining and not include_draining:
                 continue
             work = self.table.on_agent(session.agent_id)
+            pausing = now is not None and now < session.refused_until_s
+            if pausing and not work:
+                continue
             views.append(
                 AgentView(
                     agent_id=session.agent_id,
                     model_name=session.profile.model_name,
                     n_ctx=session.profile.n_ctx,
-                    max_seqs=session.profile.max_seqs,
+                    max_seqs=len(work) if pausing else session.profile.max_seqs,
                     kv_budget_tokens=session.profile.kv_budget_tokens,
                     running=len(work),
                     kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),

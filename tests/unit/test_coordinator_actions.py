@@ -6,16 +6,24 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from orchestrator.coordinator import MAX_CHUNK_CHARS_PER_TOKEN, AgentSession, Coordinator
+from orchestrator.coordinator import (
+    AGENT_REFUSAL_BACKOFF_S,
+    MAX_CHUNK_CHARS_PER_TOKEN,
+    AgentSession,
+    Coordinator,
+)
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
+from orchestrator.errors import Overloaded
 from orchestrator.protocol import (
     AgentId,
     CancelRequest,
     CancelRun,
     Dispatch,
+    ErrorInfo,
     ErrorReply,
     RequestId,
+    RunFailed,
     Submit,
     TokenChunk,
     WireModel,
@@ -157,3 +165,18 @@ def test_a_cancel_while_the_request_is_being_predicted_cancels_it_once_admitted(
     assert c.table[RequestId("r1")].state is RequestState.CANCELLED
     assert [type(r).__name__ for r in replies] == ["Accepted", "ErrorReply"]
     assert isinstance(replies[1], ErrorReply) and replies[1].error.code == "cancelled"
+
+
+def test_an_agent_that_refuses_a_dispatch_is_not_offered_work_again_at_once() -> None:
+    c, sent = coordinator("fcfs")
+    session = c._agents[b"id-a1"]
+    c.table.add(record("r", params=params(max_tokens=3000), estimate=LengthEstimate.exact(100)))
+    c.schedule(now=0.0)
+    assert isinstance(sent[-1], Dispatch) and sent[-1].request_id == "r"
+    refusal = Overloaded("needs 3020 KV cells, 1000 free", needed_tokens=3020, free_tokens=1000)
+    c._on_failed(session, RunFailed(request_id="r", attempt=1, error=ErrorInfo.of(refusal)), 0.1)
+    assert c.table[RequestId("r")].state is RequestState.QUEUED
+    c.schedule(now=0.2)
+    assert len([m for m in sent if isinstance(m, Dispatch)]) == 1
+    c.schedule(now=0.1 + AGENT_REFUSAL_BACKOFF_S)
+    assert [m.request_id for m in sent if isinstance(m, Dispatch)] == ["r", "r"]
