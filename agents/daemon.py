@@ -113,6 +113,12 @@ class StreamCoalescer:
         held = self._pending.pop(key, None)
         return [held] if held is not None else []
 
+    def forget(self, keys: list[SequenceKey]) -> None:
+        """Drop what is held for these sequences: nobody wants it any more."""
+        for key in keys:
+            self._pending.pop(key, None)
+            self._last_flush.pop(key, None)
+
 
 class Backoff:
     """Capped exponential delays with jitter; the randomness is injected."""
@@ -187,6 +193,10 @@ class AgentDaemon:
         self._welcomed = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._coalescer = StreamCoalescer(STREAM_FLUSH_INTERVAL_S)
+        self._abandoned: set[SequenceKey] = set()
+        """Runs given up with the lost coordinator whose cancel is not applied yet: their
+        events are dropped. A coordinator restarted without its journal numbers attempts from
+        1 again, so a late event of an old run would pass for the new run of the same key."""
         self._kv_used_tokens = 0
         self._running: tuple[str, ...] = ()
 
@@ -287,9 +297,10 @@ class AgentDaemon:
         would only steal the device from the attempts that replace them."""
         self._welcomed.clear()
         self._commands.clear()
-        self._commands.extend(
-            CancelRun(request_id=rid, attempt=attempt) for rid, attempt in self.engine.active_keys()
-        )
+        keys = self.engine.active_keys()
+        self._abandoned.update(keys)
+        self._coalescer.forget(keys)
+        self._commands.extend(CancelRun(request_id=rid, attempt=attempt) for rid, attempt in keys)
         self._work.set()
 
     async def _connection(self) -> None:
@@ -372,7 +383,12 @@ class AgentDaemon:
 
     def _apply(self, command: Dispatch | CancelRun) -> list[EngineEvent]:
         if isinstance(command, CancelRun):
-            return self.engine.cancel((command.request_id, command.attempt))
+            key = (command.request_id, command.attempt)
+            events = self.engine.cancel(key)
+            if key in self._abandoned:
+                self._abandoned.discard(key)
+                return []
+            return events
         if self._draining:
             refusal = Overloaded("the agent is draining and takes no new work", draining=True)
             return [Rejected((command.request_id, command.attempt), refusal)]
@@ -395,7 +411,8 @@ class AgentDaemon:
     def _publish(self, events: list[EngineEvent]) -> None:
         """Send what the engine reported and note its state for heartbeats (read here, on the
         loop's thread, never while a step runs)."""
-        for event in self._coalescer.push(events, time.monotonic()):
+        fresh = [e for e in events if e.key not in self._abandoned]
+        for event in self._coalescer.push(fresh, time.monotonic()):
             self._send(_event_message(event))
         self._kv_used_tokens = self.engine.kv_used_tokens()
         self._running = tuple(request_id for request_id, _ in self.engine.active_keys())

@@ -32,3 +32,12 @@ def test_zero_interval_sends_every_token() -> None:
     c = StreamCoalescer(0.0)
     events = [Emitted(A, "x", 1), Emitted(A, "y", 1)]
     assert c.push(events, now=0.0) == events
+
+
+def test_forgotten_sequences_lose_what_was_held_and_start_afresh() -> None:
+    c = StreamCoalescer(0.04)
+    c.push([Emitted(A, "x", 1), Emitted(B, "p", 1)], now=0.0)
+    c.push([Emitted(A, "old", 1), Emitted(B, "q", 1)], now=0.01)
+    c.forget([A])
+    assert c.push([Emitted(A, "new", 1)], now=0.02) == [Emitted(A, "new", 1)]
+    assert c.push([done(B)], now=0.03) == [Emitted(B, "q", 1), done(B)]
