@@ -298,7 +298,7 @@ class AgentDaemon:
         self._welcomed.clear()
         self._commands.clear()
         keys = self.engine.active_keys()
-        self._abandoned.update(keys)
+        self._abandoned = set(keys)
         self._coalescer.forget(keys)
         self._commands.extend(CancelRun(request_id=rid, attempt=attempt) for rid, attempt in keys)
         self._work.set()
@@ -389,6 +389,7 @@ class AgentDaemon:
                 self._abandoned.discard(key)
                 return []
             return events
+        self._abandoned.discard((command.request_id, command.attempt))
         if self._draining:
             refusal = Overloaded("the agent is draining and takes no new work", draining=True)
             return [Rejected((command.request_id, command.attempt), refusal)]
