@@ -535,6 +535,16 @@ class SyncStream:
     def result(self) -> GenerationResult | None:
         return self._stream.result
 
+    @property
+    def tokens(self) -> int:
+        """Output tokens generated so far, as of the last chunk received."""
+        return self._stream.tokens
+
+    @property
+    def attempts(self) -> int:
+        """Dispatch attempts so far, as of the last chunk received."""
+        return self._stream.attempts
+
     def __iter__(self) -> Iterator[str]:
         chunks = aiter(self._stream)
 

@@ -71,10 +71,16 @@ def test_streaming_yields_chunks_in_order(cluster: LocalCluster) -> None:
     cluster.wait_for_agents(1)
     with cluster.client() as client:
         stream = client.stream("alpha beta gamma", max_tokens=12)
-        chunks = list(stream)
+        chunks = []
+        counts = []
+        for text in stream:
+            chunks.append(text)
+            counts.append(stream.tokens)
     assert chunks[0] == " alpha"  # the first token is never held back
     assert "".join(chunks) == fake_completion("alpha beta gamma", 12)
     assert stream.result is not None and stream.result.text == "".join(chunks)
+    assert counts[0] == 1 and counts == sorted(counts) and stream.tokens == 12
+    assert stream.attempts == 1
 
 
 def test_stop_strings_end_generation(cluster: LocalCluster) -> None:
