@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from orchestrator.errors import EdgeorchError
+from orchestrator.errors import ContextOverflow, EdgeorchError, Overloaded
 from orchestrator.protocol import Backend, FinishReason, GenerationParams
 
 SequenceKey = tuple[str, int]
@@ -27,6 +27,9 @@ class SequenceSpec:
     resume_tokens: int = 0
     resume_token_ids: tuple[int, ...] = ()
     resume_model: str | None = None
+    kv_reservation_tokens: int | None = None
+    """KV cells the coordinator reserved for this run, prompt included; None (an older
+    coordinator) holds the whole of prompt + ``remaining_tokens``."""
 
     def resume_ids_for(self, model_name: str) -> tuple[int, ...] | None:
         """The exact tokens to resume from, if they were produced by ``model_name``."""
@@ -41,6 +44,19 @@ class SequenceSpec:
     @property
     def remaining_tokens(self) -> int:
         return max(0, self.params.max_tokens - self.resume_tokens)
+
+    def kv_claim_tokens(self, prompt_tokens: int) -> int:
+        """Cells the agent sets aside for this sequence, given its exact prompt length.
+
+        The coordinator's reservation when it sent one: it raises reservations as sequences
+        grow and preempts when they cannot grow, so holding the whole ``max_tokens`` here too
+        would refuse work the coordinator rightly placed. Never less than the prompt and one
+        token, never more than prompt + the whole remaining budget.
+        """
+        whole = prompt_tokens + self.remaining_tokens
+        if self.kv_reservation_tokens is None:
+            return whole
+        return min(whole, max(self.kv_reservation_tokens, prompt_tokens + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +120,7 @@ class Engine(Protocol):
 def admission_error(
     spec: SequenceSpec,
     *,
-    context_tokens: int,
+    prompt_tokens: int,
     n_ctx: int,
     active: int,
     max_seqs: int,
@@ -112,14 +128,11 @@ def admission_error(
 ) -> EdgeorchError | None:
     """Why an engine cannot take ``spec`` now, if it cannot.
 
-    ``context_tokens`` is the exact prompt length (resumed text included) plus the tokens still to
-    generate. Too long for the context is final; a full engine is retryable (the coordinator
-    requeues the request).
+    ``prompt_tokens`` is the exact prompt length, resumed text included; ``kv_free_tokens`` the
+    budget less what active sequences hold or claim. Too long for the context is final; a full
+    engine is retryable (the coordinator requeues the request).
     """
-    from orchestrator.errors import ContextOverflow, Overloaded
-
-    if context_tokens > n_ctx:
-        prompt_tokens = context_tokens - spec.remaining_tokens
+    if prompt_tokens + spec.remaining_tokens > n_ctx:
         return ContextOverflow(
             f"prompt of {prompt_tokens} tokens plus max_tokens {spec.remaining_tokens} "
             f"exceeds the context of {n_ctx} tokens",
@@ -129,10 +142,53 @@ def admission_error(
         )
     if active >= max_seqs:
         return Overloaded(f"all {max_seqs} sequence slots are busy", max_seqs=max_seqs)
-    if context_tokens > kv_free_tokens:
+    needed = spec.kv_claim_tokens(prompt_tokens)
+    if needed > kv_free_tokens:
         return Overloaded(
-            f"needs {context_tokens} KV cells, {kv_free_tokens} free",
-            needed_tokens=context_tokens,
+            f"needs {needed} KV cells, {kv_free_tokens} free",
+            needed_tokens=needed,
             free_tokens=kv_free_tokens,
         )
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class KvLoad:
+    """One active sequence as the KV pool sees it before a step."""
+
+    key: SequenceKey
+    in_use_tokens: int
+    step_tokens: int
+    """Cells the coming step adds for it (1 while decoding)."""
+
+
+def kv_evictions(loads: list[KvLoad], budget_tokens: int) -> list[SequenceKey]:
+    """The sequences to drop, youngest first, so that the coming step fits the KV pool.
+
+    ``loads`` is in admission order. Reservations are the coordinator's and may overcommit the
+    pool; it raises them and preempts in time as a rule, but its view of each sequence lags by
+    a stream frame. This is the last line: rather than let llama_decode fail for every
+    sequence, the newest ones (least work lost, as vLLM's recompute preemption) go back to the
+    coordinator to be resumed later.
+    """
+    in_use = sum(load.in_use_tokens for load in loads)
+    adding = sum(load.step_tokens for load in loads)
+    victims: list[SequenceKey] = []
+    for load in reversed(loads):
+        if in_use + adding <= budget_tokens:
+            break
+        victims.append(load.key)
+        in_use -= load.in_use_tokens
+        adding -= load.step_tokens
+    return victims
+
+
+def kv_overflow_error(in_use_tokens: int, step_tokens: int, budget_tokens: int) -> Overloaded:
+    """Why a running sequence was dropped by ``kv_evictions``: retryable, resumed elsewhere."""
+    return Overloaded(
+        f"KV pool full: {in_use_tokens} cells in use + {step_tokens} for the next step exceed "
+        f"the budget of {budget_tokens}; the newest sequence is preempted",
+        kv_overflow=True,
+        in_use_tokens=in_use_tokens,
+        budget_tokens=budget_tokens,
+    )

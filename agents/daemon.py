@@ -402,6 +402,7 @@ class AgentDaemon:
             resume_tokens=command.resume_tokens,
             resume_token_ids=command.resume_token_ids,
             resume_model=command.resume_model,
+            kv_reservation_tokens=command.kv_reservation_tokens,
         )
         try:
             return self.engine.add(spec)

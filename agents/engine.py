@@ -24,10 +24,13 @@ from agents.base import (
     Completed,
     Emitted,
     EngineEvent,
+    KvLoad,
     Rejected,
     SequenceKey,
     SequenceSpec,
     admission_error,
+    kv_evictions,
+    kv_overflow_error,
 )
 from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
@@ -210,7 +213,7 @@ class LlamaEngine:
             prompt += self.tokenize(spec.resume_text, add_bos=False)
         error = admission_error(
             spec,
-            context_tokens=len(prompt) + spec.remaining_tokens,
+            prompt_tokens=len(prompt),
             n_ctx=self.n_ctx,
             active=len(self._active),
             max_seqs=self.max_seqs,
@@ -247,8 +250,10 @@ class LlamaEngine:
         return sum(s.n_past for s in self._active.values())
 
     def kv_reserved_tokens(self) -> int:
-        """Cells the active sequences may still grow to (prompt plus remaining output)."""
-        return sum(len(s.prompt) + s.spec.remaining_tokens for s in self._active.values())
+        """Cells the active sequences hold or are promised (``SequenceSpec.kv_claim_tokens``)."""
+        return sum(
+            max(s.n_past, s.spec.kv_claim_tokens(len(s.prompt))) for s in self._active.values()
+        )
 
     def seq_positions(self, key: SequenceKey) -> tuple[int, int]:
         """llama.cpp's own view of a sequence's cache: (min position, max position)."""
@@ -274,6 +279,7 @@ class LlamaEngine:
         )
 
     def step(self) -> list[EngineEvent]:
+        evicted = self._evict_for_kv()
         batch = self._batch
         rows: list[tuple[_Sequence, int]] = []
         n = 0
@@ -285,6 +291,7 @@ class LlamaEngine:
             n += 1
         chunks: list[tuple[_Sequence, int]] = []
         budget = PREFILL_BUDGET_WHILE_DECODING if rows else STEP_TOKEN_BUDGET
+        budget = min(budget, self.kv_budget_tokens - self.kv_used_tokens() - n)
         prefilling = [s for s in self._active.values() if s.prefilling]
         for sequence in sorted(prefilling, key=lambda s: len(s.prompt) - s.n_past):
             room = min(STEP_TOKEN_BUDGET - n, budget - sum(length for _, length in chunks))
@@ -298,13 +305,15 @@ class LlamaEngine:
                     rows.append((sequence, n))
                 n += 1
             chunks.append((sequence, len(chunk)))
+        if n == 0:
+            return evicted
         batch.n_tokens = n
         status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
-            return self._decode_failed(status)
+            return evicted + self._decode_failed(status)
         for sequence, length in chunks:
             sequence.n_past += length
-        events: list[EngineEvent] = []
+        events: list[EngineEvent] = evicted
         now = time.perf_counter()
         for sequence, row in rows:
             events.extend(self._advance(sequence, row, now))
@@ -419,6 +428,25 @@ class LlamaEngine:
             prefill_s=prefill_end - sequence.started_s,
             decode_s=now - prefill_end,
         )
+
+    def _evict_for_kv(self) -> list[EngineEvent]:
+        """Drop the newest sequences if the next step's tokens would not fit the pool
+        (``kv_evictions``); prompts still prefilling wait for room instead."""
+        loads = [KvLoad(key, s.n_past, 0 if s.prefilling else 1) for key, s in self._active.items()]
+        victims = kv_evictions(loads, self.kv_budget_tokens)
+        if not victims:
+            return []
+        error = kv_overflow_error(
+            sum(load.in_use_tokens for load in loads),
+            sum(load.step_tokens for load in loads),
+            self.kv_budget_tokens,
+        )
+        log.warning("KV pool full: preempting %d sequence(s)", len(victims))
+        events: list[EngineEvent] = []
+        for key in victims:
+            self._retire(self._active[key], "cancelled")
+            events.append(Rejected(key, error))
+        return events
 
     def _decode_failed(self, status: int) -> list[EngineEvent]:
         """llama_decode refused the batch: drop every sequence (their caches may be partial)

@@ -13,10 +13,13 @@ from agents.base import (
     Completed,
     Emitted,
     EngineEvent,
+    KvLoad,
     Rejected,
     SequenceKey,
     SequenceSpec,
     admission_error,
+    kv_evictions,
+    kv_overflow_error,
 )
 from agents.text import StopStringFilter
 from orchestrator.protocol import Backend, FinishReason
@@ -117,11 +120,11 @@ class FakeEngine:
         prompt_tokens = fake_prompt_tokens(spec.prompt) + resumed
         error = admission_error(
             spec,
-            context_tokens=prompt_tokens + spec.remaining_tokens,
+            prompt_tokens=prompt_tokens,
             n_ctx=self.n_ctx,
             active=len(self._active),
             max_seqs=self.max_seqs,
-            kv_free_tokens=self.kv_budget_tokens - self.kv_used_tokens(),
+            kv_free_tokens=self.kv_budget_tokens - self.kv_reserved_tokens(),
         )
         if error is not None:
             return [Rejected(spec.key, error)]
@@ -145,8 +148,15 @@ class FakeEngine:
     def kv_used_tokens(self) -> int:
         return sum(s.prompt_tokens + s.generated for s in self._active.values())
 
+    def kv_reserved_tokens(self) -> int:
+        """Cells held or promised, as ``LlamaEngine.kv_reserved_tokens``."""
+        return sum(
+            max(s.prompt_tokens + s.generated, s.spec.kv_claim_tokens(s.prompt_tokens))
+            for s in self._active.values()
+        )
+
     def step(self) -> list[EngineEvent]:
-        events: list[EngineEvent] = []
+        events = self._evict_for_kv()
         pending = [s for s in self._active.values() if not s.prefilled]
         marker = self.crash_marker
         if marker is not None and any(marker in s.spec.prompt for s in pending):
@@ -178,6 +188,16 @@ class FakeEngine:
 
     def close(self) -> None:
         self._active.clear()
+
+    def _evict_for_kv(self) -> list[EngineEvent]:
+        """As ``LlamaEngine``: the newest sequences go if the next step would overfill the pool
+        (the prompt counts from admission here, one cell per generated token after)."""
+        loads = [KvLoad(k, s.prompt_tokens + s.generated, 1) for k, s in self._active.items()]
+        victims = kv_evictions(loads, self.kv_budget_tokens)
+        if not victims:
+            return []
+        error = kv_overflow_error(self.kv_used_tokens(), len(self._active), self.kv_budget_tokens)
+        return [Rejected(key, error) for key in victims if self._active.pop(key, None) is not None]
 
     def _finish(self, key: SequenceKey, reason: FinishReason) -> Completed:
         return self._completed(self._active.pop(key), reason)

@@ -89,7 +89,11 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         if args.agents < 1:
             raise InvalidRequest(f"--agents must be at least 1, got {args.agents}", field="agents")
         agent_args: tuple[str, ...] = ()
-        for flag, value in (("--threads", args.threads), ("--max-seqs", args.max_seqs)):
+        for flag, value in (
+            ("--threads", args.threads),
+            ("--max-seqs", args.max_seqs),
+            ("--kv-budget-tokens", args.kv_budget_tokens),
+        ):
             if value is not None:
                 agent_args += (flag, str(value))
         live = LiveCluster(agents=args.agents, backend=args.backend, agent_args=agent_args)

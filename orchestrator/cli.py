@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=None, help="GGUF path (default: the embedded model)")
     up.add_argument("--max-seqs", type=int, default=None)
     up.add_argument("--n-ctx", type=int, default=None)
+    up.add_argument("--kv-budget-tokens", type=int, default=None, help="KV cells per agent")
     up.add_argument(
         "--threads", type=int, default=None, help="threads per agent (default: cores / agents)"
     )
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=("llama", "fake"), default="fake")
     bench.add_argument("--threads", type=int, default=None, help="threads per agent (--live)")
     bench.add_argument("--max-seqs", type=int, default=None, help="sequences per agent (--live)")
+    bench.add_argument(
+        "--kv-budget-tokens", type=int, default=None, help="KV cells per agent (--live)"
+    )
     bench.add_argument("--policies", required=True, help="comma-separated policy names")
     rate = bench.add_mutually_exclusive_group(required=True)
     rate.add_argument("--load", default=None, help="offered load(s), x nominal decode capacity")
@@ -412,6 +416,7 @@ def _run_up(args: argparse.Namespace) -> int:
             ("--model", args.model),
             ("--max-seqs", args.max_seqs),
             ("--n-ctx", args.n_ctx),
+            ("--kv-budget-tokens", args.kv_budget_tokens),
         ):
             if value is not None:
                 command += [flag, str(value)]

@@ -572,14 +572,19 @@ class Coordinator:
             return
         error = error_from_wire(message.error.code, message.error.message, message.error.details)
         if message.error.retryable:
+            kv_overflow = bool(error.details.get("kv_overflow"))
             log.info(
-                "request %s refused by %s (%s): requeued",
+                "request %s %s by %s (%s): requeued",
                 record.request_id,
+                "preempted for KV" if kv_overflow else "refused",
                 session.agent_id,
                 error.code,
             )
-            self.table.requeue(record.request_id, agent_failed=False)
-            self.metrics.requeued(record.request_id, "agent_refused")
+            self.table.requeue(
+                record.request_id, agent_failed=False, preempted="kv" if kv_overflow else None
+            )
+            reason = "preempted_kv" if kv_overflow else "agent_refused"
+            self.metrics.requeued(record.request_id, reason)
             session.refused_until_s = now + AGENT_REFUSAL_BACKOFF_S
         else:
             self._fail(record.request_id, error, now)
@@ -832,6 +837,7 @@ class Coordinator:
                 resume_tokens=record.generated_tokens,
                 resume_token_ids=tuple(record.token_ids),
                 resume_model=record.token_model or None,
+                kv_reservation_tokens=action.kv_reservation_tokens,
             ),
         )
 

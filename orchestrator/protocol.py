@@ -210,6 +210,9 @@ class Dispatch(WireModel):
     resume_tokens: int = Field(default=0, ge=0)
     resume_token_ids: tuple[int, ...] = Field(default=(), max_length=MAX_TOKENS_LIMIT)
     resume_model: str | None = None
+    kv_reservation_tokens: int | None = Field(default=None, ge=1)
+    """KV cells the coordinator reserved (prompt included). The agent holds this much rather
+    than the whole ``max_tokens``: the coordinator raises it as the run grows, or preempts."""
 
 
 class Reregister(WireModel):

@@ -291,3 +291,35 @@ def test_prompts_parse_control_tokens_like_the_coordinators_count(
     for prompt in (rendered, "Plain text, no markers.", "<start_of_turn>user\nHi"):
         agent = engine.tokenize(prompt, add_bos=True, special=True)
         assert counter.count(prompt, counter.model_name) == (len(agent), True)
+
+
+def test_overcommitted_reservations_preempt_the_newest_instead_of_failing_the_batch(
+    model_path: Path,
+) -> None:
+    small = LlamaEngine(
+        model_path, n_ctx=256, max_seqs=3, kv_budget_tokens=256, n_gpu_layers=0, threads=2
+    )
+    try:
+        specs = [
+            SequenceSpec(
+                request_id=name,
+                attempt=1,
+                prompt=prompt,
+                params=params(max_tokens=200, temperature=0.0, ignore_eos=True),
+                kv_reservation_tokens=40,
+            )
+            for name, prompt in (("a", "The history of Rome"), ("b", "Two plus"), ("c", "Hi"))
+        ]
+        for spec_ in specs:  # 3 x 40 cells claimed; whole budgets (3 x 200+) would not fit
+            assert small.add(spec_) == []
+        ended: dict[str, Completed | Rejected] = {}
+        while small.has_work():
+            ended |= {e.key[0]: e for e in small.step() if isinstance(e, Completed | Rejected)}
+            assert small.kv_used_tokens() <= 256 and small.kv_discrepancies() == []
+        a, b, c = ended["a"], ended["b"], ended["c"]
+        assert isinstance(a, Completed) and a.completion_tokens == 200
+        for preempted in (b, c):
+            assert isinstance(preempted, Rejected) and preempted.error.retryable
+            assert preempted.error.details["kv_overflow"] is True
+    finally:
+        small.close()

@@ -371,3 +371,38 @@ def test_kill_9_mid_stream_resumes_on_another_agent_without_a_seam(cluster: Loca
     assert victim.returncode is not None
     assert "".join(chunks) == fake_completion(prompt, 60)
     assert result.completion_tokens == 60 and result.attempts == 2 and result.agent == "survivor"
+
+
+def test_a_kv_bound_agent_runs_what_the_reservations_fit_and_loses_nothing(
+    cluster: LocalCluster,
+) -> None:
+    """300 KV cells, requests of up to 205 (prompt + max_tokens): holding whole budgets, the
+    agent would run one at a time. It holds the coordinator's reservations instead, so several
+    run; as they grow, the coordinator raises or preempts them (or the agent drops its newest),
+    and every request still ends with exactly its text."""
+    cluster.start_agent(
+        "small-kv", *FAST_FAKE, "--max-seqs", "4", "--n-ctx", "256", "--kv-budget-tokens", "300"
+    )
+    cluster.wait_for_agents(1)
+    prompts = [f"tight cache request {i}" for i in range(8)]
+    kv_used_seen: list[int] = []
+
+    async def run() -> list:
+        async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+            jobs = asyncio.gather(
+                *(client.generate(p, max_tokens=200, temperature=0.0) for p in prompts)
+            )
+            task = asyncio.ensure_future(jobs)
+            while not task.done():
+                status = await client.status()
+                kv_used_seen.extend(a.kv_used_tokens for a in status.agents)
+                await asyncio.sleep(0.01)
+            return await task
+
+    results = asyncio.run(run())
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.text == fake_completion(prompt, 200) and result.completion_tokens == 200
+    assert 205 < max(kv_used_seen) <= 300  # more than one request's worth, within the pool
+    with cluster.client() as client:
+        status = client.status()
+    assert status.completed == 8 and status.failed == 0

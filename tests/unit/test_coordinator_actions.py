@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from agents.base import kv_overflow_error
 from orchestrator.coordinator import (
     AGENT_REFUSAL_BACKOFF_S,
     MAX_CHUNK_CHARS_PER_TOKEN,
@@ -180,3 +181,25 @@ def test_an_agent_that_refuses_a_dispatch_is_not_offered_work_again_at_once() ->
     assert len([m for m in sent if isinstance(m, Dispatch)]) == 1
     c.schedule(now=0.1 + AGENT_REFUSAL_BACKOFF_S)
     assert [m.request_id for m in sent if isinstance(m, Dispatch)] == ["r", "r"]
+
+
+def test_a_dispatch_carries_the_reservation_and_a_kv_overflow_counts_as_a_preemption() -> None:
+    c, sent = coordinator("fcfs")
+    session = c._agents[b"id-a1"]
+    c.table.add(record("r", params=params(max_tokens=3000), estimate=LengthEstimate.exact(100)))
+    c.schedule(now=0.0)
+    dispatch = sent[-1]
+    reserved = c.table[RequestId("r")].kv_reservation_tokens
+    assert isinstance(dispatch, Dispatch) and dispatch.kv_reservation_tokens == reserved
+    assert reserved < 3000  # not the whole budget: the agent holds what the core reserved
+    c.table.add_tokens(RequestId("r"), " one two", 2, now=0.5)
+    overflow = kv_overflow_error(in_use_tokens=8000, step_tokens=1, budget_tokens=8000)
+    c._on_failed(session, RunFailed(request_id="r", attempt=1, error=ErrorInfo.of(overflow)), 0.6)
+    r = c.table[RequestId("r")]
+    assert (r.state, r.attempt, r.kv_preemptions, r.generated_tokens) == (
+        RequestState.QUEUED,
+        2,
+        1,
+        2,
+    )
+    assert c.table.kv_preemptions == 1

@@ -6,7 +6,7 @@ from typing import NoReturn
 
 import pytest
 
-from agents.base import Completed, Emitted, Rejected, SequenceSpec
+from agents.base import Completed, Emitted, KvLoad, Rejected, SequenceSpec, kv_evictions
 from agents.fake import FAKE_CRASH_EXIT_CODE, FakeEngine, FakeTimingModel, fake_completion
 from orchestrator.errors import ContextOverflow, Overloaded
 from tests.factories import params
@@ -99,3 +99,49 @@ def test_crash_marker_ends_the_process_when_its_prompt_is_prefilled() -> None:
     with pytest.raises(SystemExit):
         engine.step()
     assert exits == [FAKE_CRASH_EXIT_CODE]
+
+
+def reserved_spec(request_id: str, reservation: int | None, max_tokens: int) -> SequenceSpec:
+    return SequenceSpec(
+        request_id=request_id,
+        attempt=1,
+        prompt="a b c",
+        params=params(max_tokens=max_tokens),
+        kv_reservation_tokens=reservation,
+    )
+
+
+def test_the_claim_is_the_coordinators_reservation_within_prompt_and_whole_budget() -> None:
+    assert reserved_spec("x", None, 50).kv_claim_tokens(4) == 54
+    assert reserved_spec("x", 20, 50).kv_claim_tokens(4) == 20
+    assert reserved_spec("x", 2, 50).kv_claim_tokens(4) == 5  # the prompt and one token
+    assert reserved_spec("x", 500, 50).kv_claim_tokens(4) == 54
+
+
+def test_evictions_take_the_newest_until_the_step_fits() -> None:
+    loads = [KvLoad(("old", 1), 50, 1), KvLoad(("mid", 1), 30, 1), KvLoad(("new", 1), 10, 0)]
+    assert kv_evictions(loads, 100) == []
+    assert kv_evictions(loads, 91) == [("new", 1)]  # 90 + 2 > 91; without "new", 80 + 2 fits
+    assert kv_evictions(loads, 60) == [("new", 1), ("mid", 1)]
+    assert kv_evictions(loads, 10) == [("new", 1), ("mid", 1), ("old", 1)]
+
+
+def test_reservations_admit_what_whole_budgets_would_refuse_and_overflow_preempts_the_newest() -> (
+    None
+):
+    engine, _ = make_engine(n_ctx=64, max_seqs=3, kv_budget_tokens=64)
+    assert engine.add(reserved_spec("a", 20, 40)) == []
+    (refused,) = engine.add(reserved_spec("whole", None, 41))  # 4 + 41 > 64 - 20
+    assert isinstance(refused, Rejected) and isinstance(refused.error, Overloaded)
+    assert refused.error.details == {"needed_tokens": 45, "free_tokens": 44}
+    assert engine.add(reserved_spec("b", 20, 40)) == []
+    assert engine.add(reserved_spec("c", 20, 40)) == []
+    ended: dict[str, Completed | Rejected] = {}
+    while engine.has_work():
+        ended |= {e.key[0]: e for e in engine.step() if isinstance(e, Completed | Rejected)}
+        assert engine.kv_used_tokens() <= 64
+    a, b, c = ended["a"], ended["b"], ended["c"]
+    assert isinstance(a, Completed) and a.completion_tokens == 40  # 4 + 40 fits alone
+    for preempted in (b, c):
+        assert isinstance(preempted, Rejected) and preempted.error.retryable
+        assert preempted.error.details["kv_overflow"] is True
