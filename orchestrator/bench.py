@@ -92,6 +92,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         for flag, value in (
             ("--threads", args.threads),
             ("--max-seqs", args.max_seqs),
+            ("--n-ctx", args.n_ctx),
             ("--kv-budget-tokens", args.kv_budget_tokens),
         ):
             if value is not None:

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="threads per agent (--live)")
     bench.add_argument("--max-seqs", type=int, default=None, help="sequences per agent (--live)")
     bench.add_argument(
+        "--n-ctx", type=int, default=None, help="one sequence's context limit (--live)"
+    )
+    bench.add_argument(
         "--kv-budget-tokens", type=int, default=None, help="KV cells per agent (--live)"
     )
     bench.add_argument("--policies", required=True, help="comma-separated policy names")

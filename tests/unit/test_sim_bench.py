@@ -358,6 +358,7 @@ def _args(**overrides: Any) -> SimpleNamespace:
         backend="fake",
         threads=None,
         max_seqs=None,
+        n_ctx=None,
         kv_budget_tokens=None,
     )
     fields.update(overrides)
