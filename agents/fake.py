@@ -197,7 +197,9 @@ class FakeEngine:
         if not victims:
             return []
         error = kv_overflow_error(self.kv_used_tokens(), len(self._active), self.kv_budget_tokens)
-        return [Rejected(key, error) for key in victims if self._active.pop(key, None) is not None]
+        for key in victims:
+            del self._active[key]
+        return [Rejected(key, error) for key in victims]
 
     def _finish(self, key: SequenceKey, reason: FinishReason) -> Completed:
         return self._completed(self._active.pop(key), reason)
