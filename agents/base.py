@@ -86,6 +86,20 @@ class Rejected:
 EngineEvent = Emitted | Completed | Rejected
 
 
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """An engine's prompt cache: cells held now and prompt tokens since start."""
+
+    parked_tokens: int = 0
+    """KV cells only parked (finished) sequences hold: reusable, and free on demand."""
+    hits: int = 0
+    """Admissions that reused a cached prefix."""
+    reused_tokens: int = 0
+    """Prompt tokens taken from the cache instead of computed."""
+    computed_tokens: int = 0
+    """Prompt tokens computed (prefilled)."""
+
+
 class Engine(Protocol):
     backend: Backend
     model_name: str
@@ -113,6 +127,8 @@ class Engine(Protocol):
     def kv_used_tokens(self) -> int: ...
 
     def active_keys(self) -> list[SequenceKey]: ...
+
+    def cache_stats(self) -> CacheStats: ...
 
     def close(self) -> None: ...
 

@@ -21,6 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Final
 
 import zmq
@@ -40,6 +41,7 @@ from orchestrator.protocol import (
     Goodbye,
     Heartbeat,
     Ping,
+    PromptCacheStats,
     Register,
     Reregister,
     RunFailed,
@@ -198,6 +200,7 @@ class AgentDaemon:
         events are dropped. A coordinator restarted without its journal numbers attempts from
         1 again, so a late event of an old run would pass for the new run of the same key."""
         self._kv_used_tokens = 0
+        self._cache = PromptCacheStats()
         self._running: tuple[str, ...] = ()
 
     async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
@@ -236,7 +239,10 @@ class AgentDaemon:
 
     def _heartbeat_message(self) -> Heartbeat:
         return Heartbeat(
-            kv_used_tokens=self._kv_used_tokens, running=self._running, draining=self._draining
+            kv_used_tokens=self._kv_used_tokens,
+            running=self._running,
+            draining=self._draining,
+            cache=self._cache,
         )
 
     def _open(self) -> None:
@@ -417,6 +423,7 @@ class AgentDaemon:
         for event in self._coalescer.push(fresh, time.monotonic()):
             self._send(_event_message(event))
         self._kv_used_tokens = self.engine.kv_used_tokens()
+        self._cache = PromptCacheStats(**asdict(self.engine.cache_stats()))
         self._running = tuple(request_id for request_id, _ in self.engine.active_keys())
 
     def _send(self, message: WireModel) -> None:

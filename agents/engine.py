@@ -21,6 +21,7 @@ from typing import Any, Final
 import numpy as np
 
 from agents.base import (
+    CacheStats,
     Completed,
     Emitted,
     EngineEvent,
@@ -32,6 +33,7 @@ from agents.base import (
     kv_evictions,
     kv_overflow_error,
 )
+from agents.kvcache import CachedSequence, KvLedger
 from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
 from orchestrator.llamalib import llama_cpp
@@ -52,12 +54,17 @@ KV_BYTES_PER_VALUE: Final = 2
 """f16 K and V caches."""
 DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
 """Share of available memory the default KV budget may take."""
+PARKED_SEQUENCES_MAX: Final = 32
+"""Sequence ids kept for parked (finished, reusable) caches beyond ``max_seqs``; the least
+recently used is evicted when a new sequence needs an id."""
+LLAMA_MAX_SEQ: Final = 256
+"""llama.cpp's compile-time limit on sequence ids in one context."""
 
 
 @dataclass(slots=True)
 class _Sequence:
     spec: SequenceSpec
-    slot: int
+    cache: CachedSequence
     prompt: list[int]
     prompt_tokens: int
     sampler: Any
@@ -71,6 +78,10 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.next_token is None
+
+    @property
+    def slot(self) -> int:
+        return self.cache.seq_id
 
 
 class LlamaEngine:
@@ -89,8 +100,12 @@ class LlamaEngine:
         threads: int,
         model_name: str | None = None,
         available_memory_bytes: int | None = None,
+        max_parked: int = PARKED_SEQUENCES_MAX,
+        swa_full: bool = True,
     ) -> None:
         lib = llama_cpp()
+        self.max_parked = max_parked
+        self.swa_full = swa_full
         self._lib = lib
         self.model_path: str | None = str(model_path)
         self.threads = threads
@@ -138,10 +153,20 @@ class LlamaEngine:
             dtype=np.int64,
         )
         self._piece = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+        self.n_swa = int(lib.llama_model_n_swa(self._model))
         self._active: dict[SequenceKey, _Sequence] = {}
-        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self._ledger = KvLedger()
+        self._free_seq_ids = list(range(self.n_seq_ids - 1, -1, -1))
+        self._hits = 0
+        self._reused_tokens = 0
+        self._computed_tokens = 0
 
     # --- setup ------------------------------------------------------------------------------
+
+    @property
+    def n_seq_ids(self) -> int:
+        """llama.cpp sequence ids: one per running sequence, the rest for parked caches."""
+        return min(LLAMA_MAX_SEQ, self.max_seqs + self.max_parked)
 
     def _load_model(self, model_path: Path, n_gpu_layers: int) -> Any:
         params = self._lib.llama_model_default_params()
@@ -173,12 +198,13 @@ class LlamaEngine:
         params.n_ctx = self.kv_budget_tokens
         params.n_batch = STEP_TOKEN_BUDGET
         params.n_ubatch = STEP_TOKEN_BUDGET
-        params.n_seq_max = self.max_seqs
+        params.n_seq_max = self.n_seq_ids
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
         params.no_perf = True
         if hasattr(params, "kv_unified"):
             params.kv_unified = True
+        params.swa_full = self.swa_full
         ctx = lib.llama_init_from_model(self._model, params)
         if not ctx:
             raise InternalError(
@@ -223,13 +249,16 @@ class LlamaEngine:
             return [Rejected(spec.key, error)]
         if spec.remaining_tokens == 0:
             return [Completed(spec.key, prompt_tokens, 0, "length", 0.0, 0.0)]
+        cache = self._ledger.open(self._take_seq_id())
+        reused = self._reuse_prefix(prompt, cache) if spec.params.cache_prompt else 0
         self._active[spec.key] = _Sequence(
             spec=spec,
-            slot=self._free_slots.pop(),
+            cache=cache,
             prompt=prompt,
             prompt_tokens=prompt_tokens,
             sampler=self._sampler(spec),
             stops=StopStringFilter(spec.params.stop),
+            n_past=reused,
         )
         return []
 
@@ -246,8 +275,17 @@ class LlamaEngine:
         return list(self._active)
 
     def kv_used_tokens(self) -> int:
-        """Cells filled now, counted as logical tokens per sequence."""
-        return sum(s.n_past for s in self._active.values())
+        """Cells the running sequences hold (a shared prefix counts once; parked cells are
+        free on demand and do not count)."""
+        return self._ledger.used_cells(parked=False)
+
+    def cache_stats(self) -> CacheStats:
+        return CacheStats(
+            parked_tokens=self._ledger.parked_cells(),
+            hits=self._hits,
+            reused_tokens=self._reused_tokens,
+            computed_tokens=self._computed_tokens,
+        )
 
     def kv_reserved_tokens(self) -> int:
         """Cells the active sequences hold or are promised (``SequenceSpec.kv_claim_tokens``)."""
@@ -260,16 +298,32 @@ class LlamaEngine:
         return self._positions(self._active[key].slot)
 
     def kv_discrepancies(self) -> list[str]:
-        """Where the logical per-sequence accounting and llama.cpp's view disagree (empty when
-        consistent): each active sequence holds positions 0..n_past-1, free slots hold none."""
+        """Where the ledger and llama.cpp's view disagree (empty when consistent): each cached
+        sequence, running or parked, holds positions up to len(tokens)-1 (the lowest may have
+        left the sliding window), a running one's tokens are its n_past, free ids hold none."""
         problems = []
-        active_slots = {s.slot: s for s in self._active.values()}
-        for slot in range(self.max_seqs):
-            low, high = self._positions(slot)
-            sequence = active_slots.get(slot)
-            expected = (0, sequence.n_past - 1) if sequence and sequence.n_past else (-1, -1)
-            if (low if high >= 0 else -1, high) != expected:
-                problems.append(f"slot {slot}: llama.cpp holds {low}..{high}, expected {expected}")
+        cached = {s.seq_id: s for s in self._ledger.sequences()}
+        for sequence in self._active.values():
+            if len(sequence.cache.tokens) != sequence.n_past:
+                problems.append(
+                    f"sequence {sequence.slot}: ledger holds {len(sequence.cache.tokens)} "
+                    f"tokens, n_past is {sequence.n_past}"
+                )
+        for seq_id in range(self.n_seq_ids):
+            low, high = self._positions(seq_id)
+            cache = cached.get(seq_id)
+            expected_high = len(cache.tokens) - 1 if cache else -1
+            window_start = max(0, high - self.n_swa + 2) if self.n_swa else 0
+            low_ok = (low == -1) if expected_high < 0 else 0 <= low <= window_start
+            if high != expected_high or not low_ok:
+                problems.append(
+                    f"sequence {seq_id}: llama.cpp holds {low}..{high}, expected up to "
+                    f"{expected_high}"
+                )
+        if self._ledger.used_cells() > self.kv_budget_tokens:
+            problems.append(
+                f"ledger uses {self._ledger.used_cells()} cells of {self.kv_budget_tokens}"
+            )
         return problems
 
     def _positions(self, slot: int) -> tuple[int, int]:
@@ -308,10 +362,18 @@ class LlamaEngine:
         if n == 0:
             return evicted
         batch.n_tokens = n
+        self._make_room(n)
         status = self._lib.llama_decode(self._ctx, batch)
+        if status == 1 and self._ledger.parked():
+            self._evict_parked(len(self._ledger.parked()))
+            status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
             return evicted + self._decode_failed(status)
         for sequence, length in chunks:
+            self._ledger.append(
+                sequence.cache, sequence.prompt[sequence.n_past : sequence.n_past + length]
+            )
+            self._computed_tokens += length
             sequence.n_past += length
         events: list[EngineEvent] = evicted
         now = time.perf_counter()
@@ -321,7 +383,7 @@ class LlamaEngine:
 
     def close(self) -> None:
         for sequence in list(self._active.values()):
-            self._retire(sequence, "cancelled")
+            self._retire(sequence, "cancelled", park=False)
         if getattr(self, "_batch", None) is not None:
             self._lib.llama_batch_free(self._batch)
             self._batch = None
@@ -347,6 +409,8 @@ class LlamaEngine:
         if sequence.prefilling:
             sequence.prefill_done_s = now
         else:
+            assert sequence.next_token is not None
+            self._ledger.append(sequence.cache, [sequence.next_token])
             sequence.n_past += 1
         token = self._sample(sequence, row)
         sequence.next_token = token
@@ -412,12 +476,16 @@ class LlamaEngine:
             return buffer.raw[:n]
         return self._piece.raw[:n]
 
-    def _retire(self, sequence: _Sequence, reason: FinishReason) -> Completed:
+    def _retire(self, sequence: _Sequence, reason: FinishReason, *, park: bool = True) -> Completed:
+        """End ``sequence``; its cache stays parked for reuse unless the request opted out
+        (``cache_prompt``), ``park`` is false, or it holds nothing."""
         del self._active[sequence.spec.key]
-        self._lib.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+        if park and sequence.spec.params.cache_prompt and sequence.cache.tokens:
+            self._ledger.park(sequence.cache)
+        else:
+            self._forget(sequence.cache)
         if sequence.sampler is not None:
             self._lib.llama_sampler_free(sequence.sampler)
-        self._free_slots.append(sequence.slot)
         now = time.perf_counter()
         prefill_end = sequence.prefill_done_s or now
         return Completed(
@@ -433,7 +501,8 @@ class LlamaEngine:
         """Drop the newest sequences if the next step's tokens would not fit the pool
         (``kv_evictions``); prompts still prefilling wait for room instead."""
         loads = [KvLoad(key, s.n_past, 0 if s.prefilling else 1) for key, s in self._active.items()]
-        victims = kv_evictions(loads, self.kv_budget_tokens)
+        shared = sum(load.in_use_tokens for load in loads) - self.kv_used_tokens()
+        victims = kv_evictions(loads, self.kv_budget_tokens + shared)
         if not victims:
             return []
         error = kv_overflow_error(
@@ -444,9 +513,61 @@ class LlamaEngine:
         log.warning("KV pool full: preempting %d sequence(s)", len(victims))
         events: list[EngineEvent] = []
         for key in victims:
-            self._retire(self._active[key], "cancelled")
+            self._retire(self._active[key], "cancelled", park=False)
             events.append(Rejected(key, error))
         return events
+
+    # --- the prompt cache -------------------------------------------------------------------
+
+    def _take_seq_id(self) -> int:
+        """A free llama.cpp sequence id, evicting the least valuable parked cache if none is."""
+        if not self._free_seq_ids:
+            self._evict_parked(1)
+        return self._free_seq_ids.pop()
+
+    def _reuse_prefix(self, prompt: list[int], cache: CachedSequence) -> int:
+        """Share the longest cached prefix of ``prompt`` into the new ``cache``: how many
+        tokens need no prefill. At least the last prompt token is always computed (its logits
+        start the answer). With sliding-window layers the prefix is usable only if llama.cpp
+        still holds the window before its end; otherwise it is recomputed, never reused
+        stale."""
+        match = self._ledger.longest_prefix(prompt)
+        if match is None:
+            return 0
+        length = min(match.tokens, len(prompt) - 1)
+        source = match.source
+        if length <= 0 or not self._window_held(source.seq_id, length):
+            return 0
+        self._lib.llama_memory_seq_cp(self._memory, source.seq_id, cache.seq_id, 0, length)
+        self._ledger.copy_prefix(source, cache, length)
+        if source.parked and length == len(source.tokens):
+            self._forget(source)
+        self._hits += 1
+        self._reused_tokens += length
+        return length
+
+    def _window_held(self, seq_id: int, length: int) -> bool:
+        """Whether the cache holds every position the token at ``length`` attends to:
+        llama.cpp drops sliding-window positions that no later token of their own sequence
+        can see, keeping the positions it holds contiguous (llama-server's check)."""
+        low = int(self._lib.llama_memory_seq_pos_min(self._memory, seq_id))
+        return 0 <= low <= max(0, length - self.n_swa)
+
+    def _forget(self, cache: CachedSequence) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, cache.seq_id, -1, -1)
+        self._ledger.drop(cache)
+        self._free_seq_ids.append(cache.seq_id)
+
+    def _evict_parked(self, count: int) -> None:
+        for cache in self._ledger.eviction_order()[:count]:
+            self._forget(cache)
+
+    def _make_room(self, step_tokens: int) -> None:
+        """Evict parked caches until the step's new cells fit the pool beside everything
+        cached (parked cells are free on demand)."""
+        order = self._ledger.eviction_order()
+        while order and self._ledger.used_cells() + step_tokens > self.kv_budget_tokens:
+            self._forget(order.pop(0))
 
     def _decode_failed(self, status: int) -> list[EngineEvent]:
         """llama_decode refused the batch: drop every sequence (their caches may be partial)
@@ -458,6 +579,7 @@ class LlamaEngine:
         log.error("llama_decode returned %d; releasing %d sequences", status, len(self._active))
         events: list[EngineEvent] = []
         for sequence in list(self._active.values()):
-            self._retire(sequence, "cancelled")
+            self._retire(sequence, "cancelled", park=False)
             events.append(Rejected(sequence.spec.key, error))
+        self._evict_parked(len(self._ledger.parked()))
         return events

@@ -3,13 +3,16 @@ simulator and chaos runs. Tokens are the prompt's words, cycled; nothing is load
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, NoReturn
 
 from agents.base import (
+    CacheStats,
     Completed,
     Emitted,
     EngineEvent,
@@ -21,6 +24,7 @@ from agents.base import (
     kv_evictions,
     kv_overflow_error,
 )
+from agents.kvcache import CachedSequence, KvLedger
 from agents.text import StopStringFilter
 from orchestrator.protocol import Backend, FinishReason
 
@@ -28,6 +32,9 @@ FAKE_MODEL_NAME: Final = "fake"
 BATCH_SCALING_EXPONENT: Final = 0.35
 """Aggregate decode throughput grows as batch**0.35: measured on this 2-core machine with the
 default model, 88 tok/s at 1 sequence, 177 at 8 and 270 at 32 (shared/DESIGN.md)."""
+FAKE_BOS_ID: Final = 0
+FAKE_PARKED_SEQUENCES_MAX: Final = 32
+"""Finished sequences whose cache the fake keeps for reuse, as ``LlamaEngine``."""
 FAKE_CRASH_EXIT_CODE: Final = 86
 """Exit status of an agent killed by its ``crash_marker`` (tests tell it from other deaths)."""
 
@@ -45,6 +52,21 @@ def fake_token_text(prompt: str, index: int) -> str:
     """The text of output token ``index`` (0-based over the whole request, all attempts)."""
     words = fake_words(prompt)
     return " " + words[index % len(words)]
+
+
+def fake_token_ids(prompt: str, resumed: int = 0) -> list[int]:
+    """The token ids of a prompt (BOS, then one per word) and of the first ``resumed`` output
+    tokens: equal words get equal ids, so prompts that share words share a cacheable prefix."""
+    words = fake_words(prompt)
+    return (
+        [FAKE_BOS_ID]
+        + [_word_id(w) for w in prompt.split()]
+        + [_word_id(words[i % len(words)]) for i in range(resumed)]
+    )
+
+
+def _word_id(word: str) -> int:
+    return zlib.crc32(word.encode()) + 1
 
 
 def fake_completion(prompt: str, n_tokens: int) -> str:
@@ -72,6 +94,8 @@ class FakeTimingModel:
 class _Sequence:
     spec: SequenceSpec
     prompt_tokens: int
+    prompt: list[int]
+    cache: CachedSequence
     generated: int = 0
     prefilled: bool = False
     prefill_s: float = 0.0
@@ -113,11 +137,15 @@ class FakeEngine:
         self.crash_marker = crash_marker or None
         self._crash = crash
         self._active: dict[SequenceKey, _Sequence] = {}
+        self._ledger = KvLedger()
+        self._seq_ids = itertools.count()
+        self._stats = CacheStats()
 
     def add(self, spec: SequenceSpec) -> list[EngineEvent]:
         resume_ids = spec.resume_ids_for(self.model_name)
         resumed = len(resume_ids) if resume_ids is not None else len(spec.resume_text.split())
-        prompt_tokens = fake_prompt_tokens(spec.prompt) + resumed
+        prompt = fake_token_ids(spec.prompt, resumed)
+        prompt_tokens = len(prompt)
         error = admission_error(
             spec,
             prompt_tokens=prompt_tokens,
@@ -128,16 +156,30 @@ class FakeEngine:
         )
         if error is not None:
             return [Rejected(spec.key, error)]
+        cache = self._ledger.open(next(self._seq_ids))
+        match = self._ledger.longest_prefix(prompt) if spec.params.cache_prompt else None
+        if match is not None:
+            reused = min(match.tokens, prompt_tokens - 1)
+            self._ledger.copy_prefix(match.source, cache, reused)
+            if match.source.parked and reused == len(match.source.tokens):
+                self._ledger.drop(match.source)
+            self._count(hits=1, reused_tokens=reused)
         self._active[spec.key] = _Sequence(
-            spec=spec, prompt_tokens=prompt_tokens, stops=StopStringFilter(spec.params.stop)
+            spec=spec,
+            prompt_tokens=prompt_tokens,
+            prompt=prompt,
+            cache=cache,
+            stops=StopStringFilter(spec.params.stop),
         )
         return []
 
     def cancel(self, key: SequenceKey) -> list[EngineEvent]:
-        sequence = self._active.pop(key, None)
-        if sequence is None:
+        if key not in self._active:
             return []
-        return [self._completed(sequence, "cancelled")]
+        return [self._finish(key, "cancelled")]
+
+    def cache_stats(self) -> CacheStats:
+        return replace(self._stats, parked_tokens=self._ledger.parked_cells())
 
     def has_work(self) -> bool:
         return bool(self._active)
@@ -146,7 +188,7 @@ class FakeEngine:
         return list(self._active)
 
     def kv_used_tokens(self) -> int:
-        return sum(s.prompt_tokens + s.generated for s in self._active.values())
+        return self._ledger.used_cells(parked=False)
 
     def kv_reserved_tokens(self) -> int:
         """Cells held or promised, as ``LlamaEngine.kv_reserved_tokens``."""
@@ -161,10 +203,14 @@ class FakeEngine:
         marker = self.crash_marker
         if marker is not None and any(marker in s.spec.prompt for s in pending):
             self._crash(FAKE_CRASH_EXIT_CODE)
-        prefill_s = self.timing.prefill_s(sum(s.prompt_tokens for s in pending))
+        computed = sum(s.prompt_tokens - len(s.cache.tokens) for s in pending)
+        prefill_s = self.timing.prefill_s(computed)
         decode_s = self.timing.decode_step_s(len(self._active))
+        self._make_room(computed + len(self._active))
         self._sleep(prefill_s + decode_s)
+        self._count(computed_tokens=computed)
         for sequence in pending:
+            self._ledger.append(sequence.cache, sequence.prompt[len(sequence.cache.tokens) :])
             sequence.prefilled = True
             sequence.prefill_s = prefill_s
         for key, sequence in list(self._active.items()):
@@ -172,6 +218,8 @@ class FakeEngine:
                 events.append(self._finish(key, "length"))
                 continue
             index = sequence.spec.resume_tokens + sequence.generated
+            words = fake_words(sequence.spec.prompt)
+            self._ledger.append(sequence.cache, [_word_id(words[index % len(words)])])
             sequence.generated += 1
             sequence.decode_s += decode_s
             text = sequence.stops.feed_text(fake_token_text(sequence.spec.prompt, index))
@@ -188,6 +236,22 @@ class FakeEngine:
 
     def close(self) -> None:
         self._active.clear()
+        for cache in self._ledger.sequences():
+            self._ledger.drop(cache)
+
+    def _count(self, **increments: int) -> None:
+        self._stats = replace(
+            self._stats, **{k: getattr(self._stats, k) + v for k, v in increments.items()}
+        )
+
+    def _make_room(self, step_tokens: int) -> None:
+        """Evict parked caches, least valuable first, until the step fits the pool."""
+        order = self._ledger.eviction_order()
+        while order and (
+            self._ledger.used_cells() + step_tokens > self.kv_budget_tokens
+            or len(order) > FAKE_PARKED_SEQUENCES_MAX
+        ):
+            self._ledger.drop(order.pop(0))
 
     def _evict_for_kv(self) -> list[EngineEvent]:
         """As ``LlamaEngine``: the newest sequences go if the next step would overfill the pool
@@ -198,11 +262,16 @@ class FakeEngine:
             return []
         error = kv_overflow_error(self.kv_used_tokens(), len(self._active), self.kv_budget_tokens)
         for key in victims:
-            del self._active[key]
+            self._ledger.drop(self._active.pop(key).cache)
         return [Rejected(key, error) for key in victims]
 
     def _finish(self, key: SequenceKey, reason: FinishReason) -> Completed:
-        return self._completed(self._active.pop(key), reason)
+        sequence = self._active.pop(key)
+        if sequence.spec.params.cache_prompt and sequence.cache.tokens:
+            self._ledger.park(sequence.cache)
+        else:
+            self._ledger.drop(sequence.cache)
+        return self._completed(sequence, reason)
 
     @staticmethod
     def _completed(sequence: _Sequence, reason: FinishReason) -> Completed:

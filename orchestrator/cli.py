@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int, default=None)
     submit.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     submit.add_argument("--ignore-eos", action="store_true", help="generate exactly max-tokens")
+    submit.add_argument(
+        "--no-cache-prompt",
+        dest="cache_prompt",
+        action="store_false",
+        help="compute the whole prompt instead of reusing an agent's cached prefix",
+    )
     submit.add_argument("--priority", choices=("interactive", "batch"), default="interactive")
     submit.add_argument("--model", default=None, help="only agents serving this model")
     submit.add_argument(
@@ -476,6 +482,7 @@ def _run_submit(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
+        cache_prompt=args.cache_prompt,
         priority=args.priority,
         model=args.model,
         request_id=request_id,

@@ -89,6 +89,7 @@ class GenerationOptions(TypedDict, total=False):
     ignore_eos: bool
     priority: Priority
     model: str | None
+    cache_prompt: bool
     request_id: str | None
 
 

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import zmq
@@ -67,6 +67,7 @@ from orchestrator.protocol import (
     Goodbye,
     Heartbeat,
     Ping,
+    PromptCacheStats,
     Register,
     RequestId,
     RequestStatus,
@@ -127,6 +128,8 @@ class AgentSession:
     last_seen_s: float
     last_sent_s: float = 0.0
     kv_used_tokens: int = 0
+    cache: PromptCacheStats = field(default_factory=PromptCacheStats)
+    """The agent's prompt cache as its last heartbeat reported it."""
     draining: bool = False
     refused_until_s: float = 0.0
     """Placement skips the agent until then (see ``AGENT_REFUSAL_BACKOFF_S``)."""
@@ -371,6 +374,7 @@ class Coordinator:
             self._send_agent(identity, Reregister())
         elif isinstance(message, Heartbeat):
             session.kv_used_tokens = message.kv_used_tokens
+            session.cache = message.cache
             session.draining = message.draining
         elif isinstance(message, Goodbye):
             del self._agents[identity]
@@ -946,6 +950,7 @@ class Coordinator:
                 running=views[s.agent_id].running,
                 kv_used_tokens=s.kv_used_tokens,
                 kv_reserved_tokens=views[s.agent_id].kv_reserved_tokens,
+                cache=s.cache,
                 draining=s.draining,
                 last_seen_s=max(0.0, now - s.last_seen_s),
             )

@@ -440,6 +440,7 @@ def _params(
     if fields.get("top_k") == -1:
         fields["top_k"] = 0  # vLLM's "no top-k"
     fields["ignore_eos"] = _bool(body, "ignore_eos")
+    fields["cache_prompt"] = _bool(body, "cache_prompt", default=True)
     priority = body.get("priority")
     if priority is not None:
         if priority not in ("interactive", "batch"):
@@ -490,10 +491,10 @@ def _float(body: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _bool(body: Mapping[str, Any], name: str) -> bool:
+def _bool(body: Mapping[str, Any], name: str, *, default: bool = False) -> bool:
     value = body.get(name)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise InvalidRequest(f"{name} must be true or false; got {value!r}", field=name)
     return value

@@ -253,6 +253,22 @@ class _StateCollector:
             "Tokens generated, by agent (agents that left included)",
             labels=["agent"],
         )
+        parked = GaugeMetricFamily(
+            "edgeorch_agent_kv_parked_tokens",
+            "KV cells held only by finished sequences kept for prefix reuse (free on demand)",
+            labels=labels,
+        )
+        prompt_tokens = CounterMetricFamily(
+            "edgeorch_agent_prompt_tokens",
+            "Prompt tokens since the agent started: computed (prefilled) or reused from its "
+            "prefix cache",
+            labels=[*labels, "source"],
+        )
+        hits = CounterMetricFamily(
+            "edgeorch_agent_prefix_cache_hits",
+            "Requests that reused a cached prompt prefix on the agent",
+            labels=labels,
+        )
         for session in self._coordinator.agent_sessions():
             profile = session.profile
             key = [session.agent_id, profile.model_name]
@@ -270,7 +286,12 @@ class _StateCollector:
             families["rate"].add_metric(key, self._metrics.decode_rate(session.agent_id, now))
             if profile.decode_tps is not None:
                 families["nominal"].add_metric(key, profile.decode_tps)
+            cache = session.cache
+            parked.add_metric(key, cache.parked_tokens)
+            prompt_tokens.add_metric([*key, "computed"], cache.computed_tokens)
+            prompt_tokens.add_metric([*key, "reused"], cache.reused_tokens)
+            hits.add_metric(key, cache.hits)
         for agent_id, count in self._metrics.agent_tokens.items():
             tokens.add_metric([agent_id], count)
         yield from families.values()
-        yield tokens
+        yield from (tokens, parked, prompt_tokens, hits)

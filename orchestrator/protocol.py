@@ -65,6 +65,9 @@ class GenerationParams(WireModel):
     ignore_eos: bool = False
     priority: Priority = "interactive"
     model: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    cache_prompt: bool = True
+    """Reuse (and keep) the agent's cached KV of the longest matching token prefix, as
+    llama-server's field of that name; false computes the whole prompt and parks nothing."""
 
 
 class ErrorInfo(WireModel):
@@ -117,6 +120,16 @@ class DeviceProfile(WireModel):
 # --- agent -> coordinator -------------------------------------------------------------------
 
 
+class PromptCacheStats(WireModel):
+    """An agent's prompt (KV prefix) cache: cells parked now, and prompt tokens since the
+    agent started (counters; an agent that reports none sends zeros)."""
+
+    parked_tokens: int = Field(default=0, ge=0)
+    hits: int = Field(default=0, ge=0)
+    reused_tokens: int = Field(default=0, ge=0)
+    computed_tokens: int = Field(default=0, ge=0)
+
+
 class Register(WireModel):
     type: Literal["register"] = "register"
     v: int = PROTOCOL_VERSION
@@ -132,6 +145,7 @@ class Heartbeat(WireModel):
     kv_used_tokens: int = Field(ge=0)
     running: tuple[WireId, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
     draining: bool = False
+    cache: PromptCacheStats = Field(default_factory=lambda: PromptCacheStats())
 
 
 class Goodbye(WireModel):
@@ -321,6 +335,7 @@ class AgentStatus(WireModel):
     kv_used_tokens: int = Field(ge=0)
     kv_reserved_tokens: int = Field(ge=0)
     last_seen_s: float = Field(ge=0)
+    cache: PromptCacheStats = Field(default_factory=lambda: PromptCacheStats())
     draining: bool = False
 
 

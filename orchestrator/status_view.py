@@ -31,7 +31,7 @@ def render_status(report: StatusReport) -> str:
         lines += _table(
             ("AGENT", "DEVICE", "BACKEND", "MODEL", "SEQS", "KV USED/BUDGET", "KV RESERVED"),
             [_agent_row(a) for a in report.agents],
-            ("TOK/S", "PEAK TOK/S", "STATE"),
+            ("TOK/S", "PEAK TOK/S", "KV PARKED", "PROMPT REUSED", "STATE"),
             [_agent_speed(a) for a in report.agents],
         )
     else:
@@ -177,8 +177,19 @@ def _agent_speed(agent: AgentStatus) -> tuple[str, ...]:
     return (
         single,
         f"{peak[1]:.0f} at {peak[0]}" if peak else "-",
+        str(agent.cache.parked_tokens),
+        _reuse(agent),
         "draining" if agent.draining else "ready",
     )
+
+
+def _reuse(agent: AgentStatus) -> str:
+    """Prompt tokens taken from the agent's prefix cache, of all its prompt tokens."""
+    cache = agent.cache
+    total = cache.reused_tokens + cache.computed_tokens
+    if not total:
+        return "-"
+    return f"{cache.reused_tokens}/{total} ({cache.reused_tokens / total:.0%}, {cache.hits} hits)"
 
 
 def _queued_row(request: RequestStatus) -> tuple[str, ...]:

@@ -1,0 +1,197 @@
+"""The llama engine's prompt cache on the real default model: parked sequences, prefix reuse,
+the sliding-window check, and eviction on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agents.base import Completed, Emitted, SequenceSpec
+from agents.engine import LlamaEngine
+from tests.factories import params
+
+pytestmark = pytest.mark.e2e
+
+DOCUMENT = " ".join(
+    f"Record {i}: the {('north', 'south', 'east', 'west')[i % 4]} station logged "
+    f"{i * 7 % 31} millimetres of rain and a wind of {i * 11 % 47} km/h."
+    for i in range(120)
+)
+
+
+def greedy(request_id: str, prompt: str, max_tokens: int = 16, **overrides: object) -> SequenceSpec:
+    return SequenceSpec(
+        request_id=request_id,
+        attempt=1,
+        prompt=prompt,
+        params=params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **overrides),
+    )
+
+
+def run(engine: LlamaEngine, spec: SequenceSpec) -> tuple[str, list[int]]:
+    """Text and token ids of one sequence run alone to its end; the cache view is checked
+    against the engine's accounting after every step."""
+    assert engine.add(spec) == []
+    texts: list[str] = []
+    ids: list[int] = []
+    while engine.has_work():
+        for event in engine.step():
+            if isinstance(event, Emitted):
+                texts.append(event.text)
+                ids.extend(event.token_ids)
+            else:
+                assert isinstance(event, Completed), event
+        assert engine.kv_discrepancies() == []
+    return "".join(texts), ids
+
+
+def words(engine: LlamaEngine, text: str, tokens: int) -> str:
+    """The longest prefix of ``text``'s words that is at most ``tokens`` tokens long."""
+    parts = text.split(" ")
+    low, high = 0, len(parts)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(engine.tokenize(" ".join(parts[:middle]), add_bos=True)) <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(parts[:low])
+
+
+@pytest.fixture
+def make_engine(model_path: Path) -> Iterator[type[LlamaEngine]]:
+    engines: list[LlamaEngine] = []
+
+    def make(**overrides: int) -> LlamaEngine:
+        settings: dict[str, int] = dict(n_ctx=2048, max_seqs=4, kv_budget_tokens=4096)
+        settings.update(overrides)
+        engine = LlamaEngine(model_path, n_gpu_layers=0, threads=2, **settings)  # type: ignore[arg-type]
+        engines.append(engine)
+        return engine
+
+    yield make  # type: ignore[misc]
+    for engine in engines:
+        engine.close()
+
+
+def test_a_follow_up_turn_reuses_the_history_and_answers_as_without_the_cache(
+    make_engine: type[LlamaEngine],
+) -> None:
+    engine = make_engine()
+    first_prompt = f"{words(engine, DOCUMENT, 700)}\nQuestion: which station was wettest?\nAnswer:"
+    answer, _ = run(engine, greedy("t1", first_prompt, max_tokens=24))
+    history = engine.cache_stats()
+    assert history.parked_tokens == len(engine.tokenize(first_prompt, add_bos=True)) + 23
+    follow_up = f"{first_prompt}{answer}\nQuestion: and the windiest?\nAnswer:"
+    cached, cached_ids = run(engine, greedy("t2", follow_up, max_tokens=24))
+    stats = engine.cache_stats()
+    assert stats.hits == history.hits + 1
+    assert stats.reused_tokens - history.reused_tokens >= history.parked_tokens - 2
+    computed = stats.computed_tokens - history.computed_tokens
+    assert computed < 40
+
+    fresh, fresh_ids = run(engine, greedy("t3", follow_up, max_tokens=24, cache_prompt=False))
+    assert (fresh, fresh_ids) == (cached, cached_ids)
+    assert engine.cache_stats().computed_tokens - stats.computed_tokens == len(
+        engine.tokenize(follow_up, add_bos=True)
+    )
+
+
+def test_a_prompt_diverging_after_the_window_is_recomputed_not_served_stale(
+    make_engine: type[LlamaEngine],
+) -> None:
+    """Without the full-size window cache and with one parked id, llama.cpp's sliding-window
+    cache holds 1,536 cells, so a parked 1,800-token prompt has lost its first 264 positions in
+    the windowed layers; reusing 600 of its tokens would read overwritten cells. (The default
+    full-size cache loses them only when the pool wraps around; the same check guards it.)
+
+    The reference runs the same history without the cache: logits depend slightly on where
+    cells lie in the pool, so only the same layout gives bit-equal greedy output."""
+    engines = [make_engine(max_seqs=1, max_parked=1, swa_full=False) for _ in range(2)]
+    assert engines[0].n_swa > 0, "the default model has sliding-window layers"
+    parked = words(engines[0], DOCUMENT * 2, 1800)
+    diverging = f"{words(engines[0], DOCUMENT * 2, 600)} But what about snow?\nAnswer:"
+    outputs = []
+    for engine, cache_prompt in zip(engines, (True, False), strict=True):
+        run(engine, greedy("long", parked, max_tokens=2))
+        outputs.append(run(engine, greedy("diverge", diverging, cache_prompt=cache_prompt)))
+        assert engine.cache_stats().reused_tokens == 0
+    assert outputs[0] == outputs[1]
+
+    engine = engines[0]
+    run(engine, greedy("long-again", parked, max_tokens=2))
+    before = engine.cache_stats()
+    run(engine, greedy("append", f"{parked} And finally, the snow.\nAnswer:"))
+    assert engine.cache_stats().reused_tokens - before.reused_tokens >= 1790
+
+
+def test_parked_cells_never_block_an_admission_that_needs_the_whole_pool(
+    make_engine: type[LlamaEngine],
+) -> None:
+    engine = make_engine(n_ctx=2048, kv_budget_tokens=2048)
+    for i in range(4):
+        run(engine, greedy(f"fill{i}", f"Topic {i}. {words(engine, DOCUMENT, 420)}", max_tokens=8))
+    assert engine.cache_stats().parked_tokens > 1600
+    whole = f"Another topic. {words(engine, DOCUMENT, 1000)}"
+    prompt_tokens = len(engine.tokenize(whole, add_bos=True))
+    spec = greedy("whole", whole, max_tokens=2048 - prompt_tokens)
+    _, ids = run(engine, spec)
+    assert len(ids) == 2048 - prompt_tokens
+    assert engine.kv_used_tokens() == 0
+
+
+def test_opting_out_parks_nothing_and_reuses_nothing(make_engine: type[LlamaEngine]) -> None:
+    engine = make_engine()
+    prompt = words(engine, DOCUMENT, 300)
+    run(engine, greedy("a", prompt, cache_prompt=False))
+    assert engine.cache_stats().parked_tokens == 0
+    run(engine, greedy("b", prompt))
+    run(engine, greedy("c", prompt, cache_prompt=False))
+    stats = engine.cache_stats()
+    assert stats.hits == 0 and stats.reused_tokens == 0
+
+
+def test_a_preempted_sequence_resumes_from_its_parked_cache(make_engine: type[LlamaEngine]) -> None:
+    engine = make_engine()
+    first = greedy("p", words(engine, DOCUMENT, 500), max_tokens=30)
+    assert engine.add(first) == []
+    ids: list[int] = []
+    while len(ids) < 10:
+        ids.extend(t for e in engine.step() if isinstance(e, Emitted) for t in e.token_ids)
+    engine.cancel(first.key)
+    prompt_tokens = len(engine.tokenize(first.prompt, add_bos=True))
+    assert engine.cache_stats().parked_tokens == prompt_tokens + len(ids) - 1
+    resumed = SequenceSpec(
+        request_id="p",
+        attempt=2,
+        prompt=first.prompt,
+        params=first.params,
+        resume_tokens=len(ids),
+        resume_token_ids=tuple(ids),
+        resume_model=engine.model_name,
+    )
+    before = engine.cache_stats()
+    _, rest = run(engine, resumed)
+    after = engine.cache_stats()
+    assert after.reused_tokens - before.reused_tokens == prompt_tokens + len(ids) - 1
+    assert after.computed_tokens - before.computed_tokens == 1
+    _, whole = run(engine, greedy("q", first.prompt, max_tokens=30, cache_prompt=False))
+    assert ids + rest == whole
+
+
+def test_shared_prefixes_are_counted_once_and_evicted_last(make_engine: type[LlamaEngine]) -> None:
+    engine = make_engine()
+    system = words(engine, DOCUMENT, 400)
+    run(engine, greedy("base", system, max_tokens=2))
+    a = greedy("a", f"{system} First question?", max_tokens=40)
+    b = greedy("b", f"{system} Second question?", max_tokens=40)
+    assert engine.add(a) == [] and engine.add(b) == []
+    engine.step()
+    assert engine.kv_discrepancies() == []
+    system_tokens = len(engine.tokenize(system, add_bos=True))
+    assert engine.kv_used_tokens() < 2 * system_tokens
+    while engine.has_work():
+        engine.step()
+        assert engine.kv_discrepancies() == []
