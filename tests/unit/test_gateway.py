@@ -111,7 +111,12 @@ def test_completion_defaults_follow_openai_and_the_sdk() -> None:
     assert call.params.max_tokens == DEFAULT_COMPLETION_MAX_TOKENS
     assert call.params.model is None and call.model == "fake"  # the only served model
     assert call.params.temperature == 0.8 and call.params.stop == ()
+    assert call.params.cache_prompt
     assert not call.stream and not call.include_usage
+
+
+def test_cache_prompt_false_opts_out_of_prefix_reuse_as_on_llama_server() -> None:
+    assert not parse_completion({"prompt": "hi", "cache_prompt": False}, view()).params.cache_prompt
 
 
 @pytest.mark.parametrize(
@@ -173,6 +178,7 @@ def test_unsupported_chat_features_are_refused_by_name(body: dict[str, Any], fie
         ({"stream": "yes"}, "stream"),
         ({"priority": 5}, "priority"),
         ({"model": 5}, "model"),
+        ({"cache_prompt": "no"}, "cache_prompt"),
     ],
 )
 def test_bad_values_are_invalid_requests_naming_the_field(body: dict[str, Any], field: str) -> None:
