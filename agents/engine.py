@@ -34,6 +34,7 @@ from agents.base import (
     kv_overflow_error,
 )
 from agents.kvcache import CachedSequence, KvLedger
+from agents.stepcost import StepCosts
 from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
 from orchestrator.llamalib import llama_cpp
@@ -42,12 +43,12 @@ from orchestrator.tokens import without_doubled_bos
 
 log = logging.getLogger("edgeorch.engine")
 
-STEP_TOKEN_BUDGET: Final = 512
-"""Tokens in one llama_decode batch (decode tokens first, then prefill chunks)."""
-PREFILL_BUDGET_WHILE_DECODING: Final = 128
-"""Prompt tokens per step while other sequences decode: bounds how long a long prompt stalls
-running streams (Sarathi-style chunked prefill); shorter remaining prompts go first, so a
-short request is not queued behind a long one's prefill."""
+STEP_TOKEN_BUDGET: Final = 2048
+"""Tokens in one llama_decode batch (decode tokens first, then prefill chunks); llama.cpp
+splits it into micro-batches of ``MICRO_BATCH_TOKENS``. How many prompt tokens a step carries
+while others decode comes from the measured step costs (``agents.stepcost``); shorter remaining
+prompts go first, so a short request is not queued behind a long one's prefill."""
+MICRO_BATCH_TOKENS: Final = 512
 PIECE_BUFFER_BYTES: Final = 256
 META_BUFFER_BYTES: Final = 512
 KV_BYTES_PER_VALUE: Final = 2
@@ -157,6 +158,8 @@ class LlamaEngine:
         self._active: dict[SequenceKey, _Sequence] = {}
         self._ledger = KvLedger()
         self._free_seq_ids = list(range(self.n_seq_ids - 1, -1, -1))
+        self.step_costs = StepCosts()
+        """Measured on every step; they size the prompt chunks (``agents.stepcost``)."""
         self._hits = 0
         self._reused_tokens = 0
         self._computed_tokens = 0
@@ -197,7 +200,7 @@ class LlamaEngine:
         params = lib.llama_context_default_params()
         params.n_ctx = self.kv_budget_tokens
         params.n_batch = STEP_TOKEN_BUDGET
-        params.n_ubatch = STEP_TOKEN_BUDGET
+        params.n_ubatch = MICRO_BATCH_TOKENS
         params.n_seq_max = self.n_seq_ids
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
@@ -344,7 +347,7 @@ class LlamaEngine:
             rows.append((sequence, n))
             n += 1
         chunks: list[tuple[_Sequence, int]] = []
-        budget = PREFILL_BUDGET_WHILE_DECODING if rows else STEP_TOKEN_BUDGET
+        budget = self.step_costs.prefill_chunk(n, STEP_TOKEN_BUDGET)
         budget = min(budget, self.kv_budget_tokens - self.kv_used_tokens() - n)
         prefilling = [s for s in self._active.values() if s.prefilling]
         for sequence in sorted(prefilling, key=lambda s: len(s.prompt) - s.n_past):
@@ -363,12 +366,18 @@ class LlamaEngine:
             return evicted
         batch.n_tokens = n
         self._make_room(n)
+        started = time.perf_counter()
         status = self._lib.llama_decode(self._ctx, batch)
         if status == 1 and self._ledger.parked():
             self._evict_parked(len(self._ledger.parked()))
+            started = time.perf_counter()
             status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
             return evicted + self._decode_failed(status)
+        prefilled = sum(length for _, length in chunks)
+        self.step_costs = self.step_costs.observe(
+            n - prefilled, prefilled, time.perf_counter() - started
+        )
         for sequence, length in chunks:
             self._ledger.append(
                 sequence.cache, sequence.prompt[sequence.n_past : sequence.n_past + length]

@@ -1,0 +1,77 @@
+"""How many prompt tokens a batch step may carry, from the device's measured step costs.
+
+A llama.cpp step that carries d decoding sequences and p prompt tokens takes about
+``decode_s(d) + p * prefill_token_s`` (measured on the 2-core development machine with the
+default model: a decode row costs 20-25 ms for one sequence, a prompt token 1.4 ms in chunks of
+64 or more, and decode rows ride along in a prefill batch almost for free; docs/BENCHMARKS.md,
+"Prefill and decode interleaving"). Small chunks keep running streams fast but leave the
+prompt crawling; whole prompts do the opposite. The rule: while others decode, a step may take
+at most ``DECODE_STALL_BOUND_S``, so each running stream still gets a token at least that often,
+and the prompt runs at ``p * c / (decode_s + p * c)`` of the device's prefill throughput (95%
+here); with nobody decoding, a step takes as many prompt tokens as one batch holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+DECODE_STALL_BOUND_S: Final = 0.5
+"""Longest a step carrying prompt tokens may take while other sequences decode."""
+MIN_PREFILL_CHUNK_TOKENS: Final = 64
+"""Smallest prompt chunk: below it a step's fixed cost (reading the weights) dominates the
+chunk and the prompt runs far below the device's prefill throughput."""
+DEFAULT_PREFILL_TOKEN_S: Final = 1 / 700
+"""Until the first steps are measured: the default model on 2 CPU threads."""
+DEFAULT_DECODE_ROW_S: Final = 0.022
+COST_SMOOTHING: Final = 0.2
+"""Weight of each new measurement in the running estimates (exponential moving average)."""
+MIN_MEASURED_PREFILL_TOKENS: Final = 32
+"""Steps with fewer prompt tokens say too little about the per-token cost to update it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepCosts:
+    """Seconds per prompt token, and seconds of a decode-only step at each batch size seen."""
+
+    prefill_token_s: float = DEFAULT_PREFILL_TOKEN_S
+    decode_step_s: tuple[tuple[int, float], ...] = ()
+    """(decode rows, seconds) for steps without prompt tokens, ascending by rows."""
+
+    def decode_s(self, rows: int) -> float:
+        """A decode-only step's time for ``rows`` sequences: the nearest measured batch size,
+        scaled linearly beyond the measured ones (a row never costs more than measured)."""
+        if rows <= 0:
+            return 0.0
+        if not self.decode_step_s:
+            return DEFAULT_DECODE_ROW_S * rows
+        nearest = min(self.decode_step_s, key=lambda point: abs(point[0] - rows))
+        measured_rows, seconds = nearest
+        return seconds if measured_rows >= rows else seconds * rows / measured_rows
+
+    def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> StepCosts:
+        """The estimates after one step of ``decode_rows`` and ``prefill_tokens`` took
+        ``seconds``."""
+        if prefill_tokens == 0 and decode_rows > 0:
+            points = dict(self.decode_step_s)
+            old = points.get(decode_rows)
+            points[decode_rows] = seconds if old is None else _smooth(old, seconds)
+            return StepCosts(self.prefill_token_s, tuple(sorted(points.items())))
+        if prefill_tokens >= MIN_MEASURED_PREFILL_TOKENS:
+            per_token = max(0.0, seconds - self.decode_s(decode_rows)) / prefill_tokens
+            if per_token > 0:
+                return StepCosts(_smooth(self.prefill_token_s, per_token), self.decode_step_s)
+        return self
+
+    def prefill_chunk(self, decode_rows: int, batch_tokens: int) -> int:
+        """Prompt tokens the next step may carry beside ``decode_rows`` decoding sequences."""
+        room = batch_tokens - decode_rows
+        if decode_rows == 0:
+            return room
+        spare_s = DECODE_STALL_BOUND_S - self.decode_s(decode_rows)
+        chunk = int(spare_s / self.prefill_token_s) if spare_s > 0 else 0
+        return max(0, min(room, max(MIN_PREFILL_CHUNK_TOKENS, chunk)))
+
+
+def _smooth(old: float, new: float) -> float:
+    return (1 - COST_SMOOTHING) * old + COST_SMOOTHING * new
