@@ -3,8 +3,10 @@
 One llama context holds every sequence (a unified KV pool of ``kv_budget_tokens`` cells, each
 sequence limited to ``n_ctx``). Each ``step`` builds one batch: one token for every decoding
 sequence first, then prompt chunks of newly admitted sequences, shortest remaining prompt first,
-within a token budget that is small while others decode, so a long prompt is prefilled over
-several steps instead of stalling running streams. Greedy decoding
+as many as the measured step costs allow while others decode (``agents.stepcost``), so a long
+prompt neither stalls running streams for long nor crawls. A finished sequence's cache stays
+parked with its token ids, and a new one shares the longest cached prefix of its prompt
+(``agents.kvcache``); parked cells are evicted on demand, so they never refuse work. Greedy decoding
 takes a numpy argmax over the logits (cheaper than llama.cpp's sampler over a 262k vocabulary);
 other settings use llama.cpp's sampler chain per sequence.
 """

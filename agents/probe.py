@@ -64,7 +64,9 @@ def measure_speed(engine: Engine) -> SpeedProfile:
 def _run(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[int, float]:
     """(tokens, seconds): prompt tokens over prefill time for one-token runs, else decoded
     tokens over the time of the steps after warm-up (prefill excluded)."""
-    params = GenerationParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = GenerationParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, cache_prompt=False
+    )
     for i, prompt in enumerate(prompts):
         for event in engine.add(SequenceSpec(f"probe-{i}", 1, prompt, params)):
             if isinstance(event, Rejected):
