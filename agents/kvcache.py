@@ -11,6 +11,11 @@ longest holder's extent. Pure bookkeeping: no llama.cpp calls, no clock (recency
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
+
+MIN_REUSED_TOKENS: Final = 16
+"""Shorter common prefixes (a BOS and a word or two) are computed again: sharing them would
+save next to nothing and pin cells that eviction could otherwise free."""
 
 
 @dataclass(eq=False, slots=True)
@@ -105,11 +110,11 @@ class KvLedger:
 
     def longest_prefix(self, tokens: list[int]) -> PrefixMatch | None:
         """The cached sequence sharing the longest token prefix with ``tokens`` (ties: the most
-        recently used), or None when none shares a token."""
+        recently used), or None when none shares ``MIN_REUSED_TOKENS``."""
         best: PrefixMatch | None = None
         for sequence in self._sequences.values():
             length = common_prefix(sequence.tokens, tokens)
-            if length and (
+            if length >= MIN_REUSED_TOKENS and (
                 best is None
                 or length > best.tokens
                 or (length == best.tokens and sequence.last_used > best.source.last_used)

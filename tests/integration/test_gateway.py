@@ -390,3 +390,50 @@ def test_a_failure_after_streaming_began_is_an_error_event(tmp_path: Path) -> No
         assert texts[0]
     finally:
         served.stop()
+
+
+def test_a_follow_up_turn_reuses_the_agents_cache_as_metrics_and_status_show(
+    gateway: Gateway,
+) -> None:
+    """The agent's heartbeat carries its prompt cache to /metrics and ``edgeorch status``;
+    ``cache_prompt: false`` opts a request out."""
+    client = gateway.openai()
+    key = {"agent": "fast", "model": "fake"}
+    history = "cache test: the first turn of a long conversation about " + " ".join(
+        f"river{i}" for i in range(20)
+    )
+    history_tokens = len(history.split()) + 1
+    origin = gateway.metrics()
+    first = client.completions.create(model="fake", prompt=history, max_tokens=4)
+
+    def moved(name: str, since: dict[Any, float], **labels: str) -> float:
+        return sample(gateway.metrics(), name, **key, **labels) - sample(
+            since, name, **key, **labels
+        )
+
+    computed = "edgeorch_agent_prompt_tokens_total"
+    wait_until(
+        lambda: moved(computed, origin, source="computed") >= history_tokens,
+        "the first turn in the agent's heartbeat",
+        gateway.cluster,
+    )
+    before = gateway.metrics()
+    follow_up = f"{history}{first.choices[0].text} and now tell me about the sea"
+    client.completions.create(model="fake", prompt=follow_up, max_tokens=4)
+    client.completions.create(
+        model="fake", prompt=follow_up, max_tokens=4, extra_body={"cache_prompt": False}
+    )
+    follow_up_tokens = len(follow_up.split()) + 1
+    reused = history_tokens + 4
+    wait_until(
+        lambda: moved(computed, before, source="computed") >= 7 + follow_up_tokens,
+        "both turns in the agent's heartbeat",
+        gateway.cluster,
+    )
+    assert moved(computed, before, source="reused") == reused  # the opted-out turn: none
+    assert moved(computed, before, source="computed") == 7 + follow_up_tokens
+    assert moved("edgeorch_agent_prefix_cache_hits_total", before) == 1
+    assert sample(gateway.metrics(), "edgeorch_agent_kv_parked_tokens", **key) > 0
+    with gateway.cluster.client() as sdk:
+        (fast,) = [a for a in sdk.status().agents if a.name == "fast"]
+    assert fast.cache.reused_tokens >= reused and fast.cache.parked_tokens > 0

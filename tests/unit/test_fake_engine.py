@@ -149,23 +149,23 @@ def test_reservations_admit_what_whole_budgets_would_refuse_and_overflow_preempt
 
 def test_a_prompt_sharing_a_parked_prefix_prefills_only_the_rest() -> None:
     engine, slept = make_engine(n_ctx=256)
-    history = "one two three four five six seven eight"
+    history = " ".join(f"w{i}" for i in range(20))
     engine.add(spec("a", history, max_tokens=3))
     drain(engine)
-    assert engine.cache_stats().parked_tokens == 9 + 3
+    assert engine.cache_stats().parked_tokens == 21 + 3
     slept.clear()
-    engine.add(spec("b", f"{history} one two three nine ten", max_tokens=1))
+    engine.add(spec("b", f"{history} w0 w1 w2 nine ten", max_tokens=1))
     drain(engine)
     stats = engine.cache_stats()
-    assert (stats.hits, stats.reused_tokens) == (1, 12)
+    assert (stats.hits, stats.reused_tokens) == (1, 24)
     assert slept[0] == pytest.approx(2 / 1000.0 + 1 / 100.0)
-    assert stats.computed_tokens == 9 + 2
+    assert stats.computed_tokens == 21 + 2
 
 
 def test_cache_prompt_false_neither_reuses_nor_parks() -> None:
     engine, _ = make_engine(n_ctx=256)
     for request_id in ("a", "b"):
-        engine.add(spec(request_id, "same words here", max_tokens=2, cache_prompt=False))
+        engine.add(spec(request_id, "same " * 30, max_tokens=2, cache_prompt=False))
         drain(engine)
     stats = engine.cache_stats()
-    assert (stats.hits, stats.parked_tokens, stats.computed_tokens) == (0, 0, 8)
+    assert (stats.hits, stats.parked_tokens, stats.computed_tokens) == (0, 0, 62)

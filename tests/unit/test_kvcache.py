@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.kvcache import KvLedger, common_prefix
+from agents.kvcache import MIN_REUSED_TOKENS, KvLedger, common_prefix
 
 
 def test_a_copied_prefix_shares_its_cells() -> None:
@@ -34,17 +34,18 @@ def test_parked_cells_are_those_only_parked_sequences_hold() -> None:
 
 def test_longest_prefix_prefers_the_longest_then_the_most_recent() -> None:
     ledger = KvLedger()
+    base = list(range(MIN_REUSED_TOKENS))
     old, new, longer = ledger.open(0), ledger.open(1), ledger.open(2)
-    ledger.append(old, [1, 2, 3])
-    ledger.append(new, [1, 2, 3])
-    ledger.append(longer, [1, 2, 3, 4])
+    ledger.append(old, base)
+    ledger.append(new, base)
+    ledger.append(longer, [*base, -1])
     for sequence in (old, longer, new):
         ledger.park(sequence)
-    match = ledger.longest_prefix([1, 2, 3, 4, 5])
-    assert match is not None and match.source is longer and match.tokens == 4
-    match = ledger.longest_prefix([1, 2, 3, 7])
-    assert match is not None and match.source is new and match.tokens == 3
-    assert ledger.longest_prefix([8]) is None
+    match = ledger.longest_prefix([*base, -1, 5])
+    assert match is not None and match.source is longer and match.tokens == len(base) + 1
+    match = ledger.longest_prefix([*base, 7])
+    assert match is not None and match.source is new and match.tokens == len(base)
+    assert ledger.longest_prefix([*base[:-1], 8]) is None  # too short to be worth sharing
 
 
 def test_eviction_takes_the_least_recent_and_shared_prefixes_last() -> None:
