@@ -265,6 +265,7 @@ def test_multiturn_figures_split_first_and_later_turns() -> None:
     figures = multiturn_figures(outcomes, stopped_early=1, reused_prompt_fraction=0.5)
     assert figures["turns"] == 5
     assert figures["failures"] == 1
+    assert figures["unchecked_lengths"] == 0
     assert figures["stopped_early"] == 1
     assert figures["mean_ttft_first_turn_s"] == pytest.approx(0.8)
     assert figures["mean_ttft_later_turns_s"] == pytest.approx(0.3)
@@ -288,7 +289,9 @@ def test_prompt_heavy_figures() -> None:
         outcome(0, 0, sent=0.0, first=0.5, end=2.0, prompt_tokens=300, requested=20, reported=20),
         outcome(1, 0, sent=1.0, first=2.0, end=4.0, prompt_tokens=100, requested=20, reported=20),
     ]
+    unreported = Outcome(2, 0, 50, 20, 5.0, 5.5, 6.0)
     figures = prompt_heavy_figures(outcomes, reused_prompt_fraction=None)
+    assert prompt_heavy_figures([unreported], None)["unchecked_lengths"] == 1
     assert figures["failures"] == 0
     assert figures["mean_ttft_s"] == pytest.approx(0.75)
     assert figures["p50_ttft_s"] == pytest.approx(0.75)
@@ -309,6 +312,8 @@ def test_medians_and_ratios() -> None:
         "llama-server-cache": [{"mean_turn_s": 2.5, "mean_ttft_later_turns_s": 0.3}],
     }
     medians = config_medians(runs)
+    assert config_medians({"a": [{"turns": 4}, {"turns": 5}, {"turns": 4}]}) == {"a": {"turns": 4}}
+    assert config_medians({"a": [{"turns": 4}, {"turns": 5}]}) == {"a": {"turns": 4.5}}
     assert medians["edgeorch-cache"] == {
         "mean_turn_s": 2.0,
         "mean_ttft_later_turns_s": pytest.approx(0.3),
