@@ -4,9 +4,11 @@ One llama context holds every sequence (a unified KV pool of ``kv_budget_tokens`
 sequence limited to ``n_ctx``). Each ``step`` builds one batch: one token for every decoding
 sequence first, then prompt chunks of newly admitted sequences, shortest remaining prompt first,
 as many as the measured step costs allow while others decode (``agents.stepcost``), so a long
-prompt neither stalls running streams for long nor crawls. A finished sequence's cache stays
-parked with its token ids, and a new one shares the longest cached prefix of its prompt
-(``agents.kvcache``); parked cells are evicted on demand, so they never refuse work. Greedy decoding
+prompt neither stalls running streams for long nor crawls. A finished sequence's cache is
+parked in host memory with its token ids, and a new sequence starts from the longest cached
+prefix of its prompt: restored from a parked one, or shared with a running one
+(``agents.kvcache``). Parked caches take no cells of the pool, so they never refuse work or
+slow the attention of running sequences. Greedy decoding
 takes a numpy argmax over the logits (cheaper than llama.cpp's sampler over a 262k vocabulary);
 other settings use llama.cpp's sampler chain per sequence.
 """
@@ -35,7 +37,13 @@ from agents.base import (
     kv_evictions,
     kv_overflow_error,
 )
-from agents.kvcache import CachedSequence, KvLedger
+from agents.kvcache import (
+    MIN_REUSED_TOKENS,
+    CachedSequence,
+    KvLedger,
+    ParkedPrompt,
+    PromptCache,
+)
 from agents.stepcost import StepCosts
 from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
@@ -57,11 +65,10 @@ KV_BYTES_PER_VALUE: Final = 2
 """f16 K and V caches."""
 DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
 """Share of available memory the default KV budget may take."""
-PARKED_SEQUENCES_MAX: Final = 32
-"""Sequence ids kept for parked (finished, reusable) caches beyond ``max_seqs``; the least
-recently used is evicted when a new sequence needs an id."""
-LLAMA_MAX_SEQ: Final = 256
-"""llama.cpp's compile-time limit on sequence ids in one context."""
+DEFAULT_PROMPT_CACHE_MEMORY_FRACTION: Final = 0.1
+"""Share of available memory the parked prompts may take by default."""
+DEFAULT_PROMPT_CACHE_BYTES: Final = 1 << 30
+"""Parked prompts' memory when the available memory is unknown."""
 
 
 @dataclass(slots=True)
@@ -103,12 +110,9 @@ class LlamaEngine:
         threads: int,
         model_name: str | None = None,
         available_memory_bytes: int | None = None,
-        max_parked: int = PARKED_SEQUENCES_MAX,
-        swa_full: bool = True,
+        prompt_cache_bytes: int | None = None,
     ) -> None:
         lib = llama_cpp()
-        self.max_parked = max_parked
-        self.swa_full = swa_full
         self._lib = lib
         self.model_path: str | None = str(model_path)
         self.threads = threads
@@ -159,7 +163,14 @@ class LlamaEngine:
         self.n_swa = int(lib.llama_model_n_swa(self._model))
         self._active: dict[SequenceKey, _Sequence] = {}
         self._ledger = KvLedger()
-        self._free_seq_ids = list(range(self.n_seq_ids - 1, -1, -1))
+        self._free_seq_ids = list(range(max_seqs - 1, -1, -1))
+        self._prompt_cache = PromptCache(
+            prompt_cache_bytes
+            if prompt_cache_bytes is not None
+            else int(available_memory_bytes * DEFAULT_PROMPT_CACHE_MEMORY_FRACTION)
+            if available_memory_bytes
+            else DEFAULT_PROMPT_CACHE_BYTES
+        )
         self.step_costs = StepCosts()
         """Measured on every step; they size the prompt chunks (``agents.stepcost``)."""
         self._hits = 0
@@ -167,11 +178,6 @@ class LlamaEngine:
         self._computed_tokens = 0
 
     # --- setup ------------------------------------------------------------------------------
-
-    @property
-    def n_seq_ids(self) -> int:
-        """llama.cpp sequence ids: one per running sequence, the rest for parked caches."""
-        return min(LLAMA_MAX_SEQ, self.max_seqs + self.max_parked)
 
     def _load_model(self, model_path: Path, n_gpu_layers: int) -> Any:
         params = self._lib.llama_model_default_params()
@@ -203,13 +209,13 @@ class LlamaEngine:
         params.n_ctx = self.kv_budget_tokens
         params.n_batch = STEP_TOKEN_BUDGET
         params.n_ubatch = MICRO_BATCH_TOKENS
-        params.n_seq_max = self.n_seq_ids
+        params.n_seq_max = self.max_seqs
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
         params.no_perf = True
         if hasattr(params, "kv_unified"):
             params.kv_unified = True
-        params.swa_full = self.swa_full
+        params.swa_full = False  # the sliding-window layers keep their window only
         ctx = lib.llama_init_from_model(self._model, params)
         if not ctx:
             raise InternalError(
@@ -280,13 +286,12 @@ class LlamaEngine:
         return list(self._active)
 
     def kv_used_tokens(self) -> int:
-        """Cells the running sequences hold (a shared prefix counts once; parked cells are
-        free on demand and do not count)."""
-        return self._ledger.used_cells(parked=False)
+        """Cells the running sequences hold (a shared prefix counts once)."""
+        return self._ledger.used_cells()
 
     def cache_stats(self) -> CacheStats:
         return CacheStats(
-            parked_tokens=self._ledger.parked_cells(),
+            parked_tokens=self._prompt_cache.tokens_held(),
             hits=self._hits,
             reused_tokens=self._reused_tokens,
             computed_tokens=self._computed_tokens,
@@ -304,8 +309,8 @@ class LlamaEngine:
 
     def kv_discrepancies(self) -> list[str]:
         """Where the ledger and llama.cpp's view disagree (empty when consistent): each cached
-        sequence, running or parked, holds positions up to len(tokens)-1 (the lowest may have
-        left the sliding window), a running one's tokens are its n_past, free ids hold none."""
+        sequence holds positions up to n_past - 1 (the lowest may have left the sliding
+        window), free ids hold none, and the ledger's cells fit the pool."""
         problems = []
         cached = {s.seq_id: s for s in self._ledger.sequences()}
         for sequence in self._active.values():
@@ -314,7 +319,7 @@ class LlamaEngine:
                     f"sequence {sequence.slot}: ledger holds {len(sequence.cache.tokens)} "
                     f"tokens, n_past is {sequence.n_past}"
                 )
-        for seq_id in range(self.n_seq_ids):
+        for seq_id in range(self.max_seqs):
             low, high = self._positions(seq_id)
             cache = cached.get(seq_id)
             expected_high = len(cache.tokens) - 1 if cache else -1
@@ -367,13 +372,8 @@ class LlamaEngine:
         if n == 0:
             return evicted
         batch.n_tokens = n
-        self._make_room(n)
         started = time.perf_counter()
         status = self._lib.llama_decode(self._ctx, batch)
-        if status == 1 and self._ledger.parked():
-            self._evict_parked(len(self._ledger.parked()))
-            started = time.perf_counter()
-            status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
             return evicted + self._decode_failed(status)
         prefilled = sum(length for _, length in chunks)
@@ -395,6 +395,7 @@ class LlamaEngine:
     def close(self) -> None:
         for sequence in list(self._active.values()):
             self._retire(sequence, "cancelled", park=False)
+        self._prompt_cache.clear()
         if getattr(self, "_batch", None) is not None:
             self._lib.llama_batch_free(self._batch)
             self._batch = None
@@ -488,13 +489,12 @@ class LlamaEngine:
         return self._piece.raw[:n]
 
     def _retire(self, sequence: _Sequence, reason: FinishReason, *, park: bool = True) -> Completed:
-        """End ``sequence``; its cache stays parked for reuse unless the request opted out
-        (``cache_prompt``), ``park`` is false, or it holds nothing."""
+        """End ``sequence``; its cache is parked for reuse unless the request opted out
+        (``cache_prompt``) or ``park`` is false."""
         del self._active[sequence.spec.key]
-        if park and sequence.spec.params.cache_prompt and sequence.cache.tokens:
-            self._ledger.park(sequence.cache)
-        else:
-            self._forget(sequence.cache)
+        if park and sequence.spec.params.cache_prompt:
+            self._park(sequence.cache)
+        self._forget(sequence.cache)
         if sequence.sampler is not None:
             self._lib.llama_sampler_free(sequence.sampler)
         now = time.perf_counter()
@@ -531,54 +531,79 @@ class LlamaEngine:
     # --- the prompt cache -------------------------------------------------------------------
 
     def _take_seq_id(self) -> int:
-        """A free llama.cpp sequence id, evicting the least valuable parked cache if none is."""
-        if not self._free_seq_ids:
-            self._evict_parked(1)
         return self._free_seq_ids.pop()
 
+    def _park(self, cache: CachedSequence) -> None:
+        """Save ``cache``'s sequence state to host memory, with its token ids."""
+        if len(cache.tokens) < MIN_REUSED_TOKENS:
+            return
+        lib = self._lib
+        size = int(lib.llama_state_seq_get_size(self._ctx, cache.seq_id))
+        if size > self._prompt_cache.capacity_bytes:
+            return
+        state = (ctypes.c_uint8 * size)()
+        written = int(lib.llama_state_seq_get_data(self._ctx, state, size, cache.seq_id))
+        if written:
+            self._prompt_cache.park(list(cache.tokens), state, written)
+
     def _reuse_prefix(self, prompt: list[int], cache: CachedSequence) -> int:
-        """Share the longest cached prefix of ``prompt`` into the new ``cache``: how many
-        tokens need no prefill. At least the last prompt token is always computed (its logits
-        start the answer). With sliding-window layers the prefix is usable only if llama.cpp
-        still holds the window before its end; otherwise it is recomputed, never reused
-        stale."""
-        match = self._ledger.longest_prefix(prompt)
-        if match is None:
-            return 0
-        length = min(match.tokens, len(prompt) - 1)
-        source = match.source
-        if length <= 0 or not self._window_held(source.seq_id, length):
+        """Start the new ``cache`` from the longest cached prefix of ``prompt``: shared with a
+        running sequence, or restored from a parked one (on a tie the running one: sharing
+        copies nothing). Returns how many tokens need no prefill; at least the last prompt
+        token is always computed (its logits start the answer)."""
+        running = self._ledger.longest_prefix(prompt)
+        parked = self._prompt_cache.longest_prefix(prompt)
+        if parked is not None and (running is None or parked[1] > running.tokens):
+            reused = self._restore(parked[0], min(parked[1], len(prompt) - 1), cache)
+        elif running is not None:
+            reused = self._share(running.source, min(running.tokens, len(prompt) - 1), cache)
+        else:
+            reused = 0
+        if reused:
+            self._hits += 1
+            self._reused_tokens += reused
+        return reused
+
+    def _share(self, source: CachedSequence, length: int, cache: CachedSequence) -> int:
+        if not self._window_held(source.seq_id, length):
             return 0
         self._lib.llama_memory_seq_cp(self._memory, source.seq_id, cache.seq_id, 0, length)
         self._ledger.copy_prefix(source, cache, length)
-        if source.parked and length == len(source.tokens):
-            self._forget(source)
-        self._hits += 1
-        self._reused_tokens += length
+        return length
+
+    def _restore(self, entry: ParkedPrompt, length: int, cache: CachedSequence) -> int:
+        """Load a parked state into ``cache``'s sequence and cut it to ``length`` tokens; 0
+        (and nothing loaded) when the pool lacks the room or the cut lands where the
+        sliding-window layers no longer hold what the next token attends to."""
+        lib = self._lib
+        if len(entry.tokens) > self.kv_budget_tokens - self._ledger.used_cells():
+            return 0
+        state = entry.state
+        read = int(lib.llama_state_seq_set_data(self._ctx, state, entry.size_bytes, cache.seq_id))
+        if read:
+            lib.llama_memory_seq_rm(self._memory, cache.seq_id, length, -1)
+        if not read or not self._window_held(cache.seq_id, length):
+            lib.llama_memory_seq_rm(self._memory, cache.seq_id, -1, -1)
+            return 0
+        self._ledger.append(cache, entry.tokens[:length])
+        if length == len(entry.tokens):
+            self._prompt_cache.remove(entry)  # the new sequence parks a longer one
+        else:
+            self._prompt_cache.touch(entry)
         return length
 
     def _window_held(self, seq_id: int, length: int) -> bool:
-        """Whether the cache holds every position the token at ``length`` attends to:
-        llama.cpp drops sliding-window positions that no later token of their own sequence
-        can see, keeping the positions it holds contiguous (llama-server's check)."""
+        """Whether the cache holds every position the token at ``length`` attends to, the
+        last ``n_swa - 1`` before it: llama.cpp drops (and does not save) sliding-window
+        positions that no later token of their own sequence can see, keeping the positions
+        it holds contiguous."""
         low = int(self._lib.llama_memory_seq_pos_min(self._memory, seq_id))
-        return 0 <= low <= max(0, length - self.n_swa)
+        return 0 <= low <= max(0, length - self.n_swa + 1)
 
     def _forget(self, cache: CachedSequence) -> None:
         self._lib.llama_memory_seq_rm(self._memory, cache.seq_id, -1, -1)
         self._ledger.drop(cache)
         self._free_seq_ids.append(cache.seq_id)
-
-    def _evict_parked(self, count: int) -> None:
-        for cache in self._ledger.eviction_order()[:count]:
-            self._forget(cache)
-
-    def _make_room(self, step_tokens: int) -> None:
-        """Evict parked caches until the step's new cells fit the pool beside everything
-        cached (parked cells are free on demand)."""
-        order = self._ledger.eviction_order()
-        while order and self._ledger.used_cells() + step_tokens > self.kv_budget_tokens:
-            self._forget(order.pop(0))
 
     def _decode_failed(self, status: int) -> list[EngineEvent]:
         """llama_decode refused the batch: drop every sequence (their caches may be partial)
@@ -592,5 +617,4 @@ class LlamaEngine:
         for sequence in list(self._active.values()):
             self._retire(sequence, "cancelled", park=False)
             events.append(Rejected(sequence.spec.key, error))
-        self._evict_parked(len(self._ledger.parked()))
         return events

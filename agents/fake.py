@@ -24,7 +24,7 @@ from agents.base import (
     kv_evictions,
     kv_overflow_error,
 )
-from agents.kvcache import CachedSequence, KvLedger
+from agents.kvcache import CachedSequence, KvLedger, PromptCache
 from agents.text import StopStringFilter
 from orchestrator.protocol import Backend, FinishReason
 
@@ -33,8 +33,9 @@ BATCH_SCALING_EXPONENT: Final = 0.35
 """Aggregate decode throughput grows as batch**0.35: measured on this 2-core machine with the
 default model, 88 tok/s at 1 sequence, 177 at 8 and 270 at 32 (shared/DESIGN.md)."""
 FAKE_BOS_ID: Final = 0
-FAKE_PARKED_SEQUENCES_MAX: Final = 32
-"""Finished sequences whose cache the fake keeps for reuse, as ``LlamaEngine``."""
+FAKE_STATE_BYTES_PER_TOKEN: Final = 9 * 1024
+"""Host memory a parked token takes (the default model's saved state, about 9 KiB a token)."""
+FAKE_PROMPT_CACHE_BYTES: Final = 256 << 20
 FAKE_CRASH_EXIT_CODE: Final = 86
 """Exit status of an agent killed by its ``crash_marker`` (tests tell it from other deaths)."""
 
@@ -138,6 +139,7 @@ class FakeEngine:
         self._crash = crash
         self._active: dict[SequenceKey, _Sequence] = {}
         self._ledger = KvLedger()
+        self._prompt_cache = PromptCache(FAKE_PROMPT_CACHE_BYTES)
         self._seq_ids = itertools.count()
         self._stats = CacheStats()
 
@@ -157,13 +159,8 @@ class FakeEngine:
         if error is not None:
             return [Rejected(spec.key, error)]
         cache = self._ledger.open(next(self._seq_ids))
-        match = self._ledger.longest_prefix(prompt) if spec.params.cache_prompt else None
-        if match is not None:
-            reused = min(match.tokens, prompt_tokens - 1)
-            self._ledger.copy_prefix(match.source, cache, reused)
-            if match.source.parked and reused == len(match.source.tokens):
-                self._ledger.drop(match.source)
-            self._count(hits=1, reused_tokens=reused)
+        if spec.params.cache_prompt:
+            self._reuse_prefix(prompt, cache)
         self._active[spec.key] = _Sequence(
             spec=spec,
             prompt_tokens=prompt_tokens,
@@ -179,7 +176,7 @@ class FakeEngine:
         return [self._finish(key, "cancelled")]
 
     def cache_stats(self) -> CacheStats:
-        return replace(self._stats, parked_tokens=self._ledger.parked_cells())
+        return replace(self._stats, parked_tokens=self._prompt_cache.tokens_held())
 
     def has_work(self) -> bool:
         return bool(self._active)
@@ -188,7 +185,7 @@ class FakeEngine:
         return list(self._active)
 
     def kv_used_tokens(self) -> int:
-        return self._ledger.used_cells(parked=False)
+        return self._ledger.used_cells()
 
     def kv_reserved_tokens(self) -> int:
         """Cells held or promised, as ``LlamaEngine.kv_reserved_tokens``."""
@@ -206,7 +203,6 @@ class FakeEngine:
         computed = sum(s.prompt_tokens - len(s.cache.tokens) for s in pending)
         prefill_s = self.timing.prefill_s(computed)
         decode_s = self.timing.decode_step_s(len(self._active))
-        self._make_room(computed + len(self._active))
         self._sleep(prefill_s + decode_s)
         self._count(computed_tokens=computed)
         for sequence in pending:
@@ -238,20 +234,30 @@ class FakeEngine:
         self._active.clear()
         for cache in self._ledger.sequences():
             self._ledger.drop(cache)
+        self._prompt_cache.clear()
 
     def _count(self, **increments: int) -> None:
         self._stats = replace(
             self._stats, **{k: getattr(self._stats, k) + v for k, v in increments.items()}
         )
 
-    def _make_room(self, step_tokens: int) -> None:
-        """Evict parked caches, least valuable first, until the step fits the pool."""
-        order = self._ledger.eviction_order()
-        while order and (
-            self._ledger.used_cells() + step_tokens > self.kv_budget_tokens
-            or len(order) > FAKE_PARKED_SEQUENCES_MAX
-        ):
-            self._ledger.drop(order.pop(0))
+    def _reuse_prefix(self, prompt: list[int], cache: CachedSequence) -> None:
+        """As ``LlamaEngine``: the longest prefix, restored from a parked prompt or shared
+        with a running sequence."""
+        running = self._ledger.longest_prefix(prompt)
+        parked = self._prompt_cache.longest_prefix(prompt)
+        if parked is not None and (running is None or parked[1] > running.tokens):
+            entry, length = parked
+            reused = min(length, len(prompt) - 1)
+            self._ledger.append(cache, entry.tokens[:reused])
+            if reused == len(entry.tokens):
+                self._prompt_cache.remove(entry)
+        elif running is not None:
+            reused = min(running.tokens, len(prompt) - 1)
+            self._ledger.copy_prefix(running.source, cache, reused)
+        else:
+            return
+        self._count(hits=1, reused_tokens=reused)
 
     def _evict_for_kv(self) -> list[EngineEvent]:
         """As ``LlamaEngine``: the newest sequences go if the next step would overfill the pool
@@ -267,10 +273,10 @@ class FakeEngine:
 
     def _finish(self, key: SequenceKey, reason: FinishReason) -> Completed:
         sequence = self._active.pop(key)
-        if sequence.spec.params.cache_prompt and sequence.cache.tokens:
-            self._ledger.park(sequence.cache)
-        else:
-            self._ledger.drop(sequence.cache)
+        tokens = sequence.cache.tokens
+        if sequence.spec.params.cache_prompt:
+            self._prompt_cache.park(list(tokens), None, len(tokens) * FAKE_STATE_BYTES_PER_TOKEN)
+        self._ledger.drop(sequence.cache)
         return self._completed(sequence, reason)
 
     @staticmethod

@@ -1,11 +1,18 @@
-"""The agent's map of its unified KV pool: which token prefix each sequence id holds, which cells
-are shared between ids, and which sequences are parked for reuse.
+"""The agent's KV bookkeeping: which token prefix each llama.cpp sequence id holds in the
+unified pool (and which cells running sequences share), and the host-memory cache of parked
+prompts that finished sequences leave behind for reuse.
 
 llama.cpp's unified cache shares cells between sequence ids (``llama_memory_seq_cp`` adds an id
 to cells, it copies no data), so the pool's use is not the sum of sequence lengths. Cells are
 tracked as runs: the tokens one sequence appended contiguously. A sequence holds a prefix of each
 run it got by copying and the whole of the runs it appended, so a run's cells in use are its
-longest holder's extent. Pure bookkeeping: no llama.cpp calls, no clock (recency is a counter).
+longest holder's extent.
+
+Parked prompts live outside the pool, as llama.cpp's serialized sequence state (llama-server's
+``--cache-ram`` does the same): on the CPU backend every prompt token attends over every cell
+in the pool's used range, masked or not, so cells kept in the pool for later would slow every
+prefill (2x at a full pool on the development machine; docs/BENCHMARKS.md, "Prompt cache").
+Pure bookkeeping: no llama.cpp calls, no clock (recency is a counter).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Final
 
 MIN_REUSED_TOKENS: Final = 16
 """Shorter common prefixes (a BOS and a word or two) are computed again: sharing them would
-save next to nothing and pin cells that eviction could otherwise free."""
+save next to nothing."""
 
 
 @dataclass(eq=False, slots=True)
@@ -34,7 +41,6 @@ class CachedSequence:
     tokens: list[int] = field(default_factory=list)
     runs: list[tuple[_Run, int]] = field(default_factory=list)
     """(run, end position): the runs covering 0..len(tokens) in order."""
-    parked: bool = False
     last_used: int = 0
 
 
@@ -44,8 +50,68 @@ class PrefixMatch:
     tokens: int
 
 
+@dataclass(eq=False, slots=True)
+class ParkedPrompt:
+    """A finished sequence's tokens and its saved cache (opaque to the bookkeeping)."""
+
+    tokens: list[int]
+    state: object
+    size_bytes: int
+    last_used: int = 0
+
+
+class PromptCache:
+    """Parked prompts in host memory, at most ``capacity_bytes``, least recently used evicted
+    first."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._entries: list[ParkedPrompt] = []
+        self._clock = 0
+
+    def park(self, tokens: list[int], state: object, size_bytes: int) -> bool:
+        """Keep a finished sequence's cache; false when it alone exceeds the capacity. An
+        entry whose tokens the new one extends is dropped: the new one serves its requests."""
+        if size_bytes > self.capacity_bytes or len(tokens) < MIN_REUSED_TOKENS:
+            return False
+        self._entries = [
+            e for e in self._entries if common_prefix(e.tokens, tokens) < len(e.tokens)
+        ]
+        self._clock += 1
+        self._entries.append(ParkedPrompt(tokens, state, size_bytes, self._clock))
+        while self.bytes_held() > self.capacity_bytes:
+            self._entries.remove(min(self._entries, key=lambda e: e.last_used))
+        return True
+
+    def longest_prefix(self, tokens: list[int]) -> tuple[ParkedPrompt, int] | None:
+        """The entry sharing the longest prefix with ``tokens`` (at least
+        ``MIN_REUSED_TOKENS``), and how long that prefix is."""
+        best: tuple[ParkedPrompt, int] | None = None
+        for entry in self._entries:
+            length = common_prefix(entry.tokens, tokens)
+            if length >= MIN_REUSED_TOKENS and (best is None or length > best[1]):
+                best = (entry, length)
+        return best
+
+    def touch(self, entry: ParkedPrompt) -> None:
+        self._clock += 1
+        entry.last_used = self._clock
+
+    def remove(self, entry: ParkedPrompt) -> None:
+        self._entries.remove(entry)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def tokens_held(self) -> int:
+        return sum(len(e.tokens) for e in self._entries)
+
+    def bytes_held(self) -> int:
+        return sum(e.size_bytes for e in self._entries)
+
+
 class KvLedger:
-    """Every cached sequence of one pool, active or parked, and the cells they use."""
+    """The sequences in one pool and the cells they use."""
 
     def __init__(self) -> None:
         self._sequences: dict[int, CachedSequence] = {}
@@ -79,37 +145,23 @@ class KvLedger:
         else:
             sequence.runs.append((_Run(sequence, start), end))
 
-    def park(self, sequence: CachedSequence) -> None:
-        sequence.parked = True
-        sequence.last_used = self._tick()
-
     def drop(self, sequence: CachedSequence) -> None:
         del self._sequences[sequence.seq_id]
 
     def sequences(self) -> list[CachedSequence]:
         return list(self._sequences.values())
 
-    def parked(self) -> list[CachedSequence]:
-        return [s for s in self._sequences.values() if s.parked]
-
-    def used_cells(self, *, parked: bool = True) -> int:
-        """Distinct cells held by active sequences, and by parked ones unless ``parked`` is
-        false (then the cells only parked sequences hold count as free)."""
+    def used_cells(self) -> int:
+        """Distinct cells the sequences hold."""
         extents: dict[int, int] = {}
         for sequence in self._sequences.values():
-            if sequence.parked and not parked:
-                continue
             for run, end in sequence.runs:
                 key = id(run)
                 extents[key] = max(extents.get(key, 0), end - run.start)
         return sum(extents.values())
 
-    def parked_cells(self) -> int:
-        """Cells that only parked sequences hold: free on demand."""
-        return self.used_cells() - self.used_cells(parked=False)
-
     def longest_prefix(self, tokens: list[int]) -> PrefixMatch | None:
-        """The cached sequence sharing the longest token prefix with ``tokens`` (ties: the most
+        """The sequence sharing the longest token prefix with ``tokens`` (ties: the most
         recently used), or None when none shares ``MIN_REUSED_TOKENS``."""
         best: PrefixMatch | None = None
         for sequence in self._sequences.values():
@@ -121,21 +173,6 @@ class KvLedger:
             ):
                 best = PrefixMatch(sequence, length)
         return best
-
-    def eviction_order(self) -> list[CachedSequence]:
-        """Parked sequences, first to evict first: least recently used, except that a sequence
-        whose cells others share goes last (evicting it frees little, and its prefix is the one
-        most likely asked for again)."""
-        shared = self._shared_owners()
-        return sorted(self.parked(), key=lambda s: (s in shared, s.last_used))
-
-    def _shared_owners(self) -> set[CachedSequence]:
-        return {
-            run.owner
-            for sequence in self._sequences.values()
-            for run, _ in sequence.runs
-            if run.owner is not sequence
-        }
 
     def _tick(self) -> int:
         self._clock += 1

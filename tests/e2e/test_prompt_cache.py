@@ -1,5 +1,5 @@
-"""The llama engine's prompt cache on the real default model: parked sequences, prefix reuse,
-the sliding-window check, and eviction on demand."""
+"""The llama engine's prompt cache on the real default model: parked prompts, prefix reuse,
+the sliding-window check, and sharing between running sequences."""
 
 from __future__ import annotations
 
@@ -102,27 +102,28 @@ def test_a_follow_up_turn_reuses_the_history_and_answers_as_without_the_cache(
 def test_a_prompt_diverging_after_the_window_is_recomputed_not_served_stale(
     make_engine: type[LlamaEngine],
 ) -> None:
-    """Without the full-size window cache and with one parked id, llama.cpp's sliding-window
-    cache holds 1,536 cells, so a parked 1,800-token prompt has lost its first 264 positions in
-    the windowed layers; reusing 600 of its tokens would read overwritten cells. (The default
-    full-size cache loses them only when the pool wraps around; the same check guards it.)
+    """A parked state holds only the last window (512 positions) of the sliding-window layers:
+    llama.cpp saves no position that no later token of the sequence can see. Reusing 600 of a
+    parked 1,800-token prompt would read positions it no longer has, so the prompt is computed
+    again; extending the whole prompt reuses it all.
 
     The reference runs the same history without the cache: logits depend slightly on where
     cells lie in the pool, so only the same layout gives bit-equal greedy output."""
-    engines = [make_engine(max_seqs=1, max_parked=1, swa_full=False) for _ in range(2)]
+    engines = [make_engine(), make_engine()]
     assert engines[0].n_swa > 0, "the default model has sliding-window layers"
     parked = words(engines[0], DOCUMENT * 2, 1800)
     diverging = f"{words(engines[0], DOCUMENT * 2, 600)} But what about snow?\nAnswer:"
     outputs = []
     for engine, cache_prompt in zip(engines, (True, False), strict=True):
-        run(engine, greedy("long", parked, max_tokens=2))
+        run(engine, greedy("long", parked, max_tokens=1))
         outputs.append(run(engine, greedy("diverge", diverging, cache_prompt=cache_prompt)))
         assert engine.cache_stats().reused_tokens == 0
     assert outputs[0] == outputs[1]
 
     engine = engines[0]
-    run(engine, greedy("long-again", parked, max_tokens=2))
+    run(engine, greedy("long-again", parked, max_tokens=1))
     before = engine.cache_stats()
+    assert before.reused_tokens >= 1790  # the same prompt again: all but its last token
     run(engine, greedy("append", f"{parked} And finally, the snow.\nAnswer:"))
     assert engine.cache_stats().reused_tokens - before.reused_tokens >= 1790
 
@@ -181,10 +182,10 @@ def test_a_preempted_sequence_resumes_from_its_parked_cache(make_engine: type[Ll
     assert ids + rest == whole
 
 
-def test_shared_prefixes_are_counted_once_and_evicted_last(make_engine: type[LlamaEngine]) -> None:
+def test_a_prefix_running_sequences_share_is_counted_once(make_engine: type[LlamaEngine]) -> None:
     engine = make_engine()
     system = words(engine, DOCUMENT, 400)
-    run(engine, greedy("base", system, max_tokens=2))
+    run(engine, greedy("base", system, max_tokens=1))
     a = greedy("a", f"{system} First question?", max_tokens=40)
     b = greedy("b", f"{system} Second question?", max_tokens=40)
     assert engine.add(a) == [] and engine.add(b) == []

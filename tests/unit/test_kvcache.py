@@ -1,11 +1,12 @@
-"""The agent's KV ledger: shared prefixes, parked sequences, cells in use, eviction order."""
+"""The agent's KV bookkeeping: shared prefixes and cells in use in the pool, and the host
+cache of parked prompts."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.kvcache import MIN_REUSED_TOKENS, KvLedger, common_prefix
+from agents.kvcache import MIN_REUSED_TOKENS, KvLedger, PromptCache, common_prefix
 
 
 def test_a_copied_prefix_shares_its_cells() -> None:
@@ -21,17 +22,6 @@ def test_a_copied_prefix_shares_its_cells() -> None:
     assert ledger.used_cells() == 5  # the copy still holds the three shared cells
 
 
-def test_parked_cells_are_those_only_parked_sequences_hold() -> None:
-    ledger = KvLedger()
-    parked = ledger.open(0)
-    ledger.append(parked, list(range(10)))
-    ledger.park(parked)
-    active = ledger.open(1)
-    ledger.copy_prefix(parked, active, 6)
-    assert ledger.used_cells(parked=False) == 6
-    assert ledger.parked_cells() == 4
-
-
 def test_longest_prefix_prefers_the_longest_then_the_most_recent() -> None:
     ledger = KvLedger()
     base = list(range(MIN_REUSED_TOKENS))
@@ -39,27 +29,31 @@ def test_longest_prefix_prefers_the_longest_then_the_most_recent() -> None:
     ledger.append(old, base)
     ledger.append(new, base)
     ledger.append(longer, [*base, -1])
-    for sequence in (old, longer, new):
-        ledger.park(sequence)
+    copy = ledger.open(3)
+    ledger.copy_prefix(new, copy, 2)  # uses ``new`` last
     match = ledger.longest_prefix([*base, -1, 5])
     assert match is not None and match.source is longer and match.tokens == len(base) + 1
     match = ledger.longest_prefix([*base, 7])
-    assert match is not None and match.source is new and match.tokens == len(base)
+    assert match is not None and match.source in (new, copy) and match.tokens == len(base)
     assert ledger.longest_prefix([*base[:-1], 8]) is None  # too short to be worth sharing
 
 
-def test_eviction_takes_the_least_recent_and_shared_prefixes_last() -> None:
-    ledger = KvLedger()
-    shared, first, second = ledger.open(0), ledger.open(1), ledger.open(2)
-    ledger.append(shared, [1, 2, 3])
-    ledger.append(first, [5])
-    ledger.append(second, [6])
-    ledger.park(shared)
-    ledger.park(first)
-    ledger.park(second)
-    user = ledger.open(3)
-    ledger.copy_prefix(shared, user, 2)
-    assert ledger.eviction_order() == [first, second, shared]
+def test_the_prompt_cache_keeps_the_longest_version_and_evicts_the_least_recent() -> None:
+    cache = PromptCache(capacity_bytes=100)
+    base = list(range(MIN_REUSED_TOKENS))
+    assert cache.park(base, "turn 1", 30)
+    assert cache.park([*base, 1, 2], "turn 2", 30)  # extends turn 1, which it replaces
+    assert cache.tokens_held() == len(base) + 2 and cache.bytes_held() == 30
+    other = [-t for t in base]
+    assert cache.park(other, "other", 30)
+    found = cache.longest_prefix([*base, 1, 9])
+    assert found is not None and found[0].state == "turn 2" and found[1] == len(base) + 1
+    cache.touch(found[0])
+    assert cache.park([7, *base], "third", 50)  # over capacity: "other" is the least recent
+    assert cache.longest_prefix(other) is None
+    assert cache.longest_prefix(base) is not None
+    assert not cache.park(base, "too big", 101)
+    assert not cache.park(base[:3], "too short", 1)
 
 
 def test_common_prefix() -> None:
@@ -70,7 +64,7 @@ def test_common_prefix() -> None:
 
 operations = st.lists(
     st.tuples(
-        st.sampled_from(["open", "append", "copy", "park", "drop"]),
+        st.sampled_from(["open", "append", "copy", "drop"]),
         st.integers(0, 5),
         st.integers(0, 5),
         st.integers(0, 12),
@@ -103,8 +97,6 @@ def test_used_cells_match_a_cell_by_cell_model(steps: list[tuple[str, int, int, 
             live[b] = ledger.open(b)
             ledger.copy_prefix(live[a], live[b], length)  # type: ignore[arg-type]
             cells[b] = cells[a][:length]
-        elif op == "park" and a in live:
-            ledger.park(live[a])  # type: ignore[arg-type]
         elif op == "drop" and a in live:
             ledger.drop(live.pop(a))  # type: ignore[arg-type]
             del cells[a]
