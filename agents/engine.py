@@ -65,6 +65,11 @@ KV_BYTES_PER_VALUE: Final = 2
 """f16 K and V caches."""
 DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
 """Share of available memory the default KV budget may take."""
+SWA_FULL: Final = True
+"""Full-size caches for sliding-window layers (the memory ``kv_bytes_per_token`` counts).
+With llama.cpp's smaller window-only cache (512 cells a sequence plus one micro-batch), every
+chunk of a long prompt overwrites and purges cells: the multi-turn benchmark ran 40% slower
+per turn (docs/BENCHMARKS.md, "Prompt cache")."""
 DEFAULT_PROMPT_CACHE_MEMORY_FRACTION: Final = 0.1
 """Share of available memory the parked prompts may take by default."""
 DEFAULT_PROMPT_CACHE_BYTES: Final = 1 << 30
@@ -215,7 +220,7 @@ class LlamaEngine:
         params.no_perf = True
         if hasattr(params, "kv_unified"):
             params.kv_unified = True
-        params.swa_full = False  # the sliding-window layers keep their window only
+        params.swa_full = SWA_FULL
         ctx = lib.llama_init_from_model(self._model, params)
         if not ctx:
             raise InternalError(
