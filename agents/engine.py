@@ -265,7 +265,7 @@ class LlamaEngine:
             return [Rejected(spec.key, error)]
         if spec.remaining_tokens == 0:
             return [Completed(spec.key, prompt_tokens, 0, "length", 0.0, 0.0)]
-        cache = self._ledger.open(self._take_seq_id())
+        cache = self._ledger.open(self._free_seq_ids.pop())
         reused = self._reuse_prefix(prompt, cache) if spec.params.cache_prompt else 0
         self._active[spec.key] = _Sequence(
             spec=spec,
@@ -534,9 +534,6 @@ class LlamaEngine:
         return events
 
     # --- the prompt cache -------------------------------------------------------------------
-
-    def _take_seq_id(self) -> int:
-        return self._free_seq_ids.pop()
 
     def _park(self, cache: CachedSequence) -> None:
         """Save ``cache``'s sequence state to host memory, with its token ids."""
