@@ -108,8 +108,8 @@ DEFAULT_MAX_CONTEXT_TOKENS: Final = 2048
 DEFAULT_MAX_OUTPUT_TOKENS: Final = 128
 DEFAULT_RATE_PER_S: Final = 0.35
 """Prompt-heavy arrivals: the first 40 capped rows average about 570 context and 92 output
-tokens, about 1.8 s of this 2-core machine each (prefill ~700 tokens/s, decode ~95 tokens/s
-with four in a batch), so 0.35 requests/s offers about 60-75 % of it."""
+tokens. Planned as 60-75% of a 2-core machine prefilling ~700 tokens/s; on the development VM
+of 2026-12-03 (~460 tokens/s at best) it saturated both servers (mean TTFT 10-30 s)."""
 DEFAULT_THREADS: Final = 2
 DEFAULT_MAX_SEQS: Final = 4
 DEFAULT_N_CTX: Final = 4096
