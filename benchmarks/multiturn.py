@@ -616,6 +616,7 @@ class EdgeorchServer:
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
         self.port = free_port()
+        self.log_dir = log_dir
         self.cluster = LocalCluster(
             log_dir, "--policy", settings.policy, "--http", f"127.0.0.1:{self.port}"
         )
@@ -681,7 +682,9 @@ class EdgeorchServer:
             return None
         if status != 200:
             return None
-        return parse_prompt_token_counters(page.decode("utf-8", "replace"))
+        text = page.decode("utf-8", "replace")
+        (self.log_dir / "metrics.txt").write_text(text)  # the last read: preemptions and more
+        return parse_prompt_token_counters(text)
 
     def stop(self) -> None:
         self.cluster.stop()
