@@ -118,6 +118,22 @@ def test_srtf_ranks_a_resumed_request_by_what_remains() -> None:
     assert [r.request_id for r in order] == ["resumed", "fresh"]
 
 
+@pytest.mark.parametrize("name", ["sjf", "srtf"])
+def test_length_policies_count_the_prompt_still_to_compute(name: str) -> None:
+    """A 2,000-token prompt with a 10-token answer is a bigger job than a 50-token prompt with
+    a 200-token answer (its prefill stalls the device longer than 190 decode tokens cost);
+    once running, its prompt is paid and only the answer counts."""
+    policy = make_policy(name)
+    long_prompt = queued("doc", prompt_tokens=2000, max_tokens=500, estimate=estimate(10))
+    short_prompt = queued("chat", prompt_tokens=50, max_tokens=500, estimate=estimate(200))
+    assert [r.request_id for r in policy.order([long_prompt, short_prompt], now=0.0)] == [
+        "chat",
+        "doc",
+    ]
+    started = running("doc", prompt_tokens=2000, max_tokens=500, estimate=estimate(10))
+    assert policy.key(started) < policy.key(short_prompt)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
