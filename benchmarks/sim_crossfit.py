@@ -27,6 +27,7 @@ from orchestrator.core.estimate import LengthEstimate
 from orchestrator.lengths import kendall_tau
 from orchestrator.predictor.model import LengthPredictor
 from orchestrator.predictor.train import DEFAULT_DATA_DIR, train
+from orchestrator.textio import read_lines
 
 IN_TRAINING_SOURCE = "alpaca_en_demo"
 
@@ -40,9 +41,9 @@ def train_without(half: int, out: Path) -> LengthPredictor:
     data = out / "data"
     data.mkdir(parents=True)
     for path in sorted(DEFAULT_DATA_DIR.glob("*.jsonl")):
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines = [line for line in read_lines(path) if line.strip()]
         kept = [
-            line
+            line + "\n"
             for line in lines
             if json.loads(line).get("source") != IN_TRAINING_SOURCE
             or half_of(json.loads(line)["prompt"]) != half
@@ -65,7 +66,7 @@ def estimates(predictor: LengthPredictor, prompts: list[str], scale: float) -> l
 def main() -> None:
     argv = sys.argv[1:]
     trace = Path(argv[argv.index("--trace") + 1])
-    rows = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in read_lines(trace) if line.strip()]
     scratch = Path(tempfile.mkdtemp(prefix="edgeorch-crossfit-"))
     without = [train_without(h, scratch / f"without-{h}") for h in (0, 1)]
     shipped = LengthPredictor.load()

@@ -36,6 +36,7 @@ from orchestrator.lengths import (
     parse_predictor,
 )
 from orchestrator.sim import SIM_UNAVAILABLE_TIMEOUT_S, Cluster, SimReport, SimRequest, Simulator
+from orchestrator.textio import read_lines
 from orchestrator.tokens import EstimatedTokenCounter
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
 
 def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_lines(path)
     except OSError as exc:
         raise InvalidRequest(f"cannot read trace {path}: {exc.strerror}", field="trace") from None
     rows: list[TraceRow] = []

@@ -93,6 +93,7 @@ from orchestrator.protocol import (
     WireModel,
 )
 from orchestrator.settings import CoordinatorSettings
+from orchestrator.textio import read_lines
 from orchestrator.tokens import ChatTemplate, GgufTokenCounter
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def load_api_keys(settings: CoordinatorSettings) -> tuple[str, ...]:
     if settings.http_api_keys_file:
         path = Path(settings.http_api_keys_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_lines(path)
         except OSError as exc:
             raise InvalidRequest(
                 f"cannot read HTTP keys file {path}: {exc.strerror}", field="http_api_keys_file"

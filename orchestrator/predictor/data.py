@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.predictor.errors import PredictorDataError
+from orchestrator.textio import read_lines
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def parse_records(lines: Iterable[str], origin: str = "<data>") -> list[LengthRe
 def load_records(path: Path) -> list[LengthRecord]:
     """All records of a length file."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return parse_records(handle, origin=str(path))
+        lines = read_lines(path)
     except OSError as exc:
         raise PredictorDataError(f"cannot read length file {path}: {exc.strerror}") from exc
+    return parse_records(lines, origin=str(path))
