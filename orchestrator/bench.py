@@ -86,12 +86,13 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
     live = None
     if args.live:
         from orchestrator.live_bench import LiveCluster
+        from orchestrator.local import threads_per_agent
 
         if args.agents < 1:
             raise InvalidRequest(f"--agents must be at least 1, got {args.agents}", field="agents")
         agent_args: tuple[str, ...] = ()
         for flag, value in (
-            ("--threads", args.threads),
+            ("--threads", args.threads or threads_per_agent(args.agents)),
             ("--max-seqs", args.max_seqs),
             ("--n-ctx", args.n_ctx),
             ("--kv-budget-tokens", args.kv_budget_tokens),

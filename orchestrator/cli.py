@@ -388,13 +388,11 @@ def _run_up(args: argparse.Namespace) -> int:
         from agents.model import ensure_default_model
 
         ensure_default_model(os.environ)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.agents)
+    from orchestrator.local import SHARED_CORES_ENV, threads_per_agent
+
+    threads = args.threads or threads_per_agent(args.agents)
     base = [sys.executable, "-m", "orchestrator.cli"]
-    env = dict(os.environ)
-    if args.agents > 1:
-        # Several llama processes share the cores: spinning OpenMP threads would starve each
-        # other. One agent keeps OpenMP's default, which decodes up to 3x faster with 2 threads.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = {**SHARED_CORES_ENV, **os.environ} if args.agents > 1 else dict(os.environ)
     commands = [
         [
             *base,

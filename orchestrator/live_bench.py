@@ -28,7 +28,7 @@ import numpy as np
 
 from orchestrator.client import AsyncClient, Client
 from orchestrator.errors import EdgeorchError, InvalidRequest
-from orchestrator.local import LocalCluster
+from orchestrator.local import SHARED_CORES_ENV, LocalCluster
 
 LIVE_REQUEST_TIMEOUT_S: Final = 900.0
 AGENT_START_TIMEOUT_S: Final = 300.0
@@ -182,7 +182,13 @@ def run_live(
     results: dict[str, Any] = {}
     try:
         for index in range(1, cluster.agents + 1):
-            local.start_agent(f"agent-{index}", "--backend", cluster.backend, *cluster.agent_args)
+            local.start_agent(
+                f"agent-{index}",
+                "--backend",
+                cluster.backend,
+                *cluster.agent_args,
+                env_defaults=SHARED_CORES_ENV if cluster.agents > 1 else None,
+            )
         local.wait_for_agents(cluster.agents, timeout_s=AGENT_START_TIMEOUT_S)
         capacity, agents = capacity_tokens_s(local.clients_endpoint)
         factor = arrival_scale(rows, lengths, capacity, load, rate)

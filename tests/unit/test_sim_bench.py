@@ -30,6 +30,7 @@ from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InvalidRequest
 from orchestrator.lengths import FakePredictor, kendall_tau, parse_predictor
+from orchestrator.local import threads_per_agent
 from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator, load_cluster
 from tests.factories import estimate
 
@@ -389,3 +390,13 @@ def test_bad_bench_flags_are_invalid_requests(overrides: dict[str, Any], match: 
 def test_good_bench_flags_make_a_spec() -> None:
     spec = bench_spec_from_args(_args(load="0.5,0.7"))
     assert spec.loads == (0.5, 0.7) and spec.policies == ("fcfs", "sjf")
+
+
+def test_live_agents_share_the_cores_unless_told_otherwise() -> None:
+    """Several local agents split the cores (as ``edgeorch up`` does), not each take them all."""
+    shared = bench_spec_from_args(_args(live=True, sim=False, load="0.5", agents=2))
+    assert shared.live is not None
+    assert shared.live.agent_args == ("--threads", str(threads_per_agent(2)))
+    told = bench_spec_from_args(_args(live=True, sim=False, load="0.5", agents=2, threads=3))
+    assert told.live is not None and told.live.agent_args == ("--threads", "3")
+    assert threads_per_agent(3, cores=2) == 1 and threads_per_agent(2, cores=16) == 8
