@@ -8,12 +8,15 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
+
+import psutil
 
 from agents.base import Completed, Emitted, Engine, Rejected, SequenceSpec
 from agents.model import cache_dir
@@ -40,6 +43,10 @@ class SpeedProfile:
     def decode_tps(self) -> float:
         """One stream's decode rate."""
         return self.decode_curve[0][1]
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def concurrency_points(max_seqs: int) -> list[int]:

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.fake import fake_completion
+from agents.backends.fake.engine import fake_completion
 from orchestrator.chaos import ChaosReport, ChaosRequest, run_chaos
 from orchestrator.local import LocalCluster
 from orchestrator.protocol import GenerationParams

@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.backends.llama.engine import LlamaEngine
 from agents.base import Emitted, SequenceSpec
-from agents.engine import LlamaEngine
 from agents.model import ensure_default_model
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster, free_port

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.engine import llama_cpp
+from agents.backends.llama.engine import llama_cpp
 from agents.model import ensure_default_model
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster

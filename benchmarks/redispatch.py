@@ -26,7 +26,7 @@ from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.fake import fake_completion
+from agents.backends.fake.engine import fake_completion
 from orchestrator.chaos import ChaosRequest, RecordingClient
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster

@@ -1,6 +1,6 @@
 """Step costs of the llama engine's context: how long one llama_decode takes with d decoding
 sequences and a prompt chunk of p tokens, on the default model. The prompt-chunk rule in
-agents/stepcost.py is set from these figures (docs/BENCHMARKS.md, "Prefill and decode
+agents/backends/llama/stepcost.py is set from these figures (docs/BENCHMARKS.md, "Prefill and decode
 interleaving").
 
     .venv/bin/python benchmarks/step_costs.py [--threads 2] [--json OUT]
@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.engine import LlamaEngine
+from agents.backends.llama.engine import LlamaEngine
 from agents.model import ensure_default_model
 
 DECODE_ROWS = (0, 1, 4, 8)

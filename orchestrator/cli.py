@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from agents.backends import BACKEND_NAMES
 from orchestrator.errors import EdgeorchError, InvalidRequest
 from orchestrator.settings import (
     ADAPT_EVERY,
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run a coordinator and N local agents (foreground)")
     up.add_argument("--agents", type=int, default=2, help="number of local agents (default 2)")
-    up.add_argument("--backend", choices=("llama", "fake"), default="llama")
+    up.add_argument("--backend", choices=BACKEND_NAMES, default="llama")
     up.add_argument("--policy", default="srtf", help="ordering policy (default srtf)")
     up.add_argument("--agents-endpoint", default=DEFAULT_AGENTS_ENDPOINT)
     up.add_argument("--clients-endpoint", default=DEFAULT_CLIENTS_ENDPOINT)
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--live", action="store_true", help="real agents (needs the engine)")
     bench.add_argument("--cluster", type=Path, default=None, help="cluster TOML (with --sim)")
     bench.add_argument("--agents", type=int, default=2, help="local agents (with --live)")
-    bench.add_argument("--backend", choices=("llama", "fake"), default="fake")
+    bench.add_argument("--backend", choices=BACKEND_NAMES, default="fake")
     bench.add_argument("--threads", type=int, default=None, help="threads per agent (--live)")
     bench.add_argument("--max-seqs", type=int, default=None, help="sequences per agent (--live)")
     bench.add_argument(

@@ -38,7 +38,12 @@ RequestId = NewType("RequestId", str)
 AgentId = NewType("AgentId", str)
 Priority = Literal["interactive", "batch"]
 FinishReason = Literal["stop", "length", "cancelled"]
-Backend = Literal["llama", "fake"]
+MAX_BACKEND_CHARS: Final = 32
+Backend = Annotated[
+    str, Field(min_length=1, max_length=MAX_BACKEND_CHARS, pattern=r"^[a-z][a-z0-9_-]*$")
+]
+"""An engine backend's registered name (``agents.backends.BACKENDS``): descriptive on the wire,
+so a coordinator takes agents of backends newer than itself."""
 WireId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 DetailValue = str | int | float | bool | None
 DETAIL_TYPES: Final = (str, int, float, bool, type(None))

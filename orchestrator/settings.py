@@ -12,10 +12,11 @@ import argparse
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agents.backends import BACKEND_NAMES
 from orchestrator.errors import InvalidRequest
 
 ENV_PREFIX: Final = "EDGEORCH_"
@@ -108,7 +109,7 @@ class CoordinatorSettings(Settings):
 
 class AgentSettings(Settings):
     coordinator: str = Field(DEFAULT_AGENTS_ENDPOINT, description="coordinator's agents endpoint")
-    backend: Literal["llama", "fake"] = Field("llama", description="engine backend")
+    backend: str = Field("llama", description="engine backend (agents.backends.BACKENDS)")
     model: str | None = Field(None, description="GGUF path (default: the embedded Gemma 3 270M)")
     name: str | None = Field(None, description="agent name (default: hostname)")
     model_name: str | None = Field(None, description="advertised model name (default: GGUF's)")
@@ -138,6 +139,13 @@ class AgentSettings(Settings):
     curve_server_key: str | None = Field(
         None, description="the coordinator's public CURVE certificate (server.key)"
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, name: str) -> str:
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        return name
 
 
 S = TypeVar("S", bound=Settings)

@@ -17,7 +17,7 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(model_path: Path) -> Iterator[object]:
-    from agents.engine import LlamaEngine
+    from agents.backends.llama.engine import LlamaEngine
 
     engine = LlamaEngine(
         model_path, n_ctx=512, max_seqs=4, kv_budget_tokens=2048, n_gpu_layers=0, threads=2

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agents.backends.llama.engine import LlamaEngine
 from agents.base import Completed, Emitted, Rejected, SequenceSpec
-from agents.engine import LlamaEngine
 from orchestrator.errors import ContextOverflow
 from tests.factories import params
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from agents.backends.llama.engine import LlamaEngine
 from agents.base import Completed, Emitted, SequenceSpec
-from agents.engine import LlamaEngine
 from tests.factories import params
 
 pytestmark = pytest.mark.e2e

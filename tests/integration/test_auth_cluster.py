@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from agents.fake import fake_completion
+from agents.backends.fake.engine import fake_completion
 from orchestrator.auth import (
     ClientKeys,
     generate_keys,

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from agents.fake import fake_completion
+from agents.backends.fake.engine import fake_completion
 from orchestrator.client import AsyncClient
 from orchestrator.errors import ContextOverflow, Overloaded
 from orchestrator.local import LocalCluster

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.fake import fake_completion
+from agents.backends.fake.engine import fake_completion
 from orchestrator.client import AsyncClient, GenerationResult
 from orchestrator.errors import Unavailable
 from orchestrator.journal import JOURNAL_FILE

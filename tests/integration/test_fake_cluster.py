@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agents.fake import fake_completion
+from agents.backends.fake.engine import fake_completion
 from orchestrator.client import AsyncClient
 from orchestrator.errors import ContextOverflow, InvalidRequest, Unavailable
 from orchestrator.local import LocalCluster

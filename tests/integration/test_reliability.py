@@ -16,7 +16,7 @@ import psutil
 import pytest
 import zmq
 
-from agents.fake import FAKE_CRASH_EXIT_CODE, fake_completion
+from agents.backends.fake.engine import FAKE_CRASH_EXIT_CODE, fake_completion
 from orchestrator.chaos import ChaosRequest, Observed, RecordingClient, run_chaos
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster

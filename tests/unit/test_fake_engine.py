@@ -6,8 +6,13 @@ from typing import NoReturn
 
 import pytest
 
+from agents.backends.fake.engine import (
+    FAKE_CRASH_EXIT_CODE,
+    FakeEngine,
+    FakeTimingModel,
+    fake_completion,
+)
 from agents.base import Completed, Emitted, KvLoad, Rejected, SequenceSpec, kv_evictions
-from agents.fake import FAKE_CRASH_EXIT_CODE, FakeEngine, FakeTimingModel, fake_completion
 from orchestrator.errors import ContextOverflow, Overloaded
 from tests.factories import params
 

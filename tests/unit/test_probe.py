@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import agents.probe as probe
-from agents.fake import FakeEngine, FakeTimingModel
+from agents.backends.fake.engine import FakeEngine, FakeTimingModel
 
 
 def fake_engine(max_seqs: int = 8) -> FakeEngine:

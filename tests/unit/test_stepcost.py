@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agents.stepcost import (
+from agents.backends.llama.stepcost import (
     DECODE_STALL_BOUND_S,
     MIN_PREFILL_CHUNK_TOKENS,
     StepCosts,

@@ -3,7 +3,7 @@
 One llama context holds every sequence (a unified KV pool of ``kv_budget_tokens`` cells, each
 sequence limited to ``n_ctx``). Each ``step`` builds one batch: one token for every decoding
 sequence first, then prompt chunks of newly admitted sequences, shortest remaining prompt first,
-as many as the measured step costs allow while others decode (``agents.stepcost``), so a long
+as many as the measured step costs allow while others decode (``stepcost``), so a long
 prompt neither stalls running streams for long nor crawls. A finished sequence's cache is
 parked in host memory with its token ids, and a new sequence starts from the longest cached
 prefix of its prompt: restored from a parked one, or shared with a running one
@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from agents.backends.llama.stepcost import StepCosts
 from agents.base import (
     CacheStats,
     Completed,
@@ -44,7 +45,6 @@ from agents.kvcache import (
     ParkedPrompt,
     PromptCache,
 )
-from agents.stepcost import StepCosts
 from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
 from orchestrator.llamalib import llama_cpp
@@ -56,7 +56,7 @@ log = logging.getLogger("edgeorch.engine")
 STEP_TOKEN_BUDGET: Final = 2048
 """Tokens in one llama_decode batch (decode tokens first, then prefill chunks); llama.cpp
 splits it into micro-batches of ``MICRO_BATCH_TOKENS``. How many prompt tokens a step carries
-while others decode comes from the measured step costs (``agents.stepcost``); shorter remaining
+while others decode comes from the measured step costs (``stepcost``); shorter remaining
 prompts go first, so a short request is not queued behind a long one's prefill."""
 MICRO_BATCH_TOKENS: Final = 512
 PIECE_BUFFER_BYTES: Final = 256
@@ -177,7 +177,7 @@ class LlamaEngine:
             else DEFAULT_PROMPT_CACHE_BYTES
         )
         self.step_costs = StepCosts()
-        """Measured on every step; they size the prompt chunks (``agents.stepcost``)."""
+        """Measured on every step; they size the prompt chunks (``stepcost``)."""
         self._hits = 0
         self._reused_tokens = 0
         self._computed_tokens = 0
