@@ -38,3 +38,11 @@ def test_measurements_move_the_estimates() -> None:
         costs = costs.observe(4, 200, 0.04 + 200 * 0.002)
     assert costs.prefill_token_s == pytest.approx(0.002, rel=1e-3)
     assert costs.observe(4, 8, 5.0) == costs  # too few prompt tokens to say anything
+
+
+def test_a_chosen_bound_and_smallest_chunk_survive_measurements() -> None:
+    costs = StepCosts(prefill_token_s=0.003, stall_bound_s=2.0, min_chunk_tokens=32)
+    costs = costs.observe(3, 0, 0.06).observe(3, 300, 0.96)
+    assert (costs.stall_bound_s, costs.min_chunk_tokens) == (2.0, 32)
+    assert costs.prefill_chunk(3, 2048) == int((2.0 - 0.06) / 0.003)
+    assert StepCosts(prefill_token_s=0.05, min_chunk_tokens=32).prefill_chunk(3, 2048) == 32

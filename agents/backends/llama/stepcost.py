@@ -1,26 +1,32 @@
 """How many prompt tokens a batch step may carry, from the device's measured step costs.
 
 A llama.cpp step that carries d decoding sequences and p prompt tokens takes about
-``decode_s(d) + p * prefill_token_s`` (measured on the 2-core development machine with the
-default model: a decode row costs 20-25 ms for one sequence, a prompt token 1.4 ms in chunks of
-64 or more, and decode rows ride along in a prefill batch almost for free; docs/BENCHMARKS.md,
-"Prefill and decode interleaving"). Small chunks keep running streams fast but leave the
-prompt crawling; whole prompts do the opposite. The rule: while others decode, a step may take
-at most ``DECODE_STALL_BOUND_S``, so each running stream still gets a token at least that often,
-and the prompt runs at ``p * c / (decode_s + p * c)`` of the device's prefill throughput (95%
-here); with nobody decoding, a step takes as many prompt tokens as one batch holds.
+``decode_s(d) + p * prefill_token_s`` once p is large enough; below that, mixing costs extra.
+Measured on the 2-core development machine with the default model (docs/BENCHMARKS.md,
+"Prefill and decode interleaving"): 3 decode rows 60 ms, a prompt chunk 3 ms a token alone,
+but 3 rows with 64 prompt tokens 347 ms against 255 ms for the two apart, with 128 tokens 549
+against 417 ms, and with 256 or 512 tokens the sum. Small chunks keep running streams fast
+but leave the prompt crawling at half the device's prefill rate; whole prompts do the opposite.
+The rule: while others decode, a step carries at least ``MIN_PREFILL_CHUNK_TOKENS`` and
+otherwise as many prompt tokens as keep it within ``DECODE_STALL_BOUND_S``, so each running
+stream still gets a token about that often while the prompt runs near the device's prefill
+throughput; with nobody decoding, a step takes as many prompt tokens as one batch holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
-DECODE_STALL_BOUND_S: Final = 0.5
-"""Longest a step carrying prompt tokens may take while other sequences decode."""
-MIN_PREFILL_CHUNK_TOKENS: Final = 64
-"""Smallest prompt chunk: below it a step's fixed cost (reading the weights) dominates the
-chunk and the prompt runs far below the device's prefill throughput."""
+DECODE_STALL_BOUND_S: Final = 1.0
+"""Longest a step carrying prompt tokens may take while other sequences decode (beyond the
+smallest chunk). An offline replay of 40 prompt-heavy requests (benchmarks/prefill_replay.py)
+spent 137 s in steps with 1 s and 256 tokens against 147 s with 0.5 s and 64, and the mean
+time to first token fell from 2.6 to 1.7 s."""
+MIN_PREFILL_CHUNK_TOKENS: Final = 256
+"""Smallest prompt chunk beside decode rows: below it a mixed step costs up to 100 ms more than
+its decode rows and prompt tokens apart (see above), and the prompt runs at half the device's
+prefill throughput."""
 DEFAULT_PREFILL_TOKEN_S: Final = 1 / 700
 """Until the first steps are measured: the default model on 2 CPU threads."""
 DEFAULT_DECODE_ROW_S: Final = 0.022
@@ -37,6 +43,8 @@ class StepCosts:
     prefill_token_s: float = DEFAULT_PREFILL_TOKEN_S
     decode_step_s: tuple[tuple[int, float], ...] = ()
     """(decode rows, seconds) for steps without prompt tokens, ascending by rows."""
+    stall_bound_s: float = DECODE_STALL_BOUND_S
+    min_chunk_tokens: int = MIN_PREFILL_CHUNK_TOKENS
 
     def decode_s(self, rows: int) -> float:
         """A decode-only step's time for ``rows`` sequences: the nearest measured batch size,
@@ -56,11 +64,11 @@ class StepCosts:
             points = dict(self.decode_step_s)
             old = points.get(decode_rows)
             points[decode_rows] = seconds if old is None else _smooth(old, seconds)
-            return StepCosts(self.prefill_token_s, tuple(sorted(points.items())))
+            return replace(self, decode_step_s=tuple(sorted(points.items())))
         if prefill_tokens >= MIN_MEASURED_PREFILL_TOKENS:
             per_token = max(0.0, seconds - self.decode_s(decode_rows)) / prefill_tokens
             if per_token > 0:
-                return StepCosts(_smooth(self.prefill_token_s, per_token), self.decode_step_s)
+                return replace(self, prefill_token_s=_smooth(self.prefill_token_s, per_token))
         return self
 
     def prefill_chunk(self, decode_rows: int, batch_tokens: int) -> int:
@@ -68,9 +76,9 @@ class StepCosts:
         room = batch_tokens - decode_rows
         if decode_rows == 0:
             return room
-        spare_s = DECODE_STALL_BOUND_S - self.decode_s(decode_rows)
+        spare_s = self.stall_bound_s - self.decode_s(decode_rows)
         chunk = int(spare_s / self.prefill_token_s) if spare_s > 0 else 0
-        return max(0, min(room, max(MIN_PREFILL_CHUNK_TOKENS, chunk)))
+        return max(0, min(room, max(self.min_chunk_tokens, chunk)))
 
 
 def _smooth(old: float, new: float) -> float:
