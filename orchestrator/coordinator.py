@@ -39,6 +39,7 @@ from orchestrator.core.views import (
     ReserveAction,
     RunningRequest,
     Snapshot,
+    SpeedProfile,
 )
 from orchestrator.errors import (
     AgentFailure,
@@ -135,6 +136,9 @@ class AgentSession:
     """Placement skips the agent until then (see ``AGENT_REFUSAL_BACKOFF_S``)."""
     key: str | None = None
     """The CURVE key's allow-list name that registered this session; None without CURVE."""
+    speed: SpeedProfile | None = None
+    """The speed curve the agent measured (decode by batch size, prefill), as placement, the
+    preemption cost model and the ETA use it; None if it sent none usable."""
 
 
 @dataclass(slots=True)
@@ -431,6 +435,7 @@ class Coordinator:
             profile=message.profile,
             last_seen_s=now,
             key=key,
+            speed=measured_speed(message.profile.decode_curve, message.profile.prefill_tps),
         )
         log.info(
             "agent %s registered: %s, model %s, n_ctx %d, kv budget %d tokens, %d seqs",
@@ -816,6 +821,7 @@ class Coordinator:
                     running=len(work),
                     kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
                     decode_tps=session.profile.decode_tps,
+                    speed=session.speed,
                 )
             )
         return views
@@ -962,13 +968,7 @@ class Coordinator:
         etas = estimate_etas(
             [_known_length(q, self.table[q.request_id]) for q in queued],
             [_known_length(r.running_view(), r) for r in running if r.dispatched_s is not None],
-            [
-                replace(
-                    views[s.agent_id],
-                    speed=measured_speed(s.profile.decode_curve, s.profile.prefill_tps),
-                )
-                for s in self._agents.values()
-            ],
+            list(views.values()),
             draining={s.agent_id for s in self._agents.values() if s.draining},
             until=target,
         )

@@ -18,7 +18,7 @@ from tests.factories import profile
 def test_unknown_backends_are_refused_with_the_choices() -> None:
     with pytest.raises(InvalidRequest, match="unknown backend 'vllm'; choose one of llama, fake"):
         backend("vllm")
-    with pytest.raises(InvalidRequest, match="setting backend .*unknown backend 'vllm'"):
+    with pytest.raises(InvalidRequest, match=r"setting backend .*unknown backend 'vllm'"):
         load_settings(AgentSettings, config=None, environ={}, overrides={"backend": "vllm"})
     assert BACKEND_NAMES == ("llama", "fake")
 

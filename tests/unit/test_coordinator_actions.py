@@ -23,6 +23,7 @@ from orchestrator.protocol import (
     Dispatch,
     ErrorInfo,
     ErrorReply,
+    Register,
     RequestId,
     RunFailed,
     Submit,
@@ -203,3 +204,27 @@ def test_a_dispatch_carries_the_reservation_and_a_kv_overflow_counts_as_a_preemp
         2,
     )
     assert c.table.kv_preemptions == 1
+
+
+def test_live_placement_uses_each_agents_measured_speed() -> None:
+    """Two agents alike but for their measured prefill rate: a long prompt goes to the one that
+    prefills it 20x faster (a guessed, shared default rate would tie them, and the tie goes to
+    the first by name)."""
+    c = Coordinator(CoordinatorSettings(policy="srtf", placement="predicted"))
+    sent: list[tuple[bytes, WireModel]] = []
+    c._send_agent = lambda identity, message: sent.append((identity, message))  # type: ignore[method-assign]
+    curve = ((1, 50.0), (4, 120.0))
+    for name, prefill in (("a-slow", 200.0), ("b-fast", 4000.0)):
+        measured = profile(decode_tps=50.0, decode_curve=curve, prefill_tps=prefill)
+        c._on_register(name.encode(), Register(name=name, profile=measured), now=0.0)
+    c.table.add(
+        record(
+            "doc",
+            prompt_tokens=3000,
+            params=params(max_tokens=20),
+            estimate=LengthEstimate.exact(10),
+        )
+    )
+    c.schedule(now=1.0)
+    dispatched = [(identity, m) for identity, m in sent if isinstance(m, Dispatch)]
+    assert [identity for identity, _ in dispatched] == [b"b-fast"]
