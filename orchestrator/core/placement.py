@@ -53,9 +53,8 @@ class Placement(Protocol):
         request: QueuedRequest,
         candidates: Sequence[Candidate],
         dispatch_count: int,
-        may_wait: bool,
     ) -> Choice:
-        """Pick a candidate that can start now, or wait (only if ``may_wait`` for a busy one)."""
+        """Pick a candidate that can start now, or wait (for a busy one, if ``waits_for``)."""
         ...
 
 
@@ -80,7 +79,6 @@ class LeastLoaded:
         request: QueuedRequest,
         candidates: Sequence[Candidate],
         dispatch_count: int,
-        may_wait: bool,
     ) -> Choice:
         startable = [c.agent for c in candidates if c.can_start]
         if not startable:
@@ -99,7 +97,6 @@ class RoundRobin:
         request: QueuedRequest,
         candidates: Sequence[Candidate],
         dispatch_count: int,
-        may_wait: bool,
     ) -> Choice:
         ordered = sorted(candidates, key=lambda c: c.agent.agent_id)
         if not ordered:
@@ -134,7 +131,6 @@ class PredictedCompletion:
         request: QueuedRequest,
         candidates: Sequence[Candidate],
         dispatch_count: int,
-        may_wait: bool,
     ) -> Choice:
         if not candidates:
             return WAIT
@@ -146,7 +142,7 @@ class PredictedCompletion:
         if not startable:
             return Choice(None, best.agent.agent_id)
         free_time, _, free = min(startable, key=lambda s: (s[0], s[1]))
-        if may_wait and best_time <= WAIT_ADVANTAGE * free_time:
+        if best_time <= WAIT_ADVANTAGE * free_time:
             return Choice(None, best.agent.agent_id)
         return Choice(free.agent.agent_id)
 

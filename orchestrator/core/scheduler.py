@@ -72,9 +72,6 @@ MAX_PREEMPTIONS: Final = 1
 PREEMPT_COST_FRACTION: Final = 0.15
 PREEMPT_TRIES_PER_DECIDE: Final = 2
 DECIDE_LOOKAHEAD: Final = 16
-KV_PEAK_ADMISSION: Final = False
-"""Past-Future style admission: besides its own reservation, a request starts only if the
-device's predicted future KV peak still fits its budget (see ``predicted_peak_tokens``)."""
 """Queued requests (in policy order) one call considers for placement."""
 
 
@@ -124,23 +121,6 @@ def raised_reservation(running: RunningRequest, agent: AgentView, config: Schedu
     return min(cap, max(running.kv_reservation_tokens + KV_HEADROOM_TOKENS, target))
 
 
-def predicted_peak_tokens(loads: list[tuple[float, float]]) -> float:
-    """The highest total KV use ahead for sequences given as (cells used now, expected tokens
-    still to come): each grows a cell a step until it ends and frees all its cells, so the
-    peak falls at one of the ends (Past-Future's peak estimate, with predicted lengths)."""
-    ordered = sorted(loads, key=lambda x: x[1])
-    used_now = sum(u for u, _ in ordered)
-    peak = used_now
-    # Just before the k-th shortest ends, the ones before it have freed their cells and every
-    # survivor (k included) has grown by the k-th's remaining tokens.
-    freed = 0.0
-    for k, (used, rest) in enumerate(ordered):
-        alive = len(ordered) - k
-        peak = max(peak, used_now - freed + alive * rest)
-        freed += used
-    return peak
-
-
 class _State:
     """The mutable working copy of one ``decide`` call (never escapes it)."""
 
@@ -155,7 +135,6 @@ class _State:
         self._finish_times: dict[AgentId, list[float]] = {}
         self._rest: dict[RequestId, float] = {}
         self._keys: dict[RequestId, float] = {}
-        self._loads: dict[AgentId, list[tuple[float, float]]] = {}
         self.dispatched = 0
 
     def rest(self, running: RunningRequest) -> float:
@@ -179,27 +158,9 @@ class _State:
         ]
         self.preempted.add(victim.request_id)
         self._finish_times.pop(victim.agent_id, None)
-        self._loads.pop(victim.agent_id, None)
         self.actions.append(PreemptAction(victim.request_id, victim.agent_id, reason))  # type: ignore[arg-type]
 
-    def peak_loads(self, agent_id: AgentId) -> list[tuple[float, float]]:
-        loads = self._loads.get(agent_id)
-        if loads is None:
-            loads = self._loads[agent_id] = [
-                (float(r.kv_used_tokens), self.rest(r)) for r in self.running[agent_id]
-            ]
-        return loads
-
-    def peak_fits(self, agent: AgentView, request: QueuedRequest) -> bool:
-        """Whether the device's predicted KV peak with ``request`` added fits its budget."""
-        loads = self.peak_loads(agent.agent_id)
-        new = (float(request.prompt_tokens + request.generated_tokens), request.rest_tokens)
-        return predicted_peak_tokens([*loads, new]) <= agent.kv_budget_tokens
-
     def dispatch(self, request: QueuedRequest, agent_id: AgentId, reservation: int) -> None:
-        self.peak_loads(agent_id).append(
-            (float(request.prompt_tokens + request.generated_tokens), request.rest_tokens)
-        )
         self.agents[agent_id] = self.agents[agent_id].with_dispatched(request, reservation)
         self.actions.append(DispatchAction(request.request_id, agent_id, reservation))
         self.dispatched += 1
@@ -329,16 +290,11 @@ def _place_queue(snapshot: Snapshot, now: float, state: _State, config: Schedule
             if not agent.fits_context(request):
                 continue
             reservation = admission_reservation(request, agent, config)
-            can_start = agent.can_start(request, reservation) and (
-                not KV_PEAK_ADMISSION or agent.running == 0 or state.peak_fits(agent, request)
-            )
+            can_start = agent.can_start(request, reservation)
             free_in = 0.0 if can_start else state.free_in_s(agent)
             candidates.append(Candidate(agent, can_start, reservation, free_in))
         choice = config.placement.choose(
-            request,
-            candidates,
-            snapshot.dispatch_count + state.dispatched,
-            True,
+            request, candidates, snapshot.dispatch_count + state.dispatched
         )
         if choice.agent_id is not None:
             chosen = next(c for c in candidates if c.agent.agent_id == choice.agent_id)

@@ -169,7 +169,7 @@ def test_least_loaded_prefers_free_share_then_free_kv() -> None:
         agent("idle-big", kv_budget_tokens=9000),
     ]
     candidates = [Candidate(a, True, 100, 0.0) for a in agents]
-    chosen = LeastLoaded().choose(queued(), candidates, 0, True)
+    chosen = LeastLoaded().choose(queued(), candidates, 0)
     assert chosen.agent_id == "idle-big"
 
 

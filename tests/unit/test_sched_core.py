@@ -36,7 +36,6 @@ from orchestrator.core.scheduler import (
     SchedulerConfig,
     admission_reservation,
     decide,
-    predicted_peak_tokens,
 )
 from orchestrator.core.views import (
     AgentView,
@@ -198,9 +197,9 @@ def test_predicted_placement_waits_for_a_much_faster_busy_device_only_for_long_j
     candidates = [Candidate(gpu, False, 100, 2.0), Candidate(cpu, True, 100, 0.0)]
     long_job = queued("long", max_tokens=2000, estimate=LengthEstimate.exact(1000))
     short_job = queued("short", estimate=LengthEstimate.exact(5))
-    choice = PredictedCompletion().choose(long_job, candidates, 0, True)
+    choice = PredictedCompletion().choose(long_job, candidates, 0)
     assert choice.agent_id is None and choice.waits_for == "gpu"
-    assert PredictedCompletion().choose(short_job, candidates, 0, True).agent_id == "cpu"
+    assert PredictedCompletion().choose(short_job, candidates, 0).agent_id == "cpu"
 
 
 def test_predicted_placement_starts_now_unless_the_busy_device_is_several_times_faster() -> None:
@@ -215,7 +214,7 @@ def test_predicted_placement_starts_now_unless_the_busy_device_is_several_times_
         free_in = ratio * on_cpu - on_gpu_now
         assert free_in > 0
         candidates = [Candidate(gpu, False, 100, free_in), Candidate(cpu, True, 100, 0.0)]
-        choice = PredictedCompletion().choose(job, candidates, 0, True)
+        choice = PredictedCompletion().choose(job, candidates, 0)
         assert (choice.agent_id is None) is waits
         assert choice.agent_id == (None if waits else "cpu")
         assert choice.waits_for == ("gpu" if waits else None)
@@ -224,14 +223,14 @@ def test_predicted_placement_starts_now_unless_the_busy_device_is_several_times_
 def test_predicted_placement_prefers_the_faster_free_device() -> None:
     gpu, cpu = _gpu_and_cpu(gpu_running=1)
     candidates = [Candidate(gpu, True, 100, 0.0), Candidate(cpu, True, 100, 0.0)]
-    choice = PredictedCompletion().choose(queued(estimate=estimate(100)), candidates, 0, True)
+    choice = PredictedCompletion().choose(queued(estimate=estimate(100)), candidates, 0)
     assert choice.agent_id == "gpu"
 
 
 def test_round_robin_rotates_and_skips_full_agents() -> None:
     agents = [agent("a"), agent("b"), agent("c")]
     candidates = [Candidate(a, a.agent_id != "b", 10, 0.0) for a in agents]
-    picks = [RoundRobin().choose(queued(), candidates, n, True).agent_id for n in range(3)]
+    picks = [RoundRobin().choose(queued(), candidates, n).agent_id for n in range(3)]
     assert picks == ["a", "c", "c"]
 
 
@@ -368,17 +367,6 @@ def test_decide_never_reserves_beyond_a_budget(
             total.pop(action.request_id)
         assert sum(total.values()) <= budget
     assert sum(1 for rid in total if rid.startswith(("q", "x"))) <= a1.max_seqs
-
-
-def test_predicted_peak_is_the_highest_total_kv_use_ahead() -> None:
-    # A: 100 cells, 50 to come; B: 10 cells, 500 to come. Just before A ends both have grown
-    # by 50 (210 cells); B alone then peaks at 510.
-    assert predicted_peak_tokens([(100.0, 50.0), (10.0, 500.0)]) == 510.0
-    assert predicted_peak_tokens([(100.0, 50.0)]) == 150.0
-    assert predicted_peak_tokens([]) == 0.0
-
-
-# --- preemption -----------------------------------------------------------------------------
 
 
 def _full_device_with_long_job(preemptions: int = 0) -> Snapshot:
