@@ -3,9 +3,9 @@
 A llama.cpp step that carries d decoding sequences and p prompt tokens takes about
 ``decode_s(d) + p * prefill_token_s`` once p is large enough; below that, mixing costs extra.
 Measured on the 2-core development machine with the default model (docs/BENCHMARKS.md,
-"Prefill and decode interleaving"): 3 decode rows 60 ms, a prompt chunk 3 ms a token alone,
-but 3 rows with 64 prompt tokens 347 ms against 255 ms for the two apart, with 128 tokens 549
-against 417 ms, and with 256 or 512 tokens the sum. Small chunks keep running streams fast
+"Step costs and the prefill rule"): 4 decode rows with 64 prompt tokens took 396 ms against
+64 + 256 ms apart, 8 rows with 64 tokens 593 against 101 + 256 ms, while from 256 tokens up a
+mixed step costs about its parts. Small chunks keep running streams fast
 but leave the prompt crawling at half the device's prefill rate; whole prompts do the opposite.
 The rule: while others decode, a step carries at least ``MIN_PREFILL_CHUNK_TOKENS`` and
 otherwise as many prompt tokens as keep it within ``DECODE_STALL_BOUND_S``, so each running
