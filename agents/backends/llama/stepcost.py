@@ -21,8 +21,7 @@ from typing import Final
 DECODE_STALL_BOUND_S: Final = 1.0
 """Longest a step carrying prompt tokens may take while other sequences decode (beyond the
 smallest chunk). An offline replay of 40 prompt-heavy requests (benchmarks/prefill_replay.py)
-spent 137 s in steps with 1 s and 256 tokens against 147 s with 0.5 s and 64, and the mean
-time to first token fell from 2.6 to 1.7 s."""
+spent 104-125 s in steps with 1 s and 256 tokens against 132-140 s with 0.5 s and 64."""
 MIN_PREFILL_CHUNK_TOKENS: Final = 256
 """Smallest prompt chunk beside decode rows: below it a mixed step costs up to 100 ms more than
 its decode rows and prompt tokens apart (see above), and the prompt runs at half the device's
