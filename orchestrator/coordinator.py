@@ -136,9 +136,12 @@ class AgentSession:
     """Placement skips the agent until then (see ``AGENT_REFUSAL_BACKOFF_S``)."""
     key: str | None = None
     """The CURVE key's allow-list name that registered this session; None without CURVE."""
-    speed: SpeedProfile | None = None
+    speed: SpeedProfile | None = field(init=False)
     """The speed curve the agent measured (decode by batch size, prefill), as placement, the
     preemption cost model and the ETA use it; None if it sent none usable."""
+
+    def __post_init__(self) -> None:
+        self.speed = measured_speed(self.profile.decode_curve, self.profile.prefill_tps)
 
 
 @dataclass(slots=True)
@@ -435,7 +438,6 @@ class Coordinator:
             profile=message.profile,
             last_seen_s=now,
             key=key,
-            speed=measured_speed(message.profile.decode_curve, message.profile.prefill_tps),
         )
         log.info(
             "agent %s registered: %s, model %s, n_ctx %d, kv budget %d tokens, %d seqs",
@@ -541,8 +543,7 @@ class Coordinator:
         record = self._current(session, message.request_id, message.attempt)
         if record is None:
             return
-        record.prompt_tokens, record.prompt_tokens_exact = message.prompt_tokens, True
-        self.table.finish(record.request_id, message.finish_reason, now)
+        self.table.finish(record.request_id, message.finish_reason, now, message.prompt_tokens)
         session.refused_until_s = 0.0
         result = _result(record, session.agent_id)
         self._write(
@@ -832,8 +833,6 @@ class Coordinator:
         record = self.table.dispatch(
             action.request_id, action.agent_id, action.kv_reservation_tokens, now
         )
-        if record.attempt == 1:
-            record.dispatched_s = now
         self._write(DispatchOp(record.request_id, record.attempt))
         self.metrics.dispatched(record, now)
         self._send_agent(

@@ -199,9 +199,18 @@ class RequestTable:
             record.first_token_s = now
         record.append_tokens(text, n_tokens, token_ids, model)
 
-    def finish(self, request_id: RequestId, reason: FinishReason, now: float) -> RequestRecord:
+    def finish(
+        self,
+        request_id: RequestId,
+        reason: FinishReason,
+        now: float,
+        prompt_tokens: int | None = None,
+    ) -> RequestRecord:
+        """End a request; ``prompt_tokens`` is the engine's exact count, when it said."""
         record = self._move(request_id, RequestState.FINISHED)
         record.finish_reason = reason
+        if prompt_tokens is not None:
+            record.prompt_tokens, record.prompt_tokens_exact = prompt_tokens, True
         self._release(record, now)
         self.completed += 1
         return record
