@@ -26,9 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.model import ensure_default_model
-from orchestrator.bench import arrival_scale, load_trace, output_lengths
 from orchestrator.live_bench import LiveCluster, LiveOutcome, live_stats, run_live
 from orchestrator.local import free_port
+from orchestrator.traces import arrival_scale, load_trace, output_lengths
 
 SLOTS = 16
 

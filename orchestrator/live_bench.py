@@ -29,6 +29,7 @@ import numpy as np
 from orchestrator.client import AsyncClient, Client
 from orchestrator.errors import EdgeorchError, InvalidRequest
 from orchestrator.local import SHARED_CORES_ENV, LocalCluster
+from orchestrator.traces import arrival_scale
 
 LIVE_REQUEST_TIMEOUT_S: Final = 900.0
 AGENT_START_TIMEOUT_S: Final = 300.0
@@ -173,8 +174,6 @@ def run_live(
 ) -> dict[str, Any]:
     """Run every policy on the same scaled arrivals against one set of live agents; every
     request asks for ``max_tokens`` (default: the longest length), never its own length."""
-    from orchestrator.bench import arrival_scale
-
     if "oracle" in policies:
         raise InvalidRequest("the oracle policy knows true lengths: sim only", field="policies")
     folder = log_dir or Path(tempfile.mkdtemp(prefix="edgeorch-live-"))

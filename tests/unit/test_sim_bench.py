@@ -13,16 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.bench import (
-    BenchSpec,
-    arrival_scale,
-    bench_spec_from_args,
-    load_trace,
-    output_lengths,
-    request_budgets,
-    run_bench,
-    write_outputs,
-)
+from orchestrator.bench import BenchSpec, bench_spec_from_args, run_bench, write_outputs
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
@@ -32,6 +23,7 @@ from orchestrator.errors import InvalidRequest
 from orchestrator.lengths import FakePredictor, kendall_tau, parse_predictor
 from orchestrator.local import threads_per_agent
 from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator, load_cluster
+from orchestrator.traces import arrival_scale, load_trace, output_lengths, request_budgets
 from tests.factories import estimate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from orchestrator.bench import load_trace
 from orchestrator.gateway import load_api_keys
 from orchestrator.predictor.data import load_records
 from orchestrator.settings import CoordinatorSettings
 from orchestrator.textio import read_lines
+from orchestrator.traces import load_trace
 
 SEPARATORS = "a\u2028b\u2029c\u0085d\x1ce\x0bf"
 

@@ -1,0 +1,87 @@
+"""Replay traces: reading them, and scaling their lengths and arrivals to a load. Shared by the
+simulator bench and the live one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import InvalidRequest
+from orchestrator.textio import read_lines
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRow:
+    arrival_s: float
+    prompt: str
+    output_tokens: int
+
+
+def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
+    try:
+        lines = read_lines(path)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read trace {path}: {exc.strerror}", field="trace") from None
+    rows: list[TraceRow] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            rows.append(
+                TraceRow(float(raw["arrival_s"]), str(raw["prompt"]), int(raw["output_tokens"]))
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequest(
+                f"trace {path} line {number}: needs arrival_s, prompt, output_tokens ({exc!r})",
+                field="trace",
+            ) from None
+        if max_requests is not None and len(rows) >= max_requests:
+            break
+    if len(rows) < 2:
+        raise InvalidRequest(f"trace {path} has {len(rows)} requests; need at least 2")
+    rows.sort(key=lambda r: r.arrival_s)
+    return rows
+
+
+def output_lengths(
+    rows: Sequence[TraceRow], length_scale: float, max_output_tokens: int | None
+) -> list[int]:
+    """Each answer's length times ``length_scale`` (at least 1), capped."""
+    lengths = [max(1, round(r.output_tokens * length_scale)) for r in rows]
+    if max_output_tokens is not None:
+        lengths = [min(n, max_output_tokens) for n in lengths]
+    return lengths
+
+
+def arrival_scale(
+    rows: Sequence[TraceRow],
+    lengths: Sequence[int],
+    capacity_tokens_s: float,
+    load: float | None,
+    rate: float | None,
+) -> float:
+    """The factor applied to arrival times (and so divided into inter-arrival gaps)."""
+    span = rows[-1].arrival_s - rows[0].arrival_s
+    if span <= 0:
+        raise InvalidRequest("trace arrivals span no time; cannot scale them")
+    if load is not None:
+        offered = sum(lengths) / span
+        return offered / (load * capacity_tokens_s)
+    assert rate is not None
+    return ((len(rows) - 1) / span) / rate
+
+
+def request_budgets(
+    prompt_tokens: Sequence[int], max_tokens: int, context_tokens: int
+) -> list[int]:
+    """Each request's ``max_tokens``: the shared cap, lowered where prompt + cap would not fit
+    the largest context (the answer then stops where the context ends, as llama.cpp's server
+    stops it) instead of being refused. It depends on the prompt's length alone, which the
+    scheduler knows anyway; a prompt that fills the context keeps the cap and is refused."""
+    return [
+        min(max_tokens, context_tokens - prompt) if prompt < context_tokens else max_tokens
+        for prompt in prompt_tokens
+    ]
