@@ -11,7 +11,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
@@ -53,22 +53,24 @@ def concurrency_points(max_seqs: int) -> list[int]:
     return sorted({min(c, max_seqs) for c in PROBE_CONCURRENCY} | {max_seqs})
 
 
-def measure_speed(engine: Engine) -> SpeedProfile:
-    """Run short greedy generations through ``engine`` (it must be idle)."""
+def measure_speed(engine: Engine, clock: Callable[[], float] = time.perf_counter) -> SpeedProfile:
+    """Run short greedy generations through ``engine`` (it must be idle), timed by ``clock``."""
     words = min(PROBE_PREFILL_WORDS, engine.n_ctx // 2)
-    prefill_tokens, prefill_s = _run(engine, [" ".join(["probe"] * words)], max_tokens=1)
+    prefill_tokens, prefill_s = _run(engine, [" ".join(["probe"] * words)], 1, clock)
     curve = []
     for concurrency in concurrency_points(engine.max_seqs):
         prompts = [f"{PROBE_PROMPT} ({i})" for i in range(concurrency)]
         try:
-            tokens, seconds = _run(engine, prompts, PROBE_DECODE_TOKENS)
+            tokens, seconds = _run(engine, prompts, PROBE_DECODE_TOKENS, clock)
         except Overloaded:
             break  # the KV budget holds fewer sequences than the slots: the curve ends here
         curve.append((concurrency, round(tokens / seconds, 1)))
     return SpeedProfile(prefill_tps=round(prefill_tokens / prefill_s, 1), decode_curve=tuple(curve))
 
 
-def _run(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[int, float]:
+def _run(
+    engine: Engine, prompts: list[str], max_tokens: int, clock: Callable[[], float]
+) -> tuple[int, float]:
     """(tokens, seconds): prompt tokens over prefill time for one-token runs, else decoded
     tokens over the time of the steps after warm-up (prefill excluded)."""
     params = GenerationParams(
@@ -81,18 +83,18 @@ def _run(engine: Engine, prompts: list[str], max_tokens: int) -> tuple[int, floa
                     engine.cancel(key)
                 raise event.error
     if max_tokens == 1:
-        started = time.perf_counter()
+        started = clock()
         prompt_tokens = 0
         while engine.has_work():
             prompt_tokens += sum(e.prompt_tokens for e in engine.step() if isinstance(e, Completed))
-        return prompt_tokens, time.perf_counter() - started
+        return prompt_tokens, clock() - started
     for _ in range(PROBE_WARMUP_STEPS):
         engine.step()
-    started = time.perf_counter()
+    started = clock()
     tokens = 0
     while engine.has_work():
         tokens += sum(e.n_tokens for e in engine.step() if isinstance(e, Emitted))
-    return tokens, time.perf_counter() - started
+    return tokens, clock() - started
 
 
 def cached_speed(engine: Engine, environ: Mapping[str, str], build: str) -> SpeedProfile:

@@ -23,11 +23,19 @@ def test_concurrency_points_stay_within_max_seqs() -> None:
 
 
 def test_measured_curve_follows_the_timing_model() -> None:
-    speed = probe.measure_speed(fake_engine())
+    """On a virtual clock that only the engine's work advances, so load cannot move it."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    timing = FakeTimingModel(decode_tps=300.0, prefill_tps=200_000.0)
+    engine = FakeEngine(timing, n_ctx=4096, max_seqs=8, sleep=sleep)
+    speed = probe.measure_speed(engine, clock=lambda: now[0])
     assert [c for c, _ in speed.decode_curve] == [1, 4, 8]
-    rates = [tps for _, tps in speed.decode_curve]
-    assert rates[0] < rates[1] < rates[2]
-    assert speed.decode_tps == pytest.approx(300.0, rel=0.3)
+    for concurrency, tps in speed.decode_curve:
+        assert tps == pytest.approx(concurrency / timing.decode_step_s(concurrency), rel=0.01)
+    assert speed.decode_tps == pytest.approx(300.0, rel=0.01)
 
 
 def test_cache_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
