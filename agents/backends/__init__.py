@@ -34,13 +34,13 @@ class Measured:
     gpu_offload_supported: bool
 
 
-class Backend(Protocol):
+class EngineBackend(Protocol):
     def build(self, settings: AgentSettings, environ: Mapping[str, str]) -> Engine: ...
 
     def measure(self, engine: Engine, environ: Mapping[str, str]) -> Measured: ...
 
 
-def backend(name: str) -> Backend:
+def backend(name: str) -> EngineBackend:
     """The backend package registered as ``name``."""
     try:
         module = BACKENDS[name]
@@ -50,4 +50,4 @@ def backend(name: str) -> Backend:
             field="backend",
             value=name,
         ) from None
-    return cast(Backend, importlib.import_module(module))
+    return cast(EngineBackend, importlib.import_module(module))
