@@ -70,7 +70,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -79,6 +79,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orchestrator.core.policies import POLICIES
 from orchestrator.local import LocalCluster, free_port
 
 DATA_DIR: Final = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -791,25 +792,46 @@ class Config:
     name: str
     server: Literal["edgeorch", "llama-server"]
     cache_prompt: bool
+    policy: str | None = None
+    """The coordinator's policy for this configuration (``edgeorch-cache:fcfs``); None: the
+    ``--policy`` flag's."""
 
 
 def parse_configs(text: str) -> list[Config]:
+    """Configurations by name; an edgeorch one may name its policy after a colon, so several
+    policies run interleaved in one invocation."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIG_NAMES]
+    unknown = [name for name in names if not _known_config(name)]
     if unknown or not names:
-        raise ValueError(f"unknown configurations {unknown}; choose from {', '.join(CONFIG_NAMES)}")
-    return [
-        Config(
-            name,
-            "edgeorch" if name.startswith("edgeorch") else "llama-server",
-            not name.endswith("nocache"),
+        raise ValueError(
+            f"unknown configurations {unknown}; choose from {', '.join(CONFIG_NAMES)} "
+            f"(edgeorch ones optionally with :POLICY, one of {', '.join(POLICIES)})"
         )
-        for name in dict.fromkeys(names)
-    ]
+    configs = []
+    for name in dict.fromkeys(names):
+        base, _, policy = name.partition(":")
+        configs.append(
+            Config(
+                name,
+                "edgeorch" if base.startswith("edgeorch") else "llama-server",
+                not base.endswith("nocache"),
+                policy or None,
+            )
+        )
+    return configs
+
+
+def _known_config(name: str) -> bool:
+    base, colon, policy = name.partition(":")
+    if not colon:
+        return base in CONFIG_NAMES
+    return base.startswith("edgeorch") and base in CONFIG_NAMES and policy in POLICIES
 
 
 def start_server(config: Config, settings: ServerSettings, log_dir: Path) -> Server:
     if config.server == "edgeorch":
+        if config.policy is not None:
+            settings = replace(settings, policy=config.policy)
         return EdgeorchServer(settings, log_dir)
     return LlamaServer(settings, log_dir)
 

@@ -60,14 +60,18 @@ def words(engine: LlamaEngine, text: str, tokens: int) -> str:
     return " ".join(parts[:low])
 
 
-@pytest.fixture
-def make_engine(model_path: Path) -> Iterator[type[LlamaEngine]]:
+@pytest.fixture(params=["pool", "streams"])
+def make_engine(model_path: Path, request: pytest.FixtureRequest) -> Iterator[type[LlamaEngine]]:
+    """Engines of one KV layout: a pool the sequences share (a budget below n_ctx x max_seqs)
+    or a stream per sequence (a budget for every sequence's whole context)."""
     engines: list[LlamaEngine] = []
+    budget = 4096 if request.param == "pool" else 8192
 
     def make(**overrides: int) -> LlamaEngine:
-        settings: dict[str, int] = dict(n_ctx=2048, max_seqs=4, kv_budget_tokens=4096)
+        settings: dict[str, int] = dict(n_ctx=2048, max_seqs=4, kv_budget_tokens=budget)
         settings.update(overrides)
         engine = LlamaEngine(model_path, n_gpu_layers=0, threads=2, **settings)  # type: ignore[arg-type]
+        assert engine.per_sequence_streams == (settings["kv_budget_tokens"] >= 8192)
         engines.append(engine)
         return engine
 
@@ -182,17 +186,28 @@ def test_a_preempted_sequence_resumes_from_its_parked_cache(make_engine: type[Ll
     assert ids + rest == whole
 
 
-def test_a_prefix_running_sequences_share_is_counted_once(make_engine: type[LlamaEngine]) -> None:
+def test_running_sequences_share_a_prefix_and_answer_as_without_it(
+    make_engine: type[LlamaEngine],
+) -> None:
+    """The second of two prompts with a common prefix starts from the first one's cells while
+    both run: shared cells in a pool (counted once), a copied stream otherwise. Either way
+    each answer is the one it gets alone without the cache."""
     engine = make_engine()
     system = words(engine, DOCUMENT, 400)
-    run(engine, greedy("base", system, max_tokens=1))
-    a = greedy("a", f"{system} First question?", max_tokens=40)
-    b = greedy("b", f"{system} Second question?", max_tokens=40)
-    assert engine.add(a) == [] and engine.add(b) == []
-    engine.step()
-    assert engine.kv_discrepancies() == []
     system_tokens = len(engine.tokenize(system, add_bos=True))
-    assert engine.kv_used_tokens() < 2 * system_tokens
+    run(engine, greedy("base", system, max_tokens=1))
+    specs = [greedy(q, f"{system} {q} question?", max_tokens=20) for q in ("First", "Second")]
+    assert engine.add(specs[0]) == [] and engine.add(specs[1]) == []
+    reused = engine.cache_stats().reused_tokens
+    assert reused >= 2 * (system_tokens - 2)
+    together: dict[str, list[int]] = {"First": [], "Second": []}
     while engine.has_work():
-        engine.step()
+        for event in engine.step():
+            if isinstance(event, Emitted):
+                together[event.key[0]].extend(event.token_ids)
         assert engine.kv_discrepancies() == []
+        if not engine.per_sequence_streams:
+            assert engine.kv_used_tokens() < 2 * system_tokens + 40
+    for spec in specs:
+        _, alone = run(engine, greedy(spec.request_id, spec.prompt, 20, cache_prompt=False))
+        assert together[spec.request_id] == alone

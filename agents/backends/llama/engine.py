@@ -1,10 +1,12 @@
 """LlamaEngine: continuous batching on llama.cpp's low-level API (llama-cpp-python bindings).
 
-One llama context holds every sequence (a unified KV pool of ``kv_budget_tokens`` cells, each
-sequence limited to ``n_ctx``). Each ``step`` builds one batch: one token for every decoding
-sequence first, then prompt chunks of newly admitted sequences, shortest remaining prompt first,
-as many as the measured step costs allow while others decode (``stepcost``), so a long
-prompt neither stalls running streams for long nor crawls. A finished sequence's cache is
+One llama context holds every sequence: a KV stream of ``n_ctx`` cells per sequence when the
+budget gives every sequence its whole context (``kv_budget_tokens >= n_ctx * max_seqs``), as
+llama-server's slots have, else one pool of ``kv_budget_tokens`` cells that they share. Each
+``step`` builds one batch: one token for every decoding sequence, and prompt chunks of newly
+admitted sequences, shortest remaining prompt first, as many as the measured step costs allow
+while others decode (``stepcost``), so a long prompt neither stalls running streams for long
+nor crawls. A finished sequence's cache is
 parked in host memory with its token ids, and a new sequence starts from the longest cached
 prefix of its prompt: restored from a parked one, or shared with a running one
 (``agents.kvcache``). Parked caches take no cells of the pool, so they never refuse work or
@@ -16,6 +18,7 @@ other settings use llama.cpp's sampler chain per sequence.
 from __future__ import annotations
 
 import ctypes
+import heapq
 import logging
 import time
 from dataclasses import dataclass, field
@@ -70,13 +73,21 @@ SWA_FULL: Final = True
 With llama.cpp's smaller window-only cache (512 cells a sequence plus one micro-batch), every
 chunk of a long prompt overwrites and purges cells: the multi-turn benchmark ran 40% slower
 per turn (docs/BENCHMARKS.md, "Prompt cache")."""
+PER_SEQUENCE_STREAMS: Final = True
+"""One KV stream per sequence when the budget allows it (see the module docstring). In a shared
+pool every token attends over (masks) the other sequences' cells too: a step of 3 decode rows
+and a 256-token chunk at position 1,024, beside three 1,200-token sequences, took 719 ms shared
+against 570 ms in streams (docs/BENCHMARKS.md, "Per-sequence KV streams"). Streams cost a
+whole-stream copy to share a running sequence's prefix, and llama.cpp splits a step into one
+micro-batch per run of consecutive sequence ids, so rows go in sequence-id order and a new
+sequence takes the lowest free id."""
 DEFAULT_PROMPT_CACHE_MEMORY_FRACTION: Final = 0.1
 """Share of available memory the parked prompts may take by default."""
 DEFAULT_PROMPT_CACHE_BYTES: Final = 1 << 30
 """Parked prompts' memory when the available memory is unknown."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Sequence:
     spec: SequenceSpec
     cache: CachedSequence
@@ -157,6 +168,9 @@ class LlamaEngine:
         self.kv_bytes_per_token = self._kv_bytes_per_token(n_layer)
         self.kv_budget_tokens = kv_budget_tokens or self._default_kv_budget(available_memory_bytes)
         self.kv_budget_tokens = max(self.kv_budget_tokens, n_ctx)
+        self.per_sequence_streams = (
+            PER_SEQUENCE_STREAMS and max_seqs > 1 and self.kv_budget_tokens >= n_ctx * max_seqs
+        )
         self._ctx = self._new_context()
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(STEP_TOKEN_BUDGET, 0, 1)
@@ -168,7 +182,8 @@ class LlamaEngine:
         self.n_swa = int(lib.llama_model_n_swa(self._model))
         self._active: dict[SequenceKey, _Sequence] = {}
         self._ledger = KvLedger()
-        self._free_seq_ids = list(range(max_seqs - 1, -1, -1))
+        self._free_seq_ids = list(range(max_seqs))
+        """A min-heap: the lowest free id goes first, keeping ids in use consecutive."""
         self._prompt_cache = PromptCache(
             prompt_cache_bytes
             if prompt_cache_bytes is not None
@@ -211,15 +226,16 @@ class LlamaEngine:
     def _new_context(self) -> Any:
         lib = self._lib
         params = lib.llama_context_default_params()
-        params.n_ctx = self.kv_budget_tokens
+        params.n_ctx = (
+            self.n_ctx * self.max_seqs if self.per_sequence_streams else self.kv_budget_tokens
+        )
         params.n_batch = STEP_TOKEN_BUDGET
         params.n_ubatch = MICRO_BATCH_TOKENS
         params.n_seq_max = self.max_seqs
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
         params.no_perf = True
-        if hasattr(params, "kv_unified"):
-            params.kv_unified = True
+        params.kv_unified = not self.per_sequence_streams
         params.swa_full = SWA_FULL
         ctx = lib.llama_init_from_model(self._model, params)
         if not ctx:
@@ -265,7 +281,7 @@ class LlamaEngine:
             return [Rejected(spec.key, error)]
         if spec.remaining_tokens == 0:
             return [Completed(spec.key, prompt_tokens, 0, "length", 0.0, 0.0)]
-        cache = self._ledger.open(self._free_seq_ids.pop())
+        cache = self._ledger.open(heapq.heappop(self._free_seq_ids))
         reused = self._reuse_prefix(prompt, cache) if spec.params.cache_prompt else 0
         self._active[spec.key] = _Sequence(
             spec=spec,
@@ -349,53 +365,58 @@ class LlamaEngine:
 
     def step(self) -> list[EngineEvent]:
         evicted = self._evict_for_kv()
-        batch = self._batch
+        decoding = [s for s in self._active.values() if not s.prefilling]
+        chunks = self._prompt_chunks(len(decoding))
         rows: list[tuple[_Sequence, int]] = []
         n = 0
-        for sequence in self._active.values():
-            if sequence.next_token is None:
+        for sequence in sorted([*decoding, *chunks], key=lambda s: s.slot):
+            if not sequence.prefilling:
+                assert sequence.next_token is not None
+                self._put(n, sequence.next_token, sequence.n_past, sequence.slot, True)
+                rows.append((sequence, n))
+                n += 1
                 continue
-            self._put(n, sequence.next_token, sequence.n_past, sequence.slot, True)
-            rows.append((sequence, n))
-            n += 1
-        chunks: list[tuple[_Sequence, int]] = []
-        budget = self.step_costs.prefill_chunk(n, STEP_TOKEN_BUDGET)
-        budget = min(budget, self.kv_budget_tokens - self.kv_used_tokens() - n)
-        prefilling = [s for s in self._active.values() if s.prefilling]
-        for sequence in sorted(prefilling, key=lambda s: len(s.prompt) - s.n_past):
-            room = min(STEP_TOKEN_BUDGET - n, budget - sum(length for _, length in chunks))
-            if room <= 0:
-                break
-            chunk = sequence.prompt[sequence.n_past : sequence.n_past + room]
-            for offset, token in enumerate(chunk):
-                last = sequence.n_past + offset == len(sequence.prompt) - 1
-                self._put(n, token, sequence.n_past + offset, sequence.slot, last)
+            for offset, token in enumerate(sequence.prompt[sequence.n_past : chunks[sequence]]):
+                position = sequence.n_past + offset
+                last = position == len(sequence.prompt) - 1
+                self._put(n, token, position, sequence.slot, last)
                 if last:
                     rows.append((sequence, n))
                 n += 1
-            chunks.append((sequence, len(chunk)))
         if n == 0:
             return evicted
-        batch.n_tokens = n
+        self._batch.n_tokens = n
         started = time.perf_counter()
-        status = self._lib.llama_decode(self._ctx, batch)
+        status = self._lib.llama_decode(self._ctx, self._batch)
         if status != 0:
             return evicted + self._decode_failed(status)
-        prefilled = sum(length for _, length in chunks)
         self.step_costs = self.step_costs.observe(
-            n - prefilled, prefilled, time.perf_counter() - started
+            len(decoding), n - len(decoding), time.perf_counter() - started
         )
-        for sequence, length in chunks:
-            self._ledger.append(
-                sequence.cache, sequence.prompt[sequence.n_past : sequence.n_past + length]
-            )
-            self._computed_tokens += length
-            sequence.n_past += length
+        for sequence, end in chunks.items():
+            self._ledger.append(sequence.cache, sequence.prompt[sequence.n_past : end])
+            self._computed_tokens += end - sequence.n_past
+            sequence.n_past = end
         events: list[EngineEvent] = evicted
         now = time.perf_counter()
         for sequence, row in rows:
             events.extend(self._advance(sequence, row, now))
         return events
+
+    def _prompt_chunks(self, decode_rows: int) -> dict[_Sequence, int]:
+        """Prefilling sequences this step advances, each to the prompt position its chunk ends
+        at: shortest remaining prompt first, within the step-cost budget and the free cells."""
+        budget = self.step_costs.prefill_chunk(decode_rows, STEP_TOKEN_BUDGET)
+        budget = min(budget, self.kv_budget_tokens - self.kv_used_tokens() - decode_rows)
+        prefilling = [s for s in self._active.values() if s.prefilling]
+        chunks: dict[_Sequence, int] = {}
+        for sequence in sorted(prefilling, key=lambda s: len(s.prompt) - s.n_past):
+            if budget <= 0:
+                break
+            length = min(budget, len(sequence.prompt) - sequence.n_past)
+            chunks[sequence] = sequence.n_past + length
+            budget -= length
+        return chunks
 
     def close(self) -> None:
         for sequence in list(self._active.values()):
@@ -567,8 +588,16 @@ class LlamaEngine:
         return reused
 
     def _share(self, source: CachedSequence, length: int, cache: CachedSequence) -> int:
+        """Start ``cache`` with ``source``'s first ``length`` cells: shared cells in one pool;
+        between streams llama.cpp copies only whole streams, so the copy (cells of its own) is
+        cut after."""
         if not self._window_held(source.seq_id, length):
             return 0
+        if self.per_sequence_streams:
+            self._lib.llama_memory_seq_cp(self._memory, source.seq_id, cache.seq_id, -1, -1)
+            self._lib.llama_memory_seq_rm(self._memory, cache.seq_id, length, -1)
+            self._ledger.append(cache, source.tokens[:length])
+            return length
         self._lib.llama_memory_seq_cp(self._memory, source.seq_id, cache.seq_id, 0, length)
         self._ledger.copy_prefix(source, cache, length)
         return length
@@ -605,7 +634,7 @@ class LlamaEngine:
     def _forget(self, cache: CachedSequence) -> None:
         self._lib.llama_memory_seq_rm(self._memory, cache.seq_id, -1, -1)
         self._ledger.drop(cache)
-        self._free_seq_ids.append(cache.seq_id)
+        heapq.heappush(self._free_seq_ids, cache.seq_id)
 
     def _decode_failed(self, status: int) -> list[EngineEvent]:
         """llama_decode refused the batch: drop every sequence (their caches may be partial)
