@@ -1,8 +1,9 @@
-"""The coordinator's I/O shell: two ROUTER sockets, timers and the request table.
+"""The coordinator's I/O shell: two ROUTER sockets, timers and the journal.
 
-Everything that decides (ordering, placement, rejection) lives in ``orchestrator.core``; this
-module turns frames into table events, asks ``decide`` what to do, and turns its actions back into
-frames. Agents connect to ``agents_endpoint``, clients to ``clients_endpoint``; with ``http`` set,
+Everything that decides (ordering, placement, rejection, requeueing) lives in the pure cluster
+driver (``orchestrator.core.driver``) that the simulator drives too; this module turns frames
+into its events and its effects back into frames, journal records and replies. Agents connect
+to ``agents_endpoint``, clients to ``clients_endpoint``; with ``http`` set,
 the OpenAI-compatible gateway (``orchestrator.gateway``) runs in the same event loop as an
 in-process client, and ``orchestrator.metrics`` records what happens.
 """
@@ -15,34 +16,45 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Final, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, assert_never
 
 import zmq
 import zmq.asyncio
 
 from orchestrator import auth, transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
+from orchestrator.core.driver import (
+    AgentJoined,
+    AgentLost,
+    AgentReported,
+    AgentState,
+    CancelRequested,
+    ClusterDriver,
+    Dispatched,
+    DriverSettings,
+    Effect,
+    Ended,
+    Event,
+    JournalReplayed,
+    RequestAccepted,
+    Requeued,
+    Reserved,
+    RunEnded,
+    RunRefused,
+    StopRun,
+    Streamed,
+    TokensReceived,
+    known_length,
+)
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.eta import Eta, estimate_etas, measured_speed
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.table import RequestRecord, RequestTable
-from orchestrator.core.views import (
-    AgentView,
-    DispatchAction,
-    PreemptAction,
-    QueuedRequest,
-    RejectAction,
-    ReserveAction,
-    RunningRequest,
-    Snapshot,
-    SpeedProfile,
-)
 from orchestrator.errors import (
-    AgentFailure,
     Cancelled,
     EdgeorchError,
     InvalidRequest,
@@ -101,23 +113,10 @@ TICKS_PER_HEARTBEAT: Final = 4
 ``lambda p, m: LengthEstimate.of(pred.expected_tokens, pred.quantiles)`` over
 ``orchestrator.predictor``'s ``LengthPredictor.predict(p, m)``."""
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
-AGENT_REFUSAL_BACKOFF_S: Final = 0.5
-"""An agent that refused a dispatch takes no new work until one of its runs ends or this many
-seconds pass. Its own check (the whole remaining max_tokens must fit its free cells) is
-stricter than the coordinator's growing reservations, so without a pause the same request
-would be offered to it again at once, and refused again, until something ended there."""
-V = TypeVar("V", QueuedRequest, RunningRequest)
 JOURNAL_BATCH_MAX: Final = 512
 """Journal ops and frames held for one commit before flushing without waiting for the loop to
 go idle (a burst of frames is read without yielding, so bursts share one commit)."""
 JOURNAL_PRUNE_INTERVAL_S: Final = 10.0
-RESTART_GRACE_S: Final = 10.0
-"""After a restart, replayed requests are not refused as 'unavailable' (they may have waited
-longer than ``unavailable_timeout_s`` already) until agents had time to find the new
-coordinator: their longest reconnect backoff (5 s) plus a registration and liveness bound."""
-MAX_CHUNK_CHARS_PER_TOKEN: Final = 1024
-"""Most characters a chunk may carry per token (plus one token's worth for text an engine
-held back, e.g. a partial stop string): far above any real token, a bound on a rogue agent."""
 
 
 @dataclass(slots=True)
@@ -131,17 +130,27 @@ class AgentSession:
     kv_used_tokens: int = 0
     cache: PromptCacheStats = field(default_factory=PromptCacheStats)
     """The agent's prompt cache as its last heartbeat reported it."""
-    draining: bool = False
-    refused_until_s: float = 0.0
-    """Placement skips the agent until then (see ``AGENT_REFUSAL_BACKOFF_S``)."""
     key: str | None = None
     """The CURVE key's allow-list name that registered this session; None without CURVE."""
-    speed: SpeedProfile | None = field(init=False)
-    """The speed curve the agent measured (decode by batch size, prefill), as placement, the
-    preemption cost model and the ETA use it; None if it sent none usable."""
+    state: AgentState = field(init=False)
+    """The agent as the driver sees it, with the speed curve it measured (decode by batch
+    size, prefill) that placement, the preemption cost model and the ETA use."""
 
     def __post_init__(self) -> None:
-        self.speed = measured_speed(self.profile.decode_curve, self.profile.prefill_tps)
+        profile = self.profile
+        self.state = AgentState(
+            agent_id=self.agent_id,
+            model_name=profile.model_name,
+            n_ctx=profile.n_ctx,
+            max_seqs=profile.max_seqs,
+            kv_budget_tokens=profile.kv_budget_tokens,
+            decode_tps=profile.decode_tps,
+            speed=measured_speed(profile.decode_curve, profile.prefill_tps),
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
 
 
 @dataclass(slots=True)
@@ -166,10 +175,15 @@ class Coordinator:
     ) -> None:
         self.settings = settings
         self._keys = auth.server_keys(settings)
-        self._config = SchedulerConfig(
-            policy=make_policy(settings.policy),
-            placement=make_placement(settings.placement),
-            unavailable_timeout_s=settings.unavailable_timeout_s,
+        self.driver = ClusterDriver(
+            DriverSettings(
+                scheduler=SchedulerConfig(
+                    policy=make_policy(settings.policy),
+                    placement=make_placement(settings.placement),
+                    unavailable_timeout_s=settings.unavailable_timeout_s,
+                ),
+                max_attempts=settings.max_attempts,
+            )
         )
         self._tokens = token_counter or EstimatedTokenCounter()
         self._predictions = predictions
@@ -184,14 +198,10 @@ class Coordinator:
         self._flush_handle: asyncio.Handle | None = None
         self._journal_failed: asyncio.Future[None] | None = None
         self._pruned_s = 0.0
-        self._replayed: set[RequestId] = set()
-        self._grace_until_s = 0.0
-        self.table = RequestTable()
         self._agents: dict[bytes, AgentSession] = {}
         self._routes: dict[RequestId, ClientRoute] = {}
         self._agent_numbers = itertools.count(1)
         self._refused_names: set[tuple[str, str]] = set()
-        self._dispatch_count = 0
         self._schedule_needed = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
         self._agent_socket: zmq.asyncio.Socket | None = None
@@ -276,16 +286,13 @@ class Coordinator:
         for record in records:
             self.table.restore(record)
         queued = self.table.count(RequestState.QUEUED)
-        self._replayed = {r.request_id for r in self.table.queued()}
-        self._grace_until_s = self._clock() + RESTART_GRACE_S
+        self._handle(JournalReplayed(), self._clock())
         log.info(
             "journal %s: %d unfinished requests requeued, %d ended kept for re-submits",
             self._journal.path,
             queued,
             len(records) - queued,
         )
-        if queued:
-            self._schedule_needed.set()
 
     async def _watch_journal(self) -> None:
         """Crash-only: a journal that cannot be written stops the coordinator rather than let
@@ -321,6 +328,10 @@ class Coordinator:
     def now(self) -> float:
         return self._clock()
 
+    @property
+    def table(self) -> RequestTable:
+        return self.driver.table
+
     def waiting(self) -> int:
         """Requests accepted (or being admitted) and not yet placed."""
         return self.table.count(RequestState.QUEUED) + len(self._admitting)
@@ -343,9 +354,9 @@ class Coordinator:
         while True:
             frames, key = await transport.receive(self._agent_socket, self._keys is not None)
             if len(frames) == 2:
-                self._on_agent_frame(frames[0], frames[1], key)
+                self.on_agent_frame(frames[0], frames[1], key)
 
-    def _on_agent_frame(self, identity: bytes, frame: bytes, key: str | None) -> None:
+    def on_agent_frame(self, identity: bytes, frame: bytes, key: str | None) -> None:
         """One frame from an agent; ``key`` is its CURVE key's name (None without CURVE)."""
         message = decode(frame, AGENT_MESSAGES)
         now = self._clock()
@@ -382,17 +393,47 @@ class Coordinator:
         elif isinstance(message, Heartbeat):
             session.kv_used_tokens = message.kv_used_tokens
             session.cache = message.cache
-            session.draining = message.draining
+            self._handle(AgentReported(session.agent_id, message.draining), now)
         elif isinstance(message, Goodbye):
             del self._agents[identity]
             log.info("agent %s left after draining", session.agent_id)
-            self._requeue_agent_work(session.agent_id, now, reason="agent left", failed=False)
+            self._handle(AgentLost(session.agent_id, "agent left", failed=False), now)
         elif isinstance(message, TokenChunk):
-            self._on_chunk(session, message, now)
+            self._handle(
+                TokensReceived(
+                    session.agent_id,
+                    RequestId(message.request_id),
+                    message.attempt,
+                    message.text,
+                    message.n_tokens,
+                    message.token_ids,
+                    session.profile.model_name,
+                ),
+                now,
+            )
         elif isinstance(message, RunFinished):
-            self._on_finished(session, message, now)
+            self._handle(
+                RunEnded(
+                    session.agent_id,
+                    RequestId(message.request_id),
+                    message.attempt,
+                    message.finish_reason,
+                    message.prompt_tokens,
+                ),
+                now,
+            )
         elif isinstance(message, RunFailed):
-            self._on_failed(session, message, now)
+            info = message.error
+            self._handle(
+                RunRefused(
+                    session.agent_id,
+                    RequestId(message.request_id),
+                    message.attempt,
+                    error_from_wire(info.code, info.message, info.details),
+                    info.retryable,
+                ),
+                now,
+            )
 
     async def _receive_clients(self) -> None:
         assert self._client_socket is not None
@@ -426,18 +467,21 @@ class Coordinator:
     ) -> None:
         previous = self._agents.pop(identity, None)
         if previous is not None:
-            self._requeue_agent_work(previous.agent_id, now, reason="re-registered")
+            self._handle(AgentLost(previous.agent_id, "re-registered"), now)
         taken = {s.agent_id for s in self._agents.values()}
         agent_id = AgentId(message.name)
         while agent_id in taken:
             agent_id = AgentId(f"{message.name}-{next(self._agent_numbers)}")
-        self._agents[identity] = AgentSession(
-            agent_id=agent_id,
-            identity=identity,
-            name=message.name,
-            profile=message.profile,
-            last_seen_s=now,
-            key=key,
+        self.add_agent(
+            AgentSession(
+                agent_id=agent_id,
+                identity=identity,
+                name=message.name,
+                profile=message.profile,
+                last_seen_s=now,
+                key=key,
+            ),
+            now,
         )
         log.info(
             "agent %s registered: %s, model %s, n_ctx %d, kv budget %d tokens, %d seqs",
@@ -456,74 +500,11 @@ class Coordinator:
                 heartbeat_liveness=self.settings.heartbeat_liveness,
             ),
         )
-        self._schedule_needed.set()
 
-    def _current(
-        self, session: AgentSession, request_id: str, attempt: int
-    ) -> RequestRecord | None:
-        """The record a frame refers to, or None if the frame is from a superseded attempt."""
-        record = self.table.get(RequestId(request_id))
-        if record is not None and record.attempt == attempt and record.agent_id != session.agent_id:
-            # A new attempt always gets a new number, so this attempt was never this agent's.
-            log.warning(
-                "refused agent %s's frame about request %s attempt %d, which is %s's",
-                session.agent_id,
-                request_id,
-                attempt,
-                record.agent_id or "no agent",
-            )
-            return None
-        if (
-            record is None
-            or record.attempt != attempt
-            or record.agent_id != session.agent_id
-            or record.state not in (RequestState.DISPATCHED, RequestState.RUNNING)
-        ):
-            return None
-        return record
-
-    def _on_chunk(self, session: AgentSession, message: TokenChunk, now: float) -> None:
-        record = self._current(session, message.request_id, message.attempt)
-        if record is None:
-            return
-        if record.generated_tokens + message.n_tokens > record.params.max_tokens or len(
-            message.text
-        ) > MAX_CHUNK_CHARS_PER_TOKEN * (message.n_tokens + 1):
-            # No engine sends this; taking it would let one agent grow a request without bound.
-            log.warning(
-                "dropped a chunk of %d tokens, %d characters for %s from %s: beyond its budget "
-                "of %d tokens (%d so far)",
-                message.n_tokens,
-                len(message.text),
-                record.request_id,
-                session.agent_id,
-                record.params.max_tokens,
-                record.generated_tokens,
-            )
-            return
-        offset = record.text_chars
-        first = record.first_token_s is None
-        self.table.add_tokens(
-            record.request_id,
-            message.text,
-            message.n_tokens,
-            now,
-            message.token_ids,
-            session.profile.model_name,
-        )
-        self._write(
-            ChunkOp(
-                record.request_id,
-                message.text,
-                message.n_tokens,
-                message.token_ids,
-                session.profile.model_name,
-            )
-        )
-        self.metrics.tokens(record, session.agent_id, message.n_tokens, first, now)
-        route = self._routes.get(record.request_id)
-        if route is not None and route.stream and message.text:
-            self._stream(route, record, message.text, offset)
+    def add_agent(self, session: AgentSession, now: float) -> None:
+        """Take a registered agent into the cluster (``_on_register``; tests set up agents so)."""
+        self._agents[session.identity] = session
+        self._handle(AgentJoined(session.state), now)
 
     def _stream(self, route: ClientRoute, record: RequestRecord, text: str, offset: int) -> None:
         self._reply_client(
@@ -538,67 +519,6 @@ class Coordinator:
             ),
         )
         route.next_index += 1
-
-    def _on_finished(self, session: AgentSession, message: RunFinished, now: float) -> None:
-        record = self._current(session, message.request_id, message.attempt)
-        if record is None:
-            return
-        self.table.finish(record.request_id, message.finish_reason, now, message.prompt_tokens)
-        session.refused_until_s = 0.0
-        result = _result(record, session.agent_id)
-        self._write(
-            EndOp(
-                record.request_id,
-                RequestState.FINISHED,
-                self._wall(now),
-                text=result.text,
-                completion_tokens=result.completion_tokens,
-                prompt_tokens=result.prompt_tokens,
-                finish_reason=result.finish_reason,
-                queue_s=result.queue_s,
-                ttft_s=result.ttft_s,
-                total_s=result.total_s,
-                agent=result.agent,
-                attempt=result.attempts,
-            )
-        )
-        self.metrics.finished(record, now)
-        predicted = self._predicted.pop(record.request_id, None)
-        if (
-            predicted is not None
-            and self._predictions is not None
-            and message.finish_reason == "stop"
-        ):
-            # Only natural ends teach the predictor: a capped answer's true length is unknown.
-            self._predictions.record_completion(
-                predicted, session.profile.model_name, record.generated_tokens
-            )
-        self._send_result(record, session)
-        self._schedule_needed.set()
-
-    def _on_failed(self, session: AgentSession, message: RunFailed, now: float) -> None:
-        record = self._current(session, message.request_id, message.attempt)
-        if record is None:
-            return
-        error = error_from_wire(message.error.code, message.error.message, message.error.details)
-        if message.error.retryable:
-            kv_overflow = bool(error.details.get("kv_overflow"))
-            log.info(
-                "request %s %s by %s (%s): requeued",
-                record.request_id,
-                "preempted for KV" if kv_overflow else "refused",
-                session.agent_id,
-                error.code,
-            )
-            self.table.requeue(
-                record.request_id, agent_failed=False, preempted="kv" if kv_overflow else None
-            )
-            reason = "preempted_kv" if kv_overflow else "agent_refused"
-            self.metrics.requeued(record.request_id, reason)
-            session.refused_until_s = now + AGENT_REFUSAL_BACKOFF_S
-        else:
-            self._fail(record.request_id, error, now)
-        self._schedule_needed.set()
 
     # --- client events ----------------------------------------------------------------------
 
@@ -672,7 +592,7 @@ class Coordinator:
                 else None
             ),
         )
-        self.table.add(record)
+        self._handle(RequestAccepted(record), arrival_s)
         self._write(AcceptOp(record, self._wall(arrival_s)))
         if predicted is not None:
             self._predicted[record.request_id] = predicted
@@ -686,7 +606,6 @@ class Coordinator:
                 predicted_tokens=record.predicted_tokens,
             ),
         )
-        self._schedule_needed.set()
 
     def _target_model(self, message: Submit) -> str | None:
         """The model a request will run on: the one it names, or the one every live agent
@@ -731,19 +650,9 @@ class Coordinator:
             return
         if record is None or record.state.terminal:
             return
-        if record.agent_id is not None:
-            session = self._session_by_id(record.agent_id)
-            if session is not None:
-                self._send_agent(
-                    session.identity, CancelRun(request_id=request_id, attempt=record.attempt)
-                )
-        self.table.cancel(record.request_id, now)
-        self._write(EndOp(record.request_id, RequestState.CANCELLED, self._wall(now)))
-        self._predicted.pop(record.request_id, None)
-        route = self._routes.pop(record.request_id, None)
-        target = route.identity if route else identity
-        self._reply_client(target, _error_reply(Cancelled("request was cancelled"), request_id))
-        self._schedule_needed.set()
+        if record.request_id not in self._routes:
+            self._routes[record.request_id] = ClientRoute(identity=identity, stream=False)
+        self._handle(CancelRequested(record.request_id), now)
 
     # --- scheduling -------------------------------------------------------------------------
 
@@ -754,85 +663,42 @@ class Coordinator:
             self.schedule(self._clock())
 
     def schedule(self, now: float) -> None:
-        """One pass of the pure core over the current state, then carry out its actions."""
-        queue = tuple(r.queued_view() for r in self.table.queued())
-        active = self.table.in_state(RequestState.DISPATCHED, RequestState.RUNNING)
-        if not queue and not active:
-            return
-        snapshot = Snapshot(
-            queue=queue,
-            agents=tuple(self._agent_views(now=now)),
-            running=tuple(r.running_view() for r in active if r.dispatched_s is not None),
-            dispatch_count=self._dispatch_count,
-        )
-        for action in decide(snapshot, now, self._config):
-            if isinstance(action, DispatchAction):
-                self._dispatch_count += 1
-                self._dispatch(action, now)
-            elif isinstance(action, RejectAction):
-                if (
-                    isinstance(action.error, Unavailable)
-                    and action.request_id in self._replayed
-                    and now < self._grace_until_s
-                ):
-                    continue
-                self._fail(action.request_id, action.error, now)
-            elif isinstance(action, ReserveAction):
-                self.table.reserve(action.request_id, action.kv_reservation_tokens)
-            elif isinstance(action, PreemptAction):
-                self._preempt(action)
+        """One pass of the driver's ``decide`` over the current state, carried out."""
+        self._carry_out(self.driver.schedule(now), now)
+        if self.driver.needs_decision:
+            self._schedule_needed.set()
 
-    def _preempt(self, action: PreemptAction) -> None:
-        """Cancel the running attempt and requeue the request; its next attempt resumes after
-        the tokens already streamed (``Dispatch.resume_text``), recomputing their cache."""
-        record = self.table[action.request_id]
-        session = self._session_by_id(action.agent_id)
-        if session is not None:
-            self._send_agent(
-                session.identity, CancelRun(request_id=record.request_id, attempt=record.attempt)
-            )
-        self.table.requeue(record.request_id, agent_failed=False, preempted=action.reason)
-        self.metrics.requeued(record.request_id, f"preempted_{action.reason}")
-        log.info(
-            "request %s preempted on %s (%s)", record.request_id, action.agent_id, action.reason
-        )
-        self._schedule_needed.set()
+    def _handle(self, event: Event, now: float) -> None:
+        """Feed one event to the driver and carry out what it says."""
+        self._carry_out(self.driver.on_event(event, now), now)
+        if self.driver.needs_decision:
+            self._schedule_needed.set()
 
-    def _agent_views(
-        self, *, include_draining: bool = False, now: float | None = None
-    ) -> list[AgentView]:
-        """Agents as placement sees them; draining ones take no new work, nor (given ``now``)
-        ones that refused a dispatch moments ago: those show no free slot (or, idle, are left
-        out), so the core still raises and preempts what runs there."""
-        views = []
-        for session in self._agents.values():
-            if session.draining and not include_draining:
-                continue
-            work = self.table.on_agent(session.agent_id)
-            pausing = now is not None and now < session.refused_until_s
-            if pausing and not work:
-                continue
-            views.append(
-                AgentView(
-                    agent_id=session.agent_id,
-                    model_name=session.profile.model_name,
-                    n_ctx=session.profile.n_ctx,
-                    max_seqs=len(work) if pausing else session.profile.max_seqs,
-                    kv_budget_tokens=session.profile.kv_budget_tokens,
-                    running=len(work),
-                    kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
-                    decode_tps=session.profile.decode_tps,
-                    speed=session.speed,
-                )
-            )
-        return views
+    def _carry_out(self, effects: list[Effect], now: float) -> None:
+        for effect in effects:
+            match effect:
+                case Dispatched(record, agent_id):
+                    self._dispatch(record, agent_id, now)
+                case Reserved():
+                    pass  # the agent checks its own cells; the reservation is the core's
+                case StopRun(agent_id, request_id, attempt):
+                    session = self._session_by_id(agent_id)
+                    if session is not None:
+                        self._send_agent(
+                            session.identity, CancelRun(request_id=request_id, attempt=attempt)
+                        )
+                case Requeued(request_id, reason):
+                    self.metrics.requeued(request_id, reason)
+                case Streamed():
+                    self._on_streamed(effect, now)
+                case Ended(record, agent_id):
+                    self._on_ended(record, agent_id, now)
+                case _:
+                    assert_never(effect)
 
-    def _dispatch(self, action: DispatchAction, now: float) -> None:
-        session = self._session_by_id(action.agent_id)
+    def _dispatch(self, record: RequestRecord, agent_id: AgentId, now: float) -> None:
+        session = self._session_by_id(agent_id)
         assert session is not None, "decide placed on an agent that is not live"
-        record = self.table.dispatch(
-            action.request_id, action.agent_id, action.kv_reservation_tokens, now
-        )
         self._write(DispatchOp(record.request_id, record.attempt))
         self.metrics.dispatched(record, now)
         self._send_agent(
@@ -846,9 +712,68 @@ class Coordinator:
                 resume_tokens=record.generated_tokens,
                 resume_token_ids=tuple(record.token_ids),
                 resume_model=record.token_model or None,
-                kv_reservation_tokens=action.kv_reservation_tokens,
+                kv_reservation_tokens=record.kv_reservation_tokens,
             ),
         )
+
+    def _on_streamed(self, chunk: Streamed, now: float) -> None:
+        record = chunk.record
+        self._write(
+            ChunkOp(record.request_id, chunk.text, chunk.n_tokens, chunk.token_ids, chunk.model)
+        )
+        self.metrics.tokens(record, chunk.agent_id, chunk.n_tokens, chunk.first, now)
+        route = self._routes.get(record.request_id)
+        if route is not None and route.stream and chunk.text:
+            self._stream(route, record, chunk.text, chunk.offset)
+
+    def _on_ended(self, record: RequestRecord, agent_id: AgentId | None, now: float) -> None:
+        """Journal a request's end, teach the predictor, and answer its client."""
+        predicted = self._predicted.pop(record.request_id, None)
+        if record.state is RequestState.CANCELLED:
+            self._write(EndOp(record.request_id, RequestState.CANCELLED, self._wall(now)))
+            route = self._routes.pop(record.request_id, None)
+            if route is not None:
+                error = Cancelled("request was cancelled")
+                self._reply_client(route.identity, _error_reply(error, record.request_id))
+            return
+        if record.state is RequestState.FAILED:
+            assert record.error is not None
+            self._write(
+                EndOp(record.request_id, RequestState.FAILED, self._wall(now), error=record.error)
+            )
+            self.metrics.refused(record.error.code)
+            self.metrics.forget(record.request_id)
+            route = self._routes.get(record.request_id)
+            if route is not None:
+                self._reply_client(route.identity, _error_reply(record.error, record.request_id))
+            return
+        result = _result(record, agent_id)
+        self._write(
+            EndOp(
+                record.request_id,
+                RequestState.FINISHED,
+                self._wall(now),
+                text=result.text,
+                completion_tokens=result.completion_tokens,
+                prompt_tokens=result.prompt_tokens,
+                finish_reason=result.finish_reason,
+                queue_s=result.queue_s,
+                ttft_s=result.ttft_s,
+                total_s=result.total_s,
+                agent=result.agent,
+                attempt=result.attempts,
+            )
+        )
+        self.metrics.finished(record, now)
+        if predicted is not None and self._predictions is not None and agent_id is not None:
+            session = self._session_by_id(agent_id)
+            if session is not None and record.finish_reason == "stop":
+                # Only natural ends teach the predictor: a capped answer's true length is
+                # unknown.
+                self._predictions.record_completion(
+                    predicted, session.profile.model_name, record.generated_tokens
+                )
+        self._send_result(record, agent_id)
 
     # --- timers -----------------------------------------------------------------------------
 
@@ -886,67 +811,23 @@ class Coordinator:
                     session.agent_id,
                     now - session.last_seen_s,
                 )
-                self._requeue_agent_work(session.agent_id, now, reason="agent died")
-
-    def _requeue_agent_work(
-        self, agent_id: AgentId, now: float, *, reason: str, failed: bool = True
-    ) -> None:
-        for record in self.table.on_agent(agent_id):
-            # Only an attempt that produced no token is blamed for its agent's death: requests
-            # that were streaming are bystanders of whatever killed it, and since each of their
-            # attempts advances, they cannot loop (at most max_tokens + max_attempts attempts).
-            blamed = failed and record.generated_tokens == record.attempt_start_tokens
-            if blamed and record.agent_failures + 1 >= self.settings.max_attempts:
-                self._fail(
-                    record.request_id,
-                    AgentFailure(
-                        f"request failed on agents {record.agent_failures + 1} times "
-                        f"(limit {self.settings.max_attempts}); last: {reason}",
-                        attempts=record.attempt,
-                        limit=self.settings.max_attempts,
-                    ),
-                    now,
-                )
-            else:
-                self.table.requeue(record.request_id, agent_failed=blamed)
-                self.metrics.requeued(record.request_id, reason.replace("-", "").replace(" ", "_"))
-                log.info(
-                    "request %s requeued as attempt %d: %s",
-                    record.request_id,
-                    record.attempt,
-                    reason,
-                )
-        self._schedule_needed.set()
-
-    # --- replies ----------------------------------------------------------------------------
-
-    def _fail(self, request_id: RequestId, error: EdgeorchError, now: float) -> None:
-        self.table.fail(request_id, error, now)
-        self._write(EndOp(request_id, RequestState.FAILED, self._wall(now), error=error))
-        self.metrics.refused(error.code)
-        self.metrics.forget(request_id)
-        self._predicted.pop(request_id, None)
-        route = self._routes.get(request_id)
-        if route is not None:
-            self._reply_client(route.identity, _error_reply(error, request_id))
+                self._handle(AgentLost(session.agent_id, "agent died"), now)
 
     def _refuse(self, identity: bytes, error: EdgeorchError, request_id: str | None = None) -> None:
         """Refuse a message before it became a request (counted by reason)."""
         self.metrics.refused("draining" if error.details.get("draining") else error.code)
         self._reply_client(identity, _error_reply(error, request_id))
 
-    def _send_result(self, record: RequestRecord, session: AgentSession | None) -> None:
+    def _send_result(self, record: RequestRecord, agent_id: AgentId | None) -> None:
         route = self._routes.get(record.request_id)
         if route is None:
             return
-        self._reply_client(
-            route.identity, _result(record, session.agent_id if session else record.agent_id)
-        )
+        self._reply_client(route.identity, _result(record, agent_id or record.agent_id))
 
     def status(self, query_id: str, now: float, request_id: str | None = None) -> StatusReport:
         """The cluster as ``edgeorch status`` shows it, with each request's estimated start and
         finish (``core.eta``); with ``request_id``, only that request is listed."""
-        views = {v.agent_id: v for v in self._agent_views(include_draining=True)}
+        views = {v.agent_id: v for v in self.driver.views(include_draining=True)}
         agents = tuple(
             AgentStatus(
                 agent_id=s.agent_id,
@@ -961,19 +842,20 @@ class Coordinator:
             )
             for s in self._agents.values()
         )
-        queued = self._config.policy.order([r.queued_view() for r in self.table.queued()], now)
+        policy = self.driver.settings.scheduler.policy
+        queued = policy.order([r.queued_view() for r in self.table.queued()], now)
         running = self.table.in_state(RequestState.DISPATCHED, RequestState.RUNNING)
         target = RequestId(request_id) if request_id is not None else None
         etas = estimate_etas(
-            [_known_length(q, self.table[q.request_id]) for q in queued],
-            [_known_length(r.running_view(), r) for r in running if r.dispatched_s is not None],
+            [known_length(q, self.table[q.request_id]) for q in queued],
+            [known_length(r.running_view(), r) for r in running if r.dispatched_s is not None],
             list(views.values()),
             draining={s.agent_id for s in self._agents.values() if s.draining},
             until=target,
         )
         return StatusReport(
             query_id=query_id,
-            policy=self._config.policy.name,
+            policy=policy.name,
             agents=agents,
             queue=tuple(
                 _request_status(self.table[q.request_id], now, etas.get(q.request_id), position)
@@ -1075,13 +957,6 @@ def _result(record: RequestRecord, agent: str | None) -> Result:
         attempts=record.attempt,
         predicted_tokens=record.predicted_tokens,
     )
-
-
-def _known_length(view: V, record: RequestRecord) -> V:
-    """With ``ignore_eos`` the output is exactly ``max_tokens`` long, whatever the prediction."""
-    if not record.params.ignore_eos:
-        return view
-    return replace(view, estimate=LengthEstimate.exact(record.params.max_tokens))
 
 
 def _request_status(

@@ -16,23 +16,29 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, assert_never
 
+from orchestrator.core.driver import (
+    AgentJoined,
+    AgentState,
+    ClusterDriver,
+    Dispatched,
+    DriverSettings,
+    Effect,
+    Ended,
+    RequestAccepted,
+    Requeued,
+    Reserved,
+    RunEnded,
+    StopRun,
+    Streamed,
+    TokensReceived,
+)
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
-from orchestrator.core.scheduler import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig, decide
-from orchestrator.core.table import RequestRecord, RequestTable
-from orchestrator.core.views import (
-    AgentView,
-    DispatchAction,
-    PreemptAction,
-    QueuedRequest,
-    RejectAction,
-    ReserveAction,
-    RunningRequest,
-    Snapshot,
-    SpeedProfile,
-)
+from orchestrator.core.scheduler import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig
+from orchestrator.core.table import RequestRecord
+from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InternalError, InvalidRequest
 from orchestrator.protocol import AgentId, GenerationParams, Priority, RequestId
 
@@ -180,7 +186,7 @@ class _Device:
     def step_s(self) -> float:
         return self.spec.speed.step_s(len(self.seqs))
 
-    def advance(self, now: float, first_tokens: list[tuple[RequestId, float]]) -> None:
+    def advance(self, now: float, first_tokens: list[tuple[_Device, _Seq, float]]) -> None:
         """Move every sequence forward to ``now``; report first tokens with their times."""
         dt = now - self.last_s
         self.last_s = now
@@ -201,7 +207,7 @@ class _Device:
             before = seq.generated
             seq.generated = min(float(seq.target), before + tokens)
             if before < 1.0 - TOKEN_EPSILON <= seq.generated:
-                first_tokens.append((seq.request_id, start + (1.0 - before) * step))
+                first_tokens.append((self, seq, start + (1.0 - before) * step))
 
     def next_event_s(self) -> float:
         """When the next sequence finishes or needs a bigger KV reservation."""
@@ -215,17 +221,36 @@ class _Device:
                 tokens = min(tokens, max(0.0, trigger - seq.generated))
         return self.last_s + self.stall_s + max(0.0, tokens) * self.step_s()
 
-    def view(self, reserved: int) -> AgentView:
-        return AgentView(
+    def state(self) -> AgentState:
+        spec = self.spec
+        return AgentState(
             agent_id=self.agent_id,
-            model_name=self.spec.model,
-            n_ctx=self.spec.n_ctx,
-            max_seqs=self.spec.max_seqs,
-            kv_budget_tokens=self.spec.kv_budget_tokens,
-            running=len(self.seqs),
-            kv_reserved_tokens=reserved,
-            decode_tps=self.spec.speed.aggregate_tps(1),
-            speed=self.spec.speed,
+            model_name=spec.model,
+            n_ctx=spec.n_ctx,
+            max_seqs=spec.max_seqs,
+            kv_budget_tokens=spec.kv_budget_tokens,
+            decode_tps=spec.speed.aggregate_tps(1),
+            speed=spec.speed,
+        )
+
+    def start(self, record: RequestRecord, request: SimRequest) -> None:
+        """Run the record's new attempt: its prefill (prompt and resumed tokens: recompute is
+        the price of preemption) stalls the device first."""
+        target = max(1, min(request.output_tokens, request.max_tokens))
+        self.seqs[record.request_id] = _Seq(
+            request_id=record.request_id,
+            target=target,
+            generated=float(record.generated_tokens),
+            prompt_tokens=record.prompt_tokens,
+            reservation=record.kv_reservation_tokens,
+            cap=min(record.prompt_tokens + request.max_tokens, self.spec.n_ctx),
+        )
+        self.reserved += record.kv_reservation_tokens
+        self.stall_s += self.spec.speed.prefill_s(record.prompt_tokens + record.generated_tokens)
+
+    def tokens(self, record: RequestRecord, n_tokens: int) -> TokensReceived:
+        return TokensReceived(
+            self.agent_id, record.request_id, record.attempt, "", n_tokens, (), self.spec.model
         )
 
 
@@ -247,11 +272,20 @@ class OnlineEstimates(Protocol):
 
 
 class Simulator:
-    """Replays ``requests`` on ``cluster`` under ``config``; deterministic for its inputs."""
+    """Replays ``requests`` on ``cluster`` under ``config``; deterministic for its inputs. The
+    cluster model is the coordinator's own (``core.driver``): this shell feeds it simulated
+    device events and turns its effects into simulated device work."""
 
-    def __init__(self, cluster: Cluster, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        config: SchedulerConfig,
+        driver: Callable[[DriverSettings], ClusterDriver] = ClusterDriver,
+    ) -> None:
         self.cluster = cluster
         self.config = config
+        self.driver = driver
+        """Builds the cluster model (a recording one in the differential test)."""
 
     def run(
         self,
@@ -261,18 +295,19 @@ class Simulator:
     ) -> SimReport:
         """Run to the last completion. With ``online``, each request's estimate is asked for
         on arrival (replacing ``SimRequest.estimate``) and every completion is reported."""
-        table = RequestTable()
+        driver = self.driver(DriverSettings(scheduler=self.config))
+        table = driver.table
         devices = {
             AgentId(d.name): _Device(spec=d, agent_id=AgentId(d.name)) for d in self.cluster.devices
         }
+        for device in devices.values():
+            driver.on_event(AgentJoined(device.state()), 0.0)
         arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         specs = {RequestId(r.request_id): r for r in arrivals}
-        views: dict[RequestId, QueuedRequest] = {}
         outcomes: list[Outcome] = []
-        index = events = decisions = dispatches = 0
+        index = events = decisions = 0
         max_overuse = 0.0
         now = 0.0
-        queue_view: tuple[QueuedRequest, ...] | None = None
         total = len(arrivals)
         while True:
             next_arrival = arrivals[index].arrival_s if index < total else math.inf
@@ -281,19 +316,27 @@ class Simulator:
             if math.isinf(now):
                 break
             events += 1
-            first_tokens: list[tuple[RequestId, float]] = []
+            first_tokens: list[tuple[_Device, _Seq, float]] = []
             for device in devices.values():
                 device.advance(now, first_tokens)
-            for request_id, at in first_tokens:
-                if table[request_id].generated_tokens == 0:
-                    table.add_tokens(request_id, "", 1, at)
+            for device, seq, at in first_tokens:
+                if table[seq.request_id].generated_tokens == 0:
+                    driver.on_event(device.tokens(table[seq.request_id], 1), at)
             changed = False
             for device in devices.values():
                 for seq in list(device.seqs.values()):
                     used = seq.prompt_tokens + seq.generated
                     max_overuse = max(max_overuse, used - seq.reservation)
                     if seq.generated >= seq.target - TOKEN_EPSILON:
-                        self._finish(table, device, seq, now, outcomes)
+                        seq.generated = float(seq.target)
+                        record = _sync_tokens(driver, device, seq, now)
+                        driver.on_event(
+                            RunEnded(device.agent_id, seq.request_id, record.attempt, "length"),
+                            now,
+                        )
+                        del device.seqs[seq.request_id]
+                        device.reserved -= seq.reservation
+                        outcomes.append(_outcome(record, failed=False))
                         if online is not None:
                             online.on_completion(seq.request_id, seq.target)
                         changed = True
@@ -301,13 +344,9 @@ class Simulator:
                 arriving = arrivals[index]
                 if online is not None:
                     arriving = replace(arriving, estimate=online.on_arrival(arriving.request_id))
-                table.add(_record(arriving))
-                queue_view = None
+                driver.on_event(RequestAccepted(_record(arriving)), now)
                 index += 1
                 changed = True
-            if queue_view is None:
-                queue_view = tuple(self._queued_view(views, r) for r in table.queued())
-            queue = queue_view
             kv_due = any(
                 seq.reservation < seq.cap
                 and seq.prompt_tokens + seq.generated + KV_RAISE_TRIGGER_TOKENS
@@ -320,38 +359,13 @@ class Simulator:
             can_act = self.config.policy.preemptive or any(
                 len(d.seqs) < d.spec.max_seqs for d in devices.values()
             )
-            if (queue and changed and can_act) or kv_due:
+            if (table.count(RequestState.QUEUED) and changed and can_act) or kv_due:
                 decisions += 1
-                snapshot = Snapshot(
-                    queue=queue,
-                    agents=tuple(d.view(d.reserved) for d in devices.values()),
-                    running=tuple(
-                        _running_view(table[s.request_id], d.agent_id, s)
-                        for d in devices.values()
-                        for s in d.seqs.values()
-                    ),
-                    dispatch_count=dispatches,
-                )
-                actions = decide(snapshot, now, self.config)
-                if any(not isinstance(a, ReserveAction) for a in actions):
-                    queue_view = None
-                for action in actions:
-                    if isinstance(action, DispatchAction):
-                        dispatches += 1
-                        views.pop(action.request_id, None)
-                        self._dispatch(table, devices[action.agent_id], action, specs, now)
-                    elif isinstance(action, ReserveAction):
-                        device = devices[action.agent_id]
-                        seq = device.seqs[action.request_id]
-                        device.reserved += action.kv_reservation_tokens - seq.reservation
-                        seq.reservation = action.kv_reservation_tokens
-                        table.reserve(action.request_id, action.kv_reservation_tokens)
-                    elif isinstance(action, PreemptAction):
-                        self._preempt(table, devices[action.agent_id], action, now)
-                        views.pop(action.request_id, None)
-                    elif isinstance(action, RejectAction):
-                        table.fail(action.request_id, action.error, now)
-                        outcomes.append(_outcome(table[action.request_id], failed=True))
+                for device in devices.values():
+                    for seq in device.seqs.values():
+                        _sync_tokens(driver, device, seq, now)
+                for effect in driver.schedule(now):
+                    self._carry_out(effect, devices, specs, outcomes)
                 for device in devices.values():
                     if device.reserved > device.spec.kv_budget_tokens:
                         raise InternalError(
@@ -376,90 +390,38 @@ class Simulator:
         )
 
     @staticmethod
-    def _queued_view(views: dict[RequestId, QueuedRequest], record: RequestRecord) -> QueuedRequest:
-        view = views.get(record.request_id)
-        if view is None:
-            view = views[record.request_id] = record.queued_view()
-        return view
-
-    @staticmethod
-    def _dispatch(
-        table: RequestTable,
-        device: _Device,
-        action: DispatchAction,
+    def _carry_out(
+        effect: Effect,
+        devices: dict[AgentId, _Device],
         specs: dict[RequestId, SimRequest],
-        now: float,
+        outcomes: list[Outcome],
     ) -> None:
-        record = table.dispatch(
-            action.request_id, device.agent_id, action.kv_reservation_tokens, now
-        )
-        spec = specs[action.request_id]
-        target = max(1, min(spec.output_tokens, spec.max_tokens))
-        device.seqs[record.request_id] = _Seq(
-            request_id=record.request_id,
-            target=target,
-            generated=float(record.generated_tokens),
-            prompt_tokens=record.prompt_tokens,
-            reservation=action.kv_reservation_tokens,
-            cap=min(record.prompt_tokens + spec.max_tokens, device.spec.n_ctx),
-        )
-        device.reserved += action.kv_reservation_tokens
-        device.stall_s += device.spec.speed.prefill_s(
-            record.prompt_tokens + record.generated_tokens
-        )
-
-    @staticmethod
-    def _preempt(table: RequestTable, device: _Device, action: PreemptAction, now: float) -> None:
-        seq = device.seqs.pop(action.request_id)
-        device.reserved -= seq.reservation
-        record = table[action.request_id]
-        _sync_tokens(table, record, seq, now)
-        table.requeue(action.request_id, agent_failed=False, preempted=action.reason)
-
-    @staticmethod
-    def _finish(
-        table: RequestTable, device: _Device, seq: _Seq, now: float, outcomes: list[Outcome]
-    ) -> None:
-        del device.seqs[seq.request_id]
-        device.reserved -= seq.reservation
-        seq.generated = float(seq.target)
-        record = table[seq.request_id]
-        _sync_tokens(table, record, seq, now)
-        table.finish(seq.request_id, "length", now)
-        outcomes.append(
-            Outcome(
-                request_id=record.request_id,
-                arrival_s=record.arrival_s,
-                output_tokens=record.generated_tokens,
-                finished_s=now,
-                first_token_s=record.first_token_s,
-                attempts=record.attempt,
-                failed=False,
-            )
-        )
+        match effect:
+            case Dispatched(record, agent_id):
+                devices[agent_id].start(record, specs[record.request_id])
+            case Reserved(request_id, agent_id, reservation):
+                device = devices[agent_id]
+                seq = device.seqs[request_id]
+                device.reserved += reservation - seq.reservation
+                seq.reservation = reservation
+            case StopRun(agent_id, request_id):
+                device = devices[agent_id]
+                device.reserved -= device.seqs.pop(request_id).reservation
+            case Ended(record) if record.state is RequestState.FAILED:
+                outcomes.append(_outcome(record, failed=True))
+            case Requeued() | Streamed() | Ended():
+                pass
+            case _:
+                assert_never(effect)
 
 
-def _sync_tokens(table: RequestTable, record: RequestRecord, seq: _Seq, now: float) -> None:
+def _sync_tokens(driver: ClusterDriver, device: _Device, seq: _Seq, now: float) -> RequestRecord:
+    """Report the whole tokens ``seq`` made since the last report; returns its record."""
+    record = driver.table[seq.request_id]
     new = _whole(seq.generated) - record.generated_tokens
     if new > 0:
-        table.add_tokens(record.request_id, "", new, now)
-
-
-def _running_view(record: RequestRecord, agent_id: AgentId, seq: _Seq) -> RunningRequest:
-    return RunningRequest(
-        request_id=record.request_id,
-        agent_id=agent_id,
-        arrival_s=record.arrival_s,
-        priority=record.params.priority,
-        prompt_tokens=record.prompt_tokens,
-        max_tokens=record.params.max_tokens,
-        generated_tokens=_whole(seq.generated),
-        kv_reservation_tokens=seq.reservation,
-        dispatched_s=record.dispatched_s or 0.0,
-        estimate=record.estimate,
-        preemptions=record.preemptions,
-        resumed_tokens=record.attempt_start_tokens,
-    )
+        driver.on_event(device.tokens(record, new), now)
+    return record
 
 
 def _record(request: SimRequest) -> RequestRecord:

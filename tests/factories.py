@@ -6,7 +6,11 @@ import math
 from statistics import NormalDist
 from typing import Any
 
+from orchestrator.core.driver import AgentJoined, AgentState, ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.placement import make_placement
+from orchestrator.core.policies import make_policy
+from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
 from orchestrator.lengths import QUANTILE_LEVELS
@@ -106,3 +110,27 @@ def running(request_id: str = "x1", **overrides: Any) -> RunningRequest:
 
 def speed(single_tps: float = 100.0, max_seqs: int = 8, exponent: float = 0.35) -> SpeedProfile:
     return SpeedProfile.power_law(single_tps, 2000.0, max_seqs, exponent)
+
+
+def agent_state(agent_id: str = "a1", **overrides: Any) -> AgentState:
+    fields: dict[str, Any] = {
+        "agent_id": AgentId(agent_id),
+        "model_name": "gemma",
+        "n_ctx": 4096,
+        "max_seqs": 1,
+        "kv_budget_tokens": 8000,
+        "decode_tps": 20.0,
+    }
+    fields.update(overrides)
+    return AgentState(**fields)
+
+
+def driver(policy: str = "fcfs", *agents: AgentState, **settings: Any) -> ClusterDriver:
+    """A cluster driver with ``agents`` joined (one default agent when none is given)."""
+    config = SchedulerConfig(
+        policy=make_policy(policy), placement=make_placement("predicted"), unavailable_timeout_s=30
+    )
+    cluster = ClusterDriver(DriverSettings(scheduler=config, **settings))
+    for state in agents or (agent_state(),):
+        cluster.on_event(AgentJoined(state), 0.0)
+    return cluster

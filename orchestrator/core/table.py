@@ -58,8 +58,9 @@ class RequestRecord:
     ) -> None:
         """Extend the output; token ids are kept only while every chunk came with its ids from
         one model (the journal replays chunks through this too)."""
-        self.text_parts.append(text)
-        self.text_chars += len(text)
+        if text:
+            self.text_parts.append(text)
+            self.text_chars += len(text)
         self.generated_tokens += n_tokens
         if self.token_model is None and not self.token_ids:
             self.token_model = model

@@ -276,7 +276,7 @@ def keyed_coordinator() -> tuple[Coordinator, list[tuple[bytes, WireModel]]]:
 
 
 def register(c: Coordinator, identity: bytes, name: str, key: str | None) -> None:
-    c._on_agent_frame(identity, encode(Register(name=name, profile=profile())), key)
+    c.on_agent_frame(identity, encode(Register(name=name, profile=profile())), key)
 
 
 def test_an_agent_registers_only_under_its_keys_name(caplog: pytest.LogCaptureFixture) -> None:
@@ -298,7 +298,7 @@ def test_a_frame_from_another_key_on_a_sessions_connection_is_refused(
     register(c, b"conn-1", "gpu-box", "gpu-box")
     c._agents[b"conn-1"].last_seen_s = -100.0
     with caplog.at_level(logging.WARNING, logger="edgeorch.coordinator"):
-        c._on_agent_frame(b"conn-1", encode(Heartbeat(kv_used_tokens=5)), "pi")
+        c.on_agent_frame(b"conn-1", encode(Heartbeat(kv_used_tokens=5)), "pi")
         register(c, b"conn-1", "pi", "pi")  # nor may it take the session over
     session = c._agents[b"conn-1"]
     assert (session.agent_id, session.key, session.last_seen_s) == ("gpu-box", "gpu-box", -100.0)
@@ -329,11 +329,11 @@ def test_an_agent_cannot_speak_for_a_request_running_on_another(
     ]
     with caplog.at_level(logging.WARNING, logger="edgeorch.coordinator"):
         for claim in claims:
-            c._on_agent_frame(b"conn-pi", encode(claim), "pi" if keys else None)
+            c.on_agent_frame(b"conn-pi", encode(claim), "pi" if keys else None)
     victim = c.table[RequestId("victim")]
     assert victim.text == "" and victim.state is RequestState.DISPATCHED
     assert caplog.text.count("refused agent pi's frame about request victim attempt 1") == 2
-    c._on_agent_frame(
+    c.on_agent_frame(
         b"conn-gpu",
         encode(TokenChunk(request_id="victim", attempt=1, text=" real", n_tokens=1)),
         "gpu-box" if keys else None,

@@ -1,5 +1,6 @@
-"""The coordinator carries out the core's new actions: a preemption becomes cancel + requeue
-(the next attempt resumes after the streamed tokens), a raise updates the reservation."""
+"""The coordinator's shell carries out the driver's effects as frames: a preemption becomes a
+CancelRun and a Dispatch of the waiter, a dispatch carries the core's reservation, an agent's
+refusal frame requeues. (What the driver decides is tested in test_driver.py.)"""
 
 from __future__ import annotations
 
@@ -7,15 +8,9 @@ import asyncio
 from typing import Any
 
 from agents.base import kv_overflow_error
-from orchestrator.coordinator import (
-    AGENT_REFUSAL_BACKOFF_S,
-    MAX_CHUNK_CHARS_PER_TOKEN,
-    AgentSession,
-    Coordinator,
-)
+from orchestrator.coordinator import AgentSession, Coordinator
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
-from orchestrator.errors import Overloaded
 from orchestrator.protocol import (
     AgentId,
     CancelRequest,
@@ -27,8 +22,8 @@ from orchestrator.protocol import (
     RequestId,
     RunFailed,
     Submit,
-    TokenChunk,
     WireModel,
+    encode,
 )
 from orchestrator.settings import CoordinatorSettings
 from tests.factories import params, profile, record
@@ -37,12 +32,15 @@ from tests.factories import params, profile, record
 def coordinator(policy: str) -> tuple[Coordinator, list[WireModel]]:
     sent: list[WireModel] = []
     c = Coordinator(CoordinatorSettings(policy=policy, placement="predicted"))
-    c._agents[b"id-a1"] = AgentSession(
-        agent_id=AgentId("a1"),
-        identity=b"id-a1",
-        name="a1",
-        profile=profile(max_seqs=1, kv_budget_tokens=8000, n_ctx=4096, decode_tps=20.0),
-        last_seen_s=0.0,
+    c.add_agent(
+        AgentSession(
+            agent_id=AgentId("a1"),
+            identity=b"id-a1",
+            name="a1",
+            profile=profile(max_seqs=1, kv_budget_tokens=8000, n_ctx=4096, decode_tps=20.0),
+            last_seen_s=0.0,
+        ),
+        now=0.0,
     )
 
     def send(identity: bytes, message: WireModel) -> None:
@@ -85,61 +83,6 @@ def test_preemption_cancels_requeues_and_dispatches_the_waiter() -> None:
     assert c.table.preemptions == 1
 
 
-def test_fcfs_never_preempts() -> None:
-    c, sent = coordinator("fcfs")
-    _long_running(c)
-    c.table.add(record("short", params=params(max_tokens=2000), arrival_s=1.0))
-    c.schedule(now=1.0)
-    assert sent == []
-
-
-def test_raise_updates_the_reservation() -> None:
-    c, sent = coordinator("sjf")
-    _long_running(c, estimate=LengthEstimate.of(100.0, {0.5: 100.0, 0.9: 400.0}))
-    c.table.reserve(RequestId("long"), 30)  # 20 prompt + 2 generated: within the trigger
-    c.schedule(now=1.0)
-    assert sent == []
-    assert c.table[RequestId("long")].kv_reservation_tokens > 30
-
-
-def test_an_agent_death_is_charged_only_to_attempts_that_made_no_progress() -> None:
-    c = Coordinator(CoordinatorSettings(max_attempts=1))
-    for rid in ("streaming", "silent"):
-        c.table.add(record(rid))
-        c.table.dispatch(RequestId(rid), AgentId("a1"), 40, now=0.0)
-    c.table.add_tokens(RequestId("streaming"), " one", 1, now=0.5)
-    c._requeue_agent_work(AgentId("a1"), now=1.0, reason="agent died")
-    streaming, silent = c.table[RequestId("streaming")], c.table[RequestId("silent")]
-    assert (streaming.state, streaming.attempt, streaming.agent_failures) == (
-        RequestState.QUEUED,
-        2,
-        0,
-    )
-    assert silent.state is RequestState.FAILED
-    assert silent.error is not None and silent.error.code == "agent_failure"
-
-
-def test_chunks_beyond_the_token_budget_or_text_bound_are_dropped() -> None:
-    c, _ = coordinator("fcfs")
-    session = c._agents[b"id-a1"]
-    c.table.add(record("r1", params=params(max_tokens=3)))
-    c.table.dispatch(RequestId("r1"), AgentId("a1"), 40, now=0.0)
-
-    def chunk(text: str, n_tokens: int) -> None:
-        c._on_chunk(
-            session,
-            TokenChunk(request_id="r1", attempt=1, text=text, n_tokens=n_tokens),
-            now=1.0,
-        )
-
-    chunk(" a b", 2)
-    chunk(" c d", 2)  # 4 tokens of a 3-token budget
-    chunk("y" * (2 * MAX_CHUNK_CHARS_PER_TOKEN + 1), 1)  # no token is that long
-    chunk(" c", 1)
-    r1 = c.table[RequestId("r1")]
-    assert (r1.text, r1.generated_tokens) == (" a b c", 3)
-
-
 def test_a_cancel_while_the_request_is_being_predicted_cancels_it_once_admitted() -> None:
     class HeldPredictions:
         """Predictions that return only when released (a slow predictor)."""
@@ -169,24 +112,8 @@ def test_a_cancel_while_the_request_is_being_predicted_cancels_it_once_admitted(
     assert isinstance(replies[1], ErrorReply) and replies[1].error.code == "cancelled"
 
 
-def test_an_agent_that_refuses_a_dispatch_is_not_offered_work_again_at_once() -> None:
-    c, sent = coordinator("fcfs")
-    session = c._agents[b"id-a1"]
-    c.table.add(record("r", params=params(max_tokens=3000), estimate=LengthEstimate.exact(100)))
-    c.schedule(now=0.0)
-    assert isinstance(sent[-1], Dispatch) and sent[-1].request_id == "r"
-    refusal = Overloaded("needs 3020 KV cells, 1000 free", needed_tokens=3020, free_tokens=1000)
-    c._on_failed(session, RunFailed(request_id="r", attempt=1, error=ErrorInfo.of(refusal)), 0.1)
-    assert c.table[RequestId("r")].state is RequestState.QUEUED
-    c.schedule(now=0.2)
-    assert len([m for m in sent if isinstance(m, Dispatch)]) == 1
-    c.schedule(now=0.1 + AGENT_REFUSAL_BACKOFF_S)
-    assert [m.request_id for m in sent if isinstance(m, Dispatch)] == ["r", "r"]
-
-
 def test_a_dispatch_carries_the_reservation_and_a_kv_overflow_counts_as_a_preemption() -> None:
     c, sent = coordinator("fcfs")
-    session = c._agents[b"id-a1"]
     c.table.add(record("r", params=params(max_tokens=3000), estimate=LengthEstimate.exact(100)))
     c.schedule(now=0.0)
     dispatch = sent[-1]
@@ -195,7 +122,8 @@ def test_a_dispatch_carries_the_reservation_and_a_kv_overflow_counts_as_a_preemp
     assert reserved < 3000  # not the whole budget: the agent holds what the core reserved
     c.table.add_tokens(RequestId("r"), " one two", 2, now=0.5)
     overflow = kv_overflow_error(in_use_tokens=8000, step_tokens=1, budget_tokens=8000)
-    c._on_failed(session, RunFailed(request_id="r", attempt=1, error=ErrorInfo.of(overflow)), 0.6)
+    failed = RunFailed(request_id="r", attempt=1, error=ErrorInfo.of(overflow))
+    c.on_agent_frame(b"id-a1", encode(failed), None)
     r = c.table[RequestId("r")]
     assert (r.state, r.attempt, r.kv_preemptions, r.generated_tokens) == (
         RequestState.QUEUED,
@@ -216,7 +144,7 @@ def test_live_placement_uses_each_agents_measured_speed() -> None:
     curve = ((1, 50.0), (4, 120.0))
     for name, prefill in (("a-slow", 200.0), ("b-fast", 4000.0)):
         measured = profile(decode_tps=50.0, decode_curve=curve, prefill_tps=prefill)
-        c._on_register(name.encode(), Register(name=name, profile=measured), now=0.0)
+        c.on_agent_frame(name.encode(), encode(Register(name=name, profile=measured)), None)
     c.table.add(
         record(
             "doc",

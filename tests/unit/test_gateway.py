@@ -330,13 +330,16 @@ def _samples(coordinator: Coordinator) -> dict[tuple[str, tuple[tuple[str, str],
 def test_metrics_hooks_and_state_read_back_through_the_exposition() -> None:
     now = [100.0]
     coordinator = Coordinator(CoordinatorSettings(), clock=lambda: now[0])
-    coordinator._agents[b"id"] = AgentSession(
-        agent_id=AgentId("a1"),
-        identity=b"id",
-        name="a1",
-        profile=profile(kv_budget_tokens=1000, decode_tps=50.0),
-        last_seen_s=now[0],
-        kv_used_tokens=250,
+    coordinator.add_agent(
+        AgentSession(
+            agent_id=AgentId("a1"),
+            identity=b"id",
+            name="a1",
+            profile=profile(kv_budget_tokens=1000, decode_tps=50.0),
+            last_seen_s=now[0],
+            kv_used_tokens=250,
+        ),
+        now=0.0,
     )
     metrics = coordinator.metrics
     natural = record("natural", predicted_tokens=10.0, arrival_s=99.0)

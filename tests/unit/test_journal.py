@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.coordinator import RESTART_GRACE_S, Coordinator
+from orchestrator.coordinator import Coordinator
+from orchestrator.core.driver import RESTART_GRACE_S
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord

@@ -100,13 +100,16 @@ def test_the_coordinator_pings_only_agents_it_has_sent_nothing_for_an_interval()
 
     coordinator._agent_socket = Socket()  # type: ignore[assignment]
     for name, last_sent in (("quiet", 8.9), ("recent", 9.5)):
-        coordinator._agents[name.encode()] = AgentSession(
-            agent_id=AgentId(name),
-            identity=name.encode(),
-            name=name,
-            profile=profile(),
-            last_seen_s=10.0,
-            last_sent_s=last_sent,
+        coordinator.add_agent(
+            AgentSession(
+                agent_id=AgentId(name),
+                identity=name.encode(),
+                name=name,
+                profile=profile(),
+                last_seen_s=10.0,
+                last_sent_s=last_sent,
+            ),
+            now=0.0,
         )
     coordinator._ping_agents(now[0])
     assert [identity for identity, _ in sent] == [b"quiet"]

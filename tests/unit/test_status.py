@@ -16,6 +16,7 @@ from orchestrator.protocol import (
     CLIENT_MESSAGES,
     CLIENT_REPLIES,
     AgentId,
+    Goodbye,
     RequestId,
     StatusQuery,
     StatusReport,
@@ -38,12 +39,15 @@ def cluster(policy: str = "fcfs", **agent_profile: object) -> Coordinator:
         "prefill_tps": 1e9,
     }
     fields.update(agent_profile)
-    c._agents[b"id-a1"] = AgentSession(
-        agent_id=AgentId("a1"),
-        identity=b"id-a1",
-        name="a1",
-        profile=profile(**fields),
-        last_seen_s=0.0,
+    c.add_agent(
+        AgentSession(
+            agent_id=AgentId("a1"),
+            identity=b"id-a1",
+            name="a1",
+            profile=profile(**fields),
+            last_seen_s=0.0,
+        ),
+        now=0.0,
     )
     long = record(
         "long",
@@ -121,10 +125,10 @@ def test_the_advertised_speed_curve_sets_the_pace() -> None:
 
 def test_no_agent_means_no_estimate() -> None:
     c = cluster()
-    c._agents.clear()
+    c.on_agent_frame(b"id-a1", encode(Goodbye()), None)
     report = c.status("q", now=2.0)
-    assert report.running[0].eta_finish_s is None
-    assert describe_wait(report, "long") == ("running", "[running on a1: 2/2000 tokens]")
+    assert report.agents == () and report.queue[0].request_id == "long"
+    assert report.queue[0].eta_start_s is None and report.queue[0].eta_finish_s is None
 
 
 def test_old_frames_without_the_new_fields_still_decode() -> None:

@@ -1,0 +1,530 @@
+"""The cluster driver: the one model of the cluster that the coordinator and the simulator share.
+
+It holds the request table and what is known of each live agent, takes events (a request
+accepted, tokens streamed, a run ended or refused, an agent joined, reported or was lost) through
+``on_event``, and on ``schedule`` builds the one snapshot, asks ``decide`` and applies its
+actions. Everything it changes comes back as effects for the shell to carry out: the coordinator
+turns them into frames, journal records and replies, the simulator into simulated device work.
+Pure: no sockets, no clock (time comes in as ``now``), so a seeded trace drives the simulator and
+the live coordinator through the same decisions.
+
+The policy that used to live in the coordinator's shell lives here too: an agent that refuses a
+dispatch takes no new work for a while (``refusal_backoff_s``), requests replayed from the
+journal are not refused as unavailable during the restart grace, and a request whose attempts
+keep dying with their agent fails after ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Final, TypeVar, assert_never
+
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.lifecycle import RequestState
+from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.table import RequestRecord, RequestTable
+from orchestrator.core.views import (
+    AgentView,
+    DispatchAction,
+    PreemptAction,
+    QueuedRequest,
+    RejectAction,
+    ReserveAction,
+    RunningRequest,
+    Snapshot,
+    SpeedProfile,
+)
+from orchestrator.errors import AgentFailure, EdgeorchError, Unavailable
+from orchestrator.protocol import AgentId, FinishReason, RequestId
+
+log = logging.getLogger("edgeorch.driver")
+
+V = TypeVar("V", QueuedRequest, RunningRequest)
+
+REFUSAL_BACKOFF_S: Final = 0.5
+"""An agent that refused a dispatch takes no new work until one of its runs ends or this many
+seconds pass. Its own check (the whole remaining max_tokens must fit its free cells) is
+stricter than the coordinator's growing reservations, so without a pause the same request
+would be offered to it again at once, and refused again, until something ended there."""
+RESTART_GRACE_S: Final = 10.0
+"""After a restart, replayed requests are not refused as 'unavailable' (they may have waited
+longer than ``unavailable_timeout_s`` already) until agents had time to find the new
+coordinator: their longest reconnect backoff (5 s) plus a registration and liveness bound."""
+MAX_ATTEMPTS: Final = 3
+MAX_CHUNK_CHARS_PER_TOKEN: Final = 1024
+"""Most characters a chunk may carry per token (plus one token's worth for text an engine
+held back, e.g. a partial stop string): far above any real token, a bound on a rogue agent."""
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSettings:
+    """The driver's tunables (the scheduler's own are in ``SchedulerConfig``)."""
+
+    scheduler: SchedulerConfig
+    max_attempts: int = MAX_ATTEMPTS
+    refusal_backoff_s: float = REFUSAL_BACKOFF_S
+    restart_grace_s: float = RESTART_GRACE_S
+    exact_ignore_eos_lengths: bool = False
+    """Tell ``decide`` that an ``ignore_eos`` request's output is exactly ``max_tokens`` long.
+    The ETA always uses it; scheduling on it makes srtf an oracle wherever clients send their
+    true lengths as max_tokens (benchmarks do), so it is off unless asked for."""
+
+
+@dataclass(slots=True)
+class AgentState:
+    """What the driver knows of one live agent: its measured capacity and whether it takes
+    new work."""
+
+    agent_id: AgentId
+    model_name: str
+    n_ctx: int
+    max_seqs: int
+    kv_budget_tokens: int
+    decode_tps: float | None = None
+    speed: SpeedProfile | None = None
+    draining: bool = False
+    refused_until_s: float = 0.0
+    """Placement skips the agent until then (see ``REFUSAL_BACKOFF_S``)."""
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAccepted:
+    record: RequestRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    request_id: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class TokensReceived:
+    agent_id: AgentId
+    request_id: RequestId
+    attempt: int
+    text: str
+    n_tokens: int
+    token_ids: tuple[int, ...] = ()
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnded:
+    agent_id: AgentId
+    request_id: RequestId
+    attempt: int
+    finish_reason: FinishReason
+    prompt_tokens: int | None = None
+    """The engine's exact prompt count, when it said."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRefused:
+    """An agent gave a run back: retryable (full, preempted for KV) or final."""
+
+    agent_id: AgentId
+    request_id: RequestId
+    attempt: int
+    error: EdgeorchError
+    retryable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AgentJoined:
+    agent: AgentState
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReported:
+    agent_id: AgentId
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLost:
+    """An agent died (``failed``: its silent attempts are blamed), left or re-registered."""
+
+    agent_id: AgentId
+    reason: str
+    failed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class JournalReplayed:
+    """The shell restored requests from its journal; those queued get the restart grace."""
+
+
+Event = (
+    RequestAccepted
+    | CancelRequested
+    | TokensReceived
+    | RunEnded
+    | RunRefused
+    | AgentJoined
+    | AgentReported
+    | AgentLost
+    | JournalReplayed
+)
+
+
+# --- effects ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    """Start the record's current attempt on the agent."""
+
+    record: RequestRecord
+    agent_id: AgentId
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    request_id: RequestId
+    agent_id: AgentId
+    kv_reservation_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopRun:
+    """Tell the agent to stop an attempt (preempted or cancelled)."""
+
+    agent_id: AgentId
+    request_id: RequestId
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    request_id: RequestId
+    reason: str
+    """Metrics label: preempted_priority, preempted_kv, agent_refused, agent_died, ..."""
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """Tokens accepted for the record; ``offset`` is where ``text`` starts in its output."""
+
+    record: RequestRecord
+    agent_id: AgentId
+    text: str
+    n_tokens: int
+    offset: int
+    first: bool
+    token_ids: tuple[int, ...]
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The record reached a terminal state (finished, failed or cancelled)."""
+
+    record: RequestRecord
+    agent_id: AgentId | None
+
+
+Effect = Dispatched | Reserved | StopRun | Requeued | Streamed | Ended
+
+
+class ClusterDriver:
+    """The cluster's state and the one place that changes it; see the module docstring."""
+
+    def __init__(self, settings: DriverSettings, table: RequestTable | None = None) -> None:
+        self.settings = settings
+        self.table = table or RequestTable()
+        self.agents: dict[AgentId, AgentState] = {}
+        self.dispatch_count = 0
+        self.needs_decision = False
+        """Set by every event that may let ``schedule`` act; cleared by ``schedule``."""
+        self._replayed: set[RequestId] = set()
+        self._grace_until_s = 0.0
+        self._queued_views: dict[RequestId, QueuedRequest] = {}
+
+    # --- events -------------------------------------------------------------------------
+
+    def on_event(self, event: Event, now: float) -> list[Effect]:
+        """Apply one event; returns what the shell must carry out."""
+        match event:
+            case RequestAccepted(record):
+                self.table.add(record)
+                self.needs_decision = True
+                return []
+            case CancelRequested(request_id):
+                return self._cancel(request_id, now)
+            case TokensReceived():
+                return self._tokens(event, now)
+            case RunEnded():
+                return self._run_ended(event, now)
+            case RunRefused():
+                return self._run_refused(event, now)
+            case AgentJoined(agent):
+                self.agents[agent.agent_id] = agent
+                self.needs_decision = True
+                return []
+            case AgentReported(agent_id, draining):
+                known = self.agents.get(agent_id)
+                if known is not None and known.draining != draining:
+                    known.draining = draining
+                    self.needs_decision = True
+                return []
+            case AgentLost(agent_id, reason, failed):
+                return self._agent_lost(agent_id, reason, failed, now)
+            case JournalReplayed():
+                self._replayed = {r.request_id for r in self.table.queued()}
+                self._grace_until_s = now + self.settings.restart_grace_s
+                self.needs_decision = bool(self._replayed)
+                return []
+            case _:
+                assert_never(event)
+
+    def current(
+        self, agent_id: AgentId, request_id: RequestId, attempt: int
+    ) -> RequestRecord | None:
+        """The record an agent's message about ``attempt`` refers to, or None if that attempt
+        is superseded or was never this agent's."""
+        record = self.table.get(request_id)
+        if record is not None and record.attempt == attempt and record.agent_id != agent_id:
+            # A new attempt always gets a new number, so this attempt was never this agent's.
+            log.warning(
+                "refused agent %s's frame about request %s attempt %d, which is %s's",
+                agent_id,
+                request_id,
+                attempt,
+                record.agent_id or "no agent",
+            )
+            return None
+        if (
+            record is None
+            or record.attempt != attempt
+            or record.agent_id != agent_id
+            or record.state not in (RequestState.DISPATCHED, RequestState.RUNNING)
+        ):
+            return None
+        return record
+
+    def _cancel(self, request_id: RequestId, now: float) -> list[Effect]:
+        record = self.table.get(request_id)
+        if record is None or record.state.terminal:
+            return []
+        effects: list[Effect] = []
+        if record.agent_id is not None and record.state is not RequestState.QUEUED:
+            effects.append(StopRun(record.agent_id, request_id, record.attempt))
+        agent_id = record.agent_id if record.state is not RequestState.QUEUED else None
+        self.table.cancel(request_id, now)
+        self._queued_views.pop(request_id, None)
+        self.needs_decision = True
+        effects.append(Ended(record, agent_id))
+        return effects
+
+    def _tokens(self, event: TokensReceived, now: float) -> list[Effect]:
+        record = self.current(event.agent_id, event.request_id, event.attempt)
+        if record is None:
+            return []
+        if record.generated_tokens + event.n_tokens > record.params.max_tokens or len(
+            event.text
+        ) > MAX_CHUNK_CHARS_PER_TOKEN * (event.n_tokens + 1):
+            # No engine sends this; taking it would let one agent grow a request without bound.
+            log.warning(
+                "dropped a chunk of %d tokens, %d characters for %s from %s: beyond its budget "
+                "of %d tokens (%d so far)",
+                event.n_tokens,
+                len(event.text),
+                record.request_id,
+                event.agent_id,
+                record.params.max_tokens,
+                record.generated_tokens,
+            )
+            return []
+        offset = record.text_chars
+        first = record.first_token_s is None
+        self.table.add_tokens(
+            record.request_id, event.text, event.n_tokens, now, event.token_ids, event.model
+        )
+        return [
+            Streamed(
+                record,
+                event.agent_id,
+                event.text,
+                event.n_tokens,
+                offset,
+                first,
+                event.token_ids,
+                event.model,
+            )
+        ]
+
+    def _run_ended(self, event: RunEnded, now: float) -> list[Effect]:
+        record = self.current(event.agent_id, event.request_id, event.attempt)
+        if record is None:
+            return []
+        self.table.finish(record.request_id, event.finish_reason, now, event.prompt_tokens)
+        agent = self.agents.get(event.agent_id)
+        if agent is not None:
+            agent.refused_until_s = 0.0
+        self.needs_decision = True
+        return [Ended(record, event.agent_id)]
+
+    def _run_refused(self, event: RunRefused, now: float) -> list[Effect]:
+        record = self.current(event.agent_id, event.request_id, event.attempt)
+        if record is None:
+            return []
+        self.needs_decision = True
+        if not event.retryable:
+            return self._fail(record.request_id, event.error, now)
+        kv_overflow = bool(event.error.details.get("kv_overflow"))
+        log.info(
+            "request %s %s by %s (%s): requeued",
+            record.request_id,
+            "preempted for KV" if kv_overflow else "refused",
+            event.agent_id,
+            event.error.code,
+        )
+        self.table.requeue(
+            record.request_id, agent_failed=False, preempted="kv" if kv_overflow else None
+        )
+        agent = self.agents.get(event.agent_id)
+        if agent is not None:
+            agent.refused_until_s = now + self.settings.refusal_backoff_s
+        return [Requeued(record.request_id, "preempted_kv" if kv_overflow else "agent_refused")]
+
+    def _agent_lost(self, agent_id: AgentId, reason: str, failed: bool, now: float) -> list[Effect]:
+        """Requeue the agent's work. Only an attempt that produced no token is blamed for its
+        agent's death: requests that were streaming are bystanders of whatever killed it, and
+        since each of their attempts advances, they cannot loop (at most max_tokens +
+        max_attempts attempts)."""
+        self.agents.pop(agent_id, None)
+        effects: list[Effect] = []
+        limit = self.settings.max_attempts
+        for record in self.table.on_agent(agent_id):
+            blamed = failed and record.generated_tokens == record.attempt_start_tokens
+            if blamed and record.agent_failures + 1 >= limit:
+                error = AgentFailure(
+                    f"request failed on agents {record.agent_failures + 1} times "
+                    f"(limit {limit}); last: {reason}",
+                    attempts=record.attempt,
+                    limit=limit,
+                )
+                effects.extend(self._fail(record.request_id, error, now))
+                continue
+            self.table.requeue(record.request_id, agent_failed=blamed)
+            effects.append(Requeued(record.request_id, reason.replace("-", "").replace(" ", "_")))
+            log.info(
+                "request %s requeued as attempt %d: %s", record.request_id, record.attempt, reason
+            )
+        self.needs_decision = True
+        return effects
+
+    def _fail(self, request_id: RequestId, error: EdgeorchError, now: float) -> list[Effect]:
+        record = self.table[request_id]
+        agent_id = record.agent_id if record.state is not RequestState.QUEUED else None
+        self.table.fail(request_id, error, now)
+        self._queued_views.pop(request_id, None)
+        return [Ended(record, agent_id)]
+
+    # --- deciding -----------------------------------------------------------------------
+
+    def schedule(self, now: float) -> list[Effect]:
+        """One pass of ``decide`` over the current state; its actions applied to the table."""
+        self.needs_decision = False
+        snapshot = self.snapshot(now)
+        if snapshot is None:
+            return []
+        effects: list[Effect] = []
+        for action in decide(snapshot, now, self.settings.scheduler):
+            match action:
+                case DispatchAction(request_id, agent_id, reservation):
+                    self.dispatch_count += 1
+                    self._queued_views.pop(request_id, None)
+                    record = self.table.dispatch(request_id, agent_id, reservation, now)
+                    effects.append(Dispatched(record, agent_id))
+                case ReserveAction(request_id, agent_id, reservation):
+                    self.table.reserve(request_id, reservation)
+                    effects.append(Reserved(request_id, agent_id, reservation))
+                case PreemptAction(request_id, agent_id, reason):
+                    record = self.table[request_id]
+                    effects.append(StopRun(agent_id, request_id, record.attempt))
+                    self.table.requeue(request_id, agent_failed=False, preempted=reason)
+                    effects.append(Requeued(request_id, f"preempted_{reason}"))
+                    log.info("request %s preempted on %s (%s)", request_id, agent_id, reason)
+                    self.needs_decision = True
+                case RejectAction(request_id, error):
+                    if (
+                        isinstance(error, Unavailable)
+                        and request_id in self._replayed
+                        and now < self._grace_until_s
+                    ):
+                        continue
+                    effects.extend(self._fail(request_id, error, now))
+                case _:
+                    assert_never(action)
+        return effects
+
+    def snapshot(self, now: float) -> Snapshot | None:
+        """What ``decide`` sees now; None when nothing waits or runs."""
+        queue = tuple(self._queued_view(r) for r in self.table.queued())
+        running = tuple(
+            self._known_length(r.running_view(), r)
+            for agent_id in self.agents
+            for r in self.table.on_agent(agent_id)
+        )
+        if not queue and not running:
+            return None
+        return Snapshot(
+            queue=queue,
+            agents=tuple(self.views(now=now)),
+            running=running,
+            dispatch_count=self.dispatch_count,
+        )
+
+    def views(self, *, include_draining: bool = False, now: float | None = None) -> list[AgentView]:
+        """Agents as placement sees them; draining ones take no new work, nor (given ``now``)
+        ones that refused a dispatch moments ago: those show no free slot (or, idle, are left
+        out), so the core still raises and preempts what runs there."""
+        views = []
+        for agent in self.agents.values():
+            if agent.draining and not include_draining:
+                continue
+            work = self.table.on_agent(agent.agent_id)
+            pausing = now is not None and now < agent.refused_until_s
+            if pausing and not work:
+                continue
+            views.append(
+                AgentView(
+                    agent_id=agent.agent_id,
+                    model_name=agent.model_name,
+                    n_ctx=agent.n_ctx,
+                    max_seqs=len(work) if pausing else agent.max_seqs,
+                    kv_budget_tokens=agent.kv_budget_tokens,
+                    running=len(work),
+                    kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
+                    decode_tps=agent.decode_tps,
+                    speed=agent.speed,
+                )
+            )
+        return views
+
+    def _queued_view(self, record: RequestRecord) -> QueuedRequest:
+        """A queued record's view, kept until it leaves the queue (nothing in it changes while
+        it waits), so a long queue costs no rebuild per decision."""
+        view = self._queued_views.get(record.request_id)
+        if view is None or view.attempt != record.attempt:
+            view = self._queued_views[record.request_id] = self._known_length(
+                record.queued_view(), record
+            )
+        return view
+
+    def _known_length(self, view: V, record: RequestRecord) -> V:
+        if not self.settings.exact_ignore_eos_lengths:
+            return view
+        return known_length(view, record)
+
+
+def known_length(view: V, record: RequestRecord) -> V:
+    """With ``ignore_eos`` the output is exactly ``max_tokens`` long, whatever the prediction."""
+    if not record.params.ignore_eos:
+        return view
+    return replace(view, estimate=LengthEstimate.exact(record.params.max_tokens))
