@@ -5,12 +5,13 @@ requests are admitted first come first served, ``--max-seqs`` at a time, at thei
 times, and every ``llama_decode`` is timed.
 
     .venv/bin/python benchmarks/prefill_replay.py --requests 40 --rate 1.0 \\
-        --variant 0.5:64 --variant 1.0:256 --json out/prefill-replay.json
+        --variant 1.0:256:pool --variant 1.0:256:streams --json out/prefill-replay.json
 
-Each ``--variant BOUND_S:MIN_CHUNK`` is one replay with that decode-stall bound and smallest
-mixed chunk; variants run back to back on the same requests (the machine drifts, so compare
-within one run). The requests are the multi-turn benchmark's prompt-heavy ones (Azure 2023
-conversation arrivals and lengths, prompts cut from real text).
+Each ``--variant BOUND_S:MIN_CHUNK[:LAYOUT]`` is one replay with that decode-stall bound and
+smallest mixed chunk, and the KV layout: ``streams`` (one per sequence, the default) or ``pool``
+(one pool all sequences share); variants run back to back on the same requests (the machine
+drifts, so compare within one run). The requests are the multi-turn benchmark's prompt-heavy
+ones (Azure 2023 conversation arrivals and lengths, prompts cut from real text).
 """
 
 from __future__ import annotations
@@ -98,9 +99,16 @@ def replay(engine: LlamaEngine, requests: list[SingleRequest], max_seqs: int) ->
     }
 
 
-def parse_variant(text: str) -> tuple[float, int]:
-    bound, _, chunk = text.partition(":")
-    return float(bound), int(chunk)
+LAYOUTS: Final = ("streams", "pool")
+
+
+def parse_variant(text: str) -> tuple[float, int, str]:
+    bound, _, rest = text.partition(":")
+    chunk, _, layout = rest.partition(":")
+    layout = layout or LAYOUTS[0]
+    if layout not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"layout {layout!r}: choose {' or '.join(LAYOUTS)}")
+    return float(bound), int(chunk), layout
 
 
 def main() -> None:
@@ -129,7 +137,7 @@ def main() -> None:
     )
     requests = single_requests(heavy, LockedCounter(model))
     results = []
-    for bound_s, min_chunk in variants:
+    for bound_s, min_chunk, layout in variants:
         engine = LlamaEngine(
             model,
             n_ctx=4096,
@@ -139,10 +147,15 @@ def main() -> None:
             threads=args.threads,
             model_name=None,
             available_memory_bytes=AVAILABLE_MEMORY_BYTES,
+            kv_streams=layout == "streams",
         )
         engine.step_costs = StepCosts(stall_bound_s=bound_s, min_chunk_tokens=min_chunk)
         try:
-            result = {"stall_bound_s": bound_s, "min_chunk_tokens": min_chunk}
+            result: dict[str, Any] = {
+                "stall_bound_s": bound_s,
+                "min_chunk_tokens": min_chunk,
+                "layout": layout,
+            }
             result.update(replay(engine, requests, args.max_seqs))
         finally:
             engine.close()

@@ -37,6 +37,7 @@ from orchestrator.protocol import (
     WireModel,
     encode,
 )
+from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings, load_settings
 from tests.factories import profile, record
 
@@ -275,6 +276,10 @@ def keyed_coordinator() -> tuple[Coordinator, list[tuple[bytes, WireModel]]]:
     return c, sent
 
 
+def session_on(c: Coordinator, identity: bytes) -> AgentSession:
+    return next(s for s in c.agent_sessions() if s.identity == identity)
+
+
 def register(c: Coordinator, identity: bytes, name: str, key: str | None) -> None:
     c.on_agent_frame(identity, encode(Register(name=name, profile=profile())), key)
 
@@ -283,11 +288,11 @@ def test_an_agent_registers_only_under_its_keys_name(caplog: pytest.LogCaptureFi
     c, sent = keyed_coordinator()
     register(c, b"conn-1", "gpu-box", "gpu-box")
     assert isinstance(sent[-1][1], Welcome) and sent[-1][1].agent_id == "gpu-box"
-    assert c._agents[b"conn-1"].key == "gpu-box"
+    assert session_on(c, b"conn-1").key == "gpu-box"
     sent.clear()
     with caplog.at_level(logging.WARNING, logger="edgeorch.coordinator"):
         register(c, b"conn-2", "gpu-box", "pi")
-    assert sent == [] and b"conn-2" not in c._agents
+    assert sent == [] and all(s.identity != b"conn-2" for s in c.agent_sessions())
     assert "refused key pi registering as agent 'gpu-box'" in caplog.text
 
 
@@ -296,11 +301,11 @@ def test_a_frame_from_another_key_on_a_sessions_connection_is_refused(
 ) -> None:
     c, _ = keyed_coordinator()
     register(c, b"conn-1", "gpu-box", "gpu-box")
-    c._agents[b"conn-1"].last_seen_s = -100.0
+    session_on(c, b"conn-1").last_seen_s = -100.0
     with caplog.at_level(logging.WARNING, logger="edgeorch.coordinator"):
         c.on_agent_frame(b"conn-1", encode(Heartbeat(kv_used_tokens=5)), "pi")
         register(c, b"conn-1", "pi", "pi")  # nor may it take the session over
-    session = c._agents[b"conn-1"]
+    session = session_on(c, b"conn-1")
     assert (session.agent_id, session.key, session.last_seen_s) == ("gpu-box", "gpu-box", -100.0)
     assert session.kv_used_tokens == 0
     assert "refused a frame from key pi on the connection of agent gpu-box" in caplog.text

@@ -9,13 +9,13 @@ import msgpack
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.coordinator import _client_facing
 from orchestrator.core.placement import LeastLoaded
 from orchestrator.core.policies import FirstComeFirstServed
 from orchestrator.core.scheduler import SchedulerConfig, decide
 from orchestrator.core.views import DispatchAction, RejectAction, Snapshot
 from orchestrator.errors import ContextOverflow, InvalidRequest, ProtocolError
 from orchestrator.protocol import CLIENT_MESSAGES, MAX_CONTAINER_ITEMS, PROTOCOL_VERSION, decode
+from orchestrator.replies import client_facing
 from tests.bad_inputs import BAD_FIELDS, BAD_PARAMS, case_id
 from tests.factories import agent, queued
 
@@ -38,7 +38,7 @@ def test_absurd_parameters_are_invalid_requests_naming_the_field(
 ) -> None:
     error = decode(_submit(params=params), CLIENT_MESSAGES)
     assert isinstance(error, ProtocolError)
-    reply = _client_facing(error)
+    reply = client_facing(error)
     assert isinstance(reply, InvalidRequest) and not reply.retryable
     assert (reply.details["field"], reply.details["request_id"]) == (field, "r1")
 
@@ -47,7 +47,7 @@ def test_absurd_parameters_are_invalid_requests_naming_the_field(
 def test_bad_request_fields_are_invalid_requests_naming_the_field(
     fields: dict[str, Any], field: str
 ) -> None:
-    reply = _client_facing(decode(_submit(**fields), CLIENT_MESSAGES))  # type: ignore[arg-type]
+    reply = client_facing(decode(_submit(**fields), CLIENT_MESSAGES))  # type: ignore[arg-type]
     assert isinstance(reply, InvalidRequest) and reply.details["field"] == field
 
 

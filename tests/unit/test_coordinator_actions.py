@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 from agents.base import kv_overflow_error
-from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.coordinator import Coordinator
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.protocol import (
@@ -25,6 +25,7 @@ from orchestrator.protocol import (
     WireModel,
     encode,
 )
+from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
 from tests.factories import params, profile, record
 

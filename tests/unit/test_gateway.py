@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.coordinator import Coordinator
 from orchestrator.errors import (
     AgentFailure,
     Cancelled,
@@ -44,6 +44,7 @@ from orchestrator.gateway import (
     render_chat,
 )
 from orchestrator.protocol import Accepted, AgentId, CancelRequest, RequestId, WireModel
+from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
 from orchestrator.tokens import ChatTemplate
 from tests.factories import profile, record

@@ -306,7 +306,7 @@ def test_a_failed_journal_write_sends_nothing_and_stops_the_coordinator(tmp_path
 
     async def run() -> None:
         coordinator, socket = journaled_coordinator(path)
-        coordinator._journal_failed = asyncio.get_running_loop().create_future()
+        coordinator._outbox.start()
         coordinator._journal._db.close()  # type: ignore[union-attr]  # every write now fails
         coordinator._on_submit(b"client", Submit(request_id="r1", prompt="hello"), 1.0)
         await asyncio.sleep(0)

@@ -8,7 +8,7 @@ import random
 
 from agents.daemon import RECONNECT_INITIAL_S, RECONNECT_MAX_S, Backoff
 from orchestrator.client import AsyncClient, Stream
-from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.coordinator import Coordinator
 from orchestrator.protocol import (
     AGENT_COMMANDS,
     Accepted,
@@ -19,6 +19,7 @@ from orchestrator.protocol import (
     StreamChunk,
     decode,
 )
+from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
 from tests.factories import profile
 
@@ -111,10 +112,11 @@ def test_the_coordinator_pings_only_agents_it_has_sent_nothing_for_an_interval()
             ),
             now=0.0,
         )
-    coordinator._ping_agents(now[0])
+    coordinator.tick(now[0])
     assert [identity for identity, _ in sent] == [b"quiet"]
-    assert coordinator._agents[b"quiet"].last_sent_s == 10.0  # the ping itself counts
+    quiet = next(s for s in coordinator.agent_sessions() if s.identity == b"quiet")
+    assert quiet.last_sent_s == 10.0  # the ping itself counts
     now[0] = 10.6
-    coordinator._ping_agents(now[0])
+    coordinator.tick(now[0])
     assert [identity for identity, _ in sent] == [b"quiet", b"recent"]
     assert all(isinstance(message, Ping) for _, message in sent)

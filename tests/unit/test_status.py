@@ -9,7 +9,7 @@ import threading
 import msgpack
 import pytest
 
-from orchestrator.coordinator import AgentSession, Coordinator
+from orchestrator.coordinator import Coordinator
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.errors import Unavailable
 from orchestrator.protocol import (
@@ -23,6 +23,7 @@ from orchestrator.protocol import (
     decode,
     encode,
 )
+from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
 from orchestrator.status_view import ERASE_LINE, WaitProgress, describe_wait, render_status
 from tests.factories import params, profile, record

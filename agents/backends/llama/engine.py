@@ -127,6 +127,7 @@ class LlamaEngine:
         model_name: str | None = None,
         available_memory_bytes: int | None = None,
         prompt_cache_bytes: int | None = None,
+        kv_streams: bool = PER_SEQUENCE_STREAMS,
     ) -> None:
         lib = llama_cpp()
         self._lib = lib
@@ -169,7 +170,7 @@ class LlamaEngine:
         self.kv_budget_tokens = kv_budget_tokens or self._default_kv_budget(available_memory_bytes)
         self.kv_budget_tokens = max(self.kv_budget_tokens, n_ctx)
         self.per_sequence_streams = (
-            PER_SEQUENCE_STREAMS and max_seqs > 1 and self.kv_budget_tokens >= n_ctx * max_seqs
+            kv_streams and max_seqs > 1 and self.kv_budget_tokens >= n_ctx * max_seqs
         )
         self._ctx = self._new_context()
         self._memory = lib.llama_get_memory(self._ctx)

@@ -1,0 +1,200 @@
+"""The coordinator's side of the agents' socket: one session per connection, registration
+(unique names, a CURVE key registers only under its own name), two-way liveness, and every
+agent frame turned into a cluster-driver event."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+
+from orchestrator import auth
+from orchestrator.core.driver import (
+    AgentJoined,
+    AgentLost,
+    AgentReported,
+    Event,
+    RunEnded,
+    RunRefused,
+    TokensReceived,
+)
+from orchestrator.errors import ProtocolError, error_from_wire
+from orchestrator.protocol import (
+    AGENT_MESSAGES,
+    AgentId,
+    Goodbye,
+    Heartbeat,
+    Ping,
+    Register,
+    RequestId,
+    Reregister,
+    RunFailed,
+    RunFinished,
+    TokenChunk,
+    Welcome,
+    WireModel,
+    decode,
+)
+from orchestrator.sessions import AgentSession
+from orchestrator.settings import CoordinatorSettings
+
+log = logging.getLogger("edgeorch.coordinator")
+
+
+class AgentLink:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        handle: Callable[[Event, float], None],
+        send: Callable[[bytes, WireModel], None],
+    ) -> None:
+        """``handle`` feeds an event to the driver; ``send`` sends a frame to a connection."""
+        self.settings = settings
+        self.sessions: dict[bytes, AgentSession] = {}
+        self._handle = handle
+        self._send = send
+        self._numbers = itertools.count(1)
+        self._refused_names: set[tuple[str, str]] = set()
+
+    def on_frame(self, identity: bytes, frame: bytes, key: str | None, now: float) -> None:
+        """One frame from an agent; ``key`` is its CURVE key's name (None without CURVE)."""
+        message = decode(frame, AGENT_MESSAGES)
+        session = self.sessions.get(identity)
+        if session is not None and session.key != key:
+            log.warning(
+                "refused a frame from key %s on the connection of agent %s (key %s)",
+                key,
+                session.agent_id,
+                session.key,
+            )
+            return
+        if session is not None:
+            session.last_seen_s = now
+        if isinstance(message, ProtocolError):
+            log.warning("dropped agent frame: %s", message.message)
+            return
+        if isinstance(message, Register) and key is not None and message.name != key:
+            first = (key, message.name) not in self._refused_names
+            if first and len(self._refused_names) < auth.REFUSALS_LOGGED:
+                self._refused_names.add((key, message.name))
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "refused key %s registering as agent %r: it may register only as %r",
+                key,
+                message.name,
+                key,
+            )
+            return
+        if isinstance(message, Register):
+            self._register(identity, message, now, key)
+        elif session is None:
+            self._send(identity, Reregister())
+        elif isinstance(message, Heartbeat):
+            session.kv_used_tokens = message.kv_used_tokens
+            session.cache = message.cache
+            self._handle(AgentReported(session.agent_id, message.draining), now)
+        elif isinstance(message, Goodbye):
+            del self.sessions[identity]
+            log.info("agent %s left after draining", session.agent_id)
+            self._handle(AgentLost(session.agent_id, "agent left", failed=False), now)
+        elif isinstance(message, TokenChunk):
+            self._handle(
+                TokensReceived(
+                    session.agent_id,
+                    RequestId(message.request_id),
+                    message.attempt,
+                    message.text,
+                    message.n_tokens,
+                    message.token_ids,
+                    session.profile.model_name,
+                ),
+                now,
+            )
+        elif isinstance(message, RunFinished):
+            self._handle(
+                RunEnded(
+                    session.agent_id,
+                    RequestId(message.request_id),
+                    message.attempt,
+                    message.finish_reason,
+                    message.prompt_tokens,
+                ),
+                now,
+            )
+        elif isinstance(message, RunFailed):
+            info = message.error
+            self._handle(
+                RunRefused(
+                    session.agent_id,
+                    RequestId(message.request_id),
+                    message.attempt,
+                    error_from_wire(info.code, info.message, info.details),
+                    info.retryable,
+                ),
+                now,
+            )
+
+    def _register(
+        self, identity: bytes, message: Register, now: float, key: str | None = None
+    ) -> None:
+        previous = self.sessions.pop(identity, None)
+        if previous is not None:
+            self._handle(AgentLost(previous.agent_id, "re-registered"), now)
+        taken = {s.agent_id for s in self.sessions.values()}
+        agent_id = AgentId(message.name)
+        while agent_id in taken:
+            agent_id = AgentId(f"{message.name}-{next(self._numbers)}")
+        self.add(
+            AgentSession(
+                agent_id=agent_id,
+                identity=identity,
+                name=message.name,
+                profile=message.profile,
+                last_seen_s=now,
+                key=key,
+            ),
+            now,
+        )
+        log.info(
+            "agent %s registered: %s, model %s, n_ctx %d, kv budget %d tokens, %d seqs",
+            agent_id,
+            message.profile.backend,
+            message.profile.model_name,
+            message.profile.n_ctx,
+            message.profile.kv_budget_tokens,
+            message.profile.max_seqs,
+        )
+        self._send(
+            identity,
+            Welcome(
+                agent_id=agent_id,
+                heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                heartbeat_liveness=self.settings.heartbeat_liveness,
+            ),
+        )
+
+    def add(self, session: AgentSession, now: float) -> None:
+        self.sessions[session.identity] = session
+        self._handle(AgentJoined(session.state), now)
+
+    def ping(self, now: float) -> None:
+        """Two-way liveness: an agent that got no frame for an interval gets a ping, so it
+        can tell a quiet coordinator from a vanished one."""
+        for session in list(self.sessions.values()):
+            if now - session.last_sent_s >= self.settings.heartbeat_interval_s:
+                self._send(session.identity, Ping())
+
+    def expire(self, now: float) -> None:
+        deadline = self.settings.heartbeat_interval_s * self.settings.heartbeat_liveness
+        for identity, session in list(self.sessions.items()):
+            if now - session.last_seen_s > deadline:
+                del self.sessions[identity]
+                log.warning(
+                    "agent %s silent for %.1f s: declared dead",
+                    session.agent_id,
+                    now - session.last_seen_s,
+                )
+                self._handle(AgentLost(session.agent_id, "agent died"), now)
+
+    def by_id(self, agent_id: AgentId) -> AgentSession | None:
+        return next((s for s in self.sessions.values() if s.agent_id == agent_id), None)
