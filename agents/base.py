@@ -87,6 +87,15 @@ EngineEvent = Emitted | Completed | Rejected
 
 
 @dataclass(frozen=True, slots=True)
+class AchievedSpeed:
+    """What the engine measured while serving: aggregate decode tokens/s of decode-only steps
+    by how many sequences they carried, and prompt tokens/s (None until measured)."""
+
+    decode_curve: tuple[tuple[int, float], ...] = ()
+    prefill_tps: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CacheStats:
     """An engine's prompt cache: cells held now and prompt tokens since start."""
 
@@ -129,6 +138,8 @@ class Engine(Protocol):
     def active_keys(self) -> list[SequenceKey]: ...
 
     def cache_stats(self) -> CacheStats: ...
+
+    def achieved_speed(self) -> AchievedSpeed: ...
 
     def close(self) -> None: ...
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -27,7 +28,16 @@ from typing import Final
 import zmq
 import zmq.asyncio
 
-from agents.base import Completed, Emitted, Engine, EngineEvent, Rejected, SequenceKey, SequenceSpec
+from agents.base import (
+    AchievedSpeed,
+    Completed,
+    Emitted,
+    Engine,
+    EngineEvent,
+    Rejected,
+    SequenceKey,
+    SequenceSpec,
+)
 from orchestrator import transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
 from orchestrator.auth import ClientKeys, handshake_failures
@@ -40,6 +50,7 @@ from orchestrator.protocol import (
     ErrorInfo,
     Goodbye,
     Heartbeat,
+    MeasuredSpeed,
     Ping,
     PromptCacheStats,
     Register,
@@ -56,6 +67,8 @@ from orchestrator.settings import DRAIN_TIMEOUT_S, HEARTBEAT_LIVENESS
 
 log = logging.getLogger("edgeorch.agent")
 
+MAX_SPEED_POINTS: Final = 64
+"""Decode-curve points a heartbeat carries at most (the wire model's bound)."""
 REGISTER_TIMEOUT_S: Final = 1.0
 """How long one registration attempt waits for ``Welcome`` before backing off."""
 REGISTER_LOG_FIRST: Final = 10
@@ -201,6 +214,7 @@ class AgentDaemon:
         1 again, so a late event of an old run would pass for the new run of the same key."""
         self._kv_used_tokens = 0
         self._cache = PromptCacheStats()
+        self._speed: MeasuredSpeed | None = None
         self._running: tuple[str, ...] = ()
 
     async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
@@ -243,6 +257,7 @@ class AgentDaemon:
             running=self._running,
             draining=self._draining,
             cache=self._cache,
+            speed=self._speed,
         )
 
     def _open(self) -> None:
@@ -424,6 +439,7 @@ class AgentDaemon:
             self._send(_event_message(event))
         self._kv_used_tokens = self.engine.kv_used_tokens()
         self._cache = PromptCacheStats(**asdict(self.engine.cache_stats()))
+        self._speed = heartbeat_speed(self.engine.achieved_speed())
         self._running = tuple(request_id for request_id, _ in self.engine.active_keys())
 
     def _send(self, message: WireModel) -> None:
@@ -456,3 +472,17 @@ def _event_message(event: EngineEvent) -> WireModel:
 
 
 __all__ = ["AgentDaemon", "SequenceKey"]
+
+
+def heartbeat_speed(achieved: AchievedSpeed) -> MeasuredSpeed | None:
+    """The engine's achieved speeds for the heartbeat (None before it measured any); points
+    that are not positive finite numbers are left out rather than refused on the wire."""
+    curve = tuple(
+        (rows, tps) for rows, tps in achieved.decode_curve if rows >= 1 and 0 < tps < math.inf
+    )
+    prefill = achieved.prefill_tps
+    if prefill is not None and not 0 < prefill < math.inf:
+        prefill = None
+    if not curve and prefill is None:
+        return None
+    return MeasuredSpeed(decode_curve=curve[:MAX_SPEED_POINTS], prefill_tps=prefill)

@@ -92,7 +92,16 @@ class AgentLink:
         elif isinstance(message, Heartbeat):
             session.kv_used_tokens = message.kv_used_tokens
             session.cache = message.cache
-            self._handle(AgentReported(session.agent_id, message.draining), now)
+            speed = message.speed
+            self._handle(
+                AgentReported(
+                    session.agent_id,
+                    message.draining,
+                    speed.decode_curve if speed is not None else (),
+                    speed.prefill_tps if speed is not None else None,
+                ),
+                now,
+            )
         elif isinstance(message, Goodbye):
             del self.sessions[identity]
             log.info("agent %s left after draining", session.agent_id)

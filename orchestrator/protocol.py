@@ -135,6 +135,15 @@ class PromptCacheStats(WireModel):
     computed_tokens: int = Field(default=0, ge=0)
 
 
+class MeasuredSpeed(WireModel):
+    """What an agent's engine achieved while serving (the registration's ``decode_curve`` and
+    ``prefill_tps`` come from a short probe): aggregate decode tokens/s by sequences, prompt
+    tokens/s."""
+
+    decode_curve: tuple[tuple[int, float], ...] = Field(default=(), max_length=64)
+    prefill_tps: float | None = Field(default=None, gt=0)
+
+
 class Register(WireModel):
     type: Literal["register"] = "register"
     v: int = PROTOCOL_VERSION
@@ -151,6 +160,8 @@ class Heartbeat(WireModel):
     running: tuple[WireId, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
     draining: bool = False
     cache: PromptCacheStats = Field(default_factory=lambda: PromptCacheStats())
+    speed: MeasuredSpeed | None = None
+    """Speeds measured while serving; None until the engine measured any."""
 
 
 class Goodbye(WireModel):

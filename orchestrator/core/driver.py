@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Final, TypeVar, assert_never
 
 from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.eta import measured_speed
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.scheduler import SchedulerConfig, decide
 from orchestrator.core.table import RequestRecord, RequestTable
@@ -140,8 +141,12 @@ class AgentJoined:
 
 @dataclass(frozen=True, slots=True)
 class AgentReported:
+    """A heartbeat: whether the agent drains, and the speeds its engine achieved so far."""
+
     agent_id: AgentId
     draining: bool
+    decode_curve: tuple[tuple[int, float], ...] = ()
+    prefill_tps: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +238,9 @@ Effect = Dispatched | Reserved | StopRun | Requeued | Streamed | Ended
 class ClusterDriver:
     """The cluster's state and the one place that changes it; see the module docstring."""
 
-    def __init__(self, settings: DriverSettings, table: RequestTable | None = None) -> None:
+    def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings
-        self.table = table or RequestTable()
+        self.table = RequestTable()
         self.agents: dict[AgentId, AgentState] = {}
         self.dispatch_count = 0
         self.needs_decision = False
@@ -265,18 +270,21 @@ class ClusterDriver:
                 self.agents[agent.agent_id] = agent
                 self.needs_decision = True
                 return []
-            case AgentReported(agent_id, draining):
+            case AgentReported(agent_id, draining, decode_curve, prefill_tps):
                 known = self.agents.get(agent_id)
-                if known is not None and known.draining != draining:
+                if known is None:
+                    return []
+                if known.draining != draining:
                     known.draining = draining
                     self.needs_decision = True
+                known.speed = refreshed_speed(known.speed, decode_curve, prefill_tps)
                 return []
             case AgentLost(agent_id, reason, failed):
                 return self._agent_lost(agent_id, reason, failed, now)
             case JournalReplayed():
                 self._replayed = {r.request_id for r in self.table.queued()}
                 self._grace_until_s = now + self.settings.restart_grace_s
-                self.needs_decision = bool(self._replayed)
+                self.needs_decision |= bool(self._replayed)
                 return []
             case _:
                 assert_never(event)
@@ -521,6 +529,23 @@ class ClusterDriver:
         if not self.settings.exact_ignore_eos_lengths:
             return view
         return known_length(view, record)
+
+
+def refreshed_speed(
+    speed: SpeedProfile | None,
+    decode_curve: tuple[tuple[int, float], ...],
+    prefill_tps: float | None,
+) -> SpeedProfile | None:
+    """An agent's speed curve with what it achieved while serving in place of the probe's
+    figures: the probe times short contexts at startup, serving times the real ones. Batch
+    sizes never served keep the probe's figure."""
+    if not decode_curve and prefill_tps is None:
+        return speed
+    points = dict(speed.decode_points if speed is not None else ())
+    points.update((rows, tps) for rows, tps in decode_curve if rows >= 1 and tps > 0)
+    if prefill_tps is None and speed is not None:
+        prefill_tps = speed.prefill_tps
+    return measured_speed(sorted(points.items()), prefill_tps) or speed
 
 
 def known_length(view: V, record: RequestRecord) -> V:

@@ -64,6 +64,8 @@ def test_ignore_eos_generates_exactly_max_tokens(engine: LlamaEngine) -> None:
     assert {k[0]: c.completion_tokens for k, (_, c) in done.items()} == {"a": 40, "b": 17, "c": 5}
     assert all(c.finish_reason == "length" for _, c in done.values())
     assert engine.kv_used_tokens() == 0
+    achieved = dict(engine.achieved_speed().decode_curve)  # what heartbeats report
+    assert achieved[3] > 0 and achieved[1] > 0
 
 
 def test_stop_string_ends_the_sequence(engine: LlamaEngine) -> None:

@@ -5,9 +5,11 @@ refusal frame requeues. (What the driver decides is tested in test_driver.py.)""
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
-from agents.base import kv_overflow_error
+from agents.base import AchievedSpeed, kv_overflow_error
+from agents.daemon import heartbeat_speed
 from orchestrator.coordinator import Coordinator
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
@@ -18,6 +20,8 @@ from orchestrator.protocol import (
     Dispatch,
     ErrorInfo,
     ErrorReply,
+    Heartbeat,
+    MeasuredSpeed,
     Register,
     RequestId,
     RunFailed,
@@ -157,3 +161,19 @@ def test_live_placement_uses_each_agents_measured_speed() -> None:
     c.schedule(now=1.0)
     dispatched = [(identity, m) for identity, m in sent if isinstance(m, Dispatch)]
     assert [identity for identity, _ in dispatched] == [b"b-fast"]
+
+
+def test_a_heartbeat_refreshes_the_agents_speed_from_what_it_achieved() -> None:
+    c, _ = coordinator("fcfs")
+    before = c.driver.views()[0].speed
+    achieved = MeasuredSpeed(decode_curve=((1, 7.0),), prefill_tps=300.0)
+    c.on_agent_frame(b"id-a1", encode(Heartbeat(kv_used_tokens=0, speed=achieved)), None)
+    after = c.driver.views()[0].speed
+    assert after is not None and after != before
+    assert dict(after.decode_points)[1] == 7.0 and after.prefill_tps == 300.0
+
+
+def test_the_heartbeat_carries_only_finite_positive_speeds() -> None:
+    assert heartbeat_speed(AchievedSpeed()) is None
+    measured = heartbeat_speed(AchievedSpeed(((1, 20.0), (2, math.inf), (0, 5.0)), math.nan))
+    assert measured == MeasuredSpeed(decode_curve=((1, 20.0),), prefill_tps=None)

@@ -26,6 +26,7 @@ from orchestrator.core.driver import (
 )
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
+from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import ContextOverflow, Overloaded
 from orchestrator.protocol import AgentId, RequestId
 from tests.factories import agent_state, driver, params, record
@@ -235,3 +236,15 @@ def test_exact_ignore_eos_lengths_are_given_to_decide_only_when_asked() -> None:
         snapshot = cluster.snapshot(0.0)
         assert snapshot is not None and snapshot.queue[0].estimate is not None
         assert snapshot.queue[0].estimate.expected == expected
+
+
+def test_heartbeats_replace_the_probes_speeds_with_what_the_agent_achieved() -> None:
+    probed = SpeedProfile(((1, 50.0), (4, 120.0)), 2000.0)
+    cluster = driver("fcfs", agent_state(max_seqs=4, speed=probed))
+    cluster.on_event(AgentReported(A1, False, ((4, 80.0), (2, 60.0)), 700.0), 1.0)
+    speed = cluster.views()[0].speed
+    assert speed is not None
+    assert speed.decode_points == ((1, 50.0), (2, 60.0), (4, 80.0))
+    assert speed.prefill_tps == 700.0
+    cluster.on_event(AgentReported(A1, False), 2.0)  # nothing measured: nothing changes
+    assert cluster.views()[0].speed == speed

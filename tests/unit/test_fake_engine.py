@@ -174,3 +174,15 @@ def test_cache_prompt_false_neither_reuses_nor_parks() -> None:
         drain(engine)
     stats = engine.cache_stats()
     assert (stats.hits, stats.parked_tokens, stats.computed_tokens) == (0, 0, 62)
+
+
+def test_achieved_speed_reports_the_steps_it_ran() -> None:
+    engine, _ = make_engine()
+    assert engine.achieved_speed().decode_curve == ()
+    assert engine.achieved_speed().prefill_tps is None
+    engine.add(spec("a", max_tokens=4))
+    engine.add(spec("b", max_tokens=4))
+    drain(engine)
+    achieved = engine.achieved_speed()
+    assert achieved.prefill_tps == pytest.approx(1000.0)
+    assert dict(achieved.decode_curve)[2] == pytest.approx(2 / engine.timing.decode_step_s(2))

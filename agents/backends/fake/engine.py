@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Final, NoReturn
 
 from agents.base import (
+    AchievedSpeed,
     CacheStats,
     Completed,
     Emitted,
@@ -142,6 +143,8 @@ class FakeEngine:
         self._prompt_cache = PromptCache(FAKE_PROMPT_CACHE_BYTES)
         self._seq_ids = itertools.count()
         self._stats = CacheStats()
+        self._decode_tps: dict[int, float] = {}
+        self._prefill_tps: float | None = None
 
     def add(self, spec: SequenceSpec) -> list[EngineEvent]:
         resume_ids = spec.resume_ids_for(self.model_name)
@@ -205,6 +208,10 @@ class FakeEngine:
         decode_s = self.timing.decode_step_s(len(self._active))
         self._sleep(prefill_s + decode_s)
         self._count(computed_tokens=computed)
+        if computed and prefill_s > 0:
+            self._prefill_tps = computed / prefill_s
+        elif self._active and decode_s > 0:
+            self._decode_tps[len(self._active)] = len(self._active) / decode_s
         for sequence in pending:
             self._ledger.append(sequence.cache, sequence.prompt[len(sequence.cache.tokens) :])
             sequence.prefilled = True
@@ -229,6 +236,10 @@ class FakeEngine:
                     events.append(Emitted(key, tail, 0))
                 events.append(self._finish(key, "length"))
         return events
+
+    def achieved_speed(self) -> AchievedSpeed:
+        """The timing model's speeds at the batch sizes stepped so far."""
+        return AchievedSpeed(tuple(sorted(self._decode_tps.items())), self._prefill_tps)
 
     def close(self) -> None:
         self._active.clear()

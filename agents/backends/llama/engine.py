@@ -29,6 +29,7 @@ import numpy as np
 
 from agents.backends.llama.stepcost import StepCosts
 from agents.base import (
+    AchievedSpeed,
     CacheStats,
     Completed,
     Emitted,
@@ -317,6 +318,14 @@ class LlamaEngine:
             hits=self._hits,
             reused_tokens=self._reused_tokens,
             computed_tokens=self._computed_tokens,
+        )
+
+    def achieved_speed(self) -> AchievedSpeed:
+        """The measured step costs as speeds (``stepcost``): what placement should expect."""
+        costs = self.step_costs
+        return AchievedSpeed(
+            decode_curve=tuple((rows, rows / s) for rows, s in costs.decode_step_s if s > 0),
+            prefill_tps=1 / costs.prefill_token_s if costs.prefill_measured else None,
         )
 
     def kv_reserved_tokens(self) -> int:

@@ -44,6 +44,8 @@ class StepCosts:
     """(decode rows, seconds) for steps without prompt tokens, ascending by rows."""
     stall_bound_s: float = DECODE_STALL_BOUND_S
     min_chunk_tokens: int = MIN_PREFILL_CHUNK_TOKENS
+    prefill_measured: bool = False
+    """Whether ``prefill_token_s`` comes from steps yet (else it is the default)."""
 
     def decode_s(self, rows: int) -> float:
         """A decode-only step's time for ``rows`` sequences: the nearest measured batch size,
@@ -67,7 +69,8 @@ class StepCosts:
         if prefill_tokens >= MIN_MEASURED_PREFILL_TOKENS:
             per_token = max(0.0, seconds - self.decode_s(decode_rows)) / prefill_tokens
             if per_token > 0:
-                return replace(self, prefill_token_s=_smooth(self.prefill_token_s, per_token))
+                smoothed = _smooth(self.prefill_token_s, per_token)
+                return replace(self, prefill_token_s=smoothed, prefill_measured=True)
         return self
 
     def prefill_chunk(self, decode_rows: int, batch_tokens: int) -> int:
