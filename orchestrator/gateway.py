@@ -15,26 +15,17 @@ idempotent request ids), and replies to its identity land in the request's async
 costs no socket hop or msgpack round trip per token, needs no client keys when the clients
 endpoint requires CURVE, and works whatever address the clients endpoint is bound to.
 
-Request mapping: OpenAI fields map onto ``GenerationParams`` (``max_tokens`` or
-``max_completion_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``,
-``ignore_eos``, and the extension ``priority``: ``interactive`` | ``batch``); fields left out
-take the SDK's defaults (llama.cpp's sampling defaults), except ``max_tokens``: 16 for
-completions (OpenAI's default) and, for chat, the rest of the smallest context among the agents
-serving the model. Unknown fields are ignored; features edgeorch lacks are refused by name with
-400 (``n``/``best_of`` > 1, ``tools``, ``logprobs``, ``echo``, ``suffix``, penalties,
-``logit_bias``, non-text ``response_format``, batched or token-id prompts, non-text content).
-A named ``model`` must be one a live agent serves (404 otherwise) unless no agent is live yet,
-in which case the request waits for one like any other.
-
-Chat prompts: with the GGUF's ``tokenizer.chat_template`` when the coordinator loaded that
-model's vocabulary (``--tokenizer-model``), else the plain format documented at
-``render_chat`` (the embedded default model, a base model, has no template).
+Request mapping (``orchestrator.openai_requests``): OpenAI fields map onto
+``GenerationParams``; unknown fields are ignored, features edgeorch lacks are refused by name
+with 400. A named ``model`` must be one a live agent serves (404 otherwise) unless no agent is
+live yet, in which case the request waits for one like any other.
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``, mapped by type
-(``HTTP_ERRORS``); 503s carry ``Retry-After``. Every response has ``X-Request-Id`` (the client's
-when it sent a valid one; it is also the coordinator's request id, so it doubles as the
-idempotency key exactly as in the SDK), and every gateway log line starts with it. When the
-HTTP client goes away before the result, the request is cancelled.
+(``orchestrator.openai_responses.HTTP_ERRORS``); 503s carry ``Retry-After``. Every response
+has ``X-Request-Id`` (the client's when it sent a valid one; it is also the coordinator's
+request id, so it doubles as the idempotency key exactly as in the SDK), and every gateway log
+line starts with it. When the HTTP client goes away before the result, the request is
+cancelled.
 """
 
 from __future__ import annotations
@@ -45,15 +36,14 @@ import functools
 import hmac
 import json
 import logging
-import math
 import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 import uvicorn
 from pydantic import ValidationError
@@ -65,28 +55,36 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from orchestrator.errors import (
-    AgentFailure,
-    ContextOverflow,
     EdgeorchError,
     InternalError,
     InvalidRequest,
     ModelNotFound,
-    Overloaded,
-    ProtocolError,
-    RequestTimeout,
     Unauthorized,
     Unavailable,
-    Unsupported,
     error_from_wire,
 )
 from orchestrator.metrics import METRICS_CONTENT_TYPE
+from orchestrator.openai_requests import (
+    Call,
+    ModelView,
+    parse_chat,
+    parse_completion,
+)
+from orchestrator.openai_responses import (
+    UNAVAILABLE_RETRY_AFTER_S,
+    chunk_body,
+    envelope,
+    error_body,
+    error_response,
+    final_body,
+    sse,
+    usage_of,
+)
 from orchestrator.protocol import (
     MAX_ID_CHARS,
-    MAX_STOP_STRINGS,
     Accepted,
     CancelRequest,
     ErrorReply,
-    GenerationParams,
     Result,
     StreamChunk,
     Submit,
@@ -94,48 +92,22 @@ from orchestrator.protocol import (
 )
 from orchestrator.settings import CoordinatorSettings
 from orchestrator.textio import read_lines
-from orchestrator.tokens import ChatTemplate, GgufTokenCounter
+from orchestrator.tokens import GgufTokenCounter
 
 if TYPE_CHECKING:
     from orchestrator.coordinator import Coordinator
 
 log = logging.getLogger("edgeorch.gateway")
 
-DEFAULT_COMPLETION_MAX_TOKENS: Final = 16
-"""OpenAI's default ``max_tokens`` for ``/v1/completions``."""
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 """Largest request body read; a prompt is at most 1 MiB of text (``MAX_PROMPT_CHARS``)."""
-UNAVAILABLE_RETRY_AFTER_S: Final = 5
-"""``Retry-After`` when no agent can take a request: an agent starts or rejoins in seconds."""
 GRACEFUL_SHUTDOWN_S: Final = 3
 """On stop, seconds uvicorn lets open connections finish before closing them."""
-PLAIN_CHAT_LABELS: Final = {
-    "system": "System",
-    "developer": "System",
-    "user": "User",
-    "assistant": "Assistant",
-}
-PLAIN_CHAT_STOPS: Final = ("\nUser:", "\nSystem:")
-"""Stop strings added to plain-format chats so a base model does not write the next turn."""
 REQUEST_ID_PATTERN: Final = re.compile(rf"[!-~]{{1,{MAX_ID_CHARS}}}")
 """Client-given ``X-Request-Id``: visible ASCII, at most a wire id's length."""
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 QUIET_PATHS: Final = frozenset({"/metrics", "/health", "/live"})
 """Probes and scrapes are logged at DEBUG, not INFO."""
-
-HTTP_ERRORS: Final[tuple[tuple[type[EdgeorchError], int, str], ...]] = (
-    (Unauthorized, 401, "authentication_error"),
-    (ModelNotFound, 404, "invalid_request_error"),
-    (InvalidRequest, 400, "invalid_request_error"),  # ContextOverflow and Unsupported too
-    (ProtocolError, 400, "invalid_request_error"),
-    (Overloaded, 503, "server_error"),
-    (Unavailable, 503, "server_error"),
-    (RequestTimeout, 504, "server_error"),
-    (AgentFailure, 502, "server_error"),
-    (EdgeorchError, 500, "server_error"),  # Cancelled (by another client) and InternalError
-)
-"""Status code and OpenAI error type of each error class; the first match wins."""
-
 
 # --- settings -------------------------------------------------------------------------------
 
@@ -166,392 +138,6 @@ def load_api_keys(settings: CoordinatorSettings) -> tuple[str, ...]:
             raise InvalidRequest(f"HTTP keys file {path} holds no keys", field="http_api_keys_file")
         keys += from_file
     return tuple(keys)
-
-
-# --- request parsing ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ModelView:
-    """What the gateway knows of the served models when it parses a request."""
-
-    served: Mapping[str, int]
-    """Model name -> the smallest n_ctx among live agents serving it."""
-    template: ChatTemplate | None
-    count_tokens: Callable[[str, str | None], int]
-
-
-@dataclass(slots=True)
-class Call:
-    """One parsed OpenAI request, ready to submit."""
-
-    kind: Literal["completion", "chat"]
-    prompt: str
-    params: GenerationParams
-    stream: bool
-    include_usage: bool
-    model: str
-    strip_leading: bool = False
-    """Plain-format chat: drop the whitespace the model writes after ``Assistant:``."""
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def response_id(self, request_id: str) -> str:
-        return f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{request_id}"
-
-
-def parse_completion(body: Mapping[str, Any], models: ModelView) -> Call:
-    _refuse_unsupported(body, chat=False)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        if len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        elif prompt and all(isinstance(p, str) for p in prompt):
-            raise Unsupported(
-                f"batched prompts ({len(prompt)} in one request); send one request per prompt",
-                field="prompt",
-            )
-        else:
-            raise Unsupported("token-id prompts; send the prompt as text", field="prompt")
-    if not isinstance(prompt, str):
-        raise InvalidRequest("prompt must be a string", field="prompt")
-    model = _model(body, models)
-    max_tokens = _int(body, "max_tokens")
-    return Call(
-        kind="completion",
-        prompt=prompt,
-        params=_params(
-            body, model, max_tokens if max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        ),
-        stream=_bool(body, "stream"),
-        include_usage=_include_usage(body),
-        model=model or _only_model(models) or "",
-    )
-
-
-def parse_chat(body: Mapping[str, Any], models: ModelView) -> Call:
-    _refuse_unsupported(body, chat=True)
-    messages = _messages(body)
-    model = _model(body, models)
-    target = model or _only_model(models)
-    template = models.template
-    if template is not None and template.model_name != target:
-        template = None
-    prompt, stops = render_chat(messages, template)
-    max_tokens = _int(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens")
-    if max_tokens is None:
-        max_tokens = _rest_of_context(prompt, target, models)
-    return Call(
-        kind="chat",
-        prompt=prompt,
-        params=_params(body, model, max_tokens, extra_stops=stops),
-        stream=_bool(body, "stream"),
-        include_usage=_include_usage(body),
-        model=target or "",
-        strip_leading=template is None,
-    )
-
-
-def render_chat(
-    messages: Sequence[tuple[str, str]], template: ChatTemplate | None
-) -> tuple[str, tuple[str, ...]]:
-    """The prompt for ``messages`` ((role, text) pairs) and the stop strings it needs.
-
-    With a template: the template rendered with ``add_generation_prompt`` (without a leading
-    BOS text, which the agent adds itself). Without one, the plain format::
-
-        System: <system or developer text>
-        User: <text>
-        Assistant: <text>
-        User: <text>
-        Assistant:
-
-    one line per message, labels as in ``PLAIN_CHAT_LABELS``, with ``PLAIN_CHAT_STOPS`` as extra
-    stop strings so the model's reply ends before it writes the next turn.
-    """
-    if template is None:
-        lines = [f"{PLAIN_CHAT_LABELS[role]}: {text}" for role, text in messages]
-        return "\n".join([*lines, "Assistant:"]), PLAIN_CHAT_STOPS
-    import jinja2
-
-    try:
-        text = _compiled(template.source).render(
-            messages=[
-                {"role": "system" if role == "developer" else role, "content": content}
-                for role, content in messages
-            ],
-            add_generation_prompt=True,
-            bos_token=template.bos_token,
-            eos_token=template.eos_token,
-            raise_exception=_template_refusal,
-        )
-    except jinja2.TemplateError as exc:
-        raise InternalError(f"the chat template of {template.model_name} failed: {exc}") from None
-    if template.bos_token and text.startswith(template.bos_token):
-        text = text[len(template.bos_token) :]
-    return text, ()
-
-
-@functools.lru_cache(maxsize=4)
-def _compiled(source: str) -> Any:
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    return environment.from_string(source)
-
-
-def _template_refusal(message: str) -> None:
-    raise InvalidRequest(f"the model's chat template refused the messages: {message}")
-
-
-def _refuse_unsupported(body: Mapping[str, Any], *, chat: bool) -> None:
-    for name in ("n", "best_of"):
-        value = body.get(name)
-        if value is not None and value != 1:
-            raise Unsupported(
-                f"{name}={value!r}: edgeorch returns one choice per request; send several "
-                "requests instead",
-                field=name,
-            )
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise Unsupported(f"{name}: tool and function calling are not supported", field=name)
-    for name in ("tool_choice", "function_call"):
-        if body.get(name) not in (None, "none", "auto"):
-            raise Unsupported(f"{name}: tool and function calling are not supported", field=name)
-    logprobs = body.get("logprobs")
-    if logprobs not in (None, False) and not (chat is False and logprobs == 0):
-        raise Unsupported("logprobs are not supported", field="logprobs")
-    if body.get("top_logprobs"):
-        raise Unsupported("logprobs are not supported", field="top_logprobs")
-    if not chat and body.get("echo"):
-        raise Unsupported("echo is not supported; prepend the prompt yourself", field="echo")
-    if not chat and body.get("suffix"):
-        raise Unsupported("suffix (insertion) is not supported", field="suffix")
-    for name, neutral in (
-        ("presence_penalty", 0),
-        ("frequency_penalty", 0),
-        ("repetition_penalty", 1),
-    ):
-        if body.get(name) not in (None, neutral):
-            raise Unsupported(f"{name} is not supported", field=name)
-    if body.get("logit_bias"):
-        raise Unsupported("logit_bias is not supported", field="logit_bias")
-    response_format = body.get("response_format")
-    if response_format is not None and (
-        not isinstance(response_format, dict) or response_format.get("type") != "text"
-    ):
-        raise Unsupported(
-            "response_format other than text is not supported", field="response_format"
-        )
-
-
-def _messages(body: Mapping[str, Any]) -> list[tuple[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty list", field="messages")
-    parsed = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"{where} must be an object", field=where)
-        role = message.get("role")
-        if role in ("tool", "function") or message.get("tool_calls"):
-            raise Unsupported(f"{where}: tool messages are not supported", field=where)
-        if role not in PLAIN_CHAT_LABELS:
-            raise InvalidRequest(
-                f"{where}.role must be one of {', '.join(PLAIN_CHAT_LABELS)}; got {role!r}",
-                field=f"{where}.role",
-            )
-        parsed.append((str(role), _content(message.get("content"), where)))
-    return parsed
-
-
-def _content(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}.content must be a string or a list", field=where)
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif isinstance(kind, str):
-            raise Unsupported(f"{where}: {kind} content is not supported", field=where)
-        else:
-            raise InvalidRequest(f"{where}.content has a malformed part", field=where)
-    return "".join(texts)
-
-
-def _model(body: Mapping[str, Any], models: ModelView) -> str | None:
-    model = body.get("model")
-    if model is None or model == "":
-        return None
-    if not isinstance(model, str):
-        raise InvalidRequest("model must be a string", field="model")
-    if models.served and model not in models.served:
-        served = ", ".join(sorted(models.served))
-        raise ModelNotFound(
-            f"model {model!r} is not served by any live agent (served: {served})",
-            field="model",
-            model=model,
-            served=served,
-        )
-    return model
-
-
-def _only_model(models: ModelView) -> str | None:
-    return next(iter(models.served)) if len(models.served) == 1 else None
-
-
-def _rest_of_context(prompt: str, model: str | None, models: ModelView) -> int:
-    """Chat's default max_tokens: what the prompt leaves of the smallest context that serves
-    it (the coordinator refuses, with the numbers, if that is nothing)."""
-    contexts = list(models.served.values())
-    if model is not None and model in models.served:
-        contexts = [models.served[model]]
-    if not contexts:
-        return GenerationParams().max_tokens
-    return max(1, min(contexts) - models.count_tokens(prompt, model))
-
-
-def _params(
-    body: Mapping[str, Any],
-    model: str | None,
-    max_tokens: int,
-    *,
-    extra_stops: tuple[str, ...] = (),
-) -> GenerationParams:
-    fields: dict[str, Any] = {"max_tokens": max_tokens, "model": model}
-    for name in ("temperature", "top_p", "min_p"):
-        value = _float(body, name)
-        if value is not None:
-            fields[name] = value
-    for name in ("top_k", "seed"):
-        value = _int(body, name)
-        if value is not None:
-            fields[name] = value
-    if fields.get("top_k") == -1:
-        fields["top_k"] = 0  # vLLM's "no top-k"
-    fields["ignore_eos"] = _bool(body, "ignore_eos")
-    fields["cache_prompt"] = _bool(body, "cache_prompt", default=True)
-    priority = body.get("priority")
-    if priority is not None:
-        if priority not in ("interactive", "batch"):
-            raise InvalidRequest(
-                f"priority must be 'interactive' or 'batch'; got {priority!r}", field="priority"
-            )
-        fields["priority"] = priority
-    stops = _stops(body)
-    fields["stop"] = (*stops, *(s for s in extra_stops if s not in stops))[
-        : max(len(stops), MAX_STOP_STRINGS)
-    ]
-    try:
-        return GenerationParams(**fields)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        name = str(first["loc"][0]) if first["loc"] else "request"
-        raise InvalidRequest(f"invalid {name}: {first['msg']}", field=name) from None
-
-
-def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise InvalidRequest("stop must be a string or a list of strings", field="stop")
-    return tuple(s for s in stop if s)
-
-
-def _int(body: Mapping[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} must be an integer; got {value!r}", field=name)
-    return value
-
-
-def _float(body: Mapping[str, Any], name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"{name} must be a number; got {value!r}", field=name)
-    return float(value)
-
-
-def _bool(body: Mapping[str, Any], name: str, *, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{name} must be true or false; got {value!r}", field=name)
-    return value
-
-
-def _include_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-# --- responses ------------------------------------------------------------------------------
-
-
-def error_response(error: EdgeorchError, request_id: str | None = None) -> JSONResponse:
-    """The OpenAI-shaped error for ``error``, with its status code and, for 503, Retry-After."""
-    status, kind = next((s, k) for cls, s, k in HTTP_ERRORS if isinstance(error, cls))
-    # OpenAI's SDKs obey x-should-retry: never re-run a request that keeps killing agents.
-    headers = {"x-should-retry": "true" if error.retryable else "false"}
-    if isinstance(error, Overloaded):
-        retry = error.details.get("retry_after_s")
-        headers["Retry-After"] = str(
-            max(1, math.ceil(retry if isinstance(retry, int | float) else 1))
-        )
-    elif status == 503:
-        headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
-    elif isinstance(error, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(_error_body(error, kind), status_code=status, headers=headers)
-
-
-def _error_body(error: EdgeorchError, kind: str | None = None) -> dict[str, Any]:
-    if kind is None:
-        kind = next(k for cls, _, k in HTTP_ERRORS if isinstance(error, cls))
-    param = error.details.get("field")
-    return {
-        "error": {
-            "message": error.message,
-            "type": kind,
-            "param": param if isinstance(param, str) else None,
-            "code": "context_length_exceeded" if isinstance(error, ContextOverflow) else error.code,
-        }
-    }
-
-
-def _usage(result: Result) -> dict[str, int]:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }
-
-
-def _sse(data: Mapping[str, Any] | str) -> bytes:
-    if not isinstance(data, str):
-        data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
 
 
 class _Disconnected:
@@ -721,7 +307,7 @@ class Gateway:
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         error = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}")
-        body = _error_body(error, "invalid_request_error")
+        body = error_body(error, "invalid_request_error")
         body["error"]["code"] = "not_found" if exc.status_code == 404 else "method_not_allowed"
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
@@ -829,7 +415,9 @@ class Gateway:
             first = await self._first_reply(flight, call.stream)
             if not call.stream:
                 assert isinstance(first, Result)
-                return JSONResponse(self._final_body(call, request_id, first))
+                return JSONResponse(
+                    final_body(call, request_id, first, call.model or self._served_by(first.agent))
+                )
             handed_over = True
             return _EventStream(
                 self._events(call, flight, first), functools.partial(self._end, flight)
@@ -872,7 +460,7 @@ class Gateway:
         strip = call.strip_leading
         reply: Accepted | StreamChunk | Result = first
         if call.kind == "chat":
-            yield _sse(self._chunk(call, request_id, {"role": "assistant", "content": ""}))
+            yield sse(chunk_body(call, request_id, {"role": "assistant", "content": ""}))
         try:
             while not isinstance(reply, Result):
                 if isinstance(reply, StreamChunk):
@@ -880,14 +468,14 @@ class Gateway:
                     text = reply.text.lstrip() if strip else reply.text
                     strip = strip and not text
                     if text:
-                        yield _sse(self._chunk(call, request_id, text))
+                        yield sse(chunk_body(call, request_id, text))
                 reply = await self._next(flight)
         except _ClientGone:
             return
         except EdgeorchError as exc:
             log.info("%s failed while streaming: %s: %s", request_id, exc.code, exc.message)
-            yield _sse(_error_body(exc))
-            yield _sse("[DONE]")
+            yield sse(error_body(exc))
+            yield sse("[DONE]")
             return
         sent = "".join(streamed)
         if reply.text.startswith(sent) and len(reply.text) > len(sent):
@@ -895,76 +483,17 @@ class Gateway:
             rest = reply.text[len(sent) :]
             rest = rest.lstrip() if strip else rest
             if rest:
-                yield _sse(self._chunk(call, request_id, rest))
-        yield _sse(self._chunk(call, request_id, None, reply.finish_reason))
+                yield sse(chunk_body(call, request_id, rest))
+        yield sse(chunk_body(call, request_id, None, reply.finish_reason))
         if call.include_usage:
-            yield _sse(
+            yield sse(
                 {
-                    **self._envelope(call, request_id, chunk=True),
+                    **envelope(call, request_id, chunk=True),
                     "choices": [],
-                    "usage": _usage(reply),
+                    "usage": usage_of(reply),
                 }
             )
-        yield _sse("[DONE]")
-
-    def _envelope(self, call: Call, request_id: str, *, chunk: bool) -> dict[str, Any]:
-        kind = (
-            ("chat.completion.chunk" if chunk else "chat.completion")
-            if call.kind == "chat"
-            else "text_completion"
-        )
-        return {
-            "id": call.response_id(request_id),
-            "object": kind,
-            "created": call.created,
-            "model": call.model,
-        }
-
-    def _chunk(
-        self,
-        call: Call,
-        request_id: str,
-        content: str | dict[str, str] | None,
-        finish_reason: str | None = None,
-    ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
-        if call.kind == "chat":
-            choice["delta"] = (
-                content
-                if isinstance(content, dict)
-                else ({} if content is None else {"content": content})
-            )
-        else:
-            choice["text"] = content if isinstance(content, str) else ""
-        choice["logprobs"] = None
-        choice["finish_reason"] = finish_reason
-        body = {**self._envelope(call, request_id, chunk=True), "choices": [choice]}
-        if call.include_usage:
-            body["usage"] = None
-        return body
-
-    def _final_body(self, call: Call, request_id: str, result: Result) -> dict[str, Any]:
-        text = result.text.lstrip() if call.strip_leading else result.text
-        choice: dict[str, Any] = {"index": 0}
-        if call.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = None
-        choice["finish_reason"] = result.finish_reason
-        body = {**self._envelope(call, request_id, chunk=False), "choices": [choice]}
-        if not call.model:
-            body["model"] = self._served_by(result.agent)
-        body["usage"] = _usage(result)
-        body["edgeorch"] = {
-            "agent": result.agent,
-            "attempts": result.attempts,
-            "queue_s": result.queue_s,
-            "ttft_s": result.ttft_s,
-            "total_s": result.total_s,
-            "predicted_tokens": result.predicted_tokens,
-        }
-        return body
+        yield sse("[DONE]")
 
     def _served_by(self, agent_id: str) -> str:
         sessions = self._coordinator.agent_sessions()

@@ -29,20 +29,16 @@ from orchestrator.errors import (
     Unsupported,
     error_from_wire,
 )
-from orchestrator.gateway import (
+from orchestrator.gateway import Gateway, _Flight, load_api_keys, parse_http_address
+from orchestrator.openai_requests import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     PLAIN_CHAT_STOPS,
-    UNAVAILABLE_RETRY_AFTER_S,
-    Gateway,
     ModelView,
-    _Flight,
-    error_response,
-    load_api_keys,
     parse_chat,
     parse_completion,
-    parse_http_address,
     render_chat,
 )
+from orchestrator.openai_responses import UNAVAILABLE_RETRY_AFTER_S, error_response
 from orchestrator.protocol import Accepted, AgentId, CancelRequest, RequestId, WireModel
 from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
