@@ -164,7 +164,7 @@ class Coordinator:
             if self.settings.http is not None:
                 from orchestrator.gateway import Gateway
 
-                self.gateway = Gateway(self)
+                self.gateway = Gateway(self, self.metrics)
             log.info(
                 "coordinator listening: agents %s, clients %s, policy %s, CURVE %s",
                 self.settings.agents_endpoint,

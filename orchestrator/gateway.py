@@ -43,7 +43,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import uvicorn
 from pydantic import ValidationError
@@ -63,7 +63,7 @@ from orchestrator.errors import (
     Unavailable,
     error_from_wire,
 )
-from orchestrator.metrics import METRICS_CONTENT_TYPE
+from orchestrator.metrics import METRICS_CONTENT_TYPE, CoordinatorMetrics
 from orchestrator.openai_requests import (
     Call,
     ModelView,
@@ -90,12 +90,10 @@ from orchestrator.protocol import (
     Submit,
     WireModel,
 )
+from orchestrator.sessions import CoordinatorView
 from orchestrator.settings import CoordinatorSettings
 from orchestrator.textio import read_lines
 from orchestrator.tokens import GgufTokenCounter
-
-if TYPE_CHECKING:
-    from orchestrator.coordinator import Coordinator
 
 log = logging.getLogger("edgeorch.gateway")
 
@@ -195,11 +193,11 @@ class _EmbeddedServer(uvicorn.Server):
 class Gateway:
     """The HTTP server of one coordinator (an ASGI app; ``serve`` runs it)."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: CoordinatorView, metrics: CoordinatorMetrics) -> None:
         settings = coordinator.settings
         assert settings.http is not None
         self._coordinator = coordinator
-        self._metrics = coordinator.metrics
+        self._metrics = metrics
         self._keys = tuple(k.encode() for k in load_api_keys(settings))
         self._identity = coordinator.connect_local(self._deliver)
         self._flights: dict[str, _Flight] = {}

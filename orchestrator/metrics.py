@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,9 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord
 from orchestrator.protocol import AgentId, RequestId
-
-if TYPE_CHECKING:
-    from orchestrator.coordinator import Coordinator
+from orchestrator.sessions import CoordinatorView
 
 METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 DECODE_RATE_WINDOW_S: Final = 10.0
@@ -47,7 +45,7 @@ TOKEN_ERROR_BUCKETS: Final = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1
 class CoordinatorMetrics:
     """The coordinator's metrics; see the module docstring."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: CoordinatorView) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.queue_time = Histogram(
@@ -173,7 +171,7 @@ class CoordinatorMetrics:
 class _StateCollector:
     """Reads the coordinator's live state at scrape time."""
 
-    def __init__(self, coordinator: Coordinator, metrics: CoordinatorMetrics) -> None:
+    def __init__(self, coordinator: CoordinatorView, metrics: CoordinatorMetrics) -> None:
         self._coordinator = coordinator
         self._metrics = metrics
 

@@ -1,13 +1,26 @@
 """What the coordinator's shell keeps per connection: an agent's session (identity, profile,
-liveness, its last heartbeat) and a client's route for replies."""
+liveness, its last heartbeat) and a client's route for replies; and the view of the coordinator
+that its in-process parts (the HTTP gateway, the metrics) use, so they need not import it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from orchestrator.core.driver import AgentState
 from orchestrator.core.eta import measured_speed
-from orchestrator.protocol import AgentId, DeviceProfile, PromptCacheStats
+from orchestrator.core.table import RequestTable
+from orchestrator.protocol import (
+    AgentId,
+    CancelRequest,
+    DeviceProfile,
+    PromptCacheStats,
+    Submit,
+    WireModel,
+)
+from orchestrator.settings import CoordinatorSettings
+from orchestrator.tokens import TokenCounter
 
 
 @dataclass(slots=True)
@@ -49,3 +62,29 @@ class ClientRoute:
     identity: bytes
     stream: bool
     next_index: int = 0
+
+
+class CoordinatorView(Protocol):
+    """The coordinator as the gateway and the metrics see it."""
+
+    @property
+    def settings(self) -> CoordinatorSettings: ...
+
+    @property
+    def table(self) -> RequestTable: ...
+
+    @property
+    def token_counter(self) -> TokenCounter: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def now(self) -> float: ...
+
+    def waiting(self) -> int: ...
+
+    def agent_sessions(self) -> list[AgentSession]: ...
+
+    def connect_local(self, deliver: Callable[[WireModel], None]) -> bytes: ...
+
+    def send_local(self, identity: bytes, message: Submit | CancelRequest) -> None: ...

@@ -393,7 +393,7 @@ def test_a_request_admitted_after_its_client_left_is_cancelled_then() -> None:
 
     async def scenario() -> None:
         coordinator = Coordinator(CoordinatorSettings(http="127.0.0.1:0"))
-        gateway = Gateway(coordinator)
+        gateway = Gateway(coordinator, coordinator.metrics)
         sent: list[WireModel] = []
         coordinator.send_local = lambda identity, message: sent.append(message)  # type: ignore[method-assign]
         try:

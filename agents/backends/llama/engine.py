@@ -10,9 +10,8 @@ nor crawls. A finished sequence's cache is
 parked in host memory with its token ids, and a new sequence starts from the longest cached
 prefix of its prompt: restored from a parked one, or shared with a running one
 (``agents.kvcache``). Parked caches take no cells of the pool, so they never refuse work or
-slow the attention of running sequences. Greedy decoding
-takes a numpy argmax over the logits (cheaper than llama.cpp's sampler over a 262k vocabulary);
-other settings use llama.cpp's sampler chain per sequence.
+slow the attention of running sequences. Tokens are
+chosen as ``sampling`` says.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-
+from agents.backends.llama.gguf import kv_bytes_per_token, load_model, meta
+from agents.backends.llama.sampling import Sampling
 from agents.backends.llama.stepcost import StepCosts
 from agents.base import (
     AchievedSpeed,
@@ -63,10 +62,6 @@ splits it into micro-batches of ``MICRO_BATCH_TOKENS``. How many prompt tokens a
 while others decode comes from the measured step costs (``stepcost``); shorter remaining
 prompts go first, so a short request is not queued behind a long one's prefill."""
 MICRO_BATCH_TOKENS: Final = 512
-PIECE_BUFFER_BYTES: Final = 256
-META_BUFFER_BYTES: Final = 512
-KV_BYTES_PER_VALUE: Final = 2
-"""f16 K and V caches."""
 DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
 """Share of available memory the default KV budget may take."""
 SWA_FULL: Final = True
@@ -144,13 +139,13 @@ class LlamaEngine:
                 n_gpu_layers,
             )
         requested_layers = (n_gpu_layers if n_gpu_layers is not None else -1) if offload else 0
-        self._model = self._load_model(model_path, requested_layers)
+        self._model = load_model(lib, model_path, requested_layers)
         if not self._model and requested_layers != 0:
             log.warning(
                 "loading %s with GPU offload failed; falling back to the CPU", model_path.name
             )
             requested_layers, offload = 0, False
-            self._model = self._load_model(model_path, 0)
+            self._model = load_model(lib, model_path, 0)
         if not self._model:
             raise InternalError(
                 f"llama.cpp could not load model {model_path}", path=str(model_path)
@@ -163,11 +158,11 @@ class LlamaEngine:
             if not offload
             else (n_layer if requested_layers < 0 else min(requested_layers, n_layer))
         )
-        self.model_name = model_name or self._meta("general.name") or model_path.stem
+        self.model_name = model_name or meta(lib, self._model, "general.name") or model_path.stem
         train_ctx = int(lib.llama_model_n_ctx_train(self._model))
         if n_ctx > train_ctx:
             log.warning("n_ctx %d exceeds the model's training context %d", n_ctx, train_ctx)
-        self.kv_bytes_per_token = self._kv_bytes_per_token(n_layer)
+        self.kv_bytes_per_token = kv_bytes_per_token(lib, self._model)
         self.kv_budget_tokens = kv_budget_tokens or self._default_kv_budget(available_memory_bytes)
         self.kv_budget_tokens = max(self.kv_budget_tokens, n_ctx)
         self.per_sequence_streams = (
@@ -176,11 +171,7 @@ class LlamaEngine:
         self._ctx = self._new_context()
         self._memory = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(STEP_TOKEN_BUDGET, 0, 1)
-        self._eog = np.array(
-            [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t)],
-            dtype=np.int64,
-        )
-        self._piece = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+        self._sampling = Sampling(lib, self._vocab)
         self.n_swa = int(lib.llama_model_n_swa(self._model))
         self._active: dict[SequenceKey, _Sequence] = {}
         self._ledger = KvLedger()
@@ -200,23 +191,6 @@ class LlamaEngine:
         self._computed_tokens = 0
 
     # --- setup ------------------------------------------------------------------------------
-
-    def _load_model(self, model_path: Path, n_gpu_layers: int) -> Any:
-        params = self._lib.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        return self._lib.llama_model_load_from_file(str(model_path).encode(), params)
-
-    def _meta(self, key: str) -> str | None:
-        buffer = ctypes.create_string_buffer(META_BUFFER_BYTES)
-        n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buffer, META_BUFFER_BYTES)
-        return buffer.value.decode("utf-8", "replace") if n >= 0 else None
-
-    def _kv_bytes_per_token(self, n_layer: int) -> int:
-        arch = self._meta("general.architecture") or ""
-        heads_kv = int(self._meta(f"{arch}.attention.head_count_kv") or 1)
-        key_len = int(self._meta(f"{arch}.attention.key_length") or 128)
-        value_len = int(self._meta(f"{arch}.attention.value_length") or key_len)
-        return n_layer * heads_kv * (key_len + value_len) * KV_BYTES_PER_VALUE
 
     def _default_kv_budget(self, available_memory_bytes: int | None) -> int:
         wanted = self.n_ctx * self.max_seqs
@@ -290,7 +264,7 @@ class LlamaEngine:
             cache=cache,
             prompt=prompt,
             prompt_tokens=prompt_tokens,
-            sampler=self._sampler(spec),
+            sampler=self._sampling.chain(spec.params),
             stops=StopStringFilter(spec.params.stop),
             n_past=reused,
         )
@@ -460,16 +434,17 @@ class LlamaEngine:
             assert sequence.next_token is not None
             self._ledger.append(sequence.cache, [sequence.next_token])
             sequence.n_past += 1
-        token = self._sample(sequence, row)
+        ignore_eos = sequence.spec.params.ignore_eos
+        token = self._sampling.sample(self._ctx, row, sequence.sampler, ignore_eos)
         sequence.next_token = token
         sequence.generated += 1
         spec = sequence.spec
-        if self._lib.llama_vocab_is_eog(self._vocab, token) and not spec.params.ignore_eos:
+        if self._sampling.is_eog(token) and not spec.params.ignore_eos:
             sequence.generated -= 1
             tail = sequence.stops.flush()
             events: list[EngineEvent] = [Emitted(spec.key, tail, 0)] if tail else []
             return [*events, self._retire(sequence, "stop")]
-        text = sequence.stops.feed(self._token_bytes(token))
+        text = sequence.stops.feed(self._sampling.token_bytes(token))
         events = [Emitted(spec.key, text, 1, (token,))]
         if sequence.stops.stopped:
             events.append(self._retire(sequence, "stop"))
@@ -480,50 +455,6 @@ class LlamaEngine:
             events.append(self._retire(sequence, "length"))
         return events
 
-    def _sample(self, sequence: _Sequence, row: int) -> int:
-        if sequence.sampler is not None:
-            return int(self._lib.llama_sampler_sample(sequence.sampler, self._ctx, row))
-        logits = np.ctypeslib.as_array(
-            self._lib.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,)
-        )
-        if sequence.spec.params.ignore_eos and self._eog.size:
-            logits[self._eog] = -np.inf
-        return int(logits.argmax())
-
-    def _sampler(self, spec: SequenceSpec) -> Any:
-        """None for greedy decoding (numpy argmax); else llama.cpp's chain."""
-        params = spec.params
-        if params.temperature == 0.0:
-            return None
-        lib = self._lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if params.ignore_eos and self._eog.size:
-            biases = (lib.llama_logit_bias * self._eog.size)()
-            for i, token in enumerate(self._eog):
-                biases[i].token = int(token)
-                biases[i].bias = float("-inf")
-            lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_logit_bias(self.n_vocab, self._eog.size, biases)
-            )
-        if params.top_k > 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(params.top_k))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
-        seed = params.seed if params.seed is not None else lib.LLAMA_DEFAULT_SEED
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
-        return chain
-
-    def _token_bytes(self, token: int) -> bytes:
-        n = self._lib.llama_token_to_piece(
-            self._vocab, token, self._piece, PIECE_BUFFER_BYTES, 0, False
-        )
-        if n < 0:
-            buffer = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, -n, 0, False)
-            return buffer.raw[:n]
-        return self._piece.raw[:n]
-
     def _retire(self, sequence: _Sequence, reason: FinishReason, *, park: bool = True) -> Completed:
         """End ``sequence``; its cache is parked for reuse unless the request opted out
         (``cache_prompt``) or ``park`` is false."""
@@ -531,8 +462,7 @@ class LlamaEngine:
         if park and sequence.spec.params.cache_prompt:
             self._park(sequence.cache)
         self._forget(sequence.cache)
-        if sequence.sampler is not None:
-            self._lib.llama_sampler_free(sequence.sampler)
+        self._sampling.free(sequence.sampler)
         now = time.perf_counter()
         prefill_end = sequence.prefill_done_s or now
         return Completed(
