@@ -17,16 +17,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
 from orchestrator.core.estimate import LengthEstimate
-from orchestrator.core.placement import make_placement
-from orchestrator.core.policies import STARVATION_AGE_S, make_policy
-from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.errors import InvalidRequest
 from orchestrator.lengths import (
     FakePredictor,
@@ -34,6 +31,12 @@ from orchestrator.lengths import (
     exact_estimates,
     kendall_tau,
     parse_predictor,
+)
+from orchestrator.settings import (
+    SchedulingTunables,
+    driver_settings,
+    load_settings,
+    tunable_flags,
 )
 from orchestrator.sim import SIM_UNAVAILABLE_TIMEOUT_S, Cluster, SimReport, SimRequest, Simulator
 from orchestrator.tokens import EstimatedTokenCounter
@@ -66,7 +69,7 @@ class BenchSpec:
     max_requests: int | None
     predictor: str
     seed: int
-    starvation_s: float = STARVATION_AGE_S
+    tunables: SchedulingTunables = field(default_factory=lambda: SchedulingTunables())
     adapt_every: int = 0
     live: LiveCluster | None = None
 
@@ -135,8 +138,12 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         raise InvalidRequest(
             f"--adapt-every must be 0 or more, got {args.adapt_every}", field="adapt_every"
         )
-    starvation = STARVATION_AGE_S if args.starvation_s is None else args.starvation_s
-    _positive(starvation, "--starvation-s")
+    tunables = load_settings(
+        SchedulingTunables,
+        config=None,
+        environ={},
+        overrides={k: v for k, v in vars(args).items() if k in SchedulingTunables.model_fields},
+    )
     if live is not None and len(loads) > 1:
         raise InvalidRequest("--live runs one --load at a time, not a sweep", field="load")
     return BenchSpec(
@@ -152,7 +159,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         max_requests=args.max_requests,
         predictor=args.predictor,
         seed=args.seed,
-        starvation_s=starvation,
+        tunables=tunables,
         adapt_every=args.adapt_every,
     )
 
@@ -197,6 +204,7 @@ def run_bench(
             cluster=spec.live,
             progress=progress,
             max_tokens=spec.max_output_tokens,
+            coordinator_args=tunable_flags(spec.tunables),
         )
     assert spec.cluster is not None
     counter = EstimatedTokenCounter()
@@ -216,7 +224,13 @@ def run_bench(
         start = rows[0].arrival_s
         results: dict[str, Any] = {}
         for name in spec.policies:
-            policy = make_policy(name, starvation_s=spec.starvation_s)
+            config = driver_settings(
+                spec.tunables,
+                policy=name,
+                placement=spec.placement,
+                unavailable_timeout_s=SIM_UNAVAILABLE_TIMEOUT_S,
+            ).scheduler
+            policy = config.policy
             chosen = truth if policy.needs_truth else estimates
             requests = [
                 SimRequest(
@@ -229,11 +243,6 @@ def run_bench(
                 )
                 for i, row in enumerate(rows)
             ]
-            config = SchedulerConfig(
-                policy=policy,
-                placement=make_placement(spec.placement),
-                unavailable_timeout_s=SIM_UNAVAILABLE_TIMEOUT_S,
-            )
             label = f"{name} load {load}" if load is not None else f"{name} rate {spec.rate}"
             began, cpu_began = time.perf_counter(), time.process_time()
             adapting = None if online is None or policy.needs_truth else online.fresh()
@@ -281,7 +290,7 @@ def run_bench(
         "mean_output_tokens": round(float(np.mean(lengths)), 1),
         "max_tokens_cut_to_context": sum(budget < cap for budget in budgets),
         "seed": spec.seed,
-        "starvation_s": spec.starvation_s,
+        "tunables": spec.tunables.model_dump(),
     }
     out["diagnostics"] = diagnostics
     return out

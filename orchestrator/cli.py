@@ -25,6 +25,7 @@ from orchestrator.settings import (
     DEFAULT_CLIENTS_ENDPOINT,
     AgentSettings,
     CoordinatorSettings,
+    SchedulingTunables,
     add_settings_arguments,
     load_settings,
 )
@@ -162,9 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"does (default {ADAPT_EVERY}; 0: never)",
     )
     bench.add_argument("--seed", type=int, default=1, help="fake predictor's seed")
-    bench.add_argument(
-        "--starvation-s", type=float, default=None, help="aging bound in seconds (default 30)"
-    )
+    add_settings_arguments(bench, SchedulingTunables, config=False)
     bench.add_argument("--json", type=Path, required=True, help="output JSON (PNG beside it)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(handler=_run_bench)

@@ -28,7 +28,6 @@ from orchestrator.core.driver import (
     CancelRequested,
     ClusterDriver,
     Dispatched,
-    DriverSettings,
     Effect,
     Ended,
     Event,
@@ -41,9 +40,6 @@ from orchestrator.core.driver import (
 )
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
-from orchestrator.core.placement import make_placement
-from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.table import RequestRecord, RequestTable
 from orchestrator.errors import (
     Cancelled,
@@ -72,7 +68,7 @@ from orchestrator.protocol import (
 )
 from orchestrator.replies import client_facing, error_reply, result_of, status_report
 from orchestrator.sessions import AgentSession, ClientRoute
-from orchestrator.settings import CoordinatorSettings
+from orchestrator.settings import CoordinatorSettings, driver_settings
 
 if TYPE_CHECKING:
     from orchestrator.gateway import Gateway
@@ -103,12 +99,11 @@ class Coordinator:
         self.settings = settings
         self._keys = auth.server_keys(settings)
         self.driver = ClusterDriver(
-            DriverSettings(
-                scheduler=SchedulerConfig(
-                    policy=make_policy(settings.policy),
-                    placement=make_placement(settings.placement),
-                    unavailable_timeout_s=settings.unavailable_timeout_s,
-                ),
+            driver_settings(
+                settings,
+                policy=settings.policy,
+                placement=settings.placement,
+                unavailable_timeout_s=settings.unavailable_timeout_s,
                 max_attempts=settings.max_attempts,
             )
         )

@@ -171,13 +171,16 @@ def run_live(
     progress: Callable[[str, int, int], None] | None = None,
     log_dir: Path | None = None,
     max_tokens: int | None = None,
+    coordinator_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every policy on the same scaled arrivals against one set of live agents; every
     request asks for ``max_tokens`` (default: the longest length), never its own length."""
     if "oracle" in policies:
         raise InvalidRequest("the oracle policy knows true lengths: sim only", field="policies")
     folder = log_dir or Path(tempfile.mkdtemp(prefix="edgeorch-live-"))
-    local = LocalCluster(folder, "--policy", policies[0], "--placement", placement)
+    local = LocalCluster(
+        folder, "--policy", policies[0], "--placement", placement, *coordinator_args
+    )
     results: dict[str, Any] = {}
     try:
         for index in range(1, cluster.agents + 1):

@@ -14,9 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agents.backends import BACKEND_NAMES
+from orchestrator.core.driver import REFUSAL_BACKOFF_S, RESTART_GRACE_S, DriverSettings
+from orchestrator.core.placement import make_placement
+from orchestrator.core.policies import STARVATION_AGE_S, make_policy
+from orchestrator.core.scheduler import (
+    KV_QUANTILE_HIGH,
+    KV_QUANTILE_LOW,
+    KV_RAISE_QUANTILE,
+    MAX_PREEMPTIONS,
+    SchedulerConfig,
+)
 from orchestrator.errors import InvalidRequest
 
 ENV_PREFIX: Final = "EDGEORCH_"
@@ -39,7 +49,96 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class CoordinatorSettings(Settings):
+class SchedulingTunables(Settings):
+    """The scheduling core's tunables: one schema for the coordinator's config (flags,
+    environment, TOML) and ``edgeorch bench`` (simulated and live) alike."""
+
+    starvation_s: float = Field(
+        default=STARVATION_AGE_S,
+        gt=0,
+        description="seconds of waiting after which a request goes first",
+    )
+    kv_quantile_low: float = Field(
+        default=KV_QUANTILE_LOW,
+        ge=0,
+        lt=1,
+        description="quantile of the predicted output reserved on an empty device",
+    )
+    kv_quantile_high: float = Field(
+        default=KV_QUANTILE_HIGH,
+        ge=0,
+        lt=1,
+        description="quantile of the predicted output reserved on a full device",
+    )
+    kv_raise_quantile: float = Field(
+        default=KV_RAISE_QUANTILE,
+        gt=0,
+        lt=1,
+        description="quantile of the remaining output a running request's reservation grows to",
+    )
+    max_preemptions: int = Field(
+        default=MAX_PREEMPTIONS, ge=0, description="priority preemptions a request may suffer"
+    )
+    refusal_backoff_s: float = Field(
+        default=REFUSAL_BACKOFF_S,
+        ge=0,
+        description="seconds an agent that refused a dispatch rests",
+    )
+    restart_grace_s: float = Field(
+        default=RESTART_GRACE_S,
+        ge=0,
+        description="seconds after a restart before replayed requests may be refused",
+    )
+
+    @model_validator(mode="after")
+    def _ordered_quantiles(self) -> SchedulingTunables:
+        if self.kv_quantile_low > self.kv_quantile_high:
+            raise ValueError(
+                f"kv_quantile_low {self.kv_quantile_low} exceeds kv_quantile_high "
+                f"{self.kv_quantile_high}"
+            )
+        return self
+
+
+def driver_settings(
+    tunables: SchedulingTunables,
+    *,
+    policy: str,
+    placement: str,
+    unavailable_timeout_s: float,
+    max_attempts: int = MAX_ATTEMPTS,
+) -> DriverSettings:
+    """The cluster driver's settings from the tunables: what the coordinator runs and what
+    ``edgeorch bench`` simulates are built by this one function."""
+    return DriverSettings(
+        scheduler=SchedulerConfig(
+            policy=make_policy(policy, starvation_s=tunables.starvation_s),
+            placement=make_placement(placement),
+            unavailable_timeout_s=unavailable_timeout_s,
+            kv_quantile_low=tunables.kv_quantile_low,
+            kv_quantile_high=tunables.kv_quantile_high,
+            kv_raise_quantile=tunables.kv_raise_quantile,
+            max_preemptions=tunables.max_preemptions,
+        ),
+        max_attempts=max_attempts,
+        refusal_backoff_s=tunables.refusal_backoff_s,
+        restart_grace_s=tunables.restart_grace_s,
+    )
+
+
+def tunable_flags(tunables: SchedulingTunables) -> tuple[str, ...]:
+    """The command-line flags that give a coordinator these tunables (those not at their
+    defaults)."""
+    defaults = SchedulingTunables()
+    flags: list[str] = []
+    for name in SchedulingTunables.model_fields:
+        value = getattr(tunables, name)
+        if value != getattr(defaults, name):
+            flags += [flag_name(name), str(value)]
+    return tuple(flags)
+
+
+class CoordinatorSettings(SchedulingTunables):
     agents_endpoint: str = Field(
         DEFAULT_AGENTS_ENDPOINT, description="ROUTER that agents connect to"
     )
@@ -159,9 +258,13 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, schema: type[Settings]) -> None:
-    """Add one flag per settings field; unset flags stay out of the parsed namespace."""
-    parser.add_argument("--config", type=Path, default=None, help="TOML file of settings")
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, schema: type[Settings], *, config: bool = True
+) -> None:
+    """Add one flag per settings field (and ``--config F``); unset flags stay out of the parsed
+    namespace."""
+    if config:
+        parser.add_argument("--config", type=Path, default=None, help="TOML file of settings")
     for name, info in schema.model_fields.items():
         switch = info.annotation is bool  # a bare --flag means true; --flag false also works
         parser.add_argument(

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.coordinator import Coordinator
 from orchestrator.errors import InvalidRequest
-from orchestrator.settings import AgentSettings, CoordinatorSettings, load_settings
+from orchestrator.settings import (
+    AgentSettings,
+    CoordinatorSettings,
+    SchedulingTunables,
+    load_settings,
+    tunable_flags,
+)
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -43,3 +50,32 @@ def test_shipped_example_configs_load() -> None:
         CoordinatorSettings, config=configs / "coordinator.toml", environ={}, overrides={}
     )
     load_settings(AgentSettings, config=configs / "agent-cpu.toml", environ={}, overrides={})
+
+
+def test_scheduling_tunables_reach_the_coordinators_driver(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text("kv_quantile_high = 0.3\nmax_preemptions = 2\n", encoding="utf-8")
+    settings = load_settings(
+        CoordinatorSettings,
+        config=config,
+        environ={"EDGEORCH_REFUSAL_BACKOFF_S": "2.5"},
+        overrides={"starvation_s": 12.0},
+    )
+    driver = Coordinator(settings).driver.settings
+    assert (driver.scheduler.kv_quantile_high, driver.scheduler.max_preemptions) == (0.3, 2)
+    assert driver.refusal_backoff_s == 2.5
+    assert getattr(driver.scheduler.policy, "starvation_s", None) == 12.0
+
+
+def test_tunables_pass_to_a_coordinator_as_flags_and_refuse_disordered_quantiles() -> None:
+    tunables = SchedulingTunables(kv_raise_quantile=0.5, restart_grace_s=3.0)
+    flags = tunable_flags(tunables)
+    assert flags == ("--kv-raise-quantile", "0.5", "--restart-grace-s", "3.0")
+    parsed = dict(zip(flags[::2], flags[1::2], strict=True))
+    overrides = {k.removeprefix("--").replace("-", "_"): v for k, v in parsed.items()}
+    again = load_settings(SchedulingTunables, config=None, environ={}, overrides=overrides)
+    assert again == tunables
+    with pytest.raises(InvalidRequest, match=r"kv_quantile_low 0\.5 exceeds kv_quantile_high 0\.1"):
+        load_settings(
+            SchedulingTunables, config=None, environ={}, overrides={"kv_quantile_low": 0.5}
+        )

@@ -346,7 +346,6 @@ def _args(**overrides: Any) -> SimpleNamespace:
         predictor="fake",
         adapt_every=0,
         seed=1,
-        starvation_s=None,
         agents=2,
         backend="fake",
         threads=None,
@@ -372,6 +371,7 @@ def _args(**overrides: Any) -> SimpleNamespace:
         ({"max_output_tokens": 0}, "--max-output-tokens"),
         ({"predictor": "psychic"}, "--predictor"),
         ({"adapt_every": -1}, "--adapt-every"),
+        ({"kv_raise_quantile": "1.5"}, "kv_raise_quantile"),
     ],
 )
 def test_bad_bench_flags_are_invalid_requests(overrides: dict[str, Any], match: str) -> None:
@@ -392,3 +392,11 @@ def test_live_agents_share_the_cores_unless_told_otherwise() -> None:
     told = bench_spec_from_args(_args(live=True, sim=False, load="0.5", agents=2, threads=3))
     assert told.live is not None and told.live.agent_args == ("--threads", "3")
     assert threads_per_agent(3, cores=2) == 1 and threads_per_agent(2, cores=16) == 8
+
+
+def test_bench_takes_the_coordinators_tunables_and_records_them(tmp_path: Path) -> None:
+    spec = bench_spec_from_args(_args(kv_raise_quantile="0.5", starvation_s="12"))
+    assert (spec.tunables.kv_raise_quantile, spec.tunables.starvation_s) == (0.5, 12.0)
+    trace = write_trace(tmp_path / "t.jsonl")
+    result = run_bench(bench_spec(trace, SMALL, tunables=spec.tunables))
+    assert result["settings"]["tunables"] == spec.tunables.model_dump()
