@@ -1,5 +1,6 @@
-"""A discrete-event simulator of a cluster that drives the SAME scheduling core (``decide``) and
-request table as the live coordinator.
+"""A discrete-event simulator of a cluster that drives the SAME cluster driver
+(``core.driver``: request table, event handling, snapshot, ``decide``, applying its actions)
+as the live coordinator.
 
 Devices follow their cluster file's speed profile: every running sequence on a device gains one
 token per decode step, a step over ``n`` sequences takes ``n / aggregate_tps(n)`` seconds, and a
