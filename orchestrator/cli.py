@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from agents.backends import BACKEND_NAMES
+from agents.backends.registry import BACKEND_NAMES
 from orchestrator.errors import EdgeorchError, InvalidRequest
 from orchestrator.settings import (
     ADAPT_EVERY,

@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.backends import BACKEND_NAMES
+from agents.backends.registry import BACKEND_NAMES
 from orchestrator.core.driver import REFUSAL_BACKOFF_S, RESTART_GRACE_S, DriverSettings
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import STARVATION_AGE_S, make_policy

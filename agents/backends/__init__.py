@@ -2,8 +2,8 @@
 
 A backend package defines ``build(settings, environ) -> Engine`` (load what it needs) and
 ``measure(engine, environ) -> Measured`` (its speed and whether it offloads to a GPU). Adding a
-backend is one folder and one line in ``BACKENDS``: the wire, the settings and the CLI take
-their names from here.
+backend is one folder and one line in ``registry.BACKENDS``: the wire, the settings and the CLI
+take their names from there.
 """
 
 from __future__ import annotations
@@ -11,21 +11,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
+from agents.backends.registry import BACKEND_NAMES, BACKENDS
 from orchestrator.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from agents.base import Engine
     from agents.probe import SpeedProfile
     from orchestrator.settings import AgentSettings
-
-BACKENDS: Final[Mapping[str, str]] = {
-    "llama": "agents.backends.llama",
-    "fake": "agents.backends.fake",
-}
-"""Backend name -> the package that implements it (imported only when chosen)."""
-BACKEND_NAMES: Final = tuple(BACKENDS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from agents.backends import BACKEND_NAMES, backend
+from agents.backends import backend
 from agents.backends.fake.engine import FakeEngine, FakeTimingModel
+from agents.backends.registry import BACKEND_NAMES
 from agents.device import build_engine, probe_profile
 from orchestrator.errors import InvalidRequest
 from orchestrator.protocol import DeviceProfile
