@@ -16,9 +16,9 @@ def test_with_nobody_decoding_a_step_takes_a_whole_batch_of_prompt() -> None:
 
 
 def test_while_others_decode_a_step_stays_within_the_stall_bound() -> None:
-    costs = StepCosts(prefill_token_s=0.0014, decode_step_s=((4, 0.03),))
+    costs = StepCosts(prefill_token_s=0.003, decode_step_s=((4, 0.03),))
     chunk = costs.prefill_chunk(4, 2048)
-    assert chunk == int((DECODE_STALL_BOUND_S - 0.03) / 0.0014)
+    assert chunk == int((DECODE_STALL_BOUND_S - 0.03) / 0.003)
     assert costs.decode_s(4) + chunk * costs.prefill_token_s <= DECODE_STALL_BOUND_S
 
 
@@ -45,4 +45,4 @@ def test_a_chosen_bound_and_smallest_chunk_survive_measurements() -> None:
     costs = costs.observe(3, 0, 0.06).observe(3, 300, 0.96)
     assert (costs.stall_bound_s, costs.min_chunk_tokens) == (2.0, 32)
     assert costs.prefill_chunk(3, 2048) == int((2.0 - 0.06) / 0.003)
-    assert StepCosts(prefill_token_s=0.05, min_chunk_tokens=32).prefill_chunk(3, 2048) == 32
+    assert StepCosts(prefill_token_s=0.5, min_chunk_tokens=32).prefill_chunk(3, 2048) == 32

@@ -18,14 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Final
 
-DECODE_STALL_BOUND_S: Final = 1.0
+DECODE_STALL_BOUND_S: Final = 3.0
 """Longest a step carrying prompt tokens may take while other sequences decode (beyond the
 smallest chunk). An offline replay of 40 prompt-heavy requests (benchmarks/prefill_replay.py)
-spent 104-125 s in steps with 1 s and 256 tokens against 132-140 s with 0.5 s and 64."""
-MIN_PREFILL_CHUNK_TOKENS: Final = 256
-"""Smallest prompt chunk beside decode rows: below it a mixed step costs up to 100 ms more than
+spent 104-125 s in steps with 1 s and 256 tokens against 132-140 s with 0.5 s and 64, and with a
+KV stream per sequence 107-116 s with 3 s and 768 against 117-132 s with 1 s and 256."""
+MIN_PREFILL_CHUNK_TOKENS: Final = 768
+"""Smallest prompt chunk beside decode rows: below 256 a mixed step costs up to 100 ms more than
 its decode rows and prompt tokens apart (see above), and the prompt runs at half the device's
-prefill throughput."""
+prefill throughput; with a stream per sequence, chunks of 768 ran prompts at 2.4-2.6 ms a token
+against 2.8-3.0 ms with 256."""
 DEFAULT_PREFILL_TOKEN_S: Final = 1 / 700
 """Until the first steps are measured: the default model on 2 CPU threads."""
 DEFAULT_DECODE_ROW_S: Final = 0.022
