@@ -200,10 +200,8 @@ class Coordinator:
         if self._journal is None:
             return
         records = self._journal.replay(self._clock() - self._wall_clock())
-        for record in records:
-            self.table.restore(record)
+        self._handle(JournalReplayed(tuple(records)), self._clock())
         queued = self.table.count(RequestState.QUEUED)
-        self._handle(JournalReplayed(), self._clock())
         log.info(
             "journal %s: %d unfinished requests requeued, %d ended kept for re-submits",
             self._journal.path,

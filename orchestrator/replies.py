@@ -3,7 +3,8 @@ request's estimated start and finish."""
 
 from __future__ import annotations
 
-from orchestrator.core.driver import ClusterDriver, known_length
+from orchestrator.core.agent_views import known_length
+from orchestrator.core.driver import ClusterDriver
 from orchestrator.core.eta import Eta, estimate_etas
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from orchestrator.core.driver import AgentState
+from orchestrator.core.agent_views import AgentState
 from orchestrator.core.eta import measured_speed
 from orchestrator.core.table import RequestTable
 from orchestrator.protocol import (

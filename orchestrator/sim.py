@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol, assert_never
 
+from orchestrator.core.agent_views import AgentState
 from orchestrator.core.driver import (
     AgentJoined,
-    AgentState,
     ClusterDriver,
     Dispatched,
     DriverSettings,

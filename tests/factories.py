@@ -6,7 +6,8 @@ import math
 from statistics import NormalDist
 from typing import Any
 
-from orchestrator.core.driver import AgentJoined, AgentState, ClusterDriver, DriverSettings
+from orchestrator.core.agent_views import AgentState
+from orchestrator.core.driver import AgentJoined, ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy

@@ -17,13 +17,14 @@ keep dying with their agent fails after ``max_attempts``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final, TypeVar, assert_never
 
-from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.agent_views import AgentState, AgentViews, known_length
 from orchestrator.core.eta import measured_speed
 from orchestrator.core.lifecycle import RequestState
-from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.ordered_queue import OrderedQueue
+from orchestrator.core.scheduler import DECIDE_LOOKAHEAD, SchedulerConfig, decide
 from orchestrator.core.table import RequestRecord, RequestTable
 from orchestrator.core.views import (
     AgentView,
@@ -70,23 +71,6 @@ class DriverSettings:
     """Tell ``decide`` that an ``ignore_eos`` request's output is exactly ``max_tokens`` long.
     The ETA always uses it; scheduling on it makes srtf an oracle wherever clients send their
     true lengths as max_tokens (benchmarks do), so it is off unless asked for."""
-
-
-@dataclass(slots=True)
-class AgentState:
-    """What the driver knows of one live agent: its measured capacity and whether it takes
-    new work."""
-
-    agent_id: AgentId
-    model_name: str
-    n_ctx: int
-    max_seqs: int
-    kv_budget_tokens: int
-    decode_tps: float | None = None
-    speed: SpeedProfile | None = None
-    draining: bool = False
-    refused_until_s: float = 0.0
-    """Placement skips the agent until then (see ``REFUSAL_BACKOFF_S``)."""
 
 
 # --- events -------------------------------------------------------------------------------
@@ -160,7 +144,10 @@ class AgentLost:
 
 @dataclass(frozen=True, slots=True)
 class JournalReplayed:
-    """The shell restored requests from its journal; those queued get the restart grace."""
+    """The shell read these records back from its journal: queued ones queue again (with the
+    restart grace), ended ones stay to answer re-submits."""
+
+    records: tuple[RequestRecord, ...]
 
 
 Event = (
@@ -240,14 +227,15 @@ class ClusterDriver:
 
     def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings
-        self.table = RequestTable()
+        self.table = RequestTable(on_queue=self._queue_changed)
         self.agents: dict[AgentId, AgentState] = {}
         self.dispatch_count = 0
         self.needs_decision = False
         """Set by every event that may let ``schedule`` act; cleared by ``schedule``."""
         self._replayed: set[RequestId] = set()
         self._grace_until_s = 0.0
-        self._queued_views: dict[RequestId, QueuedRequest] = {}
+        self._queue = OrderedQueue(settings.scheduler.policy)
+        self._agent_views = AgentViews(self.table, settings.exact_ignore_eos_lengths)
 
     # --- events -------------------------------------------------------------------------
 
@@ -268,6 +256,7 @@ class ClusterDriver:
                 return self._run_refused(event, now)
             case AgentJoined(agent):
                 self.agents[agent.agent_id] = agent
+                self._agent_views.forget(agent.agent_id)
                 self.needs_decision = True
                 return []
             case AgentReported(agent_id, draining, decode_curve, prefill_tps):
@@ -277,11 +266,15 @@ class ClusterDriver:
                 if known.draining != draining:
                     known.draining = draining
                     self.needs_decision = True
+                    if not draining:
+                        self._agent_views.regrow(agent_id)
                 known.speed = refreshed_speed(known.speed, decode_curve, prefill_tps)
                 return []
             case AgentLost(agent_id, reason, failed):
                 return self._agent_lost(agent_id, reason, failed, now)
-            case JournalReplayed():
+            case JournalReplayed(records):
+                for record in records:
+                    self.table.restore(record)
                 self._replayed = {r.request_id for r in self.table.queued()}
                 self._grace_until_s = now + self.settings.restart_grace_s
                 self.needs_decision |= bool(self._replayed)
@@ -323,7 +316,6 @@ class ClusterDriver:
             effects.append(StopRun(record.agent_id, request_id, record.attempt))
         agent_id = record.agent_id if record.state is not RequestState.QUEUED else None
         self.table.cancel(request_id, now)
-        self._queued_views.pop(request_id, None)
         self.needs_decision = True
         effects.append(Ended(record, agent_id))
         return effects
@@ -405,6 +397,7 @@ class ClusterDriver:
         since each of their attempts advances, they cannot loop (at most max_tokens +
         max_attempts attempts)."""
         self.agents.pop(agent_id, None)
+        self._agent_views.forget(agent_id)
         effects: list[Effect] = []
         limit = self.settings.max_attempts
         for record in self.table.on_agent(agent_id):
@@ -430,7 +423,6 @@ class ClusterDriver:
         record = self.table[request_id]
         agent_id = record.agent_id if record.state is not RequestState.QUEUED else None
         self.table.fail(request_id, error, now)
-        self._queued_views.pop(request_id, None)
         return [Ended(record, agent_id)]
 
     # --- deciding -----------------------------------------------------------------------
@@ -439,6 +431,7 @@ class ClusterDriver:
         """One pass of ``decide`` over the current state; its actions applied to the table."""
         self.needs_decision = False
         snapshot = self.snapshot(now)
+        self._agent_views.decided()
         if snapshot is None:
             return []
         effects: list[Effect] = []
@@ -446,7 +439,6 @@ class ClusterDriver:
             match action:
                 case DispatchAction(request_id, agent_id, reservation):
                     self.dispatch_count += 1
-                    self._queued_views.pop(request_id, None)
                     record = self.table.dispatch(request_id, agent_id, reservation, now)
                     effects.append(Dispatched(record, agent_id))
                 case ReserveAction(request_id, agent_id, reservation):
@@ -472,58 +464,45 @@ class ClusterDriver:
         return effects
 
     def snapshot(self, now: float) -> Snapshot | None:
-        """What ``decide`` sees now; None when nothing waits or runs."""
-        queue = tuple(self._queued_view(r) for r in self.table.queued())
-        running = tuple(
-            self._known_length(r.running_view(), r)
-            for agent_id in self.agents
-            for r in self.table.on_agent(agent_id)
+        """What ``decide`` sees now (of the queue, its head: ``core.ordered_queue``); None when
+        nothing waits or runs."""
+        agents = tuple(self.views(now=now))
+        limits: dict[str, int] = {}
+        for agent in agents:
+            limit = min(agent.n_ctx, agent.kv_budget_tokens)
+            limits[agent.model_name] = max(limit, limits.get(agent.model_name, 0))
+        head = self._queue.head(
+            now, limits, self.settings.scheduler.unavailable_timeout_s, DECIDE_LOOKAHEAD
         )
-        if not queue and not running:
+        by_agent, growing = self._agent_views.running(self.agents)
+        if not head.requests and not by_agent:
             return None
         return Snapshot(
-            queue=queue,
-            agents=tuple(self.views(now=now)),
-            running=running,
+            queue=head.requests,
+            agents=agents,
             dispatch_count=self.dispatch_count,
+            aging_bound_s=head.aging_bound_s,
+            by_agent=by_agent,
+            growing=growing,
         )
+
+    def queued(self) -> list[QueuedRequest]:
+        """Every queued request's view, in queue order."""
+        return self._queue.views()
 
     def views(self, *, include_draining: bool = False, now: float | None = None) -> list[AgentView]:
         """Agents as placement sees them; draining ones take no new work, nor (given ``now``)
         ones that refused a dispatch moments ago: those show no free slot (or, idle, are left
         out), so the core still raises and preempts what runs there."""
-        views = []
-        for agent in self.agents.values():
-            if agent.draining and not include_draining:
-                continue
-            work = self.table.on_agent(agent.agent_id)
-            pausing = now is not None and now < agent.refused_until_s
-            if pausing and not work:
-                continue
-            views.append(
-                AgentView(
-                    agent_id=agent.agent_id,
-                    model_name=agent.model_name,
-                    n_ctx=agent.n_ctx,
-                    max_seqs=len(work) if pausing else agent.max_seqs,
-                    kv_budget_tokens=agent.kv_budget_tokens,
-                    running=len(work),
-                    kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
-                    decode_tps=agent.decode_tps,
-                    speed=agent.speed,
-                )
-            )
-        return views
+        return self._agent_views.placement(self.agents, include_draining=include_draining, now=now)
 
-    def _queued_view(self, record: RequestRecord) -> QueuedRequest:
-        """A queued record's view, kept until it leaves the queue (nothing in it changes while
-        it waits), so a long queue costs no rebuild per decision."""
-        view = self._queued_views.get(record.request_id)
-        if view is None or view.attempt != record.attempt:
-            view = self._queued_views[record.request_id] = self._known_length(
-                record.queued_view(), record
-            )
-        return view
+    def _queue_changed(self, record: RequestRecord, joined: bool) -> None:
+        """Keep the ordered queue as the table's queue (a queued record's view does not change
+        while it waits)."""
+        if joined:
+            self._queue.add(self._known_length(record.queued_view(), record))
+        else:
+            self._queue.remove(record.request_id)
 
     def _known_length(self, view: V, record: RequestRecord) -> V:
         if not self.settings.exact_ignore_eos_lengths:
@@ -546,10 +525,3 @@ def refreshed_speed(
     if prefill_tps is None and speed is not None:
         prefill_tps = speed.prefill_tps
     return measured_speed(sorted(points.items()), prefill_tps) or speed
-
-
-def known_length(view: V, record: RequestRecord) -> V:
-    """With ``ignore_eos`` the output is exactly ``max_tokens`` long, whatever the prediction."""
-    if not record.params.ignore_eos:
-        return view
-    return replace(view, estimate=LengthEstimate.exact(record.params.max_tokens))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -31,6 +32,7 @@ class Candidate:
     agent: AgentView
     can_start: bool
     reservation_tokens: int
+    """KV cells the request would reserve here (0 where it cannot start now)."""
     free_in_s: float
 
 
@@ -57,16 +59,38 @@ class Placement(Protocol):
         """Pick a candidate that can start now, or wait (for a busy one, if ``waits_for``)."""
         ...
 
+    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+        """What ``choose`` would pick over every capable agent, found through ``fleet``
+        without weighing each agent (with a hundred agents and a long queue that is what a
+        decision would cost). None: ``choose`` must see every candidate."""
+        ...
+
+
+class Fleet(Protocol):
+    """The capable agents, as the scheduler indexes them for one decision."""
+
+    def free_candidates(self, request: QueuedRequest) -> list[Candidate]:
+        """The candidates with a free slot (whether or not the request fits their KV now)."""
+        ...
+
+    def least_completion(
+        self, request: QueuedRequest
+    ) -> tuple[tuple[float, AgentId, bool] | None, tuple[float, AgentId] | None]:
+        """The least (``predicted_completion_s``, agent id, can start now) over every capable
+        agent, and the least (time, id) over those that can start now (None if none can)."""
+        ...
+
 
 def speed_of(agent: AgentView) -> SpeedProfile:
     if agent.speed is not None:
         return agent.speed
-    return SpeedProfile.power_law(
-        agent.decode_tps or DEFAULT_DECODE_TPS,
-        DEFAULT_PREFILL_TPS,
-        agent.max_seqs,
-        DEFAULT_BATCH_EXPONENT,
-    )
+    return _assumed_speed(agent.decode_tps or DEFAULT_DECODE_TPS, agent.max_seqs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _assumed_speed(decode_tps: float, max_seqs: int) -> SpeedProfile:
+    """The speed of an agent that reports only its single-sequence rate (tabulated once)."""
+    return SpeedProfile.power_law(decode_tps, DEFAULT_PREFILL_TPS, max_seqs, DEFAULT_BATCH_EXPONENT)
 
 
 class LeastLoaded:
@@ -85,6 +109,9 @@ class LeastLoaded:
             return WAIT
         best = min(startable, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id))
         return Choice(best.agent_id)
+
+    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+        return self.choose(request, fleet.free_candidates(request), 0)
 
 
 class RoundRobin:
@@ -106,6 +133,9 @@ class RoundRobin:
             if candidate.can_start:
                 return Choice(candidate.agent.agent_id)
         return WAIT
+
+    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+        return None  # the turn counts every capable agent
 
 
 def predicted_completion_s(request: QueuedRequest, candidate: Candidate) -> float:
@@ -132,19 +162,40 @@ class PredictedCompletion:
         candidates: Sequence[Candidate],
         dispatch_count: int,
     ) -> Choice:
-        if not candidates:
+        return _least_completion(request, candidates)
+
+    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+        best, best_start = fleet.least_completion(request)
+        if best is None:
             return WAIT
-        scored = [(predicted_completion_s(request, c), c.agent.agent_id, c) for c in candidates]
-        best_time, _, best = min(scored, key=lambda s: (s[0], s[1]))
-        if best.can_start:
-            return Choice(best.agent.agent_id)
-        startable = [s for s in scored if s[2].can_start]
-        if not startable:
-            return Choice(None, best.agent.agent_id)
-        free_time, _, free = min(startable, key=lambda s: (s[0], s[1]))
-        if best_time <= WAIT_ADVANTAGE * free_time:
-            return Choice(None, best.agent.agent_id)
-        return Choice(free.agent.agent_id)
+        return _wait_or_start(best, best_start)
+
+
+def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -> Choice:
+    scored = [
+        (predicted_completion_s(request, c), c.agent.agent_id, c.can_start) for c in candidates
+    ]
+    if not scored:
+        return WAIT
+    best = min(scored, key=lambda s: (s[0], s[1]))
+    startable = [s[:2] for s in scored if s[2]]
+    return _wait_or_start(best, min(startable) if startable else None)
+
+
+def _wait_or_start(
+    best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None
+) -> Choice:
+    """Start on the best agent if it can; else wait for it unless one that can start now
+    finishes the request within ``1 / WAIT_ADVANTAGE`` of its time."""
+    best_time, best_id, best_starts = best
+    if best_starts:
+        return Choice(best_id)
+    if best_start is None:
+        return Choice(None, best_id)
+    free_time, free_id = best_start
+    if best_time <= WAIT_ADVANTAGE * free_time:
+        return Choice(None, best_id)
+    return Choice(free_id)
 
 
 PLACEMENTS: Final[dict[str, Callable[[], Placement]]] = {

@@ -93,6 +93,19 @@ class Policy(Protocol):
         (default ``starvation_s``)."""
         ...
 
+    def bound_for_median_age(self, median_age_s: float) -> float:
+        """The aging bound of a queue whose median age is ``median_age_s``."""
+        ...
+
+    def rank_floor(
+        self, key: float, arrival_s: float, request_id: str, longest_wait_s: float
+    ) -> tuple[float | str, ...]:
+        """A lower bound on the rank of every request that is not starved, has waited at most
+        ``longest_wait_s`` and comes at or after (``key``, class-adjusted ``arrival_s``,
+        ``request_id``) in key order: the ordered queue stops looking once it exceeds the
+        ranks already found."""
+        ...
+
 
 def effective_arrival_s(request: View) -> float:
     """Arrival time with the priority class folded in as aging."""
@@ -101,13 +114,7 @@ def effective_arrival_s(request: View) -> float:
 
 def expected_remaining(request: View) -> float:
     """Expected output tokens still to come, from the re-predicted distribution."""
-    if isinstance(request, QueuedRequest):
-        return request.rest_tokens
-    estimate = request.estimate
-    if estimate is None:
-        return max(1.0, UNKNOWN_LENGTH_TOKENS - request.generated_tokens)
-    rest = estimate.expected_remaining(request.generated_tokens)
-    return min(rest, float(max(1, request.remaining_budget)))
+    return request.rest_tokens
 
 
 def _initial_expected(estimate: LengthEstimate | None) -> float:
@@ -147,10 +154,15 @@ class _Base:
         self.overload_multiple = overload_multiple
 
     def aging_bound_s(self, queue: Sequence[QueuedRequest], now: float) -> float:
-        if not queue or self.overload_multiple == 0:
+        if not queue:
             return self.starvation_s
         ages = sorted(now - effective_arrival_s(r) for r in queue)
-        return max(self.starvation_s, self.overload_multiple * ages[len(ages) // 2])
+        return self.bound_for_median_age(ages[len(ages) // 2])
+
+    def bound_for_median_age(self, median_age_s: float) -> float:
+        if self.overload_multiple == 0:
+            return self.starvation_s
+        return max(self.starvation_s, self.overload_multiple * median_age_s)
 
     def key(self, request: View) -> float:
         raise NotImplementedError
@@ -166,11 +178,24 @@ class _Base:
         if now - arrival >= (self.starvation_s if bound_s is None else bound_s):
             return (0, 0, 0.0, arrival, request.request_id)
         batch_waiting = batch and now - request.arrival_s < BATCH_PRIORITY_DELAY_S
-        key = self.key(request)
-        if self.ages_by_ratio and RESPONSE_RATIO_TOKEN_S > 0:
-            waited = max(0.0, now - arrival)
-            key = key / (1.0 + waited / (max(1.0, key) * RESPONSE_RATIO_TOKEN_S))
+        key = self._aged(self.key(request), max(0.0, now - arrival))
         return (1, int(batch_waiting), key, arrival, request.request_id)
+
+    def rank_floor(
+        self, key: float, arrival_s: float, request_id: str, longest_wait_s: float
+    ) -> tuple[float | str, ...]:
+        if self._ages():
+            return (1, 0, self._aged(key, longest_wait_s))
+        return (1, 0, key, arrival_s, request_id)
+
+    def _ages(self) -> bool:
+        return self.ages_by_ratio and RESPONSE_RATIO_TOKEN_S > 0
+
+    def _aged(self, key: float, waited_s: float) -> float:
+        """The key with response-ratio aging: never above ``key``, lower the longer waited."""
+        if self._ages():
+            return key / (1.0 + waited_s / (max(1.0, key) * RESPONSE_RATIO_TOKEN_S))
+        return key
 
     def order(self, queue: Sequence[QueuedRequest], now: float) -> list[QueuedRequest]:
         bound = self.aging_bound_s(queue, now)
@@ -191,6 +216,11 @@ class FirstComeFirstServed(_Base):
     def rank(self, request: QueuedRequest, now: float, bound_s: float | None = None) -> Rank:
         arrival = effective_arrival_s(request)
         return (0, 0, arrival, arrival, request.request_id)
+
+    def rank_floor(
+        self, key: float, arrival_s: float, request_id: str, longest_wait_s: float
+    ) -> tuple[float | str, ...]:
+        return (0, 0, key, arrival_s, request_id)
 
 
 class ShortestJobFirst(_Base):

@@ -30,11 +30,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from orchestrator.core.placement import Candidate, Placement, speed_of
-from orchestrator.core.policies import Policy, effective_arrival_s, expected_remaining
+from orchestrator.core.placement import Candidate, Placement, predicted_completion_s, speed_of
+from orchestrator.core.policies import Policy, effective_arrival_s
 from orchestrator.core.views import (
     Action,
     AgentView,
@@ -73,6 +74,8 @@ PREEMPT_COST_FRACTION: Final = 0.15
 PREEMPT_TRIES_PER_DECIDE: Final = 2
 DECIDE_LOOKAHEAD: Final = 16
 """Queued requests (in policy order) one call considers for placement."""
+BOUND_SLACK: Final = 1.0 - 1e-9
+"""Shrinks a computed lower bound so that float rounding never lets it pass a true value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,23 +129,26 @@ class _State:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.agents: dict[AgentId, AgentView] = {a.agent_id: a for a in snapshot.agents}
-        self.running: dict[AgentId, list[RunningRequest]] = defaultdict(list)
-        for r in snapshot.running:
-            self.running[r.agent_id].append(r)
+        self.free_slots: set[AgentId] = {a.agent_id for a in snapshot.agents if a.free_slots > 0}
+        self._groups = snapshot.by_agent
+        self._preempted_on: dict[AgentId, list[RunningRequest]] = {}
+        """Running lists of the agents this call preempted on (the rest read the snapshot)."""
         self.actions: list[Action] = []
         self.preempted: set[RequestId] = set()
         self.backlog: dict[AgentId, int] = defaultdict(int)
-        self._finish_times: dict[AgentId, list[float]] = {}
-        self._rest: dict[RequestId, float] = {}
+        self._finish: dict[AgentId, tuple[tuple[float, ...], float]] = {}
         self._keys: dict[RequestId, float] = {}
+        self._fleets: dict[str | None, _Fleet] = {}
+        self.changes: dict[AgentId, int] = {}
+        """How many times this call changed each agent it changed (dispatch, raise, preempt)."""
         self.dispatched = 0
 
-    def rest(self, running: RunningRequest) -> float:
-        """Expected remaining tokens of a running request, computed once per call."""
-        value = self._rest.get(running.request_id)
-        if value is None:
-            value = self._rest[running.request_id] = expected_remaining(running)
-        return value
+    def running_on(self, agent_id: AgentId) -> Sequence[RunningRequest]:
+        changed = self._preempted_on.get(agent_id)
+        if changed is not None:
+            return changed
+        group = self._groups.get(agent_id)
+        return () if group is None else group.requests
 
     def key(self, policy: Policy, running: RunningRequest) -> float:
         value = self._keys.get(running.request_id)
@@ -151,33 +157,147 @@ class _State:
         return value
 
     def preempt(self, victim: RunningRequest, reason: str) -> None:
-        agent = self.agents[victim.agent_id]
-        self.agents[victim.agent_id] = agent.with_released(victim.kv_reservation_tokens)
-        self.running[victim.agent_id] = [
-            r for r in self.running[victim.agent_id] if r.request_id != victim.request_id
+        agent_id = victim.agent_id
+        self._set_agent(self.agents[agent_id].with_released(victim.kv_reservation_tokens))
+        self._preempted_on[agent_id] = [
+            r for r in self.running_on(agent_id) if r.request_id != victim.request_id
         ]
         self.preempted.add(victim.request_id)
-        self._finish_times.pop(victim.agent_id, None)
-        self.actions.append(PreemptAction(victim.request_id, victim.agent_id, reason))  # type: ignore[arg-type]
+        self._finish.pop(agent_id, None)
+        self.actions.append(PreemptAction(victim.request_id, agent_id, reason))  # type: ignore[arg-type]
 
     def dispatch(self, request: QueuedRequest, agent_id: AgentId, reservation: int) -> None:
-        self.agents[agent_id] = self.agents[agent_id].with_dispatched(request, reservation)
+        self._set_agent(self.agents[agent_id].with_dispatched(request, reservation))
         self.actions.append(DispatchAction(request.request_id, agent_id, reservation))
         self.dispatched += 1
 
+    def reserve(self, agent_id: AgentId, extra_tokens: int) -> None:
+        self._set_agent(self.agents[agent_id].with_reserved(extra_tokens))
+
+    def _set_agent(self, agent: AgentView) -> None:
+        self.agents[agent.agent_id] = agent
+        self.changes[agent.agent_id] = self.changes.get(agent.agent_id, 0) + 1
+        if agent.free_slots > 0:
+            self.free_slots.add(agent.agent_id)
+        else:
+            self.free_slots.discard(agent.agent_id)
+
     def free_in_s(self, agent: AgentView) -> float:
-        """Seconds until the (backlog + 1)-th running request on ``agent`` is expected to end."""
-        times = self._finish_times.get(agent.agent_id)
-        if times is None:
+        """Seconds until the (backlog + 1)-th running request on ``agent`` is expected to end
+        (at the step time it had when first asked in this call)."""
+        entry = self._finish.get(agent.agent_id)
+        if entry is None:
             step = speed_of(agent).step_s(agent.running)
-            times = sorted(self.rest(r) * step for r in self.running[agent.agent_id])
-            self._finish_times[agent.agent_id] = times
-        if not times:
+            changed = self._preempted_on.get(agent.agent_id)
+            if changed is not None:
+                rests = tuple(sorted(r.rest_tokens for r in changed))
+            else:
+                group = self._groups.get(agent.agent_id)
+                rests = () if group is None else group.sorted_rests
+            entry = self._finish[agent.agent_id] = (rests, step)
+        rests, step = entry
+        if not rests:
             return 0.0
         k = self.backlog[agent.agent_id] + 1
-        if k <= len(times):
-            return times[k - 1]
-        return times[-1] * k / len(times)
+        if k <= len(rests):
+            return rests[k - 1] * step
+        return rests[-1] * step * k / len(rests)
+
+    def fleet(self, model: str | None, ids: list[AgentId], config: SchedulerConfig) -> _Fleet:
+        """The agents serving ``model``, indexed for this call's placements."""
+        found = self._fleets.get(model)
+        if found is None:
+            found = self._fleets[model] = _Fleet(self, ids, config)
+        return found
+
+
+class _Fleet:
+    """One model's agents in one ``decide`` call, indexed so that the least predicted completion
+    is found without weighing every agent. An agent with a free slot costs at least
+    ``pending / fastest prefill + rest x step`` (its batch's step time), so those are scanned by
+    step until that floor passes the best found; one without a free slot also waits at least
+    until its first running request ends, so those are scanned by step and by that wait at
+    once, until the floor from both passes it (Fagin's threshold algorithm). Agents this call
+    changed (a dispatch, raise or preemption) are weighed apart. Only free agents can start the
+    request now, so the best of those is known before the busy ones are scanned."""
+
+    def __init__(self, state: _State, ids: list[AgentId], config: SchedulerConfig) -> None:
+        self._state = state
+        self._config = config
+        self._ids = ids
+        self._serves = set(ids)
+        self._changes_then = dict(state.changes)
+        agents = [state.agents[agent_id] for agent_id in ids]
+        free: list[tuple[float, AgentId]] = []
+        busy: list[tuple[float, AgentId]] = []
+        waits: list[tuple[float, AgentId]] = []
+        for agent in agents:
+            step = speed_of(agent).step_s(min(agent.max_seqs, agent.running + 1))
+            if agent.free_slots > 0:
+                free.append((step, agent.agent_id))
+            else:
+                busy.append((step, agent.agent_id))
+                waits.append((state.free_in_s(agent), agent.agent_id))
+        self._free = sorted(free)
+        self._busy_by_step = sorted(busy)
+        self._busy_by_wait = sorted(waits)
+        self._fastest_prefill_tps = max(speed_of(a).prefill_tps for a in agents)
+
+    def free_candidates(self, request: QueuedRequest) -> list[Candidate]:
+        state = self._state
+        ids = [i for i in self._ids if i in state.free_slots]
+        return _candidates(request, ids, state, self._config)
+
+    def least_completion(
+        self, request: QueuedRequest
+    ) -> tuple[tuple[float, AgentId, bool] | None, tuple[float, AgentId] | None]:
+        state = self._state
+        best: tuple[float, AgentId, bool] | None = None
+        best_start: tuple[float, AgentId] | None = None
+
+        def weigh(agent_id: AgentId) -> None:
+            nonlocal best, best_start
+            agent = state.agents[agent_id]
+            if not agent.fits_context(request):
+                return
+            candidate = _candidate(request, agent, state, self._config)
+            time = predicted_completion_s(request, candidate)
+            if best is None or (time, agent_id) < best[:2]:
+                best = (time, agent_id, candidate.can_start)
+            if candidate.can_start and (best_start is None or (time, agent_id) < best_start):
+                best_start = (time, agent_id)
+
+        def beaten(
+            floor: float, found: tuple[float, AgentId, bool] | tuple[float, AgentId] | None
+        ) -> bool:
+            return found is not None and floor * BOUND_SLACK > found[0]
+
+        seen = {
+            agent_id
+            for agent_id, count in state.changes.items()
+            if count != self._changes_then.get(agent_id, 0) and agent_id in self._serves
+        }
+        for agent_id in seen:
+            weigh(agent_id)
+        prefill_floor = (request.prompt_tokens + request.generated_tokens) / (
+            self._fastest_prefill_tps
+        )
+        rest = request.rest_tokens
+        for step, agent_id in self._free:
+            if beaten(prefill_floor + rest * step, best_start):
+                break
+            if agent_id not in seen:
+                weigh(agent_id)
+        for (step, by_step), (wait, by_wait) in zip(
+            self._busy_by_step, self._busy_by_wait, strict=True
+        ):
+            if beaten(wait + prefill_floor + rest * step, best):
+                break  # no busy agent can start it now, so only the best overall is left
+            for agent_id in (by_step, by_wait):
+                if agent_id not in seen:
+                    seen.add(agent_id)
+                    weigh(agent_id)
+        return best, best_start
 
 
 def decide(snapshot: Snapshot, now: float, config: SchedulerConfig) -> list[Action]:
@@ -191,7 +311,8 @@ def decide(snapshot: Snapshot, now: float, config: SchedulerConfig) -> list[Acti
 
 
 def _grow_reservations(snapshot: Snapshot, state: _State, config: SchedulerConfig) -> None:
-    for r in snapshot.running:
+    growing = snapshot.all_running() if snapshot.growing is None else snapshot.growing
+    for r in growing:
         agent = state.agents.get(r.agent_id)
         if agent is None or r.request_id in state.preempted or not needs_raise(r, agent):
             continue
@@ -199,7 +320,7 @@ def _grow_reservations(snapshot: Snapshot, state: _State, config: SchedulerConfi
         for wanted in (target, r.kv_reservation_tokens + _min_raise(r)):
             wanted = min(wanted, _reservation_cap(r, agent))
             if wanted - r.kv_reservation_tokens <= agent.free_kv_tokens:
-                state.agents[r.agent_id] = agent.with_reserved(wanted - r.kv_reservation_tokens)
+                state.reserve(r.agent_id, wanted - r.kv_reservation_tokens)
                 state.actions.append(ReserveAction(r.request_id, r.agent_id, wanted))
                 break
         else:
@@ -218,7 +339,7 @@ def _make_room(grower: RunningRequest, agent: AgentView, state: _State) -> None:
     others = sorted(
         (
             r
-            for r in state.running[grower.agent_id]
+            for r in state.running_on(grower.agent_id)
             if r.request_id != grower.request_id and r.request_id not in state.preempted
         ),
         key=lambda r: (r.kv_used_tokens, -r.kv_reservation_tokens, r.request_id),
@@ -234,8 +355,7 @@ def _make_room(grower: RunningRequest, agent: AgentView, state: _State) -> None:
     if agent.free_kv_tokens + freed >= extra and recompute < grower.kv_used_tokens:
         for v in victims:
             state.preempt(v, "kv")
-        current = state.agents[grower.agent_id]
-        state.agents[grower.agent_id] = current.with_reserved(extra)
+        state.reserve(grower.agent_id, extra)
         state.actions.append(
             ReserveAction(grower.request_id, grower.agent_id, grower.kv_reservation_tokens + extra)
         )
@@ -246,11 +366,13 @@ def _make_room(grower: RunningRequest, agent: AgentView, state: _State) -> None:
 def _place_queue(snapshot: Snapshot, now: float, state: _State, config: SchedulerConfig) -> None:
     policy = config.policy
     by_model: dict[str | None, list[AgentId]] = {}
+    model_agents: dict[str | None, set[AgentId]] = {}
     limit: dict[str | None, int] = {}
     for request in snapshot.queue:
         if request.model not in by_model:
             ids = [a.agent_id for a in snapshot.agents if a.serves(request.model)]
             by_model[request.model] = ids
+            model_agents[request.model] = set(ids)
             limit[request.model] = max(
                 (min(state.agents[i].n_ctx, state.agents[i].kv_budget_tokens) for i in ids),
                 default=0,
@@ -268,44 +390,56 @@ def _place_queue(snapshot: Snapshot, now: float, state: _State, config: Schedule
             placeable.append(request)
     if not placeable:
         return
-    has_slot = any(a.free_slots > 0 for a in state.agents.values())
+    has_slot = bool(state.free_slots)
     if not has_slot and not policy.preemptive:
         return
     lookahead = DECIDE_LOOKAHEAD if has_slot else PREEMPT_TRIES_PER_DECIDE
-    if len(placeable) > lookahead:
+    bound = snapshot.aging_bound_s
+    if bound is None:
         bound = policy.aging_bound_s(placeable, now)
-        ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now, bound))
-    else:
-        ordered = policy.order(placeable, now)
+    ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now, bound))
     preempt_tries = PREEMPT_TRIES_PER_DECIDE
     for request in ordered:
-        agents = [state.agents[i] for i in by_model[request.model]]
-        if not any(a.free_slots > 0 for a in agents):
+        ids = by_model[request.model]
+        if state.free_slots.isdisjoint(model_agents[request.model]):
             if policy.preemptive and preempt_tries > 0:
                 preempt_tries -= 1
-                _try_preempt(request, agents, now, state, config)
+                _try_preempt(request, [state.agents[i] for i in ids], now, state, config)
             continue
-        candidates = []
-        for agent in agents:
-            if not agent.fits_context(request):
-                continue
-            reservation = admission_reservation(request, agent, config)
-            can_start = agent.can_start(request, reservation)
-            free_in = 0.0 if can_start else state.free_in_s(agent)
-            candidates.append(Candidate(agent, can_start, reservation, free_in))
-        choice = config.placement.choose(
-            request, candidates, snapshot.dispatch_count + state.dispatched
-        )
+        choice = config.placement.settle(request, state.fleet(request.model, ids, config))
+        if choice is None:
+            candidates = _candidates(request, ids, state, config)
+            choice = config.placement.choose(
+                request, candidates, snapshot.dispatch_count + state.dispatched
+            )
         if choice.agent_id is not None:
-            chosen = next(c for c in candidates if c.agent.agent_id == choice.agent_id)
-            state.dispatch(request, choice.agent_id, chosen.reservation_tokens)
+            chosen = state.agents[choice.agent_id]
+            state.dispatch(request, choice.agent_id, admission_reservation(request, chosen, config))
             continue
         if policy.preemptive and preempt_tries > 0:
             preempt_tries -= 1
-            if _try_preempt(request, agents, now, state, config):
+            if _try_preempt(request, [state.agents[i] for i in ids], now, state, config):
                 continue
         if choice.waits_for is not None:
             state.backlog[choice.waits_for] += 1
+
+
+def _candidates(
+    request: QueuedRequest, ids: list[AgentId], state: _State, config: SchedulerConfig
+) -> list[Candidate]:
+    """The agents among ``ids`` whose context fits the request, as placement weighs them."""
+    agents = (state.agents[agent_id] for agent_id in ids)
+    return [_candidate(request, a, state, config) for a in agents if a.fits_context(request)]
+
+
+def _candidate(
+    request: QueuedRequest, agent: AgentView, state: _State, config: SchedulerConfig
+) -> Candidate:
+    if agent.free_slots > 0:
+        reservation = admission_reservation(request, agent, config)
+        if agent.can_start(request, reservation):
+            return Candidate(agent, True, reservation, 0.0)
+    return Candidate(agent, False, 0, state.free_in_s(agent))
 
 
 def _try_preempt(
@@ -317,7 +451,7 @@ def _try_preempt(
 ) -> bool:
     """Displace the running request whose preemption saves the most time net of recompute."""
     policy = config.policy
-    waiting_rest = expected_remaining(request)
+    waiting_rest = request.rest_tokens
     waiting_key = policy.key(request)
     best: tuple[float, RunningRequest, AgentView] | None = None
     for agent in agents:
@@ -325,7 +459,10 @@ def _try_preempt(
             continue
         speed = speed_of(agent)
         step = speed.step_s(agent.running)
-        for victim in state.running[agent.agent_id]:
+        gain = state.free_in_s(agent)
+        if waiting_rest * step > PREEMPT_COST_FRACTION * gain:
+            continue  # the cost below is at least this, whichever the victim
+        for victim in state.running_on(agent.agent_id):
             if (
                 victim.request_id in state.preempted
                 or victim.preemptions >= config.max_preemptions
@@ -336,7 +473,6 @@ def _try_preempt(
                 continue
             # The waiter saves its wait for a slot here; the victim then waits about the
             # waiter's run time for a slot, and its recompute stalls the whole batch.
-            gain = state.free_in_s(agent)
             cost = waiting_rest * step + speed.prefill_s(victim.kv_used_tokens) * agent.running
             if cost > PREEMPT_COST_FRACTION * gain:
                 continue

@@ -3,6 +3,7 @@ timestamps. Pure (no I/O, no clock), so the simulator can drive it as the coordi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
 from orchestrator.core.estimate import LengthEstimate
@@ -103,16 +104,25 @@ class RequestRecord:
         )
 
 
+QueueListener = Callable[[RequestRecord, bool], None]
+"""Called with a record and whether it joined (True) or left (False) the queue."""
+
+
 class RequestTable:
     """All requests by id, indexed by state and by agent so that every per-event query costs
     what it returns, not the size of the table (which keeps results for ``retention_s``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_queue: QueueListener | None = None) -> None:
+        self._on_queue = on_queue
+        """Told whenever a record joins the queue (after its requeue is complete) or leaves it,
+        so an index of the queue kept elsewhere cannot drift from the table."""
         self._records: dict[RequestId, RequestRecord] = {}
         self._by_state: dict[RequestState, dict[RequestId, RequestRecord]] = {
             state: {} for state in RequestState
         }
         self._by_agent: dict[AgentId, dict[RequestId, RequestRecord]] = {}
+        self._agent_versions: dict[AgentId, int] = {}
+        self._touched: dict[RequestId, None] = {}
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
@@ -145,6 +155,24 @@ class RequestTable:
         """Requests dispatched to or running on ``agent_id``."""
         return list(self._by_agent.get(agent_id, {}).values())
 
+    def agent_version(self, agent_id: AgentId) -> int:
+        """Changes whenever a request joins, leaves, grows or is re-reserved on the agent, so a
+        view of its work can be kept until then."""
+        return self._agent_versions.get(agent_id, 0)
+
+    def touched(self) -> Set[RequestId]:
+        """Requests on agents whose tokens or reservation changed (or that were dispatched)
+        since ``clear_touched``, and still on them."""
+        return self._touched.keys()
+
+    def clear_touched(self) -> None:
+        self._touched.clear()
+
+    def _touch(self, record: RequestRecord) -> None:
+        assert record.agent_id is not None
+        self._agent_versions[record.agent_id] = self.agent_version(record.agent_id) + 1
+        self._touched[record.request_id] = None
+
     def add(self, record: RequestRecord) -> None:
         if record.request_id in self._records:
             raise InternalError(f"request {record.request_id} is already in the table")
@@ -152,6 +180,7 @@ class RequestTable:
             raise InternalError(f"a new request must be queued, not {record.state}")
         self._records[record.request_id] = record
         self._by_state[RequestState.QUEUED][record.request_id] = record
+        self._queued(record, True)
 
     def restore(self, record: RequestRecord) -> None:
         """Re-insert a journaled request after a restart: queued, or ended (restore ended ones
@@ -162,6 +191,8 @@ class RequestTable:
             raise InternalError(f"a restored request must be queued or ended, not {record.state}")
         self._records[record.request_id] = record
         self._by_state[record.state][record.request_id] = record
+        if record.state is RequestState.QUEUED:
+            self._queued(record, True)
 
     def dispatch(
         self, request_id: RequestId, agent_id: AgentId, kv_reservation_tokens: int, now: float
@@ -172,6 +203,7 @@ class RequestTable:
         record.kv_reservation_tokens = kv_reservation_tokens
         record.dispatched_s = now
         record.attempt_start_tokens = record.generated_tokens
+        self._touch(record)
         return record
 
     def reserve(self, request_id: RequestId, kv_reservation_tokens: int) -> RequestRecord:
@@ -180,6 +212,7 @@ class RequestTable:
         if record.state not in (RequestState.DISPATCHED, RequestState.RUNNING):
             raise InternalError(f"reservation for request {request_id} in state {record.state}")
         record.kv_reservation_tokens = kv_reservation_tokens
+        self._touch(record)
         return record
 
     def add_tokens(
@@ -199,6 +232,7 @@ class RequestTable:
         if record.first_token_s is None and n_tokens > 0:
             record.first_token_s = now
         record.append_tokens(text, n_tokens, token_ids, model)
+        self._touch(record)
 
     def finish(
         self,
@@ -247,6 +281,7 @@ class RequestTable:
         self._unbind(record)
         record.agent_id = None
         record.kv_reservation_tokens = 0
+        self._queued(record, True)
         return record
 
     def prune(self, now: float, retention_s: float) -> list[RequestId]:
@@ -269,15 +304,25 @@ class RequestTable:
         record.state = check_transition(previous, new)
         del self._by_state[previous][request_id]
         self._by_state[new][request_id] = record
+        if previous is RequestState.QUEUED:
+            self._queued(record, False)
         return record
+
+    def _queued(self, record: RequestRecord, joined: bool) -> None:
+        if self._on_queue is not None:
+            self._on_queue(record, joined)
 
     def _unbind(self, record: RequestRecord) -> None:
         """Drop the record from its agent's index; ``agent_id`` stays as the last agent."""
-        if record.agent_id is not None:
+        if record.agent_id is not None and record.request_id in self._by_agent.get(
+            record.agent_id, {}
+        ):
             on_agent = self._by_agent[record.agent_id]
-            on_agent.pop(record.request_id, None)
+            del on_agent[record.request_id]
             if not on_agent:
                 del self._by_agent[record.agent_id]
+            self._touch(record)
+            del self._touched[record.request_id]
 
     def _release(self, record: RequestRecord, now: float) -> None:
         record.finished_s = now

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
@@ -127,6 +128,19 @@ class RunningRequest:
     estimate: LengthEstimate | None = None
     preemptions: int = 0
     resumed_tokens: int = 0
+    rest_tokens: float = field(default=0.0, init=False, compare=False)
+    """Expected output tokens still to come (re-predicted after ``generated_tokens``, capped by
+    the budget), computed once: placement and preemption ask for it per decision."""
+
+    def __post_init__(self) -> None:
+        if self.estimate is None:
+            rest = max(1.0, UNKNOWN_LENGTH_TOKENS - self.generated_tokens)
+        else:
+            rest = min(
+                self.estimate.expected_remaining(self.generated_tokens),
+                float(max(1, self.max_tokens - self.generated_tokens)),
+            )
+        object.__setattr__(self, "rest_tokens", rest)
 
     @property
     def kv_used_tokens(self) -> int:
@@ -198,14 +212,49 @@ class AgentView:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentRunning:
+    """The requests running on one agent, in dispatch order, with their expected remaining
+    lengths sorted (when slots free up there, without a sort per decision)."""
+
+    requests: tuple[RunningRequest, ...]
+    sorted_rests: tuple[float, ...] = field(default=(), init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rests = tuple(sorted(r.rest_tokens for r in self.requests))
+        object.__setattr__(self, "sorted_rests", rests)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything ``decide`` looks at. ``dispatch_count`` (dispatches so far) lets round-robin
-    placement rotate without state of its own."""
+    placement rotate without state of its own.
+
+    The running requests come either as ``running`` (grouped here) or already grouped as
+    ``by_agent`` (the cluster driver keeps the groups between decisions)."""
 
     queue: tuple[QueuedRequest, ...]
     agents: tuple[AgentView, ...]
     running: tuple[RunningRequest, ...] = ()
     dispatch_count: int = 0
+    aging_bound_s: float | None = None
+    """The aging bound over every placeable queued request, when ``queue`` holds only the
+    queue's head (``core.ordered_queue``); None: computed from ``queue``."""
+    by_agent: Mapping[AgentId, AgentRunning] = field(default_factory=dict)
+    growing: tuple[RunningRequest, ...] | None = None
+    """The running requests whose KV use or reservation changed since the last decision, in
+    agent then dispatch order: only these can need a raise. None: every running request."""
+
+    def __post_init__(self) -> None:
+        if self.running and not self.by_agent:
+            groups: dict[AgentId, list[RunningRequest]] = {}
+            for r in self.running:
+                groups.setdefault(r.agent_id, []).append(r)
+            grouped = {agent_id: AgentRunning(tuple(rs)) for agent_id, rs in groups.items()}
+            object.__setattr__(self, "by_agent", grouped)
+
+    def all_running(self) -> list[RunningRequest]:
+        """Every running request, in agent then dispatch order."""
+        return [r for group in self.by_agent.values() for r in group.requests]
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,7 +221,7 @@ def test_cancelling_a_running_request_stops_its_run() -> None:
 def test_replayed_requests_are_not_refused_as_unavailable_during_the_restart_grace() -> None:
     cluster = driver("fcfs", agent_state(model_name="other"))
     cluster.on_event(RequestAccepted(record("old", params=params(model="gemma"))), 0.0)
-    cluster.on_event(JournalReplayed(), 100.0)
+    cluster.on_event(JournalReplayed(()), 100.0)
     assert cluster.schedule(100.0) == []
     effects = cluster.schedule(100.0 + RESTART_GRACE_S + 1.0)
     assert len(effects) == 1 and isinstance(effects[0], Ended)

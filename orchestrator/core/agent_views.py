@@ -1,0 +1,160 @@
+"""What the cluster driver knows of each live agent, and its views of them for ``decide``, kept
+between decisions: an agent's view and its running requests' views are rebuilt only when its
+work changed (``RequestTable.agent_version``), so a decision on a hundred agents costs what
+changed since the last one, not the cluster's size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.table import RequestRecord, RequestTable
+from orchestrator.core.views import (
+    AgentRunning,
+    AgentView,
+    QueuedRequest,
+    RunningRequest,
+    SpeedProfile,
+)
+from orchestrator.protocol import AgentId, RequestId
+
+V = TypeVar("V", QueuedRequest, RunningRequest)
+
+
+@dataclass(slots=True)
+class AgentState:
+    """What the driver knows of one live agent: its measured capacity and whether it takes
+    new work."""
+
+    agent_id: AgentId
+    model_name: str
+    n_ctx: int
+    max_seqs: int
+    kv_budget_tokens: int
+    decode_tps: float | None = None
+    speed: SpeedProfile | None = None
+    draining: bool = False
+    refused_until_s: float = 0.0
+    """Placement skips the agent until then (see ``driver.REFUSAL_BACKOFF_S``)."""
+
+
+class AgentViews:
+    """The agents' views for ``decide``, kept until their work changes."""
+
+    def __init__(self, table: RequestTable, exact_ignore_eos_lengths: bool) -> None:
+        self._table = table
+        self._exact = exact_ignore_eos_lengths
+        self._work: dict[AgentId, _AgentWork] = {}
+        self._views: dict[AgentId, tuple[tuple[object, ...], AgentView]] = {}
+        """Each agent's last view, kept while its work, pause and speed stay the same."""
+        self._regrow: set[AgentId] = set()
+        """Agents back in placement (no longer draining), whose running requests were not
+        checked for raises while out."""
+
+    def forget(self, agent_id: AgentId) -> None:
+        """The agent left or joined anew."""
+        self._work.pop(agent_id, None)
+        self._views.pop(agent_id, None)
+
+    def regrow(self, agent_id: AgentId) -> None:
+        """The agent is back in placement: check all its running requests for raises."""
+        self._regrow.add(agent_id)
+
+    def decided(self) -> None:
+        """``decide`` has seen every change so far."""
+        self._table.clear_touched()
+        self._regrow.clear()
+
+    def placement(
+        self,
+        agents: Mapping[AgentId, AgentState],
+        *,
+        include_draining: bool = False,
+        now: float | None = None,
+    ) -> list[AgentView]:
+        """Agents as placement sees them; draining ones take no new work, nor (given ``now``)
+        ones that refused a dispatch moments ago: those show no free slot (or, idle, are left
+        out), so the core still raises and preempts what runs there."""
+        views = []
+        for agent in agents.values():
+            if agent.draining and not include_draining:
+                continue
+            pausing = now is not None and now < agent.refused_until_s
+            key = (self._table.agent_version(agent.agent_id), pausing, agent.speed)
+            cached = self._views.get(agent.agent_id)
+            if cached is not None and cached[0] == key:
+                view = cached[1]
+            else:
+                work = self._table.on_agent(agent.agent_id)
+                view = AgentView(
+                    agent_id=agent.agent_id,
+                    model_name=agent.model_name,
+                    n_ctx=agent.n_ctx,
+                    max_seqs=len(work) if pausing else agent.max_seqs,
+                    kv_budget_tokens=agent.kv_budget_tokens,
+                    running=len(work),
+                    kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
+                    decode_tps=agent.decode_tps,
+                    speed=agent.speed,
+                )
+                self._views[agent.agent_id] = (key, view)
+            if not (pausing and view.running == 0):
+                views.append(view)
+        return views
+
+    def running(
+        self, agent_ids: Iterable[AgentId]
+    ) -> tuple[dict[AgentId, AgentRunning], tuple[RunningRequest, ...]]:
+        """Each agent's running requests, rebuilt only where something changed, and those whose
+        KV use or reservation changed since the last decision (agent then dispatch order)."""
+        touched = self._table.touched()
+        touched_agents = {self._table[request_id].agent_id for request_id in touched}
+        regrow = self._regrow
+        by_agent: dict[AgentId, AgentRunning] = {}
+        growing: list[RunningRequest] = []
+        for agent_id in agent_ids:
+            version = self._table.agent_version(agent_id)
+            work = self._work.get(agent_id)
+            if work is None or work.version != version:
+                old = work.views if work is not None else {}
+                views = {
+                    r.request_id: (
+                        old[r.request_id]
+                        if r.request_id in old and r.request_id not in touched
+                        else self._running_view(r)
+                    )
+                    for r in self._table.on_agent(agent_id)
+                }
+                work = self._work[agent_id] = _AgentWork(
+                    version, views, AgentRunning(tuple(views.values()))
+                )
+            if not work.views:
+                continue
+            by_agent[agent_id] = work.group
+            if agent_id in regrow:
+                growing.extend(work.group.requests)
+            elif agent_id in touched_agents:
+                growing.extend(r for r in work.group.requests if r.request_id in touched)
+        return by_agent, tuple(growing)
+
+    def _running_view(self, record: RequestRecord) -> RunningRequest:
+        view = record.running_view()
+        return known_length(view, record) if self._exact else view
+
+
+@dataclass(slots=True)
+class _AgentWork:
+    """An agent's running views as of ``version`` of its work (``RequestTable.agent_version``)."""
+
+    version: int
+    views: dict[RequestId, RunningRequest]
+    group: AgentRunning
+
+
+def known_length(view: V, record: RequestRecord) -> V:
+    """With ``ignore_eos`` the output is exactly ``max_tokens`` long, whatever the prediction."""
+    if not record.params.ignore_eos:
+        return view
+    return replace(view, estimate=LengthEstimate.exact(record.params.max_tokens))
