@@ -95,7 +95,10 @@ class Coordinator:
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        agent_sink: Callable[[bytes, WireModel], None] | None = None,
     ) -> None:
+        """``agent_sink`` takes the frames meant for agents (by ZeroMQ identity) instead of the
+        agent socket: for driving the coordinator without sockets (tests, replays)."""
         self.settings = settings
         self._keys = auth.server_keys(settings)
         self.driver = ClusterDriver(
@@ -114,6 +117,7 @@ class Coordinator:
         self._cancel_on_admit: set[RequestId] = set()
         self._clock = clock
         self._wall_clock = wall_clock
+        self._agent_sink = agent_sink
         self._journal = journal
         self._outbox = Outbox(journal)
         self._pruned_s = 0.0
@@ -569,10 +573,13 @@ class Coordinator:
         self._send(self._client_socket, identity, message)
 
     def _send_agent(self, identity: bytes, message: WireModel) -> None:
-        assert self._agent_socket is not None
         session = self._link.sessions.get(identity)
         if session is not None:
             session.last_sent_s = self._clock()
+        if self._agent_sink is not None:
+            self._agent_sink(identity, message)
+            return
+        assert self._agent_socket is not None
         self._send(self._agent_socket, identity, message)
 
     # --- journal ----------------------------------------------------------------------------

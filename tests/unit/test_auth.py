@@ -267,12 +267,9 @@ def test_zap_admits_a_key_only_on_its_roles_endpoint_and_names_it(
 
 def keyed_coordinator() -> tuple[Coordinator, list[tuple[bytes, WireModel]]]:
     sent: list[tuple[bytes, WireModel]] = []
-    c = Coordinator(CoordinatorSettings())
-
-    def send(identity: bytes, message: WireModel) -> None:
-        sent.append((identity, message))
-
-    c._send_agent = send  # type: ignore[method-assign]
+    c = Coordinator(
+        CoordinatorSettings(), agent_sink=lambda identity, message: sent.append((identity, message))
+    )
     return c, sent
 
 

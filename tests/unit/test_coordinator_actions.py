@@ -36,7 +36,10 @@ from tests.factories import params, profile, record
 
 def coordinator(policy: str) -> tuple[Coordinator, list[WireModel]]:
     sent: list[WireModel] = []
-    c = Coordinator(CoordinatorSettings(policy=policy, placement="predicted"))
+    c = Coordinator(
+        CoordinatorSettings(policy=policy, placement="predicted"),
+        agent_sink=lambda identity, message: sent.append(message),
+    )
     c.add_agent(
         AgentSession(
             agent_id=AgentId("a1"),
@@ -47,11 +50,6 @@ def coordinator(policy: str) -> tuple[Coordinator, list[WireModel]]:
         ),
         now=0.0,
     )
-
-    def send(identity: bytes, message: WireModel) -> None:
-        sent.append(message)
-
-    c._send_agent = send  # type: ignore[method-assign]
     return c, sent
 
 
@@ -143,9 +141,11 @@ def test_live_placement_uses_each_agents_measured_speed() -> None:
     """Two agents alike but for their measured prefill rate: a long prompt goes to the one that
     prefills it 20x faster (a guessed, shared default rate would tie them, and the tie goes to
     the first by name)."""
-    c = Coordinator(CoordinatorSettings(policy="srtf", placement="predicted"))
     sent: list[tuple[bytes, WireModel]] = []
-    c._send_agent = lambda identity, message: sent.append((identity, message))  # type: ignore[method-assign]
+    c = Coordinator(
+        CoordinatorSettings(policy="srtf", placement="predicted"),
+        agent_sink=lambda identity, message: sent.append((identity, message)),
+    )
     curve = ((1, 50.0), (4, 120.0))
     for name, prefill in (("a-slow", 200.0), ("b-fast", 4000.0)):
         measured = profile(decode_tps=50.0, decode_curve=curve, prefill_tps=prefill)

@@ -167,6 +167,7 @@ def replay_live(
         token_counter=TraceTokens(requests),
         predictions=TracePredictions(requests),  # type: ignore[arg-type]
         clock=lambda: clock[0],
+        agent_sink=lambda identity, message: to_agent(identity, message),
     )
     decisions: list[Decision] = []
 
@@ -188,7 +189,6 @@ def replay_live(
         if isinstance(message, ErrorReply):
             decisions.append(("fail", message.request_id))
 
-    coordinator._send_agent = to_agent  # type: ignore[method-assign]
     client = coordinator.connect_local(to_client)
 
     async def play() -> None:

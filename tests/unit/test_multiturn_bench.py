@@ -12,28 +12,34 @@ from typing import Any
 import pytest
 
 from benchmarks.multiturn import (
-    Conversation,
-    Outcome,
-    choose_conversations,
-    config_medians,
     conversation_texts,
+)
+from benchmarks.multiturn_data import (
+    Conversation,
+    choose_conversations,
     cut_to_tokens,
     fits_context,
-    headline_ratios,
     load_azure_trace,
-    multiturn_figures,
     parse_azure_timestamp,
-    parse_configs,
     parse_conversation,
-    parse_prompt_token_counters,
-    prompt_heavy_figures,
     render_prompt,
-    request_reuse,
     rescale_arrivals,
-    reused_fraction,
     sse_events,
     text_from,
     truncate_message,
+)
+from benchmarks.multiturn_figures import (
+    Outcome,
+    config_medians,
+    headline_ratios,
+    multiturn_figures,
+    prompt_heavy_figures,
+    request_reuse,
+    reused_fraction,
+)
+from benchmarks.multiturn_servers import (
+    parse_configs,
+    parse_prompt_token_counters,
 )
 
 
