@@ -12,7 +12,10 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
 measured requests) is steadier than requests/s on a machine shared with other work.
 
 A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
-``predictor_<name>_no_journal`` with it off.
+``predictor_<name>_no_journal`` with it off. With the shipped predictor, the report also gives
+the predictor's own batched throughput on the same prompts (one onnxruntime thread, batches of
+the coordinator's size, in this process after the runs) and each run's admission rate as a
+fraction of it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster
 
+PROMPT = "tiny request {i}"
+
 FREE_COMPUTE = (
     "--backend",
     "fake",
@@ -52,13 +57,28 @@ async def hammer(endpoint: str, requests: int, concurrency: int) -> tuple[float,
         async def one(i: int) -> None:
             async with semaphore:
                 started = time.perf_counter()
-                result = await client.generate(f"tiny request {i}", max_tokens=1)
+                result = await client.generate(PROMPT.format(i=i), max_tokens=1)
                 assert result.completion_tokens == 1
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(requests)))
         return time.perf_counter() - started, latencies
+
+
+def predictor_batched_per_s(requests: int) -> float:
+    """Prompts/s the shipped predictor alone predicts on the benchmark's prompts, batched as the
+    coordinator batches them, on one thread as the coordinator runs it."""
+    from orchestrator.prediction import MAX_BATCH
+    from orchestrator.predictor.model import LengthPredictor
+
+    predictor = LengthPredictor.load(threads=1)
+    prompts = [PROMPT.format(i=i) for i in range(requests)]
+    predictor.predict_batch(prompts[:MAX_BATCH])
+    started = time.perf_counter()
+    for start in range(0, len(prompts), MAX_BATCH):
+        predictor.predict_batch(prompts[start : start + MAX_BATCH])
+    return len(prompts) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -106,6 +126,12 @@ def main() -> None:
             "coordinator_cpu_us_per_request": round(1e6 * cpu_s / args.requests, 1),
         }
         print(f"{key}: {report[key]}", file=sys.stderr)
+    if "shipped" in args.predictors.split(","):
+        batched = predictor_batched_per_s(args.requests)
+        report["predictor_batched_prompts_per_s"] = round(batched, 1)
+        for key, run in report.items():
+            if key.startswith("predictor_shipped") and isinstance(run, dict):
+                run["admission_vs_predictor_batched"] = round(run["requests_per_s"] / batched, 3)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
