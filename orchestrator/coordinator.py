@@ -144,8 +144,7 @@ class Coordinator:
         try:
             if self._predictions is not None:
                 await self._predictions.start()
-            self._outbox.start()
-            self._restore()
+            self.start()
             keys = self._keys.keys if self._keys else None
             if self._keys is not None:
                 authenticator = auth.KeyAuthenticator(self._context, self._keys.allow_dir)
@@ -177,7 +176,7 @@ class Coordinator:
                 self._receive_clients(),
                 self._tick(),
                 self._schedule_loop(),
-                self._watch_journal(),
+                self.watch_journal(),
             ]
             if self.gateway is not None:
                 workers.append(self.gateway.serve())
@@ -198,9 +197,12 @@ class Coordinator:
                 self._journal.close()
             self._context.destroy(linger=0)
 
-    def _restore(self) -> None:
-        """Take back the journaled requests: unfinished ones queue again (clients re-attach by
-        re-submitting their ids), ended ones answer re-submits until retention passes."""
+    def start(self) -> None:
+        """What serving needs besides sockets (``run`` calls it first; in-process drivers of
+        the coordinator call it alone): the write-ahead outbox, and the journaled requests
+        taken back: unfinished ones queue again (clients re-attach by re-submitting their
+        ids), ended ones answer re-submits until retention passes."""
+        self._outbox.start()
         if self._journal is None:
             return
         records = self._journal.replay(self._clock() - self._wall_clock())
@@ -213,7 +215,7 @@ class Coordinator:
             len(records) - queued,
         )
 
-    async def _watch_journal(self) -> None:
+    async def watch_journal(self) -> None:
         """Crash-only: a journal that cannot be written stops the coordinator rather than let
         it acknowledge what it could not record."""
         assert self._outbox.failed is not None
@@ -577,7 +579,7 @@ class Coordinator:
         if session is not None:
             session.last_sent_s = self._clock()
         if self._agent_sink is not None:
-            self._agent_sink(identity, message)
+            self._outbox.send(functools.partial(self._agent_sink, identity, message))
             return
         assert self._agent_socket is not None
         self._send(self._agent_socket, identity, message)

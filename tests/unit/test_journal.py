@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,15 @@ from orchestrator.core.driver import RESTART_GRACE_S
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord
-from orchestrator.errors import ContextOverflow, InvalidRequest, ProtocolError
+from orchestrator.errors import ContextOverflow, InvalidRequest
 from orchestrator.journal import AcceptOp, ChunkOp, DispatchOp, EndOp, Journal
 from orchestrator.protocol import (
-    CLIENT_REPLIES,
     Accepted,
     RequestId,
     Result,
     StreamChunk,
     Submit,
     WireModel,
-    decode,
 )
 from orchestrator.settings import CoordinatorSettings
 from tests.factories import params, record
@@ -205,34 +204,43 @@ def test_a_second_coordinator_cannot_open_a_journal_in_use(tmp_path: Path) -> No
     Journal(path).close()  # released on close (and by the kernel when the process dies)
 
 
-class CapturingSocket:
-    """Stands in for a ROUTER: records what the coordinator sends."""
+@dataclass
+class JournaledCoordinator:
+    """A coordinator on a journal, started without sockets, with one in-process client."""
 
-    def __init__(self) -> None:
-        self.sent: list[WireModel | ProtocolError] = []
+    coordinator: Coordinator
+    journal: Journal
+    client: bytes
+    sent: list[WireModel]
+    """What reached the client (through the write-ahead outbox, as frames would)."""
 
-    def send_multipart(self, frames: list[bytes]) -> None:
-        self.sent.append(decode(frames[1], CLIENT_REPLIES))
+    def submit(self, request_id: str, prompt: str, *, stream: bool = False) -> None:
+        self.coordinator.send_local(
+            self.client, Submit(request_id=request_id, prompt=prompt, stream=stream)
+        )
 
 
-def journaled_coordinator(path: Path) -> tuple[Coordinator, CapturingSocket]:
-    coordinator = Coordinator(CoordinatorSettings(policy="fcfs"), journal=Journal(path))
-    socket = CapturingSocket()
-    coordinator._client_socket = socket  # type: ignore[assignment]
-    coordinator._agent_socket = CapturingSocket()  # type: ignore[assignment]
-    return coordinator, socket
+def journaled_coordinator(path: Path) -> JournaledCoordinator:
+    journal = Journal(path)
+    coordinator = Coordinator(
+        CoordinatorSettings(policy="fcfs"), journal=journal, agent_sink=lambda _, __: None
+    )
+    sent: list[WireModel] = []
+    client = coordinator.connect_local(sent.append)
+    coordinator.start()
+    return JournaledCoordinator(coordinator, journal, client, sent)
 
 
 def test_accepted_leaves_only_after_its_row_is_committed(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
 
     async def run() -> None:
-        coordinator, socket = journaled_coordinator(path)
-        coordinator._on_submit(b"client", Submit(request_id="r1", prompt="hello"), 1.0)
-        assert socket.sent == []
+        served = journaled_coordinator(path)
+        served.submit("r1", "hello")
+        assert served.sent == []
         assert committed_ids(path) == []  # not yet committed: nothing was sent
         await asyncio.sleep(0)
-        assert [type(m) for m in socket.sent] == [Accepted]
+        assert [type(m) for m in served.sent] == [Accepted]
         assert committed_ids(path) == ["r1"]
 
     asyncio.run(run())
@@ -262,12 +270,12 @@ def test_a_restarted_coordinator_answers_re_submits_from_the_journal(tmp_path: P
     journal.close()
 
     async def run() -> None:
-        coordinator, socket = journaled_coordinator(path)
-        coordinator._restore()
-        coordinator._on_submit(b"c", Submit(request_id="done", prompt="p1"), 1.0)
-        coordinator._on_submit(b"c", Submit(request_id="open", prompt="p2", stream=True), 1.0)
+        served = journaled_coordinator(path)
+        coordinator = served.coordinator
+        served.submit("done", "p1")
+        served.submit("open", "p2", stream=True)
         await asyncio.sleep(0)
-        result, accepted, resent = socket.sent
+        result, accepted, resent = served.sent
         assert isinstance(result, Result)
         assert (result.text, result.completion_tokens, result.agent) == (" the answer", 2, "fake-1")
         assert isinstance(accepted, Accepted) and accepted.request_id == "open"
@@ -290,8 +298,7 @@ def test_replayed_requests_wait_for_agents_to_come_back_before_unavailable(
     journal.close()
 
     async def run() -> None:
-        coordinator, _ = journaled_coordinator(path)
-        coordinator._restore()
+        coordinator = journaled_coordinator(path).coordinator
         now = time.monotonic()
         coordinator.schedule(now)
         assert coordinator.table[RequestId("old")].state is RequestState.QUEUED
@@ -305,17 +312,16 @@ def test_a_failed_journal_write_sends_nothing_and_stops_the_coordinator(tmp_path
     path = tmp_path / "j.sqlite3"
 
     async def run() -> None:
-        coordinator, socket = journaled_coordinator(path)
-        coordinator._outbox.start()
-        coordinator._journal._db.close()  # type: ignore[union-attr]  # every write now fails
-        coordinator._on_submit(b"client", Submit(request_id="r1", prompt="hello"), 1.0)
+        served = journaled_coordinator(path)
+        served.journal.close()  # every write now fails
+        served.submit("r1", "hello")
         await asyncio.sleep(0)
-        assert socket.sent == []  # no Accepted for a request the journal does not hold
+        assert served.sent == []  # no Accepted for a request the journal does not hold
         with pytest.raises(sqlite3.ProgrammingError):
-            await coordinator._watch_journal()
-        coordinator._on_submit(b"client", Submit(request_id="r2", prompt="again"), 1.0)
+            await served.coordinator.watch_journal()
+        served.submit("r2", "again")
         await asyncio.sleep(0)
-        assert socket.sent == []
+        assert served.sent == []
 
     asyncio.run(run())
 

@@ -10,14 +10,12 @@ from agents.daemon import RECONNECT_INITIAL_S, RECONNECT_MAX_S, Backoff
 from orchestrator.client import AsyncClient, Stream
 from orchestrator.coordinator import Coordinator
 from orchestrator.protocol import (
-    AGENT_COMMANDS,
     Accepted,
     AgentId,
     ClientReply,
     Ping,
     Result,
     StreamChunk,
-    decode,
 )
 from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
@@ -92,14 +90,12 @@ def test_a_re_attached_stream_yields_each_character_once() -> None:
 
 def test_the_coordinator_pings_only_agents_it_has_sent_nothing_for_an_interval() -> None:
     now = [10.0]
-    coordinator = Coordinator(CoordinatorSettings(heartbeat_interval_s=1.0), clock=lambda: now[0])
     sent: list[tuple[bytes, object]] = []
-
-    class Socket:
-        def send_multipart(self, frames: list[bytes]) -> None:
-            sent.append((frames[0], decode(frames[1], AGENT_COMMANDS)))
-
-    coordinator._agent_socket = Socket()  # type: ignore[assignment]
+    coordinator = Coordinator(
+        CoordinatorSettings(heartbeat_interval_s=1.0),
+        clock=lambda: now[0],
+        agent_sink=lambda identity, message: sent.append((identity, message)),
+    )
     for name, last_sent in (("quiet", 8.9), ("recent", 9.5)):
         coordinator.add_agent(
             AgentSession(
