@@ -53,6 +53,7 @@ def status_report(
         [known_length(q, driver.table[q.request_id]) for q in queued],
         [known_length(r.running_view(), r) for r in running if r.dispatched_s is not None],
         list(views.values()),
+        driver.settings.scheduler,
         draining={s.agent_id for s in sessions if s.draining},
         until=target,
     )

@@ -5,9 +5,11 @@ each agent decodes its sequences together at the per-sequence pace of its batch
 (``SpeedProfile.step_s``); a request ends when its expected remaining tokens (the re-predicted
 ``LengthEstimate``) are decoded after its prefill of prompt + resumed tokens (counted as the
 decode steps that take as long), freeing its slot and KV cells; whenever something frees, the
-queue is tried in the policy's order and each request that fits a free slot starts on the agent
-where it would finish first. It ignores preemption, future arrivals and the predictor's error:
-an estimate for operators and waiting users, not a promise.
+queue is tried in the policy's order, admitted by the scheduler's own rule
+(``admission_reservation``) and placed by the coordinator's own placement, so a request the
+scheduler would keep waiting for a faster busy agent waits here too. It ignores preemption,
+future arrivals and the predictor's error: an estimate for operators and waiting users, not a
+promise.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
-from orchestrator.core.placement import DEFAULT_PREFILL_TPS, speed_of
+from orchestrator.core.placement import DEFAULT_PREFILL_TPS, Candidate, speed_of
 from orchestrator.core.policies import expected_remaining
+from orchestrator.core.scheduler import SchedulerConfig, admission_reservation
 from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
 from orchestrator.protocol import AgentId, RequestId
 
@@ -59,8 +62,21 @@ class _Device:
     def has_slot(self) -> bool:
         return self.accepting and len(self.ends) < self.view.max_seqs
 
-    def fits(self, kv_tokens: int) -> bool:
-        return self.has_slot() and self.kv_tokens + kv_tokens <= self.view.kv_budget_tokens
+    def current_view(self) -> AgentView:
+        """The agent as placement would see it now: its sequences, and the cells they are
+        expected to hold at their end (raises included) as reserved."""
+        return replace(self.view, running=len(self.ends), kv_reserved_tokens=self.kv_tokens)
+
+    def free_in_s(self, nth: int) -> float:
+        """Seconds until the ``nth`` sequence here ends (beyond the last, scaled as the
+        scheduler does)."""
+        if not self.ends:
+            return 0.0
+        left = sorted(end - self.tokens for end, *_ in self.ends)
+        step = self.speed.step_s(len(self.ends))
+        if nth <= len(left):
+            return max(0.0, left[nth - 1]) * step
+        return max(0.0, left[-1]) * step * nth / len(left)
 
     def next_end_s(self) -> float:
         return max(0.0, self.ends[0][0] - self.tokens) * self.speed.step_s(len(self.ends))
@@ -88,10 +104,6 @@ class _Device:
         prefill_s = self.speed.prefill_s(request.prompt_tokens + request.generated_tokens)
         return request.rest_tokens + prefill_s / self.speed.step_s(len(self.ends) + 1)
 
-    def finish_in_s(self, request: QueuedRequest) -> float:
-        """Rough time to run ``request`` here if it started now (to pick among free agents)."""
-        return self.work_tokens(request) * self.speed.step_s(len(self.ends) + 1)
-
 
 def queued_kv_tokens(request: QueuedRequest, agent: AgentView) -> int:
     """KV cells a queued request is expected to hold at its end: prompt, tokens generated so
@@ -110,11 +122,13 @@ def estimate_etas(
     queue: Sequence[QueuedRequest],
     running: Sequence[RunningRequest],
     agents: Sequence[AgentView],
+    config: SchedulerConfig,
     *,
     draining: Collection[AgentId] = (),
     until: RequestId | None = None,
 ) -> dict[RequestId, Eta]:
-    """Expected start and finish of every request, by id, from a snapshot.
+    """Expected start and finish of every request, by id, from a snapshot, admitted and placed
+    as ``config`` (the scheduler's) does.
 
     ``queue`` must be in the policy's order. Agents in ``draining`` finish their running
     requests but take no queued ones. A request that no live agent can run (model, context,
@@ -131,7 +145,7 @@ def estimate_etas(
             kv_tokens = running_kv_tokens(request, device.view)
             device.add(request.request_id, expected_remaining(request), 0.0, kv_tokens)
     etas: dict[RequestId, Eta] = {}
-    queue_left = _Queue(queue[:MAX_ETA_QUEUE], [d for d in devices if d.accepting])
+    queue_left = _Queue(queue[:MAX_ETA_QUEUE], [d for d in devices if d.accepting], config)
     now_s = 0.0
     queue_left.fill(now_s)
     events_left = 2 * (len(queue) + len(running)) + 16
@@ -156,10 +170,15 @@ class _Queue:
     """The requests still waiting, in policy order; which agents can ever run each is worked
     out when the request is first tried."""
 
-    def __init__(self, queue: Sequence[QueuedRequest], devices: list[_Device]) -> None:
+    def __init__(
+        self, queue: Sequence[QueuedRequest], devices: list[_Device], config: SchedulerConfig
+    ) -> None:
         self.waiting = list(queue)
         self.devices = devices
+        self.by_id = {d.view.agent_id: d for d in devices}
+        self.config = config
         self.capable: dict[RequestId, list[_Device]] = {}
+        self.dispatched = 0
 
     def capable_of(self, request: QueuedRequest) -> list[_Device]:
         found = self.capable.get(request.request_id)
@@ -175,9 +194,11 @@ class _Queue:
         return found
 
     def fill(self, now_s: float) -> None:
-        """Start waiting requests in order on free slots, trying at most ``ETA_LOOKAHEAD``
-        that cannot start; requests no agent can ever run are dropped."""
+        """Start waiting requests in order where placement puts them, trying at most
+        ``ETA_LOOKAHEAD`` that cannot start (or wait for a busy agent); requests no agent can
+        ever run are dropped."""
         index = blocked = 0
+        backlog: dict[AgentId, int] = {}
         while index < len(self.waiting) and blocked < ETA_LOOKAHEAD:
             if not any(d.has_slot() for d in self.devices):
                 return
@@ -186,19 +207,41 @@ class _Queue:
             if not capable:
                 del self.waiting[index]
                 continue
-            free = [d for d in capable if d.fits(queued_kv_tokens(request, d.view))]
-            if not free:
+            chosen = self.place(request, capable, backlog)
+            if chosen is None:
                 index += 1
                 blocked += 1
                 continue
-            best = min(free, key=lambda d: (d.finish_in_s(request), d.view.agent_id))
-            best.add(
+            chosen.add(
                 request.request_id,
-                best.work_tokens(request),
+                chosen.work_tokens(request),
                 now_s,
-                queued_kv_tokens(request, best.view),
+                queued_kv_tokens(request, chosen.view),
             )
             del self.waiting[index]
+
+    def place(
+        self, request: QueuedRequest, capable: list[_Device], backlog: dict[AgentId, int]
+    ) -> _Device | None:
+        """Where the scheduler's placement starts the request now; None while it would wait
+        (then counted in ``backlog`` of the agent it waits for, as ``decide`` does)."""
+        candidates = []
+        for device in capable:
+            view = device.current_view()
+            if view.free_slots > 0:
+                reservation = admission_reservation(request, view, self.config)
+                if view.can_start(request, reservation):
+                    candidates.append(Candidate(view, True, reservation, 0.0))
+                    continue
+            wait_s = device.free_in_s(backlog.get(view.agent_id, 0) + 1)
+            candidates.append(Candidate(view, False, 0, wait_s))
+        choice = self.config.placement.choose(request, candidates, self.dispatched)
+        if choice.agent_id is None:
+            if choice.waits_for is not None:
+                backlog[choice.waits_for] = backlog.get(choice.waits_for, 0) + 1
+            return None
+        self.dispatched += 1
+        return self.by_id[choice.agent_id]
 
 
 def measured_speed(

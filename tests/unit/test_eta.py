@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.core import eta
 from orchestrator.core.estimate import LengthEstimate
-from orchestrator.core.eta import estimate_etas, measured_speed
-from orchestrator.core.views import QueuedRequest, SpeedProfile
+from orchestrator.core.eta import Eta, estimate_etas, measured_speed
+from orchestrator.core.placement import make_placement
+from orchestrator.core.policies import make_policy
+from orchestrator.core.scheduler import SchedulerConfig
+from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
 from orchestrator.protocol import AgentId, RequestId
 from tests.factories import agent, queued, running
 
+SCHEDULER = SchedulerConfig(
+    policy=make_policy("fcfs"), placement=make_placement("predicted"), unavailable_timeout_s=30.0
+)
 NO_PREFILL = 1e12
 """Prompt tokens/s so fast that prefill takes no measurable time."""
+
+
+def etas_of(
+    queue: list[QueuedRequest],
+    running: list[RunningRequest],
+    agents: list[AgentView],
+    **options: Any,
+) -> dict[RequestId, Eta]:
+    """The estimate as the coordinator makes it: predicted placement, default admission."""
+    return estimate_etas(queue, running, agents, SCHEDULER, **options)
 
 
 def flat(tps: float, prefill_tps: float = NO_PREFILL) -> SpeedProfile:
@@ -37,7 +55,7 @@ def test_queue_waits_for_the_running_request_then_runs_in_order() -> None:
     busy = running("x1", estimate=LengthEstimate.exact(100))
     first = job("a", 50, prompt_tokens=10)
     second = job("b", 25, prompt_tokens=10)
-    etas = estimate_etas([first, second], [busy], [one_slot])
+    etas = etas_of([first, second], [busy], [one_slot])
     assert etas[RequestId("x1")].start_s == 0.0
     assert etas[RequestId("x1")].finish_s == pytest.approx(2.0)
     # 2 s for the running request, then 10 prompt tokens at 1000/s and 50 tokens at 50/s.
@@ -50,8 +68,8 @@ def test_queue_waits_for_the_running_request_then_runs_in_order() -> None:
 def test_the_given_policy_order_decides_who_goes_first() -> None:
     one_slot = agent("a1", max_seqs=1, speed=flat(10.0))
     long, short = job("long", 100), job("short", 10)
-    fcfs = estimate_etas([long, short], [], [one_slot])
-    sjf = estimate_etas([short, long], [], [one_slot])
+    fcfs = etas_of([long, short], [], [one_slot])
+    sjf = etas_of([short, long], [], [one_slot])
     assert fcfs[RequestId("short")].finish_s == pytest.approx(11.0)
     assert sjf[RequestId("short")].finish_s == pytest.approx(1.0)
     assert sjf[RequestId("long")].start_s == pytest.approx(1.0)
@@ -62,7 +80,7 @@ def test_sequences_share_the_batch_speed_and_a_freed_slot_is_refilled() -> None:
     device = agent("a1", max_seqs=2, speed=SpeedProfile(((1, 50.0), (2, 80.0)), NO_PREFILL))
     r1 = running("r1", estimate=LengthEstimate.exact(20))
     r2 = running("r2", estimate=LengthEstimate.exact(40))
-    etas = estimate_etas([job("q", 10)], [r1, r2], [device])
+    etas = etas_of([job("q", 10)], [r1, r2], [device])
     assert etas[RequestId("r1")].finish_s == pytest.approx(0.5)
     assert etas[RequestId("q")].start_s == pytest.approx(0.5)
     assert etas[RequestId("q")].finish_s == pytest.approx(0.75)
@@ -71,8 +89,8 @@ def test_sequences_share_the_batch_speed_and_a_freed_slot_is_refilled() -> None:
 
 def test_generated_tokens_shorten_the_remaining_estimate() -> None:
     device = agent("a1", max_seqs=1, speed=flat(10.0))
-    fresh = estimate_etas([], [running("r", estimate=LengthEstimate.exact(100))], [device])
-    halfway = estimate_etas(
+    fresh = etas_of([], [running("r", estimate=LengthEstimate.exact(100))], [device])
+    halfway = etas_of(
         [], [running("r", estimate=LengthEstimate.exact(100), generated_tokens=60)], [device]
     )
     assert fresh[RequestId("r")].finish_s == pytest.approx(10.0)
@@ -82,10 +100,10 @@ def test_generated_tokens_shorten_the_remaining_estimate() -> None:
 def test_the_faster_free_agent_wins_and_a_busy_one_is_not_waited_for() -> None:
     fast = agent("fast", max_seqs=1, speed=flat(100.0))
     slow = agent("slow", max_seqs=1, speed=flat(10.0))
-    both_free = estimate_etas([job("q", 50)], [], [slow, fast])
+    both_free = etas_of([job("q", 50)], [], [slow, fast])
     assert both_free[RequestId("q")].agent_id == AgentId("fast")
     busy = running("x", agent_id=AgentId("fast"), estimate=LengthEstimate.exact(1000))
-    etas = estimate_etas([job("q1", 50), job("q2", 50)], [busy], [slow, fast])
+    etas = etas_of([job("q1", 50), job("q2", 50)], [busy], [slow, fast])
     assert etas[RequestId("q1")].agent_id == AgentId("slow")
     assert etas[RequestId("q1")].finish_s == pytest.approx(5.0)
     # The slow agent frees at 5 s, before the fast one at 10 s.
@@ -100,7 +118,7 @@ def test_kv_budget_holds_a_big_request_while_a_small_one_backfills() -> None:
     # 160 cells: not while 200 of 300 are held; 50 cells fit now.
     big = job("big", 150, prompt_tokens=10, max_tokens=250)
     small = job("small", 40, prompt_tokens=10, max_tokens=250)
-    etas = estimate_etas([big, small], [holder], [device])
+    etas = etas_of([big, small], [holder], [device])
     assert etas[RequestId("small")].start_s == 0.0
     assert etas[RequestId("big")].start_s == pytest.approx(etas[RequestId("x")].finish_s)
     assert etas[RequestId("big")].start_s > 0.5
@@ -112,7 +130,7 @@ def test_requests_nobody_can_run_get_no_estimate() -> None:
     over_context = job("ctx", 10, max_tokens=2000)  # exact prompt + 2000 > 1000 cells
     too_long = job("long", 2000, prompt_tokens=100, prompt_tokens_exact=False)
     orphan = running("o", agent_id=AgentId("gone"), estimate=LengthEstimate.exact(5))
-    etas = estimate_etas(
+    etas = etas_of(
         [other_model, over_context, too_long, job("ok", 10, max_tokens=500)], [orphan], [device]
     )
     assert set(etas) == {RequestId("ok")}
@@ -122,7 +140,7 @@ def test_a_draining_agent_finishes_its_work_but_takes_none() -> None:
     leaving = agent("leaving", speed=flat(100.0))
     staying = agent("staying", max_seqs=1, speed=flat(10.0))
     mine = running("r", agent_id=AgentId("leaving"), estimate=LengthEstimate.exact(50))
-    etas = estimate_etas(
+    etas = etas_of(
         [job("q1", 10), job("q2", 10)],
         [mine],
         [leaving, staying],
@@ -136,15 +154,15 @@ def test_a_draining_agent_finishes_its_work_but_takes_none() -> None:
 def test_unpredicted_requests_use_the_default_length_and_decode_tps() -> None:
     # No estimate: 256 tokens assumed; no speed profile: decode_tps for one sequence.
     device = agent("a1", max_seqs=1, decode_tps=64.0)
-    etas = estimate_etas([queued("q", max_tokens=4000, prompt_tokens=0)], [], [device])
+    etas = etas_of([queued("q", max_tokens=4000, prompt_tokens=0)], [], [device])
     assert etas[RequestId("q")].finish_s == pytest.approx(4.0)
 
 
 def test_until_stops_once_the_target_is_known_with_the_same_answer() -> None:
     device = agent("a1", max_seqs=2, speed=SpeedProfile(((1, 20.0), (2, 30.0)), NO_PREFILL))
     queue = [job(f"q{i}", 10 + 7 * i) for i in range(30)]
-    full = estimate_etas(queue, [], [device])
-    early = estimate_etas(queue, [], [device], until=RequestId("q5"))
+    full = etas_of(queue, [], [device])
+    early = etas_of(queue, [], [device], until=RequestId("q5"))
     assert early[RequestId("q5")] == full[RequestId("q5")]
     assert RequestId("q29") not in early and RequestId("q29") in full
 
@@ -164,7 +182,7 @@ def test_every_request_gets_a_consistent_estimate(
         running(f"r{i}", estimate=LengthEstimate.exact(n)) for i, n in enumerate(running_lengths)
     ]
     queue = [job(f"q{i}", n, prompt_tokens=20) for i, n in enumerate(lengths)]
-    etas = estimate_etas(queue, busy, [device])
+    etas = etas_of(queue, busy, [device])
     assert set(etas) == {r.request_id for r in [*queue, *busy]}
     total_tokens = sum(lengths) + sum(running_lengths)
     last = max(e.finish_s for e in etas.values())
@@ -182,7 +200,7 @@ def test_every_request_gets_a_consistent_estimate(
 
 def test_only_the_head_of_a_long_queue_is_estimated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(eta, "MAX_ETA_QUEUE", 3)
-    etas = estimate_etas([job(f"q{i}", 5) for i in range(5)], [], [agent("a1", max_seqs=1)])
+    etas = etas_of([job(f"q{i}", 5) for i in range(5)], [], [agent("a1", max_seqs=1)])
     assert set(etas) == {RequestId("q0"), RequestId("q1"), RequestId("q2")}
 
 
@@ -192,3 +210,15 @@ def test_an_advertised_speed_curve_becomes_a_profile() -> None:
     assert speed.prefill_tps == 900.0
     assert measured_speed((), 900.0) is None
     assert measured_speed(((1, 85.0), (1, 90.0)), None) is None
+
+
+def test_a_long_job_waits_for_a_much_faster_busy_agent_as_the_scheduler_would() -> None:
+    """Placement is the coordinator's own: a 1,000-token job does not start on a free agent
+    at 1 token/s when one at 100 tokens/s frees in 0.1 s; ``decide`` waits there too."""
+    fast = agent("fast", max_seqs=1, speed=flat(100.0))
+    slow = agent("slow", max_seqs=1, speed=flat(1.0))
+    busy = running("x", agent_id=AgentId("fast"), estimate=LengthEstimate.exact(10))
+    etas = etas_of([job("long", 1000)], [busy], [slow, fast])
+    assert etas[RequestId("long")].agent_id == AgentId("fast")
+    assert etas[RequestId("long")].start_s == pytest.approx(0.1)
+    assert etas[RequestId("long")].finish_s == pytest.approx(10.1)
