@@ -67,7 +67,7 @@ class OrderedQueue:
         self._next_seq += 1
         arrival = effective_arrival_s(view)
         bisect.insort(self._by_arrival, (arrival, request_id))
-        bisect.insort(self._by_key, (self._policy.key(view), arrival, request_id))
+        bisect.insort(self._by_key, (self._key(view), arrival, request_id))
         self._by_model.setdefault(view.model, {})[request_id] = None
         if view.prompt_tokens_exact:
             exact = self._exact_context.setdefault(view.model, [])
@@ -80,7 +80,7 @@ class OrderedQueue:
         del self._seq[request_id]
         arrival = effective_arrival_s(view)
         _discard(self._by_arrival, (arrival, request_id))
-        _discard(self._by_key, (self._policy.key(view), arrival, request_id))
+        _discard(self._by_key, (self._key(view), arrival, request_id))
         members = self._by_model[view.model]
         del members[request_id]
         if not members:
@@ -90,6 +90,11 @@ class OrderedQueue:
             _discard(exact, (view.context_tokens, request_id))
             if not exact:
                 del self._exact_context[view.model]
+
+    def _key(self, view: QueuedRequest) -> float:
+        """The policy's key, a NaN (a broken prediction) sorted last so the index stays sound."""
+        key = self._policy.key(view)
+        return math.inf if math.isnan(key) else key
 
     def head(
         self, now: float, limits: Mapping[str, int], unavailable_timeout_s: float, n: int

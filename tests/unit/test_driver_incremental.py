@@ -7,6 +7,7 @@ prompts, priorities, drains, refusals and agent deaths."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from orchestrator.core.driver import (
     RunRefused,
     TokensReceived,
 )
+from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.ordered_queue import OrderedQueue
 from orchestrator.core.placement import Candidate, Choice, Fleet, Placement, make_placement
 from orchestrator.core.policies import make_policy
@@ -246,3 +248,15 @@ def test_the_queue_head_holds_every_request_decide_would_place_or_reject(policy:
         in_head = [v.request_id for v in head.requests]
         assert set(in_head) == {v.request_id for v in best + rejects}
         assert in_head == [r for r in views if r in set(in_head)]  # queue order
+
+
+def test_a_nan_prediction_neither_corrupts_the_queue_index_nor_jumps_the_queue() -> None:
+    ordered = OrderedQueue(make_policy("srtf"))
+    broken = queued("broken", estimate=LengthEstimate(math.nan, ((0.5, math.nan),)))
+    ordered.add(broken)
+    for i in range(3):
+        ordered.add(queued(f"q{i}", arrival_s=float(i), estimate=estimate(50.0 * (i + 1))))
+    head = ordered.head(10.0, {"gemma": 4096}, 30.0, 2)
+    assert [v.request_id for v in head.requests] == ["q0", "q1"]
+    ordered.remove(RequestId("broken"))
+    assert len(ordered) == 3 and RequestId("broken") not in ordered
