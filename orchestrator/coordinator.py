@@ -127,8 +127,8 @@ class Coordinator:
         self._clients = ClientRoutes(self._send_client, self._outbox)
         self._schedule_needed = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
-        self._agent_socket: zmq.asyncio.Socket | None = None
-        self._client_socket: zmq.asyncio.Socket | None = None
+        self._agent_pump: transport.RouterPump | None = None
+        self._client_pump: transport.RouterPump | None = None
         self.ready = asyncio.Event()
         self._draining = False
         self.metrics = CoordinatorMetrics(self)
@@ -149,15 +149,22 @@ class Coordinator:
             if self._keys is not None:
                 authenticator = auth.KeyAuthenticator(self._context, self._keys.allow_dir)
                 authenticator.start()
-            self._agent_socket = transport.router(
+            agent_socket = transport.router(
                 self._context,
                 self.settings.agents_endpoint,
                 curve=keys,
                 role="agents",
                 handover=True,
             )
-            self._client_socket = transport.router(
+            client_socket = transport.router(
                 self._context, self.settings.clients_endpoint, curve=keys, role="clients"
+            )
+            authenticated = self._keys is not None
+            self._agent_pump = transport.RouterPump(
+                agent_socket, self.on_agent_frame, authenticated=authenticated
+            )
+            self._client_pump = transport.RouterPump(
+                client_socket, self.on_client_frame, authenticated=authenticated
             )
             if self.settings.http is not None:
                 from orchestrator.gateway import Gateway
@@ -172,8 +179,8 @@ class Coordinator:
             )
             self.ready.set()
             workers = [
-                self._receive_agents(),
-                self._receive_clients(),
+                self._agent_pump.serve(),
+                self._client_pump.serve(),
                 self._tick(),
                 self._schedule_loop(),
                 self.watch_journal(),
@@ -266,13 +273,6 @@ class Coordinator:
 
     # --- receiving --------------------------------------------------------------------------
 
-    async def _receive_agents(self) -> None:
-        assert self._agent_socket is not None
-        while True:
-            frames, key = await transport.receive(self._agent_socket, self._keys is not None)
-            if len(frames) == 2:
-                self.on_agent_frame(frames[0], frames[1], key)
-
     def on_agent_frame(self, identity: bytes, frame: bytes, key: str | None) -> None:
         """One frame from an agent; ``key`` is its CURVE key's name (None without CURVE)."""
         self._link.on_frame(identity, frame, key, self._clock())
@@ -281,15 +281,10 @@ class Coordinator:
         """Take a registered agent into the cluster (tests set up agents so)."""
         self._link.add(session, now)
 
-    async def _receive_clients(self) -> None:
-        assert self._client_socket is not None
-        while True:
-            frames, _ = await transport.receive(self._client_socket, self._keys is not None)
-            if len(frames) != 2:
-                continue
-            identity, frame = frames
-            message = decode(frame, CLIENT_MESSAGES)
-            self._on_client_message(identity, message, self._clock())
+    def on_client_frame(self, identity: bytes, frame: bytes, key: str | None = None) -> None:
+        """One frame from a client of the clients socket."""
+        message = decode(frame, CLIENT_MESSAGES)
+        self._on_client_message(identity, message, self._clock())
 
     def _on_client_message(
         self,
@@ -571,8 +566,8 @@ class Coordinator:
         )
 
     def _send_client(self, identity: bytes, message: WireModel) -> None:
-        assert self._client_socket is not None
-        self._send(self._client_socket, identity, message)
+        assert self._client_pump is not None
+        self._send(self._client_pump, identity, message)
 
     def _send_agent(self, identity: bytes, message: WireModel) -> None:
         session = self._link.sessions.get(identity)
@@ -581,8 +576,8 @@ class Coordinator:
         if self._agent_sink is not None:
             self._outbox.send(functools.partial(self._agent_sink, identity, message))
             return
-        assert self._agent_socket is not None
-        self._send(self._agent_socket, identity, message)
+        assert self._agent_pump is not None
+        self._send(self._agent_pump, identity, message)
 
     # --- journal ----------------------------------------------------------------------------
 
@@ -594,5 +589,5 @@ class Coordinator:
         """Journal ``op``; it commits before any frame sent after this call leaves."""
         self._outbox.write(op)
 
-    def _send(self, socket: zmq.asyncio.Socket, identity: bytes, message: WireModel) -> None:
-        self._outbox.send(functools.partial(socket.send_multipart, [identity, encode(message)]))
+    def _send(self, pump: transport.RouterPump, identity: bytes, message: WireModel) -> None:
+        self._outbox.send(functools.partial(pump.send, identity, encode(message)))
