@@ -132,6 +132,8 @@ class RouterPump:
     ) -> None:
         """``on_message(identity, frame, key)`` gets each two-part message; ``key`` is the CURVE
         key's allow-list name when ``authenticated``, else None. Others are dropped."""
+        self._owner = socket
+        """Kept: the shadow below does not own the socket, and the owner closes it when freed."""
         self._socket: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
         self._fd = int(self._socket.getsockopt(zmq.FD))
         self._on_message = on_message
