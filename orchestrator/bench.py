@@ -38,7 +38,14 @@ from orchestrator.settings import (
     load_settings,
     tunable_flags,
 )
-from orchestrator.sim import SIM_UNAVAILABLE_TIMEOUT_S, Cluster, SimReport, SimRequest, Simulator
+from orchestrator.sim import (
+    SIM_UNAVAILABLE_TIMEOUT_S,
+    Cluster,
+    SimReport,
+    SimRequest,
+    Simulator,
+    infinite_cache_reuse,
+)
 from orchestrator.tokens import EstimatedTokenCounter
 from orchestrator.traces import (
     TraceRow,
@@ -72,6 +79,10 @@ class BenchSpec:
     tunables: SchedulingTunables = field(default_factory=lambda: SchedulingTunables())
     adapt_every: int = 0
     live: LiveCluster | None = None
+    load_basis: str = "decode"
+    """``decode``: --load is decode tokens against decode capacity (../shared/DESIGN.md);
+    ``work``: prefill time (nothing cached) counts too."""
+    prefix_cache: bool = True
 
 
 def _positive(value: float, flag: str) -> float:
@@ -161,6 +172,8 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         seed=args.seed,
         tunables=tunables,
         adapt_every=args.adapt_every,
+        load_basis=args.load_basis,
+        prefix_cache=args.prefix_cache == "on",
     )
 
 
@@ -208,7 +221,16 @@ def run_bench(
         )
     assert spec.cluster is not None
     counter = EstimatedTokenCounter()
-    prompt_tokens = [counter.count(r.prompt, None)[0] for r in rows]
+    prompt_tokens = [
+        counter.count(r.prompt, None)[0] if r.prompt_tokens is None else r.prompt_tokens
+        for r in rows
+    ]
+    prefixes = [r.prefix if spec.prefix_cache else None for r in rows]
+    bound = (
+        infinite_cache_reuse((r.prefix, n) for r, n in zip(rows, prompt_tokens, strict=True))
+        if any(r.prefix for r in rows)
+        else None
+    )
     cap = spec.max_output_tokens or max(lengths)
     budgets = request_budgets(prompt_tokens, cap, spec.cluster.context_limit_tokens)
     lengths = [min(length, budget) for length, budget in zip(lengths, budgets, strict=True)]
@@ -220,7 +242,10 @@ def run_bench(
     diagnostics: dict[str, Any] = {}
     loads: Sequence[float | None] = spec.loads or [None]
     for load in loads:
-        factor = arrival_scale(rows, lengths, capacity, load, spec.rate)
+        prefill = (
+            (prompt_tokens, spec.cluster.prefill_tokens_s) if spec.load_basis == "work" else None
+        )
+        factor = arrival_scale(rows, lengths, capacity, load, spec.rate, prefill)
         start = rows[0].arrival_s
         results: dict[str, Any] = {}
         for name in spec.policies:
@@ -240,6 +265,7 @@ def run_bench(
                     output_tokens=lengths[i],
                     max_tokens=budgets[i],
                     estimate=chosen[i],
+                    prompt_blocks=prefixes[i],
                 )
                 for i, row in enumerate(rows)
             ]
@@ -254,6 +280,12 @@ def run_bench(
             wall = time.perf_counter() - began
             cpu = time.process_time() - cpu_began
             results[name] = policy_stats(report)
+            if bound is not None:
+                results[name]["prompt_tokens"] = report.prompt_tokens
+                results[name]["reused_prompt_tokens"] = report.reused_prompt_tokens
+                results[name]["reuse_vs_infinite_cache"] = round(
+                    report.reused_prompt_tokens / max(1, bound), 4
+                )
             diagnostics.setdefault(str(load), {})[name] = {
                 "sim_wall_s": round(wall, 3),
                 "sim_cpu_s": round(cpu, 3),
@@ -292,6 +324,13 @@ def run_bench(
         "seed": spec.seed,
         "tunables": spec.tunables.model_dump(),
     }
+    if bound is not None:
+        out["prefix_cache"] = {
+            "enabled": spec.prefix_cache,
+            "prompt_tokens": sum(prompt_tokens),
+            "infinite_cache_reused_tokens": bound,
+        }
+    out["settings"]["load_basis"] = spec.load_basis
     out["diagnostics"] = diagnostics
     return out
 

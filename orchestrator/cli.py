@@ -147,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--placement", choices=("predicted", "least-loaded", "round-robin"), default="predicted"
     )
+    bench.add_argument(
+        "--load-basis",
+        choices=("decode", "work"),
+        default="decode",
+        help="what --load measures: decode tokens against decode capacity (default), or "
+        "decode plus uncached prefill time (prompt-heavy traces)",
+    )
+    bench.add_argument(
+        "--prefix-cache",
+        choices=("on", "off"),
+        default="on",
+        help="(--sim) devices keep finished prompts' prefix blocks for reuse, for traces "
+        "that give prefix_blocks",
+    )
     bench.add_argument("--length-scale", type=float, default=1.0)
     bench.add_argument("--max-output-tokens", type=int, default=None)
     bench.add_argument("--max-requests", type=int, default=None)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol, assert_never
@@ -27,6 +28,9 @@ from orchestrator.core.driver import (
     DriverSettings,
     Effect,
     Ended,
+    Event,
+    PrefixesRemoved,
+    PrefixesStored,
     RequestAccepted,
     Requeued,
     Reserved,
@@ -37,6 +41,7 @@ from orchestrator.core.driver import (
 )
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
+from orchestrator.core.prefix import PromptBlocks
 from orchestrator.core.scheduler import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig
 from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import SpeedProfile
@@ -57,6 +62,8 @@ class DeviceSpec:
     n_ctx: int
     kv_budget_tokens: int
     speed: SpeedProfile
+    prefix_cache_tokens: int = 0
+    """Prompt tokens of finished requests the device keeps for reuse (parked KV)."""
 
     @property
     def capacity_tokens_s(self) -> float:
@@ -74,6 +81,11 @@ class Cluster:
         return sum(d.capacity_tokens_s for d in self.devices)
 
     @property
+    def prefill_tokens_s(self) -> float:
+        """Prompt tokens/s of every device prefilling at once."""
+        return sum(d.speed.prefill_tps for d in self.devices)
+
+    @property
     def context_limit_tokens(self) -> int:
         """The longest prompt + output any device can hold."""
         return max((min(d.n_ctx, d.kv_budget_tokens) for d in self.devices), default=0)
@@ -89,6 +101,7 @@ class Cluster:
                     "max_seqs": d.max_seqs,
                     "n_ctx": d.n_ctx,
                     "kv_budget_tokens": d.kv_budget_tokens,
+                    "prefix_cache_tokens": d.prefix_cache_tokens,
                     "prefill_tps": d.speed.prefill_tps,
                     "decode_tps": [list(p) for p in d.speed.decode_points],
                 }
@@ -116,12 +129,19 @@ def load_cluster(path: Path) -> Cluster:
                 n_ctx=int(raw["n_ctx"]),
                 kv_budget_tokens=int(raw["kv_budget_tokens"]),
                 speed=SpeedProfile(points, float(raw["prefill_tps"])),
+                prefix_cache_tokens=int(raw.get("prefix_cache_tokens", raw["kv_budget_tokens"])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRequest(
                 f"cluster file {path}: device {i} is malformed ({exc!r})"
             ) from None
-        if spec.max_seqs < 1 or spec.kv_budget_tokens < 1 or not points or points[0][0] < 1:
+        if (
+            spec.max_seqs < 1
+            or spec.kv_budget_tokens < 1
+            or spec.prefix_cache_tokens < 0
+            or not points
+            or points[0][0] < 1
+        ):
             raise InvalidRequest(f"cluster file {path}: device {spec.name} has bad sizes")
         devices.append(spec)
     if not devices:
@@ -141,6 +161,9 @@ class SimRequest:
     max_tokens: int
     estimate: LengthEstimate | None
     priority: Priority = "interactive"
+    prompt_blocks: PromptBlocks | None = None
+    """The prompt's prefix blocks: devices keep finished prompts' blocks and prefill only
+    what they do not hold. None: nothing is cached for this request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +186,10 @@ class SimReport:
     decisions: int
     max_kv_overuse_tokens: float
     end_s: float
+    prompt_tokens: int = 0
+    """Prompt tokens of every attempt started (a preempted request's prompt counts again)."""
+    reused_prompt_tokens: int = 0
+    """Of those, tokens a device held cached and did not prefill."""
 
 
 @dataclass(slots=True)
@@ -175,6 +202,44 @@ class _Seq:
     cap: int
 
 
+class _PrefixCache:
+    """One device's kept prompt blocks, least recently used evicted first."""
+
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity_tokens = capacity_tokens
+        self._blocks: OrderedDict[int, int] = OrderedDict()
+        self._held_tokens = 0
+
+    def take(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        """Prompt tokens of the longest leading run of ``blocks`` held here (now the most
+        recently used)."""
+        matched = 0
+        for h in blocks.hashes:
+            if h not in self._blocks:
+                break
+            self._blocks.move_to_end(h)
+            matched += 1
+        return blocks.tokens_of(matched, prompt_tokens)
+
+    def keep(self, blocks: PromptBlocks) -> tuple[list[int], list[int]]:
+        """Keep a finished prompt's blocks; returns the hashes stored and those evicted."""
+        stored: list[int] = []
+        for h in blocks.hashes:
+            if h in self._blocks:
+                self._blocks.move_to_end(h)
+            elif blocks.block_tokens <= self.capacity_tokens:
+                self._blocks[h] = blocks.block_tokens
+                self._held_tokens += blocks.block_tokens
+                stored.append(h)
+        evicted: list[int] = []
+        while self._held_tokens > self.capacity_tokens:
+            h, tokens = self._blocks.popitem(last=False)
+            self._held_tokens -= tokens
+            evicted.append(h)
+        kept = set(evicted)
+        return [h for h in stored if h not in kept], [h for h in evicted if h not in stored]
+
+
 @dataclass(slots=True)
 class _Device:
     spec: DeviceSpec
@@ -183,6 +248,10 @@ class _Device:
     last_s: float = 0.0
     stall_s: float = 0.0
     reserved: int = 0
+    cache: _PrefixCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache = _PrefixCache(self.spec.prefix_cache_tokens)
 
     def step_s(self) -> float:
         return self.spec.speed.step_s(len(self.seqs))
@@ -234,9 +303,10 @@ class _Device:
             speed=spec.speed,
         )
 
-    def start(self, record: RequestRecord, request: SimRequest) -> None:
+    def start(self, record: RequestRecord, request: SimRequest) -> int:
         """Run the record's new attempt: its prefill (prompt and resumed tokens: recompute is
-        the price of preemption) stalls the device first."""
+        the price of preemption; less the prompt blocks held here) stalls the device first.
+        Returns the prompt tokens it reused."""
         target = max(1, min(request.output_tokens, request.max_tokens))
         self.seqs[record.request_id] = _Seq(
             request_id=record.request_id,
@@ -247,7 +317,11 @@ class _Device:
             cap=min(record.prompt_tokens + request.max_tokens, self.spec.n_ctx),
         )
         self.reserved += record.kv_reservation_tokens
-        self.stall_s += self.spec.speed.prefill_s(record.prompt_tokens + record.generated_tokens)
+        blocks = request.prompt_blocks
+        reused = 0 if blocks is None else self.cache.take(blocks, record.prompt_tokens)
+        pending = record.prompt_tokens - reused + record.generated_tokens
+        self.stall_s += self.spec.speed.prefill_s(pending)
+        return reused
 
     def tokens(self, record: RequestRecord, n_tokens: int) -> TokensReceived:
         return TokensReceived(
@@ -306,6 +380,7 @@ class Simulator:
         arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         specs = {RequestId(r.request_id): r for r in arrivals}
         outcomes: list[Outcome] = []
+        prompts = _PromptTally()
         index = events = decisions = 0
         max_overuse = 0.0
         now = 0.0
@@ -365,8 +440,11 @@ class Simulator:
                 for device in devices.values():
                     for seq in device.seqs.values():
                         _sync_tokens(driver, device, seq, now)
+                reports: list[Event] = []
                 for effect in driver.schedule(now):
-                    self._carry_out(effect, devices, specs, outcomes)
+                    self._carry_out(effect, devices, specs, outcomes, prompts, reports)
+                for report in reports:
+                    driver.on_event(report, now)
                 for device in devices.values():
                     if device.reserved > device.spec.kv_budget_tokens:
                         raise InternalError(
@@ -388,6 +466,8 @@ class Simulator:
             decisions=decisions,
             max_kv_overuse_tokens=max_overuse,
             end_s=now,
+            prompt_tokens=prompts.prompt_tokens,
+            reused_prompt_tokens=prompts.reused_tokens,
         )
 
     @staticmethod
@@ -396,10 +476,24 @@ class Simulator:
         devices: dict[AgentId, _Device],
         specs: dict[RequestId, SimRequest],
         outcomes: list[Outcome],
+        prompts: _PromptTally,
+        reports: list[Event],
     ) -> None:
+        """Carry out one effect; what the devices then report (prefix blocks stored and
+        evicted) goes to ``reports``."""
         match effect:
             case Dispatched(record, agent_id):
-                devices[agent_id].start(record, specs[record.request_id])
+                device = devices[agent_id]
+                request = specs[record.request_id]
+                prompts.prompt_tokens += record.prompt_tokens
+                prompts.reused_tokens += device.start(record, request)
+                if request.prompt_blocks is not None:
+                    # Kept from the start: a running sequence's prefix is shared too.
+                    stored, evicted = device.cache.keep(request.prompt_blocks)
+                    if evicted:
+                        reports.append(PrefixesRemoved(agent_id, tuple(evicted)))
+                    if stored:
+                        reports.append(PrefixesStored(agent_id, tuple(stored)))
             case Reserved(request_id, agent_id, reservation):
                 device = devices[agent_id]
                 seq = device.seqs[request_id]
@@ -414,6 +508,30 @@ class Simulator:
                 pass
             case _:
                 assert_never(effect)
+
+
+@dataclass(slots=True)
+class _PromptTally:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+
+
+def infinite_cache_reuse(prompts: Iterable[tuple[PromptBlocks | None, int]]) -> int:
+    """Prompt tokens one cache of unbounded size could reuse, seeing every prompt (its blocks
+    and its tokens, in arrival order): the upper bound any placement and eviction can reach."""
+    seen: set[int] = set()
+    reused = 0
+    for blocks, prompt_tokens in prompts:
+        if blocks is None:
+            continue
+        matched = 0
+        for h in blocks.hashes:
+            if h not in seen:
+                break
+            matched += 1
+        reused += blocks.tokens_of(matched, prompt_tokens)
+        seen.update(blocks.hashes)
+    return reused
 
 
 def _sync_tokens(driver: ClusterDriver, device: _Device, seq: _Seq, now: float) -> RequestRecord:

@@ -7,16 +7,44 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from orchestrator.core.prefix import PromptBlocks
 from orchestrator.errors import InvalidRequest
 from orchestrator.textio import read_lines
 
 
 @dataclass(frozen=True, slots=True)
 class TraceRow:
+    """One request. A simulator-only row may give its prompt as a length and prefix blocks
+    (``prompt_tokens``, ``prefix_blocks`` hashes of ``block_tokens`` each, as Mooncake's traces
+    do) instead of text."""
+
     arrival_s: float
     prompt: str
     output_tokens: int
+    prompt_tokens: int | None = None
+    prefix: PromptBlocks | None = None
+
+
+def _row(raw: dict[str, Any]) -> TraceRow:
+    prompt_tokens = raw.get("prompt_tokens")
+    hashes = raw.get("prefix_blocks")
+    prefix = None
+    if hashes is not None:
+        if not isinstance(hashes, list) or not all(isinstance(h, int) for h in hashes):
+            raise ValueError("prefix_blocks must be a list of integers")
+        block_tokens = int(raw["block_tokens"])
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be positive, got {block_tokens}")
+        prefix = PromptBlocks(tuple(hashes), block_tokens)
+    return TraceRow(
+        float(raw["arrival_s"]),
+        str(raw["prompt"]),
+        int(raw["output_tokens"]),
+        None if prompt_tokens is None else int(prompt_tokens),
+        prefix,
+    )
 
 
 def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
@@ -29,13 +57,11 @@ def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
-            rows.append(
-                TraceRow(float(raw["arrival_s"]), str(raw["prompt"]), int(raw["output_tokens"]))
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+            rows.append(_row(json.loads(line)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidRequest(
-                f"trace {path} line {number}: needs arrival_s, prompt, output_tokens ({exc!r})",
+                f"trace {path} line {number}: needs arrival_s, prompt, output_tokens, and "
+                f"block_tokens with prefix_blocks ({exc!r})",
                 field="trace",
             ) from None
         if max_requests is not None and len(rows) >= max_requests:
@@ -62,13 +88,19 @@ def arrival_scale(
     capacity_tokens_s: float,
     load: float | None,
     rate: float | None,
+    prefill: tuple[Sequence[int], float] | None = None,
 ) -> float:
-    """The factor applied to arrival times (and so divided into inter-arrival gaps)."""
+    """The factor applied to arrival times (and so divided into inter-arrival gaps). With
+    ``prefill`` (each prompt's tokens, the cluster's prompt tokens/s), the load counts the
+    prompts' prefill time beside the decode, with nothing cached."""
     span = rows[-1].arrival_s - rows[0].arrival_s
     if span <= 0:
         raise InvalidRequest("trace arrivals span no time; cannot scale them")
     if load is not None:
         offered = sum(lengths) / span
+        if prefill is not None:
+            prompts, prefill_tokens_s = prefill
+            offered += sum(prompts) / span * capacity_tokens_s / prefill_tokens_s
         return offered / (load * capacity_tokens_s)
     assert rate is not None
     return ((len(rows) - 1) / span) / rate

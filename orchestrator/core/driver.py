@@ -17,13 +17,14 @@ keep dying with their agent fails after ``max_attempts``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeVar, assert_never
 
 from orchestrator.core.agent_views import AgentState, AgentViews, known_length
 from orchestrator.core.eta import measured_speed
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.ordered_queue import OrderedQueue
+from orchestrator.core.prefix import PrefixIndex, cached_tokens
 from orchestrator.core.scheduler import DECIDE_LOOKAHEAD, SchedulerConfig, decide
 from orchestrator.core.table import RequestRecord, RequestTable
 from orchestrator.core.views import (
@@ -143,6 +144,30 @@ class AgentLost:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixesStored:
+    """An agent now holds these prompt prefix blocks (``core.prefix``)."""
+
+    agent_id: AgentId
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixesRemoved:
+    """An agent evicted these prompt prefix blocks."""
+
+    agent_id: AgentId
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixesHeld:
+    """Everything an agent holds (a snapshot after missed events, or on registering)."""
+
+    agent_id: AgentId
+    hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class JournalReplayed:
     """The shell read these records back from its journal: queued ones queue again (with the
     restart grace), ended ones stay to answer re-submits."""
@@ -159,6 +184,9 @@ Event = (
     | AgentJoined
     | AgentReported
     | AgentLost
+    | PrefixesStored
+    | PrefixesRemoved
+    | PrefixesHeld
     | JournalReplayed
 )
 
@@ -236,6 +264,8 @@ class ClusterDriver:
         self._grace_until_s = 0.0
         self._queue = OrderedQueue(settings.scheduler.policy)
         self._agent_views = AgentViews(self.table, settings.exact_ignore_eos_lengths)
+        self.prefixes = PrefixIndex()
+        """Which agent holds which prompt prefix blocks, as they reported."""
 
     # --- events -------------------------------------------------------------------------
 
@@ -257,6 +287,7 @@ class ClusterDriver:
             case AgentJoined(agent):
                 self.agents[agent.agent_id] = agent
                 self._agent_views.forget(agent.agent_id)
+                self.prefixes.forget(agent.agent_id)
                 self.needs_decision = True
                 return []
             case AgentReported(agent_id, draining, decode_curve, prefill_tps):
@@ -271,7 +302,19 @@ class ClusterDriver:
                 known.speed = refreshed_speed(known.speed, decode_curve, prefill_tps)
                 return []
             case AgentLost(agent_id, reason, failed):
+                self.prefixes.forget(agent_id)
                 return self._agent_lost(agent_id, reason, failed, now)
+            case PrefixesStored(agent_id, hashes):
+                if agent_id in self.agents:
+                    self.prefixes.stored(agent_id, hashes)
+                return []
+            case PrefixesRemoved(agent_id, hashes):
+                self.prefixes.removed(agent_id, hashes)
+                return []
+            case PrefixesHeld(agent_id, hashes):
+                if agent_id in self.agents:
+                    self.prefixes.replace(agent_id, hashes)
+                return []
             case JournalReplayed(records):
                 for record in records:
                     self.table.restore(record)
@@ -477,10 +520,16 @@ class ClusterDriver:
         by_agent, growing = self._agent_views.running(self.agents)
         if not head.requests and not by_agent:
             return None
+        hits = {
+            request.request_id: found
+            for request in head.requests
+            if (found := cached_tokens(request.prompt_blocks, request.prompt_tokens, self.prefixes))
+        }
         return Snapshot(
             queue=head.requests,
             agents=agents,
             dispatch_count=self.dispatch_count,
+            prefix_hits=hits,
             aging_bound_s=head.aging_bound_s,
             by_agent=by_agent,
             growing=growing,
@@ -500,7 +549,11 @@ class ClusterDriver:
         """Keep the ordered queue as the table's queue (a queued record's view does not change
         while it waits)."""
         if joined:
-            self._queue.add(self._known_length(record.queued_view(), record))
+            view = record.queued_view()
+            hits = cached_tokens(view.prompt_blocks, view.prompt_tokens, self.prefixes)
+            if hits:
+                view = replace(view, cached_prompt_tokens=max(hits.values()))
+            self._queue.add(self._known_length(view, record))
         else:
             self._queue.remove(record.request_id)
 

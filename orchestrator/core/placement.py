@@ -34,6 +34,8 @@ class Candidate:
     reservation_tokens: int
     """KV cells the request would reserve here (0 where it cannot start now)."""
     free_in_s: float
+    cached_tokens: int = 0
+    """Prompt tokens this agent holds cached: the prefill there is only the rest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +142,13 @@ class RoundRobin:
 
 def predicted_completion_s(request: QueuedRequest, candidate: Candidate) -> float:
     """Seconds until the request would finish on the candidate: the wait for a slot, the
-    (re)prefill of prompt + resumed tokens, then its expected remaining tokens decoded at the
-    per-sequence speed of the batch it joins."""
+    (re)prefill of prompt + resumed tokens less what the candidate holds cached, then its
+    expected remaining tokens decoded at the per-sequence speed of the batch it joins."""
     agent = candidate.agent
     speed = speed_of(agent)
     batch = min(agent.max_seqs, agent.running + 1)
-    prefill = speed.prefill_s(request.prompt_tokens + request.generated_tokens)
+    pending = request.prompt_tokens + request.generated_tokens - candidate.cached_tokens
+    prefill = speed.prefill_s(pending)
     return candidate.free_in_s + prefill + expected_remaining(request) * speed.step_s(batch)
 
 

@@ -123,9 +123,10 @@ def _initial_expected(estimate: LengthEstimate | None) -> float:
 
 def pending_prefill_tokens(request: View) -> int:
     """Tokens the request must (re)compute before it decodes again: a queued one re-prefills its
-    prompt and what it generated before, a running one has computed them."""
+    prompt (less what an agent holds cached) and what it generated before, a running one has
+    computed them."""
     if isinstance(request, QueuedRequest):
-        return request.prompt_tokens + request.generated_tokens
+        return request.prompt_tokens - request.cached_prompt_tokens + request.generated_tokens
     return 0
 
 

@@ -139,6 +139,7 @@ class _State:
         self._finish: dict[AgentId, tuple[tuple[float, ...], float]] = {}
         self._keys: dict[RequestId, float] = {}
         self._fleets: dict[str | None, _Fleet] = {}
+        self.prefix_hits = snapshot.prefix_hits
         self.changes: dict[AgentId, int] = {}
         """How many times this call changed each agent it changed (dispatch, raise, preempt)."""
         self.dispatched = 0
@@ -277,6 +278,9 @@ class _Fleet:
             for agent_id, count in state.changes.items()
             if count != self._changes_then.get(agent_id, 0) and agent_id in self._serves
         }
+        # The floors below assume a full prefill, which holds for every agent but those
+        # holding part of the prompt: weigh those apart.
+        seen.update(i for i in state.prefix_hits.get(request.request_id, ()) if i in self._serves)
         for agent_id in seen:
             weigh(agent_id)
         prefill_floor = (request.prompt_tokens + request.generated_tokens) / (
@@ -435,11 +439,13 @@ def _candidates(
 def _candidate(
     request: QueuedRequest, agent: AgentView, state: _State, config: SchedulerConfig
 ) -> Candidate:
+    hits = state.prefix_hits.get(request.request_id)
+    cached = 0 if hits is None else hits.get(agent.agent_id, 0)
     if agent.free_slots > 0:
         reservation = admission_reservation(request, agent, config)
         if agent.can_start(request, reservation):
-            return Candidate(agent, True, reservation, 0.0)
-    return Candidate(agent, False, 0, state.free_in_s(agent))
+            return Candidate(agent, True, reservation, 0.0, cached)
+    return Candidate(agent, False, 0, state.free_in_s(agent), cached)
 
 
 def _try_preempt(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import TERMINAL_STATES, RequestState, check_transition
+from orchestrator.core.prefix import PromptBlocks
 from orchestrator.core.views import QueuedRequest, RunningRequest
 from orchestrator.errors import EdgeorchError, InternalError
 from orchestrator.protocol import AgentId, FinishReason, GenerationParams, RequestId
@@ -49,6 +50,8 @@ class RequestRecord:
     """``generated_tokens`` when the current attempt was dispatched (what it resumes after)."""
     text_chars: int = 0
     """``len(text)``, kept so a streamed chunk's offset costs nothing to compute."""
+    prompt_blocks: PromptBlocks | None = None
+    """The prompt's prefix block hashes, when its token ids are known (cache-aware placement)."""
 
     @property
     def text(self) -> str:
@@ -84,6 +87,7 @@ class RequestRecord:
             estimate=self.estimate,
             generated_tokens=self.generated_tokens,
             preemptions=self.preemptions,
+            prompt_blocks=self.prompt_blocks,
         )
 
     def running_view(self) -> RunningRequest:

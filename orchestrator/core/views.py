@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
 from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.prefix import PromptBlocks
 from orchestrator.errors import EdgeorchError
 from orchestrator.protocol import AgentId, Priority, RequestId
 
@@ -82,6 +83,11 @@ class QueuedRequest:
     estimate: LengthEstimate | None = None
     generated_tokens: int = 0
     preemptions: int = 0
+    prompt_blocks: PromptBlocks | None = None
+    """The prompt's prefix block hashes (``core.prefix``), when known."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens the agent holding most of this prompt had when the request queued: its
+    job size counts only the rest (placement weighs each agent's own hit)."""
     rest_tokens: float = field(default=0.0, init=False, compare=False)
     """Expected output tokens still to come (re-predicted after ``generated_tokens``, capped by
     the budget; ``UNKNOWN_LENGTH_TOKENS`` less what was generated without a prediction);
@@ -236,6 +242,8 @@ class Snapshot:
     agents: tuple[AgentView, ...]
     running: tuple[RunningRequest, ...] = ()
     dispatch_count: int = 0
+    prefix_hits: Mapping[RequestId, Mapping[AgentId, int]] = field(default_factory=dict)
+    """For queued requests whose prompt some agents hold in part: prompt tokens each holds."""
     aging_bound_s: float | None = None
     """The aging bound over every placeable queued request, when ``queue`` holds only the
     queue's head (``core.ordered_queue``); None: computed from ``queue``."""

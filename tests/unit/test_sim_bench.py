@@ -346,6 +346,8 @@ def _args(**overrides: Any) -> SimpleNamespace:
         predictor="fake",
         adapt_every=0,
         seed=1,
+        load_basis="decode",
+        prefix_cache="on",
         agents=2,
         backend="fake",
         threads=None,
