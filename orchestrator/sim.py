@@ -388,9 +388,10 @@ class Simulator:
         while True:
             next_arrival = arrivals[index].arrival_s if index < total else math.inf
             next_device = min(d.next_event_s() for d in devices.values())
-            now = max(now, min(next_arrival, next_device))
-            if math.isinf(now):
-                break
+            upcoming = min(next_arrival, next_device)
+            if math.isinf(upcoming):
+                break  # ``now`` stays the last event's time: the makespan
+            now = max(now, upcoming)
             events += 1
             first_tokens: list[tuple[_Device, _Seq, float]] = []
             for device in devices.values():
