@@ -44,8 +44,8 @@ from orchestrator.sim import (
     SimReport,
     SimRequest,
     Simulator,
-    infinite_cache_reuse,
 )
+from orchestrator.sim_cache import infinite_cache_reuse
 from orchestrator.tokens import EstimatedTokenCounter
 from orchestrator.traces import (
     TraceRow,
@@ -83,6 +83,7 @@ class BenchSpec:
     """``decode``: --load is decode tokens against decode capacity (../shared/DESIGN.md);
     ``work``: prefill time (nothing cached) counts too."""
     prefix_cache: bool = True
+    prefix_eviction: str = "lru"
 
 
 def _positive(value: float, flag: str) -> float:
@@ -174,6 +175,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         adapt_every=args.adapt_every,
         load_basis=args.load_basis,
         prefix_cache=args.prefix_cache == "on",
+        prefix_eviction=args.prefix_eviction,
     )
 
 
@@ -272,7 +274,7 @@ def run_bench(
             label = f"{name} load {load}" if load is not None else f"{name} rate {spec.rate}"
             began, cpu_began = time.perf_counter(), time.process_time()
             adapting = None if online is None or policy.needs_truth else online.fresh()
-            report = Simulator(spec.cluster, config).run(
+            report = Simulator(spec.cluster, config, eviction=spec.prefix_eviction).run(
                 requests,
                 None if progress is None else functools.partial(progress, label),
                 adapting,
@@ -329,6 +331,7 @@ def run_bench(
             "enabled": spec.prefix_cache,
             "prompt_tokens": sum(prompt_tokens),
             "infinite_cache_reused_tokens": bound,
+            "eviction": spec.prefix_eviction,
         }
     out["settings"]["load_basis"] = spec.load_basis
     out["diagnostics"] = diagnostics

@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="(--sim) devices keep finished prompts' prefix blocks for reuse, for traces "
         "that give prefix_blocks",
     )
+    bench.add_argument(
+        "--prefix-eviction",
+        choices=("lru", "idle"),
+        default="lru",
+        help="(--sim) which kept prefix blocks a full device drops: least recently used, or "
+        "those expected to stay idle longest",
+    )
     bench.add_argument("--length-scale", type=float, default=1.0)
     bench.add_argument("--max-output-tokens", type=int, default=None)
     bench.add_argument("--max-requests", type=int, default=None)

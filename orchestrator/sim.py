@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol, assert_never
@@ -47,6 +46,7 @@ from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InternalError, InvalidRequest
 from orchestrator.protocol import AgentId, GenerationParams, Priority, RequestId
+from orchestrator.sim_cache import EVICTIONS, DevicePrefixCache, LruPrefixCache
 
 TOKEN_EPSILON: Final = 1e-6
 """Fractional tokens below which a sequence counts as having reached a boundary."""
@@ -202,44 +202,6 @@ class _Seq:
     cap: int
 
 
-class _PrefixCache:
-    """One device's kept prompt blocks, least recently used evicted first."""
-
-    def __init__(self, capacity_tokens: int) -> None:
-        self.capacity_tokens = capacity_tokens
-        self._blocks: OrderedDict[int, int] = OrderedDict()
-        self._held_tokens = 0
-
-    def take(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
-        """Prompt tokens of the longest leading run of ``blocks`` held here (now the most
-        recently used)."""
-        matched = 0
-        for h in blocks.hashes:
-            if h not in self._blocks:
-                break
-            self._blocks.move_to_end(h)
-            matched += 1
-        return blocks.tokens_of(matched, prompt_tokens)
-
-    def keep(self, blocks: PromptBlocks) -> tuple[list[int], list[int]]:
-        """Keep a finished prompt's blocks; returns the hashes stored and those evicted."""
-        stored: list[int] = []
-        for h in blocks.hashes:
-            if h in self._blocks:
-                self._blocks.move_to_end(h)
-            elif blocks.block_tokens <= self.capacity_tokens:
-                self._blocks[h] = blocks.block_tokens
-                self._held_tokens += blocks.block_tokens
-                stored.append(h)
-        evicted: list[int] = []
-        while self._held_tokens > self.capacity_tokens:
-            h, tokens = self._blocks.popitem(last=False)
-            self._held_tokens -= tokens
-            evicted.append(h)
-        kept = set(evicted)
-        return [h for h in stored if h not in kept], [h for h in evicted if h not in stored]
-
-
 @dataclass(slots=True)
 class _Device:
     spec: DeviceSpec
@@ -248,10 +210,7 @@ class _Device:
     last_s: float = 0.0
     stall_s: float = 0.0
     reserved: int = 0
-    cache: _PrefixCache = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.cache = _PrefixCache(self.spec.prefix_cache_tokens)
+    cache: DevicePrefixCache = field(default_factory=lambda: LruPrefixCache(0))
 
     def step_s(self) -> float:
         return self.spec.speed.step_s(len(self.seqs))
@@ -318,7 +277,7 @@ class _Device:
         )
         self.reserved += record.kv_reservation_tokens
         blocks = request.prompt_blocks
-        reused = 0 if blocks is None else self.cache.take(blocks, record.prompt_tokens)
+        reused = 0 if blocks is None else self.cache.held(blocks, record.prompt_tokens)
         pending = record.prompt_tokens - reused + record.generated_tokens
         self.stall_s += self.spec.speed.prefill_s(pending)
         return reused
@@ -356,10 +315,14 @@ class Simulator:
         cluster: Cluster,
         config: SchedulerConfig,
         driver: Callable[[DriverSettings], ClusterDriver] = ClusterDriver,
+        eviction: str = "lru",
     ) -> None:
+        """``eviction`` names how devices choose which kept prefix blocks to drop
+        (``sim_cache.EVICTIONS``)."""
         self.cluster = cluster
         self.config = config
         self.driver = driver
+        self.eviction = eviction
         """Builds the cluster model (a recording one in the differential test)."""
 
     def run(
@@ -373,7 +336,12 @@ class Simulator:
         driver = self.driver(DriverSettings(scheduler=self.config))
         table = driver.table
         devices = {
-            AgentId(d.name): _Device(spec=d, agent_id=AgentId(d.name)) for d in self.cluster.devices
+            AgentId(d.name): _Device(
+                spec=d,
+                agent_id=AgentId(d.name),
+                cache=EVICTIONS[self.eviction](d.prefix_cache_tokens),
+            )
+            for d in self.cluster.devices
         }
         for device in devices.values():
             driver.on_event(AgentJoined(device.state()), 0.0)
@@ -443,7 +411,7 @@ class Simulator:
                         _sync_tokens(driver, device, seq, now)
                 reports: list[Event] = []
                 for effect in driver.schedule(now):
-                    self._carry_out(effect, devices, specs, outcomes, prompts, reports)
+                    self._carry_out(effect, now, devices, specs, outcomes, prompts, reports)
                 for report in reports:
                     driver.on_event(report, now)
                 for device in devices.values():
@@ -474,6 +442,7 @@ class Simulator:
     @staticmethod
     def _carry_out(
         effect: Effect,
+        now: float,
         devices: dict[AgentId, _Device],
         specs: dict[RequestId, SimRequest],
         outcomes: list[Outcome],
@@ -490,7 +459,7 @@ class Simulator:
                 prompts.reused_tokens += device.start(record, request)
                 if request.prompt_blocks is not None:
                     # Kept from the start: a running sequence's prefix is shared too.
-                    stored, evicted = device.cache.keep(request.prompt_blocks)
+                    stored, evicted = device.cache.keep(request.prompt_blocks, now)
                     if evicted:
                         reports.append(PrefixesRemoved(agent_id, tuple(evicted)))
                     if stored:
@@ -515,24 +484,6 @@ class Simulator:
 class _PromptTally:
     prompt_tokens: int = 0
     reused_tokens: int = 0
-
-
-def infinite_cache_reuse(prompts: Iterable[tuple[PromptBlocks | None, int]]) -> int:
-    """Prompt tokens one cache of unbounded size could reuse, seeing every prompt (its blocks
-    and its tokens, in arrival order): the upper bound any placement and eviction can reach."""
-    seen: set[int] = set()
-    reused = 0
-    for blocks, prompt_tokens in prompts:
-        if blocks is None:
-            continue
-        matched = 0
-        for h in blocks.hashes:
-            if h not in seen:
-                break
-            matched += 1
-        reused += blocks.tokens_of(matched, prompt_tokens)
-        seen.update(blocks.hashes)
-    return reused
 
 
 def _sync_tokens(driver: ClusterDriver, device: _Device, seq: _Seq, now: float) -> RequestRecord:

@@ -30,7 +30,8 @@ from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InvalidRequest
 from orchestrator.protocol import AgentId
-from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator, infinite_cache_reuse
+from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator
+from orchestrator.sim_cache import IdleAwarePrefixCache, LruPrefixCache, infinite_cache_reuse
 from orchestrator.traces import arrival_scale, load_trace
 from tests.factories import agent_state, driver, queued, record
 
@@ -223,3 +224,26 @@ def test_mooncake_rows_scale_lengths_and_blocks_together() -> None:
     }  # fmt: skip
     assert second["prompt_tokens"] == 3072 and second["prefix_blocks"] == list(range(48))
     assert second["output_tokens"] == 1
+
+
+def test_a_full_cache_drops_a_prompts_tail_before_its_head() -> None:
+    for cache in (LruPrefixCache(4 * 64), IdleAwarePrefixCache(4 * 64)):
+        cache.keep(PromptBlocks((1, 2, 3), 64), 0.0)
+        stored, evicted = cache.keep(PromptBlocks((7, 8), 64), 1.0)
+        assert stored == [8, 7] and evicted == [3]
+        assert cache.held(PromptBlocks((1, 2, 3), 64), 1000) == 128
+
+
+def test_idle_eviction_keeps_the_block_that_comes_back() -> None:
+    """Block 1 (a conversation) came back once; then five one-off prompts pass through a cache
+    of four blocks. Least-recently-used drops the conversation while its user thinks;
+    idle-aware drops the one-off prompts, which never came back."""
+    kept = {}
+    for cache in (LruPrefixCache(4 * 64), IdleAwarePrefixCache(4 * 64)):
+        cache.keep(PromptBlocks((1,), 64), 0.0)
+        cache.keep(PromptBlocks((100,), 64), 1.0)
+        cache.keep(PromptBlocks((1,), 64), 2.0)
+        for t in range(3, 8):
+            cache.keep(PromptBlocks((100 + t,), 64), float(t))
+        kept[type(cache).__name__] = cache.held(PromptBlocks((1, 2), 64), 1000)
+    assert kept == {"LruPrefixCache": 0, "IdleAwarePrefixCache": 64}

@@ -348,6 +348,7 @@ def _args(**overrides: Any) -> SimpleNamespace:
         seed=1,
         load_basis="decode",
         prefix_cache="on",
+        prefix_eviction="lru",
         agents=2,
         backend="fake",
         threads=None,

@@ -1,0 +1,185 @@
+"""The simulated devices' prefix caches: the blocks of prompts a device has run, kept for reuse
+up to its ``prefix_cache_tokens``, and two ways to choose what to drop when it is full.
+
+- ``lru``: least recently used first.
+- ``idle``: the block expected to stay idle longest first (LAMPS/MARS rank KV held during API
+  calls by memory x time; every block holds the same cells here, so the time decides). A block
+  that came back before is expected again after its usual gap (a smoothed mean of its own gaps,
+  so a conversation's block waits about as long as its user thinks); a block never reused yet,
+  after the device's mean gap divided by the share of its blocks that ever came back (most
+  blocks of one-off prompts never do).
+
+A block is reachable only through every block before it, so a prompt's blocks are refreshed
+last to first: its tail is always older than its head and goes first (vLLM frees a request's
+blocks in reverse order for the same reason). Pure: time comes in as arguments.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from orchestrator.core.prefix import PromptBlocks
+
+GAP_SMOOTHING: Final = 0.5
+"""Weight of the newest gap in a block's smoothed gap."""
+
+
+class DevicePrefixCache(Protocol):
+    def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        """Prompt tokens of the longest leading run of ``blocks`` held here."""
+        ...
+
+    def keep(self, blocks: PromptBlocks, now: float) -> tuple[list[int], list[int]]:
+        """Keep (or refresh) a started prompt's blocks; returns the hashes newly stored and
+        those evicted."""
+        ...
+
+
+def _leading(blocks: PromptBlocks, holds: Callable[[int], bool]) -> int:
+    matched = 0
+    for h in blocks.hashes:
+        if not holds(h):
+            break
+        matched += 1
+    return matched
+
+
+def _net(stored: list[int], evicted: list[int]) -> tuple[list[int], list[int]]:
+    """A block stored and evicted by the same call is neither."""
+    gone, new = set(evicted), set(stored)
+    return [h for h in stored if h not in gone], [h for h in evicted if h not in new]
+
+
+class LruPrefixCache:
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity_tokens = capacity_tokens
+        self._blocks: OrderedDict[int, int] = OrderedDict()
+        self._held_tokens = 0
+
+    def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        return blocks.tokens_of(_leading(blocks, self._blocks.__contains__), prompt_tokens)
+
+    def keep(self, blocks: PromptBlocks, now: float) -> tuple[list[int], list[int]]:
+        stored: list[int] = []
+        for h in reversed(blocks.hashes):
+            if h in self._blocks:
+                self._blocks.move_to_end(h)
+            elif blocks.block_tokens <= self.capacity_tokens:
+                self._blocks[h] = blocks.block_tokens
+                self._held_tokens += blocks.block_tokens
+                stored.append(h)
+        evicted: list[int] = []
+        while self._held_tokens > self.capacity_tokens:
+            h, tokens = self._blocks.popitem(last=False)
+            self._held_tokens -= tokens
+            evicted.append(h)
+        return _net(stored, evicted)
+
+
+@dataclass(slots=True)
+class _Block:
+    tokens: int
+    last_used_s: float
+    gap_s: float | None = None
+    """Smoothed time between uses; None until the block is used a second time."""
+    version: int = 0
+
+
+class IdleAwarePrefixCache:
+    """Evicts the block expected to stay idle longest (see the module docstring). Blocks never
+    reused wait in recency order (tail first); blocks with a gap history in a heap by when they
+    are expected back. An eviction compares the oldest of the first with the latest of the
+    second."""
+
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity_tokens = capacity_tokens
+        self._blocks: dict[int, _Block] = {}
+        self._fresh: OrderedDict[int, None] = OrderedDict()
+        self._returning: list[tuple[float, int, int]] = []
+        """(-expected return time, hash, version): a max-heap, stale entries skipped."""
+        self._held_tokens = 0
+        self._stored = 0
+        self._returned = 0
+        """Blocks used at least twice."""
+        self._gap_total_s = 0.0
+
+    def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        return blocks.tokens_of(_leading(blocks, self._blocks.__contains__), prompt_tokens)
+
+    def keep(self, blocks: PromptBlocks, now: float) -> tuple[list[int], list[int]]:
+        stored: list[int] = []
+        for h in reversed(blocks.hashes):
+            block = self._blocks.get(h)
+            if block is not None:
+                self._used_again(h, block, now)
+            elif blocks.block_tokens <= self.capacity_tokens:
+                self._blocks[h] = _Block(blocks.block_tokens, now)
+                self._fresh[h] = None
+                self._held_tokens += blocks.block_tokens
+                self._stored += 1
+                stored.append(h)
+        evicted = list(self._evict(now))
+        return _net(stored, evicted)
+
+    def _used_again(self, h: int, block: _Block, now: float) -> None:
+        gap = now - block.last_used_s
+        if block.gap_s is None:
+            del self._fresh[h]
+            self._returned += 1
+            block.gap_s = gap
+        else:
+            block.gap_s = GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * block.gap_s
+        self._gap_total_s += gap
+        block.last_used_s = now
+        block.version += 1
+        heapq.heappush(self._returning, (-(now + block.gap_s), h, block.version))
+
+    def _fresh_wait_s(self) -> float:
+        """When a block never reused is expected back, after its last use."""
+        if not self._returned:
+            return float("inf")
+        mean_gap = self._gap_total_s / self._returned
+        return mean_gap * self._stored / self._returned
+
+    def _evict(self, now: float) -> Iterable[int]:
+        while self._held_tokens > self.capacity_tokens:
+            while self._returning:
+                _, h, version = self._returning[0]
+                block = self._blocks.get(h)
+                if block is not None and block.version == version:
+                    break
+                heapq.heappop(self._returning)
+            oldest = next(iter(self._fresh), None)
+            if oldest is not None and (
+                not self._returning
+                or self._blocks[oldest].last_used_s + self._fresh_wait_s() >= -self._returning[0][0]
+            ):
+                del self._fresh[oldest]
+                victim = oldest
+            else:
+                victim = heapq.heappop(self._returning)[1]
+            self._held_tokens -= self._blocks.pop(victim).tokens
+            yield victim
+
+
+EVICTIONS: Final[dict[str, Callable[[int], DevicePrefixCache]]] = {
+    "lru": LruPrefixCache,
+    "idle": IdleAwarePrefixCache,
+}
+
+
+def infinite_cache_reuse(prompts: Iterable[tuple[PromptBlocks | None, int]]) -> int:
+    """Prompt tokens one cache of unbounded size could reuse, seeing every prompt (its blocks
+    and its tokens, in arrival order): the upper bound any placement and eviction can reach."""
+    seen: set[int] = set()
+    reused = 0
+    for blocks, prompt_tokens in prompts:
+        if blocks is None:
+            continue
+        reused += blocks.tokens_of(_leading(blocks, seen.__contains__), prompt_tokens)
+        seen.update(blocks.hashes)
+    return reused
