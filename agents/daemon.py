@@ -38,9 +38,11 @@ from agents.base import (
     SequenceKey,
     SequenceSpec,
 )
+from agents.prefix_report import PrefixReporter
 from orchestrator import transport
 from orchestrator.aio import drain_then_stop, run_until_stopped
 from orchestrator.auth import ClientKeys, handshake_failures
+from orchestrator.core.prefix import PREFIX_BLOCK_TOKENS
 from orchestrator.errors import InternalError, Overloaded, ProtocolError
 from orchestrator.protocol import (
     AGENT_COMMANDS,
@@ -216,6 +218,8 @@ class AgentDaemon:
         self._cache = PromptCacheStats()
         self._speed: MeasuredSpeed | None = None
         self._running: tuple[str, ...] = ()
+        self._prefix_blocks: frozenset[int] = frozenset()
+        self._prefixes = PrefixReporter(PREFIX_BLOCK_TOKENS)
 
     async def run(self, stop: asyncio.Event, drain: asyncio.Event | None = None) -> None:
         """Serve until ``stop``; after ``drain``, take no new work, finish the running
@@ -258,6 +262,7 @@ class AgentDaemon:
             draining=self._draining,
             cache=self._cache,
             speed=self._speed,
+            prefixes=self._prefixes.report(self._prefix_blocks),
         )
 
     def _open(self) -> None:
@@ -289,6 +294,7 @@ class AgentDaemon:
                 self.heartbeat_interval_s = message.heartbeat_interval_s
                 self.heartbeat_liveness = message.heartbeat_liveness
                 self._welcomed.set()
+                self._prefixes.restart()
                 log.info("registered as %s", message.agent_id)
             elif isinstance(message, Reregister):
                 if self._welcomed.is_set():
@@ -440,6 +446,7 @@ class AgentDaemon:
         self._kv_used_tokens = self.engine.kv_used_tokens()
         self._cache = PromptCacheStats(**asdict(self.engine.cache_stats()))
         self._speed = heartbeat_speed(self.engine.achieved_speed())
+        self._prefix_blocks = self.engine.held_prefix_blocks()
         self._running = tuple(request_id for request_id, _ in self.engine.active_keys())
 
     def _send(self, message: WireModel) -> None:

@@ -17,8 +17,11 @@ Pure bookkeeping: no llama.cpp calls, no clock (recency is a counter).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
+
+from orchestrator.core.prefix import block_hashes
 
 MIN_REUSED_TOKENS: Final = 16
 """Shorter common prefixes (a BOS and a word or two) are computed again: sharing them would
@@ -58,29 +61,35 @@ class ParkedPrompt:
     state: object
     size_bytes: int
     last_used: int = 0
+    blocks: tuple[int, ...] = ()
+    """Its tokens' prefix block hashes (``core.prefix.block_hashes``)."""
 
 
 class PromptCache:
     """Parked prompts in host memory, at most ``capacity_bytes``, least recently used evicted
-    first."""
+    first. It also keeps which prefix blocks (``core.prefix``) its entries hold, which the
+    agent reports so the coordinator can place a request where its prefix is."""
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         self._entries: list[ParkedPrompt] = []
         self._clock = 0
+        self._blocks: Counter[int] = Counter()
+        """Block hash -> how many entries hold it."""
 
     def park(self, tokens: list[int], state: object, size_bytes: int) -> bool:
         """Keep a finished sequence's cache; false when it alone exceeds the capacity. An
         entry whose tokens the new one extends is dropped: the new one serves its requests."""
         if size_bytes > self.capacity_bytes or len(tokens) < MIN_REUSED_TOKENS:
             return False
-        self._entries = [
-            e for e in self._entries if common_prefix(e.tokens, tokens) < len(e.tokens)
-        ]
+        for entry in [e for e in self._entries if common_prefix(e.tokens, tokens) == len(e.tokens)]:
+            self.remove(entry)
         self._clock += 1
-        self._entries.append(ParkedPrompt(tokens, state, size_bytes, self._clock))
+        entry = ParkedPrompt(tokens, state, size_bytes, self._clock, block_hashes(tokens).hashes)
+        self._entries.append(entry)
+        self._blocks.update(entry.blocks)
         while self.bytes_held() > self.capacity_bytes:
-            self._entries.remove(min(self._entries, key=lambda e: e.last_used))
+            self.remove(min(self._entries, key=lambda e: e.last_used))
         return True
 
     def longest_prefix(self, tokens: list[int]) -> tuple[ParkedPrompt, int] | None:
@@ -99,9 +108,18 @@ class PromptCache:
 
     def remove(self, entry: ParkedPrompt) -> None:
         self._entries.remove(entry)
+        self._blocks.subtract(entry.blocks)
+        for h in entry.blocks:
+            if self._blocks[h] <= 0:
+                del self._blocks[h]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._blocks.clear()
+
+    def held_blocks(self) -> frozenset[int]:
+        """The prefix block hashes of every parked prompt."""
+        return frozenset(self._blocks)
 
     def tokens_held(self) -> int:
         return sum(len(e.tokens) for e in self._entries)

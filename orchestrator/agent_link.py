@@ -14,10 +14,14 @@ from orchestrator.core.driver import (
     AgentLost,
     AgentReported,
     Event,
+    PrefixesHeld,
+    PrefixesRemoved,
+    PrefixesStored,
     RunEnded,
     RunRefused,
     TokensReceived,
 )
+from orchestrator.core.prefix import PREFIX_BLOCK_TOKENS
 from orchestrator.errors import ProtocolError, error_from_wire
 from orchestrator.protocol import (
     AGENT_MESSAGES,
@@ -25,6 +29,7 @@ from orchestrator.protocol import (
     Goodbye,
     Heartbeat,
     Ping,
+    PrefixReport,
     Register,
     RequestId,
     Reregister,
@@ -102,6 +107,8 @@ class AgentLink:
                 ),
                 now,
             )
+            if message.prefixes is not None:
+                self._on_prefixes(session, message.prefixes, now)
         elif isinstance(message, Goodbye):
             del self.sessions[identity]
             log.info("agent %s left after draining", session.agent_id)
@@ -142,6 +149,35 @@ class AgentLink:
                 ),
                 now,
             )
+
+    def _on_prefixes(self, session: AgentSession, report: PrefixReport, now: float) -> None:
+        """Apply a prefix report in order; after a missed one, forget the agent's prefixes
+        until its next snapshot (a stale hint misplaces requests, a missing one only loses
+        hits)."""
+        agent_id = session.agent_id
+        if report.block_tokens != PREFIX_BLOCK_TOKENS:
+            if session.prefix_seq is not None or report.snapshot:
+                log.warning(
+                    "agent %s reports prefix blocks of %d tokens, not %d: ignored",
+                    agent_id,
+                    report.block_tokens,
+                    PREFIX_BLOCK_TOKENS,
+                )
+            session.prefix_seq = None
+            return
+        if report.snapshot:
+            session.prefix_seq = report.seq
+            self._handle(PrefixesHeld(agent_id, report.stored), now)
+        elif session.prefix_seq is not None and report.seq == session.prefix_seq + 1:
+            session.prefix_seq = report.seq
+            self._handle(PrefixesRemoved(agent_id, report.removed), now)
+            self._handle(PrefixesStored(agent_id, report.stored), now)
+        elif session.prefix_seq is not None:
+            log.info(
+                "agent %s: prefix report %d missed; waiting for a snapshot", agent_id, report.seq
+            )
+            session.prefix_seq = None
+            self._handle(PrefixesHeld(agent_id, ()), now)
 
     def _register(
         self, identity: bytes, message: Register, now: float, key: str | None = None

@@ -73,7 +73,7 @@ from orchestrator.settings import CoordinatorSettings, driver_settings
 if TYPE_CHECKING:
     from orchestrator.gateway import Gateway
     from orchestrator.prediction import Predicted, PredictionService
-from orchestrator.tokens import EstimatedTokenCounter, TokenCounter
+from orchestrator.tokens import EstimatedTokenCounter, TokenCounter, measure_prompt
 
 log = logging.getLogger("edgeorch.coordinator")
 
@@ -358,7 +358,9 @@ class Coordinator:
         self, identity: bytes, message: Submit, arrival_s: float, predicted: Predicted | None
     ) -> None:
         queued = self.table.count(RequestState.QUEUED)
-        prompt_tokens, exact = self._tokens.count(message.prompt, self._target_model(message))
+        prompt_tokens, exact, blocks = measure_prompt(
+            self._tokens, message.prompt, self._target_model(message), message.params.cache_prompt
+        )
         record = RequestRecord(
             request_id=RequestId(message.request_id),
             prompt=message.prompt,
@@ -374,6 +376,7 @@ class Coordinator:
                 if predicted
                 else None
             ),
+            prompt_blocks=blocks,
         )
         self._handle(RequestAccepted(record), arrival_s)
         self._write(AcceptOp(record, self._wall(arrival_s)))

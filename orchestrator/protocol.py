@@ -135,6 +135,21 @@ class PromptCacheStats(WireModel):
     computed_tokens: int = Field(default=0, ge=0)
 
 
+BlockHash = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+
+class PrefixReport(WireModel):
+    """The prompt prefix blocks an agent holds (``core.prefix``): changes since its previous
+    report, or (``snapshot``) all of them. Reports are numbered from 0 per connection, so the
+    coordinator notices one it missed and waits for the next snapshot."""
+
+    seq: int = Field(ge=0)
+    block_tokens: int = Field(ge=1)
+    snapshot: bool = False
+    stored: tuple[BlockHash, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
+    removed: tuple[BlockHash, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
+
+
 class MeasuredSpeed(WireModel):
     """What an agent's engine achieved while serving (the registration's ``decode_curve`` and
     ``prefill_tps`` come from a short probe): aggregate decode tokens/s by sequences, prompt
@@ -162,6 +177,8 @@ class Heartbeat(WireModel):
     cache: PromptCacheStats = Field(default_factory=lambda: PromptCacheStats())
     speed: MeasuredSpeed | None = None
     """Speeds measured while serving; None until the engine measured any."""
+    prefixes: PrefixReport | None = None
+    """What changed in the prompt prefixes it holds; None: nothing changed, or it keeps none."""
 
 
 class Goodbye(WireModel):

@@ -36,6 +36,9 @@ class AgentSession:
     """The agent's prompt cache as its last heartbeat reported it."""
     key: str | None = None
     """The CURVE key's allow-list name that registered this session; None without CURVE."""
+    prefix_seq: int | None = None
+    """The number of the last prefix report applied; None until a snapshot (or after a
+    report was missed)."""
     state: AgentState = field(init=False)
     """The agent as the driver sees it, with the speed curve it measured (decode by batch
     size, prefill) that placement, the preemption cost model and the ETA use."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
+from orchestrator.core.prefix import PromptBlocks, block_hashes
+
 BYTES_PER_TOKEN_ESTIMATE: Final = 3.5
 """UTF-8 bytes per Gemma 3 token on English prose and code; deliberately on the low side so the
 estimate errs towards more tokens (a larger KV reservation) rather than fewer."""
@@ -35,12 +37,20 @@ class TokenCounter(Protocol):
         exact; ``model`` None means the model is unknown, which can only be estimated."""
         ...
 
+    def token_ids(self, text: str, model: str | None) -> list[int] | None:
+        """``text``'s token ids as ``model``'s agents tokenize a prompt, or None where this
+        counter does not have that tokenizer."""
+        ...
+
 
 class EstimatedTokenCounter:
     """A byte-length estimate, used when no tokenizer of the served model is available."""
 
     def count(self, text: str, model: str | None) -> tuple[int, bool]:
         return 1 + math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE), False
+
+    def token_ids(self, text: str, model: str | None) -> list[int] | None:
+        return None
 
 
 class GgufTokenCounter:
@@ -73,10 +83,25 @@ class GgufTokenCounter:
         return text.decode("utf-8", errors="replace")
 
     def count(self, text: str, model: str | None) -> tuple[int, bool]:
+        ids = self.token_ids(text, model)
+        return (len(ids), True) if ids is not None else self._fallback.count(text, model)
+
+    def token_ids(self, text: str, model: str | None) -> list[int] | None:
         if model != self.model_name:
-            return self._fallback.count(text, model)
+            return None
         tokens = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        return len(without_doubled_bos(tokens, self._llama.token_bos())), True
+        return without_doubled_bos(tokens, self._llama.token_bos())
+
+
+def measure_prompt(
+    counter: TokenCounter, text: str, model: str | None, cache_prompt: bool
+) -> tuple[int, bool, PromptBlocks | None]:
+    """A prompt's token count, whether it is exact, and (when its token ids are known and it
+    may reuse a cache) its prefix blocks, from one tokenization."""
+    ids = counter.token_ids(text, model)
+    if ids is None:
+        return *counter.count(text, model), None
+    return len(ids), True, block_hashes(ids) if cache_prompt else None
 
 
 def without_doubled_bos(tokens: list[int], bos: int) -> list[int]:

@@ -12,6 +12,7 @@ never a wrong answer. Pure: no I/O, no clock.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -23,6 +24,7 @@ PREFIX_BLOCK_TOKENS: Final = 64
 price of more hashes to report and index: 64 tokens is about a sentence or two, and a 4,096-token
 context is 64 hashes."""
 _ROOT: Final = b"edgeorch-prefix-v1"
+_TOKEN_BYTES: Final = array("q").itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +47,10 @@ def block_hashes(token_ids: Sequence[int], block_tokens: int = PREFIX_BLOCK_TOKE
         raise ValueError(f"block_tokens must be positive, got {block_tokens}")
     hashes: list[int] = []
     parent = _ROOT
-    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        block = token_ids[start : start + block_tokens]
-        digest = hashlib.blake2b(parent, digest_size=8)
-        digest.update(b"".join(t.to_bytes(4, "little", signed=True) for t in block))
-        parent = digest.digest()
+    data = array("q", token_ids).tobytes()
+    step = block_tokens * _TOKEN_BYTES
+    for start in range(0, len(data) - step + 1, step):
+        parent = hashlib.blake2b(parent + data[start : start + step], digest_size=8).digest()
         hashes.append(int.from_bytes(parent, "little", signed=True))
     return PromptBlocks(tuple(hashes), block_tokens)
 

@@ -10,6 +10,8 @@ import pytest
 
 from agents.backends.llama.engine import LlamaEngine
 from agents.base import Completed, Emitted, SequenceSpec
+from orchestrator.core.prefix import PREFIX_BLOCK_TOKENS
+from orchestrator.tokens import GgufTokenCounter, measure_prompt
 from tests.factories import params
 
 pytestmark = pytest.mark.e2e
@@ -211,3 +213,23 @@ def test_running_sequences_share_a_prefix_and_answer_as_without_it(
     for spec in specs:
         _, alone = run(engine, greedy(spec.request_id, spec.prompt, 20, cache_prompt=False))
         assert together[spec.request_id] == alone
+
+
+def test_the_blocks_an_engine_reports_are_the_ones_the_coordinator_hashes(
+    make_engine: type[LlamaEngine], model_path: Path
+) -> None:
+    """The coordinator tokenizes a follow-up turn with the GGUF's vocabulary alone; the blocks
+    of its shared history are among those the engine that ran the first turn reports."""
+    engine = make_engine()
+    first_prompt = f"{words(engine, DOCUMENT, 500)}\nQuestion: which station was wettest?\nAnswer:"
+    answer, _ = run(engine, greedy("t1", first_prompt, max_tokens=8))
+    held = engine.held_prefix_blocks()
+    follow_up = f"{first_prompt}{answer}\nQuestion: and the windiest?\nAnswer:"
+    counter = GgufTokenCounter(model_path)
+    tokens, exact, blocks = measure_prompt(counter, follow_up, engine.model_name, True)
+    assert exact and tokens == len(engine.tokenize(follow_up, add_bos=True, special=True))
+    assert blocks is not None
+    first_blocks = len(engine.tokenize(first_prompt, add_bos=True)) // PREFIX_BLOCK_TOKENS
+    assert first_blocks >= 7 and set(blocks.hashes[:first_blocks]) <= held
+    run(engine, greedy("t2", f"Summary: {words(engine, DOCUMENT, 200)}", max_tokens=4))
+    assert engine.held_prefix_blocks() > held  # another prompt's blocks join them

@@ -181,6 +181,9 @@ class FakeEngine:
     def cache_stats(self) -> CacheStats:
         return replace(self._stats, parked_tokens=self._prompt_cache.tokens_held())
 
+    def held_prefix_blocks(self) -> frozenset[int]:
+        return self._prompt_cache.held_blocks()
+
     def has_work(self) -> bool:
         return bool(self._active)
 

@@ -294,6 +294,9 @@ class LlamaEngine:
             computed_tokens=self._computed_tokens,
         )
 
+    def held_prefix_blocks(self) -> frozenset[int]:
+        return self._prompt_cache.held_blocks()
+
     def achieved_speed(self) -> AchievedSpeed:
         """The measured step costs as speeds (``stepcost``): what placement should expect."""
         costs = self.step_costs
