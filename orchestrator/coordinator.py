@@ -438,7 +438,8 @@ class Coordinator:
     def _carry_out(self, effects: list[Effect], now: float) -> None:
         for effect in effects:
             match effect:
-                case Dispatched(record, agent_id):
+                case Dispatched(record, agent_id, prefix):
+                    self.metrics.dispatched(record, now, prefix)
                     self._dispatch(record, agent_id, now)
                 case Reserved():
                     pass  # the agent checks its own cells; the reservation is the core's
@@ -461,7 +462,6 @@ class Coordinator:
         session = self._link.by_id(agent_id)
         assert session is not None, "decide placed on an agent that is not live"
         self._write(DispatchOp(record.request_id, record.attempt))
-        self.metrics.dispatched(record, now)
         self._send_agent(
             session.identity,
             Dispatch(

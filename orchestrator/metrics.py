@@ -90,6 +90,13 @@ class CoordinatorMetrics:
             ["reason"],
             registry=registry,
         )
+        self.placements = Counter(
+            "edgeorch_placements",
+            "Dispatches by where the prompt's prefix was cached: on the chosen agent "
+            "(prefix_here), more of it on another (prefix_elsewhere), or nowhere (no_prefix)",
+            ["prefix"],
+            registry=registry,
+        )
         self.rejected = Counter(
             "edgeorch_rejected_requests",
             "Requests refused or failed, by error code (or 'draining')",
@@ -114,7 +121,8 @@ class CoordinatorMetrics:
 
     # --- hooks the coordinator calls ----------------------------------------------------------
 
-    def dispatched(self, record: RequestRecord, now: float) -> None:
+    def dispatched(self, record: RequestRecord, now: float, prefix: str) -> None:
+        self.placements.labels(prefix=prefix).inc()
         if record.attempt == 1:
             self.queue_time.observe(max(0.0, now - record.arrival_s))
         else:

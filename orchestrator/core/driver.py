@@ -17,8 +17,9 @@ keep dying with their agent fails after ``max_attempts``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Final, TypeVar, assert_never
+from typing import Final, Literal, TypeVar, assert_never
 
 from orchestrator.core.agent_views import AgentState, AgentViews, known_length
 from orchestrator.core.eta import measured_speed
@@ -194,12 +195,18 @@ Event = (
 # --- effects ------------------------------------------------------------------------------
 
 
+PrefixPlacement = Literal["prefix_here", "prefix_elsewhere", "no_prefix"]
+
+
 @dataclass(frozen=True, slots=True)
 class Dispatched:
     """Start the record's current attempt on the agent."""
 
     record: RequestRecord
     agent_id: AgentId
+    prefix: PrefixPlacement = "no_prefix"
+    """Whether the agent holds the most of the prompt any agent holds (``prefix_here``), another
+    holds more (``prefix_elsewhere``), or none holds any, as the agents last reported."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +490,8 @@ class ClusterDriver:
                 case DispatchAction(request_id, agent_id, reservation):
                     self.dispatch_count += 1
                     record = self.table.dispatch(request_id, agent_id, reservation, now)
-                    effects.append(Dispatched(record, agent_id))
+                    hits = snapshot.prefix_hits.get(request_id, {})
+                    effects.append(Dispatched(record, agent_id, _prefix_placement(hits, agent_id)))
                 case ReserveAction(request_id, agent_id, reservation):
                     self.table.reserve(request_id, reservation)
                     effects.append(Reserved(request_id, agent_id, reservation))
@@ -561,6 +569,12 @@ class ClusterDriver:
         if not self.settings.exact_ignore_eos_lengths:
             return view
         return known_length(view, record)
+
+
+def _prefix_placement(hits: Mapping[AgentId, int], agent_id: AgentId) -> PrefixPlacement:
+    if not hits:
+        return "no_prefix"
+    return "prefix_here" if hits.get(agent_id, 0) >= max(hits.values()) else "prefix_elsewhere"
 
 
 def refreshed_speed(

@@ -343,7 +343,7 @@ def test_metrics_hooks_and_state_read_back_through_the_exposition() -> None:
     coordinator.table.add(natural)
     coordinator.table.add(record("waiting", arrival_s=99.5))
     coordinator.table.dispatch(RequestId("natural"), AgentId("a1"), 300, now=99.5)
-    metrics.dispatched(natural, 99.5)
+    metrics.dispatched(natural, 99.5, "prefix_here")
     for at, n in ((99.75, 1), (100.0, 4), (100.5, 15)):
         first = natural.first_token_s is None
         coordinator.table.add_tokens(RequestId("natural"), " x" * n, n, at)
@@ -380,10 +380,12 @@ def test_metrics_hooks_and_state_read_back_through_the_exposition() -> None:
     coordinator.table.requeue(RequestId("waiting"), agent_failed=True)
     metrics.requeued(RequestId("waiting"), "agent_died")
     record_again = coordinator.table.dispatch(RequestId("waiting"), AgentId("a1"), 100, now=102.0)
-    metrics.dispatched(record_again, 102.0)
+    metrics.dispatched(record_again, 102.0, "no_prefix")
     metrics.refused("overloaded")
     samples = _samples(coordinator)
     assert samples[("edgeorch_redispatches_total", (("reason", "agent_died"),))] == 1
+    assert samples[("edgeorch_placements_total", (("prefix", "prefix_here"),))] == 1
+    assert samples[("edgeorch_placements_total", (("prefix", "no_prefix"),))] == 1
     assert samples[("edgeorch_rejected_requests_total", (("reason", "overloaded"),))] == 1
 
 

@@ -110,6 +110,7 @@ def test_a_prompt_goes_to_the_agent_that_reported_its_prefix() -> None:
         c, sent = two_agents()
         heartbeat(c, holder, PrefixReport(seq=0, block_tokens=B, snapshot=True, stored=held))
         assert placed(c, sent, DOCUMENT + " and a question") == holder.encode()
+        assert b'edgeorch_placements_total{prefix="prefix_here"} 1.0' in c.metrics.exposition()
 
 
 def test_a_request_that_opts_out_of_the_cache_is_placed_as_if_nothing_were_held() -> None:
@@ -117,6 +118,7 @@ def test_a_request_that_opts_out_of_the_cache_is_placed_as_if_nothing_were_held(
     c, sent = two_agents()
     heartbeat(c, "a2", PrefixReport(seq=0, block_tokens=B, snapshot=True, stored=held))
     assert placed(c, sent, DOCUMENT, cache_prompt=False) == b"a1"
+    assert b'edgeorch_placements_total{prefix="no_prefix"} 1.0' in c.metrics.exposition()
 
 
 def test_reports_apply_in_order_and_a_gap_waits_for_the_next_snapshot() -> None:
