@@ -323,6 +323,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seqs", type=int, default=DEFAULT_MAX_SEQS)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="devices on this machine, each with --threads and --max-seqs: edgeorch agents, "
+        "or llama-servers behind a round-robin balancer",
+    )
     parser.add_argument("--seed", type=int, default=0)
     chats = parser.add_argument_group("conversations and document")
     chats.add_argument("--conversations", type=Path, default=DEFAULT_CONVERSATIONS)
@@ -354,7 +361,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.llama_server is None and any(c.server == "llama-server" for c in args.config_list):
         parser.error("--llama-server PATH is required for the llama-server configurations")
-    for name in ("repetitions", "num_conversations", "turns", "answer_tokens", "max_requests"):
+    for name in (
+        "repetitions",
+        "num_conversations",
+        "turns",
+        "answer_tokens",
+        "max_requests",
+        "devices",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -383,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.policy,
         args.llama_server,
         tuple(args.llama_server_arg),
+        args.devices,
     )
     workload: Workload = args.workload
     report: dict[str, Any] = {"workload": workload}
@@ -440,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "model": str(model),
             "threads": args.threads,
             "max_seqs": args.max_seqs,
+            "devices": args.devices,
             "n_ctx": args.n_ctx,
             "policy": args.policy,
             "llama_server_args": list(settings.llama_server_args),

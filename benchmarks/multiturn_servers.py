@@ -4,6 +4,7 @@ llama-server) and the runs that drive them: chats turn by turn, single requests 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import subprocess
 import sys
@@ -66,6 +67,9 @@ class ServerSettings:
     policy: str
     llama_server: Path | None
     llama_server_args: tuple[str, ...]
+    devices: int = 1
+    """Devices on this machine, each with ``threads`` and ``max_seqs``: edgeorch agents, or
+    llama-servers behind a round-robin balancer."""
 
 
 class Server(Protocol):
@@ -141,7 +145,8 @@ class _StreamError(Exception):
 
 
 class EdgeorchServer:
-    """A coordinator with its HTTP gateway and one llama agent, as child processes."""
+    """A coordinator with its HTTP gateway and ``devices`` llama agents, as child
+    processes."""
 
     def __init__(self, settings: ServerSettings, log_dir: Path) -> None:
         self.port = free_port()
@@ -150,22 +155,23 @@ class EdgeorchServer:
             log_dir, "--policy", settings.policy, "--http", f"127.0.0.1:{self.port}"
         )
         try:
-            self.cluster.start_agent(
-                "agent-1",
-                "--backend",
-                "llama",
-                "--model",
-                str(settings.model),
-                "--threads",
-                str(settings.threads),
-                "--max-seqs",
-                str(settings.max_seqs),
-                "--n-ctx",
-                str(settings.n_ctx),
-                "--kv-budget-tokens",
-                str(settings.max_seqs * settings.n_ctx),
-            )
-            self.cluster.wait_for_agents(1, timeout_s=SERVER_START_TIMEOUT_S)
+            for number in range(1, settings.devices + 1):
+                self.cluster.start_agent(
+                    f"agent-{number}",
+                    "--backend",
+                    "llama",
+                    "--model",
+                    str(settings.model),
+                    "--threads",
+                    str(settings.threads),
+                    "--max-seqs",
+                    str(settings.max_seqs),
+                    "--n-ctx",
+                    str(settings.n_ctx),
+                    "--kv-budget-tokens",
+                    str(settings.max_seqs * settings.n_ctx),
+                )
+            self.cluster.wait_for_agents(settings.devices, timeout_s=SERVER_START_TIMEOUT_S)
             coordinator = self.cluster.processes["coordinator"]
             _wait_healthy(self.port, lambda: coordinator.poll() is None, "the edgeorch gateway")
         except BaseException:
@@ -315,6 +321,28 @@ class LlamaServer:
                 self.process.wait()
 
 
+class RoundRobinServers:
+    """Several servers behind a plain round-robin balancer (what a user puts in front of
+    llama-servers): each request goes to the next one in turn."""
+
+    def __init__(self, servers: Sequence[Server]) -> None:
+        self.servers = list(servers)
+        self._turns = itertools.count()
+        self._lock = threading.Lock()
+
+    def complete(self, prompt: str, max_tokens: int, cache_prompt: bool) -> Completion:
+        with self._lock:
+            server = self.servers[next(self._turns) % len(self.servers)]
+        return server.complete(prompt, max_tokens, cache_prompt)
+
+    def prompt_cache_tokens(self) -> tuple[int, int] | None:
+        return None
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     name: str
@@ -361,7 +389,16 @@ def start_server(config: Config, settings: ServerSettings, log_dir: Path) -> Ser
         if config.policy is not None:
             settings = replace(settings, policy=config.policy)
         return EdgeorchServer(settings, log_dir)
-    return LlamaServer(settings, log_dir)
+    if settings.devices == 1:
+        return LlamaServer(settings, log_dir)
+    servers: list[Server] = []
+    try:
+        for number in range(1, settings.devices + 1):
+            servers.append(LlamaServer(settings, log_dir / f"server-{number}"))
+    except BaseException:
+        RoundRobinServers(servers).stop()
+        raise
+    return RoundRobinServers(servers)
 
 
 # --- runs -----------------------------------------------------------------------------------

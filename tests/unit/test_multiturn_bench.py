@@ -38,6 +38,8 @@ from benchmarks.multiturn_figures import (
     reused_fraction,
 )
 from benchmarks.multiturn_servers import (
+    Completion,
+    RoundRobinServers,
     parse_configs,
     parse_prompt_token_counters,
 )
@@ -352,3 +354,29 @@ def test_parse_configs() -> None:
     ]
     with pytest.raises(ValueError, match="unknown"):
         parse_configs("vllm")
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
+        self.name, self.log, self.stopped = name, log, False
+
+    def complete(self, prompt: str, max_tokens: int, cache_prompt: bool) -> Completion:
+        self.log.append((self.name, prompt))
+        return Completion(0.0, 0.0, 0.0, "")
+
+    def prompt_cache_tokens(self) -> tuple[int, int] | None:
+        return None
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_round_robin_sends_each_request_to_the_next_server_and_stops_them_all() -> None:
+    log: list[tuple[str, str]] = []
+    servers = [Recorder("a", log), Recorder("b", log)]
+    balancer = RoundRobinServers(servers)
+    for prompt in ("1", "2", "3"):
+        balancer.complete(prompt, 4, True)
+    assert log == [("a", "1"), ("b", "2"), ("a", "3")]
+    balancer.stop()
+    assert all(server.stopped for server in servers)
