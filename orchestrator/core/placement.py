@@ -22,6 +22,10 @@ most this fraction of the time it would take on the best device free now. Waitin
 worth it near saturation: when the busy device frees a slot, shorter requests ranked ahead
 take it, and the waiter waits again (0.3 measured best of 0, 0.3-0.5 and 0.7 on the
 development trace; docs/SCHED_RESULTS.md)."""
+CACHED_WAIT_ADVANTAGE: Final = 1.0
+"""For a busy agent holding part of the prompt, waiting pays whenever it finishes the request
+sooner than any free agent: the hit saves the device the prefill as well, and a request with
+little left to prefill ranks early in srtf, so it is not overtaken when the slot frees."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,10 @@ class Fleet(Protocol):
     ) -> tuple[tuple[float, AgentId, bool] | None, tuple[float, AgentId] | None]:
         """The least (``predicted_completion_s``, agent id, can start now) over every capable
         agent, and the least (time, id) over those that can start now (None if none can)."""
+        ...
+
+    def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
+        """Prompt tokens of the request the agent holds."""
         ...
 
 
@@ -171,7 +179,7 @@ class PredictedCompletion:
         best, best_start = fleet.least_completion(request)
         if best is None:
             return WAIT
-        return _wait_or_start(best, best_start)
+        return _wait_or_start(best, best_start, fleet.cached_tokens(request, best[1]) > 0)
 
 
 def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -> Choice:
@@ -182,21 +190,23 @@ def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -
         return WAIT
     best = min(scored, key=lambda s: (s[0], s[1]))
     startable = [s[:2] for s in scored if s[2]]
-    return _wait_or_start(best, min(startable) if startable else None)
+    cached = {c.agent.agent_id: c.cached_tokens for c in candidates}
+    return _wait_or_start(best, min(startable) if startable else None, cached[best[1]] > 0)
 
 
 def _wait_or_start(
-    best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None
+    best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None, cached: bool
 ) -> Choice:
     """Start on the best agent if it can; else wait for it unless one that can start now
-    finishes the request within ``1 / WAIT_ADVANTAGE`` of its time."""
+    finishes the request within ``1 / WAIT_ADVANTAGE`` of its time (``CACHED_WAIT_ADVANTAGE``
+    where the best holds part of the prompt)."""
     best_time, best_id, best_starts = best
     if best_starts:
         return Choice(best_id)
     if best_start is None:
         return Choice(None, best_id)
     free_time, free_id = best_start
-    if best_time <= WAIT_ADVANTAGE * free_time:
+    if best_time <= (CACHED_WAIT_ADVANTAGE if cached else WAIT_ADVANTAGE) * free_time:
         return Choice(None, best_id)
     return Choice(free_id)
 

@@ -144,6 +144,11 @@ class _State:
         """How many times this call changed each agent it changed (dispatch, raise, preempt)."""
         self.dispatched = 0
 
+    def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
+        """Prompt tokens of ``request`` that ``agent_id`` holds, as the agents reported."""
+        hits = self.prefix_hits.get(request.request_id)
+        return 0 if hits is None else hits.get(agent_id, 0)
+
     def running_on(self, agent_id: AgentId) -> Sequence[RunningRequest]:
         changed = self._preempted_on.get(agent_id)
         if changed is not None:
@@ -243,6 +248,9 @@ class _Fleet:
         self._busy_by_step = sorted(busy)
         self._busy_by_wait = sorted(waits)
         self._fastest_prefill_tps = max(speed_of(a).prefill_tps for a in agents)
+
+    def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
+        return self._state.cached_tokens(request, agent_id)
 
     def free_candidates(self, request: QueuedRequest) -> list[Candidate]:
         state = self._state
@@ -439,8 +447,7 @@ def _candidates(
 def _candidate(
     request: QueuedRequest, agent: AgentView, state: _State, config: SchedulerConfig
 ) -> Candidate:
-    hits = state.prefix_hits.get(request.request_id)
-    cached = 0 if hits is None else hits.get(agent.agent_id, 0)
+    cached = state.cached_tokens(request, agent.agent_id)
     if agent.free_slots > 0:
         reservation = admission_reservation(request, agent, config)
         if agent.can_start(request, reservation):

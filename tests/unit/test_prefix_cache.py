@@ -23,7 +23,7 @@ from orchestrator.core.driver import (
     PrefixesStored,
     RequestAccepted,
 )
-from orchestrator.core.placement import make_placement
+from orchestrator.core.placement import Candidate, Choice, make_placement
 from orchestrator.core.policies import job_tokens, make_policy
 from orchestrator.core.prefix import PrefixIndex, PromptBlocks, block_hashes, cached_tokens
 from orchestrator.core.scheduler import SchedulerConfig
@@ -33,7 +33,7 @@ from orchestrator.protocol import AgentId
 from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator
 from orchestrator.sim_cache import IdleAwarePrefixCache, LruPrefixCache, infinite_cache_reuse
 from orchestrator.traces import arrival_scale, load_trace
-from tests.factories import agent_state, driver, queued, record
+from tests.factories import agent, agent_state, driver, queued, record
 
 A1, A2 = AgentId("a1"), AgentId("a2")
 
@@ -247,3 +247,16 @@ def test_idle_eviction_keeps_the_block_that_comes_back() -> None:
             cache.keep(PromptBlocks((100 + t,), 64), float(t))
         kept[type(cache).__name__] = cache.held(PromptBlocks((1, 2), 64), 1000)
     assert kept == {"LruPrefixCache": 0, "IdleAwarePrefixCache": 64}
+
+
+def test_a_request_waits_for_a_busy_agent_holding_its_prefix_when_that_is_sooner() -> None:
+    """Done sooner on the busy holder (1 s wait, no prefill) than on the free agent (a 2 s
+    prefill): it waits for the holder, though not 1 / WAIT_ADVANTAGE times sooner; without
+    the hit it starts at once."""
+    speed = SpeedProfile(((1, 50.0),), 500.0)
+    request = queued(prompt_tokens=1000, estimate=None, max_tokens=50)
+    holder, free = agent("a1", running=1, max_seqs=1, speed=speed), agent("a2", speed=speed)
+    placement = make_placement("predicted")
+    for cached, expected in ((999, Choice(None, A1)), (0, Choice(A2))):
+        candidates = [Candidate(holder, False, 0, 1.0, cached), Candidate(free, True, 1100, 0.0)]
+        assert placement.choose(request, candidates, 0) == expected
