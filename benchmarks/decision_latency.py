@@ -28,9 +28,10 @@ from typing import Final
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.core.agent_views import AgentState
-from orchestrator.core.driver import (
+from orchestrator.core.driver import ClusterDriver
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.events import (
     AgentJoined,
-    ClusterDriver,
     Dispatched,
     Effect,
     Ended,
@@ -40,7 +41,6 @@ from orchestrator.core.driver import (
     StopRun,
     TokensReceived,
 )
-from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import SpeedProfile

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 
 from orchestrator import auth
-from orchestrator.core.driver import (
+from orchestrator.core.events import (
     AgentJoined,
     AgentLost,
     AgentReported,

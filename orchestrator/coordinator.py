@@ -24,9 +24,10 @@ from orchestrator import auth, transport
 from orchestrator.agent_link import AgentLink
 from orchestrator.aio import drain_then_stop, run_until_stopped
 from orchestrator.client_routes import ClientRoutes
-from orchestrator.core.driver import (
+from orchestrator.core.driver import ClusterDriver
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.events import (
     CancelRequested,
-    ClusterDriver,
     Dispatched,
     Effect,
     Ended,
@@ -38,7 +39,6 @@ from orchestrator.core.driver import (
     StopRun,
     Streamed,
 )
-from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord, RequestTable
 from orchestrator.errors import (

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, Final, Protocol, assert_never
 
 from orchestrator.core.agent_views import AgentState
-from orchestrator.core.driver import (
+from orchestrator.core.driver import ClusterDriver, DriverSettings
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.events import (
     AgentJoined,
-    ClusterDriver,
     Dispatched,
-    DriverSettings,
     Effect,
     Ended,
     Event,
@@ -38,7 +38,6 @@ from orchestrator.core.driver import (
     Streamed,
     TokensReceived,
 )
-from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.prefix import PromptBlocks
 from orchestrator.core.scheduler import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig

@@ -7,8 +7,9 @@ from statistics import NormalDist
 from typing import Any
 
 from orchestrator.core.agent_views import AgentState
-from orchestrator.core.driver import AgentJoined, ClusterDriver, DriverSettings
+from orchestrator.core.driver import ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.events import AgentJoined
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
 from orchestrator.core.scheduler import SchedulerConfig

@@ -1,7 +1,8 @@
 """The cluster driver: the one model of the cluster that the coordinator and the simulator share.
 
-It holds the request table and what is known of each live agent, takes events (a request
-accepted, tokens streamed, a run ended or refused, an agent joined, reported or was lost) through
+It holds the request table, what is known of each live agent and the prompt prefixes agents
+hold, takes events (``core.events``: a request accepted, tokens streamed, a run ended or
+refused, an agent joined, reported or was lost, prefixes stored or evicted) through
 ``on_event``, and on ``schedule`` builds the one snapshot, asks ``decide`` and applies its
 actions. Everything it changes comes back as effects for the shell to carry out: the coordinator
 turns them into frames, journal records and replies, the simulator into simulated device work.
@@ -19,10 +20,33 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Final, Literal, TypeVar, assert_never
+from typing import Final, TypeVar, assert_never
 
 from orchestrator.core.agent_views import AgentState, AgentViews, known_length
 from orchestrator.core.eta import measured_speed
+from orchestrator.core.events import (
+    AgentJoined,
+    AgentLost,
+    AgentReported,
+    CancelRequested,
+    Dispatched,
+    Effect,
+    Ended,
+    Event,
+    JournalReplayed,
+    PrefixesHeld,
+    PrefixesRemoved,
+    PrefixesStored,
+    PrefixPlacement,
+    RequestAccepted,
+    Requeued,
+    Reserved,
+    RunEnded,
+    RunRefused,
+    StopRun,
+    Streamed,
+    TokensReceived,
+)
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.ordered_queue import OrderedQueue
 from orchestrator.core.prefix import PrefixIndex, cached_tokens
@@ -40,7 +64,7 @@ from orchestrator.core.views import (
     SpeedProfile,
 )
 from orchestrator.errors import AgentFailure, EdgeorchError, Unavailable
-from orchestrator.protocol import AgentId, FinishReason, RequestId
+from orchestrator.protocol import AgentId, RequestId
 
 log = logging.getLogger("edgeorch.driver")
 
@@ -73,188 +97,6 @@ class DriverSettings:
     """Tell ``decide`` that an ``ignore_eos`` request's output is exactly ``max_tokens`` long.
     The ETA always uses it; scheduling on it makes srtf an oracle wherever clients send their
     true lengths as max_tokens (benchmarks do), so it is off unless asked for."""
-
-
-# --- events -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RequestAccepted:
-    record: RequestRecord
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRequested:
-    request_id: RequestId
-
-
-@dataclass(frozen=True, slots=True)
-class TokensReceived:
-    agent_id: AgentId
-    request_id: RequestId
-    attempt: int
-    text: str
-    n_tokens: int
-    token_ids: tuple[int, ...] = ()
-    model: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunEnded:
-    agent_id: AgentId
-    request_id: RequestId
-    attempt: int
-    finish_reason: FinishReason
-    prompt_tokens: int | None = None
-    """The engine's exact prompt count, when it said."""
-
-
-@dataclass(frozen=True, slots=True)
-class RunRefused:
-    """An agent gave a run back: retryable (full, preempted for KV) or final."""
-
-    agent_id: AgentId
-    request_id: RequestId
-    attempt: int
-    error: EdgeorchError
-    retryable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class AgentJoined:
-    agent: AgentState
-
-
-@dataclass(frozen=True, slots=True)
-class AgentReported:
-    """A heartbeat: whether the agent drains, and the speeds its engine achieved so far."""
-
-    agent_id: AgentId
-    draining: bool
-    decode_curve: tuple[tuple[int, float], ...] = ()
-    prefill_tps: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AgentLost:
-    """An agent died (``failed``: its silent attempts are blamed), left or re-registered."""
-
-    agent_id: AgentId
-    reason: str
-    failed: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixesStored:
-    """An agent now holds these prompt prefix blocks (``core.prefix``)."""
-
-    agent_id: AgentId
-    hashes: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixesRemoved:
-    """An agent evicted these prompt prefix blocks."""
-
-    agent_id: AgentId
-    hashes: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PrefixesHeld:
-    """Everything an agent holds (a snapshot after missed events, or on registering)."""
-
-    agent_id: AgentId
-    hashes: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class JournalReplayed:
-    """The shell read these records back from its journal: queued ones queue again (with the
-    restart grace), ended ones stay to answer re-submits."""
-
-    records: tuple[RequestRecord, ...]
-
-
-Event = (
-    RequestAccepted
-    | CancelRequested
-    | TokensReceived
-    | RunEnded
-    | RunRefused
-    | AgentJoined
-    | AgentReported
-    | AgentLost
-    | PrefixesStored
-    | PrefixesRemoved
-    | PrefixesHeld
-    | JournalReplayed
-)
-
-
-# --- effects ------------------------------------------------------------------------------
-
-
-PrefixPlacement = Literal["prefix_here", "prefix_elsewhere", "no_prefix"]
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatched:
-    """Start the record's current attempt on the agent."""
-
-    record: RequestRecord
-    agent_id: AgentId
-    prefix: PrefixPlacement = "no_prefix"
-    """Whether the agent holds the most of the prompt any agent holds (``prefix_here``), another
-    holds more (``prefix_elsewhere``), or none holds any, as the agents last reported."""
-
-
-@dataclass(frozen=True, slots=True)
-class Reserved:
-    request_id: RequestId
-    agent_id: AgentId
-    kv_reservation_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class StopRun:
-    """Tell the agent to stop an attempt (preempted or cancelled)."""
-
-    agent_id: AgentId
-    request_id: RequestId
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class Requeued:
-    request_id: RequestId
-    reason: str
-    """Metrics label: preempted_priority, preempted_kv, agent_refused, agent_died, ..."""
-
-
-@dataclass(frozen=True, slots=True)
-class Streamed:
-    """Tokens accepted for the record; ``offset`` is where ``text`` starts in its output."""
-
-    record: RequestRecord
-    agent_id: AgentId
-    text: str
-    n_tokens: int
-    offset: int
-    first: bool
-    token_ids: tuple[int, ...]
-    model: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """The record reached a terminal state (finished, failed or cancelled)."""
-
-    record: RequestRecord
-    agent_id: AgentId | None
-
-
-Effect = Dispatched | Reserved | StopRun | Requeued | Streamed | Ended
 
 
 class ClusterDriver:

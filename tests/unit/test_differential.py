@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from orchestrator.coordinator import Coordinator
-from orchestrator.core.driver import (
+from orchestrator.core.driver import ClusterDriver, DriverSettings
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.events import (
     AgentJoined,
-    ClusterDriver,
     Dispatched,
-    DriverSettings,
     Effect,
     Ended,
     Event,
@@ -31,7 +31,6 @@ from orchestrator.core.driver import (
     StopRun,
     TokensReceived,
 )
-from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy

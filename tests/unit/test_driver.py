@@ -8,10 +8,13 @@ from orchestrator.core.driver import (
     MAX_CHUNK_CHARS_PER_TOKEN,
     REFUSAL_BACKOFF_S,
     RESTART_GRACE_S,
+    ClusterDriver,
+)
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.events import (
     AgentLost,
     AgentReported,
     CancelRequested,
-    ClusterDriver,
     Dispatched,
     Ended,
     JournalReplayed,
@@ -24,7 +27,6 @@ from orchestrator.core.driver import (
     Streamed,
     TokensReceived,
 )
-from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import ContextOverflow, Overloaded

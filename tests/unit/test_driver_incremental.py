@@ -16,19 +16,18 @@ from typing import TypeVar
 import pytest
 
 from orchestrator.core.agent_views import known_length
-from orchestrator.core.driver import (
+from orchestrator.core.driver import ClusterDriver, DriverSettings
+from orchestrator.core.estimate import LengthEstimate
+from orchestrator.core.events import (
     AgentJoined,
     AgentLost,
     AgentReported,
     CancelRequested,
-    ClusterDriver,
-    DriverSettings,
     RequestAccepted,
     RunEnded,
     RunRefused,
     TokensReceived,
 )
-from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.ordered_queue import OrderedQueue
 from orchestrator.core.placement import Candidate, Choice, Fleet, Placement, make_placement
 from orchestrator.core.policies import make_policy

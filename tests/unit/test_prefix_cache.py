@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.mooncake_trace import convert
-from orchestrator.core.driver import (
+from orchestrator.core.driver import ClusterDriver
+from orchestrator.core.events import (
     AgentLost,
-    ClusterDriver,
     Dispatched,
     PrefixesHeld,
     PrefixesRemoved,
