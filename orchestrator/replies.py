@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from orchestrator.core.agent_views import known_length
 from orchestrator.core.driver import ClusterDriver
-from orchestrator.core.eta import Eta, estimate_etas
+from orchestrator.core.eta import MAX_ETA_QUEUE, Eta, estimate_etas
 from orchestrator.core.lifecycle import RequestState
+from orchestrator.core.prefix import cached_tokens
 from orchestrator.core.table import RequestRecord
 from orchestrator.errors import EdgeorchError, InvalidRequest, ProtocolError
 from orchestrator.protocol import (
@@ -46,7 +47,7 @@ def status_report(
         for s in sessions
     )
     policy = driver.settings.scheduler.policy
-    queued = policy.order([r.queued_view() for r in driver.table.queued()], now)
+    queued = policy.order(driver.queued(), now)
     running = driver.table.in_state(RequestState.DISPATCHED, RequestState.RUNNING)
     target = RequestId(request_id) if request_id is not None else None
     etas = estimate_etas(
@@ -56,6 +57,11 @@ def status_report(
         driver.settings.scheduler,
         draining={s.agent_id for s in sessions if s.draining},
         until=target,
+        prefix_hits={
+            q.request_id: hits
+            for q in queued[:MAX_ETA_QUEUE]
+            if (hits := cached_tokens(q.prompt_blocks, q.prompt_tokens, driver.prefixes))
+        },
     )
     return StatusReport(
         query_id=query_id,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -98,10 +98,12 @@ class _Device:
         heapq.heappush(self.ends, entry)
         self.kv_tokens += kv_tokens
 
-    def work_tokens(self, request: QueuedRequest) -> float:
+    def work_tokens(self, request: QueuedRequest, cached_tokens: int) -> float:
         """The request's expected remaining output plus its (re)prefill of prompt + resumed
-        tokens, counted as the decode steps that take as long in the batch it joins."""
-        prefill_s = self.speed.prefill_s(request.prompt_tokens + request.generated_tokens)
+        tokens less those cached here, counted as the decode steps that take as long in the
+        batch it joins."""
+        pending = request.prompt_tokens + request.generated_tokens - cached_tokens
+        prefill_s = self.speed.prefill_s(pending)
         return request.rest_tokens + prefill_s / self.speed.step_s(len(self.ends) + 1)
 
 
@@ -126,6 +128,7 @@ def estimate_etas(
     *,
     draining: Collection[AgentId] = (),
     until: RequestId | None = None,
+    prefix_hits: Mapping[RequestId, Mapping[AgentId, int]] | None = None,
 ) -> dict[RequestId, Eta]:
     """Expected start and finish of every request, by id, from a snapshot, admitted and placed
     as ``config`` (the scheduler's) does.
@@ -133,7 +136,9 @@ def estimate_etas(
     ``queue`` must be in the policy's order. Agents in ``draining`` finish their running
     requests but take no queued ones. A request that no live agent can run (model, context,
     KV budget) gets no entry, nor does a running request on an agent not in ``agents``. With
-    ``until``, the simulation stops once that request's finish is known. Only the first
+    ``until``, the simulation stops once that request's finish is known. ``prefix_hits``: the
+    prompt tokens each agent holds of queued requests, which placement and prefill count as
+    ``decide`` does. Only the first
     ``MAX_ETA_QUEUE`` queued requests are estimated. Each event costs a heap operation per busy
     agent plus at most ``ETA_LOOKAHEAD`` queued requests tried.
     """
@@ -145,7 +150,8 @@ def estimate_etas(
             kv_tokens = running_kv_tokens(request, device.view)
             device.add(request.request_id, expected_remaining(request), 0.0, kv_tokens)
     etas: dict[RequestId, Eta] = {}
-    queue_left = _Queue(queue[:MAX_ETA_QUEUE], [d for d in devices if d.accepting], config)
+    accepting = [d for d in devices if d.accepting]
+    queue_left = _Queue(queue[:MAX_ETA_QUEUE], accepting, config, prefix_hits or {})
     now_s = 0.0
     queue_left.fill(now_s)
     events_left = 2 * (len(queue) + len(running)) + 16
@@ -171,8 +177,13 @@ class _Queue:
     out when the request is first tried."""
 
     def __init__(
-        self, queue: Sequence[QueuedRequest], devices: list[_Device], config: SchedulerConfig
+        self,
+        queue: Sequence[QueuedRequest],
+        devices: list[_Device],
+        config: SchedulerConfig,
+        prefix_hits: Mapping[RequestId, Mapping[AgentId, int]],
     ) -> None:
+        self.prefix_hits = prefix_hits
         self.waiting = list(queue)
         self.devices = devices
         self.by_id = {d.view.agent_id: d for d in devices}
@@ -214,11 +225,14 @@ class _Queue:
                 continue
             chosen.add(
                 request.request_id,
-                chosen.work_tokens(request),
+                chosen.work_tokens(request, self.cached(request, chosen.view.agent_id)),
                 now_s,
                 queued_kv_tokens(request, chosen.view),
             )
             del self.waiting[index]
+
+    def cached(self, request: QueuedRequest, agent_id: AgentId) -> int:
+        return self.prefix_hits.get(request.request_id, {}).get(agent_id, 0)
 
     def place(
         self, request: QueuedRequest, capable: list[_Device], backlog: dict[AgentId, int]
@@ -228,13 +242,14 @@ class _Queue:
         candidates = []
         for device in capable:
             view = device.current_view()
+            cached = self.cached(request, view.agent_id)
             if view.free_slots > 0:
                 reservation = admission_reservation(request, view, self.config)
                 if view.can_start(request, reservation):
-                    candidates.append(Candidate(view, True, reservation, 0.0))
+                    candidates.append(Candidate(view, True, reservation, 0.0, cached))
                     continue
             wait_s = device.free_in_s(backlog.get(view.agent_id, 0) + 1)
-            candidates.append(Candidate(view, False, 0, wait_s))
+            candidates.append(Candidate(view, False, 0, wait_s, cached))
         choice = self.config.placement.choose(request, candidates, self.dispatched)
         if choice.agent_id is None:
             if choice.waits_for is not None:

@@ -222,3 +222,15 @@ def test_a_long_job_waits_for_a_much_faster_busy_agent_as_the_scheduler_would() 
     assert etas[RequestId("long")].agent_id == AgentId("fast")
     assert etas[RequestId("long")].start_s == pytest.approx(0.1)
     assert etas[RequestId("long")].finish_s == pytest.approx(10.1)
+
+
+def test_a_cached_prefix_places_and_shortens_the_estimate_as_decide_would() -> None:
+    """Two equal agents, a 1,000-token prompt at 100 tokens/s: 10 s of prefill, then 10 tokens
+    at 10 tokens/s. Where a2 holds 900 prompt tokens the request goes there, 9 s sooner."""
+    agents = [agent(name, max_seqs=1, speed=flat(10.0, prefill_tps=100.0)) for name in ("a1", "a2")]
+    request = job("q", 10, prompt_tokens=1000, max_tokens=50)
+    cold = etas_of([request], [], agents)[RequestId("q")]
+    warm = etas_of([request], [], agents, prefix_hits={RequestId("q"): {AgentId("a2"): 900}})
+    assert cold.agent_id == AgentId("a1") and cold.finish_s == pytest.approx(11.0)
+    assert warm[RequestId("q")].agent_id == AgentId("a2")
+    assert warm[RequestId("q")].finish_s == pytest.approx(2.0)
