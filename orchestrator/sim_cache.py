@@ -105,6 +105,7 @@ class IdleAwarePrefixCache:
         self._stored = 0
         self._returned = 0
         """Blocks used at least twice."""
+        self._gaps = 0
         self._gap_total_s = 0.0
 
     def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
@@ -122,7 +123,7 @@ class IdleAwarePrefixCache:
                 self._held_tokens += blocks.block_tokens
                 self._stored += 1
                 stored.append(h)
-        evicted = list(self._evict(now))
+        evicted = list(self._evict())
         return _net(stored, evicted)
 
     def _used_again(self, h: int, block: _Block, now: float) -> None:
@@ -133,6 +134,7 @@ class IdleAwarePrefixCache:
             block.gap_s = gap
         else:
             block.gap_s = GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * block.gap_s
+        self._gaps += 1
         self._gap_total_s += gap
         block.last_used_s = now
         block.version += 1
@@ -142,10 +144,10 @@ class IdleAwarePrefixCache:
         """When a block never reused is expected back, after its last use."""
         if not self._returned:
             return float("inf")
-        mean_gap = self._gap_total_s / self._returned
+        mean_gap = self._gap_total_s / self._gaps
         return mean_gap * self._stored / self._returned
 
-    def _evict(self, now: float) -> Iterable[int]:
+    def _evict(self) -> Iterable[int]:
         while self._held_tokens > self.capacity_tokens:
             while self._returning:
                 _, h, version = self._returning[0]
