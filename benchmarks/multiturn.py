@@ -86,6 +86,7 @@ from benchmarks.multiturn_data import (
 )
 from benchmarks.multiturn_figures import (
     config_medians,
+    cpu_used,
     headline_ratios,
     multiturn_figures,
     prompt_heavy_figures,
@@ -428,11 +429,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             server = start_server(config, settings, log_dir / f"{repetition}-{config.name}")
             try:
                 before = server.prompt_cache_tokens()
+                cpu_before = server.cpu_seconds()
                 stopped = 0
                 if workload == "prompt-heavy":
                     outcomes = run_singles(server, config.cache_prompt, requests)
                 else:
                     outcomes, stopped = run_chats(server, config.cache_prompt, plans, chat, count)
+                cpu = cpu_used(cpu_before, server.cpu_seconds())
                 after = server.prompt_cache_tokens()
             finally:
                 server.stop()
@@ -445,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if workload == "prompt-heavy"
                 else multiturn_figures(outcomes, stopped, reused)
             )
+            figures.update(cpu_s=round(sum(cpu.values()), 2), cpu_s_by_process=cpu)
             runs.setdefault(config.name, []).append(figures)
             ttft_samples.setdefault(config.name, []).extend(o.ttft_s for o in outcomes if o.ok)
             print(f"rep {repetition} {config.name}: {headline(workload, figures)}", file=sys.stderr)

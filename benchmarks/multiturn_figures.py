@@ -71,6 +71,12 @@ def _per_s(amount: float, seconds: float) -> float | None:
     return round(amount / seconds, 3) if seconds > 0 else None
 
 
+def cpu_used(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """CPU seconds each process used between two readings: the servers' share of the machine,
+    which on a VM with as many cores as engine threads is taken from the engine."""
+    return {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+
+
 def reused_fraction(reused: int | None, computed: int | None) -> float | None:
     if reused is None or computed is None or reused + computed == 0:
         return None
@@ -142,7 +148,7 @@ def prompt_heavy_figures(
 
 def config_medians(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per configuration, the median over its runs of every numeric figure (runs where a
-    figure is missing are left out of its median; lists are medianed element-wise)."""
+    figure is missing are left out of its median; lists and mappings are medianed element-wise)."""
     medians: dict[str, dict[str, Any]] = {}
     for name, figures in runs.items():
         keys = dict.fromkeys(key for run in figures for key in run)
@@ -151,6 +157,10 @@ def config_medians(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str,
 
 
 def _median_of(values: Sequence[Any]) -> Any:
+    if any(isinstance(v, Mapping) for v in values):
+        maps = [v for v in values if isinstance(v, Mapping)]
+        keys = dict.fromkeys(key for m in maps for key in m)
+        return {key: _median_of([m.get(key) for m in maps]) for key in keys}
     if any(isinstance(v, list) for v in values):
         lists = [v for v in values if isinstance(v, list)]
         width = max(len(v) for v in lists)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
+import psutil
+
 from benchmarks.multiturn_data import fits_context, render_prompt, sse_events
 from benchmarks.multiturn_figures import Outcome
 from orchestrator.core.policies import POLICIES
@@ -80,7 +82,20 @@ class Server(Protocol):
         as a whole rather than per request."""
         ...
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) each of the server's processes has used so far."""
+        ...
+
     def stop(self) -> None: ...
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 once it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -221,6 +236,11 @@ class EdgeorchServer:
         (self.log_dir / "metrics.txt").write_text(text)  # the last read: preemptions and more
         return parse_prompt_token_counters(text)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        return {
+            name: _process_cpu_s(process.pid) for name, process in self.cluster.processes.items()
+        }
+
     def stop(self) -> None:
         self.cluster.stop()
 
@@ -311,6 +331,9 @@ class LlamaServer:
     def prompt_cache_tokens(self) -> tuple[int, int] | None:
         return None
 
+    def cpu_seconds(self) -> dict[str, float]:
+        return {"llama-server": _process_cpu_s(self.process.pid)}
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -337,6 +360,13 @@ class RoundRobinServers:
 
     def prompt_cache_tokens(self) -> tuple[int, int] | None:
         return None
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {
+            f"{name}-{number}": seconds
+            for number, server in enumerate(self.servers, start=1)
+            for name, seconds in server.cpu_seconds().items()
+        }
 
     def stop(self) -> None:
         for server in self.servers:

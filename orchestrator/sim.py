@@ -506,6 +506,7 @@ def _record(request: SimRequest) -> RequestRecord:
         predicted_tokens=None if request.estimate is None else request.estimate.expected,
         arrival_s=request.arrival_s,
         estimate=request.estimate,
+        prompt_blocks=request.prompt_blocks,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -157,6 +158,19 @@ def test_a_device_prefills_only_what_it_does_not_hold() -> None:
     )
     assert (prompts, reused) == (1280, 639)
     assert ttft[1] < ttft[0] / 100  # one token instead of 640 at 100 tokens/s
+
+
+def test_the_simulated_driver_places_a_request_where_its_prefix_is_cached() -> None:
+    """Joining the busy holder (one token to prefill) beats prefilling 640 tokens on the idle
+    device, which cache-blind placement would pick for its faster step."""
+    spec = ONE_DEVICE.devices[0]
+    two = Cluster("two", (spec, replace(spec, name="d2")))
+    config = SchedulerConfig(make_policy("fcfs"), make_placement("predicted"), 1e9)
+    blocks = tuple(range(10))
+    report = Simulator(two, config).run(
+        [sim_request("r1", 0.0, blocks), sim_request("r2", 1.0, blocks)]
+    )
+    assert report.reused_prompt_tokens == 639
 
 
 def test_evicted_blocks_are_prefilled_again_and_caching_can_be_off() -> None:
