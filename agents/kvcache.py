@@ -12,14 +12,16 @@ Parked prompts live outside the pool, as llama.cpp's serialized sequence state (
 ``--cache-ram`` does the same): on the CPU backend every prompt token attends over every cell
 in the pool's used range, masked or not, so cells kept in the pool for later would slow every
 prefill (2x at a full pool on the development machine; docs/BENCHMARKS.md, "Prompt cache").
-Pure bookkeeping: no llama.cpp calls, no clock (recency is a counter).
+What host memory cannot hold may spill to disk (a ``Spill``): reading a parked chat back costs
+milliseconds where prefilling it again on an edge CPU costs seconds.
+Pure bookkeeping: no llama.cpp calls, no clock (recency is a counter); the spill does the I/O.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from orchestrator.core.prefix import block_hashes
 
@@ -55,7 +57,8 @@ class PrefixMatch:
 
 @dataclass(eq=False, slots=True)
 class ParkedPrompt:
-    """A finished sequence's tokens and its saved cache (opaque to the bookkeeping)."""
+    """A finished sequence's tokens and its saved cache (opaque to the bookkeeping): the state
+    itself in host memory, or the spill's handle to it once ``spilled``."""
 
     tokens: list[int]
     state: object
@@ -63,19 +66,41 @@ class ParkedPrompt:
     last_used: int = 0
     blocks: tuple[int, ...] = ()
     """Its tokens' prefix block hashes (``core.prefix.block_hashes``)."""
+    spilled: bool = False
+
+
+class Spill(Protocol):
+    """Where parked states go when host memory is full (``agents.kvspill.DiskSpill``)."""
+
+    capacity_bytes: int
+
+    def write(self, state: object, size_bytes: int) -> object:
+        """Store a state; returns the handle to read it back by. Raises OSError on failure."""
+        ...
+
+    def read(self, handle: object, size_bytes: int) -> object | None:
+        """The state again, or None when it is gone or damaged."""
+        ...
+
+    def delete(self, handle: object) -> None: ...
 
 
 class PromptCache:
-    """Parked prompts in host memory, at most ``capacity_bytes``, least recently used evicted
-    first. It also keeps which prefix blocks (``core.prefix``) its entries hold, which the
-    agent reports so the coordinator can place a request where its prefix is."""
+    """Parked prompts in host memory, at most ``capacity_bytes``, and beyond that in ``spill``
+    (at most its own capacity), least recently used moved out first. It also keeps which
+    prefix blocks (``core.prefix``) its entries hold, which the agent reports so the
+    coordinator can place a request where its prefix is."""
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, spill: Spill | None = None) -> None:
         self.capacity_bytes = capacity_bytes
+        self.spill = spill
         self._entries: list[ParkedPrompt] = []
         self._clock = 0
         self._blocks: Counter[int] = Counter()
         """Block hash -> how many entries hold it."""
+        self._held: frozenset[int] | None = frozenset()
+        """``held_blocks()`` until the blocks change (None: to compute again)."""
+        self.spill_failures = 0
 
     def park(self, tokens: list[int], state: object, size_bytes: int) -> bool:
         """Keep a finished sequence's cache; false when it alone exceeds the capacity. An
@@ -88,9 +113,49 @@ class PromptCache:
         entry = ParkedPrompt(tokens, state, size_bytes, self._clock, block_hashes(tokens).hashes)
         self._entries.append(entry)
         self._blocks.update(entry.blocks)
-        while self.bytes_held() > self.capacity_bytes:
-            self.remove(min(self._entries, key=lambda e: e.last_used))
+        self._held = None
+        self._fit()
         return True
+
+    def state_of(self, entry: ParkedPrompt) -> object | None:
+        """The entry's state, read back from the spill if it went there (and then kept in
+        host memory again, as the most recently used); None, and the entry forgotten, when
+        the spill lost it."""
+        if not entry.spilled:
+            return entry.state
+        assert self.spill is not None
+        state = self.spill.read(entry.state, entry.size_bytes)
+        if state is None:
+            self.spill_failures += 1
+            self.remove(entry)
+            return None
+        self.spill.delete(entry.state)
+        entry.state, entry.spilled = state, False
+        self.touch(entry)
+        self._fit(keep=entry)
+        return state
+
+    def _fit(self, keep: ParkedPrompt | None = None) -> None:
+        """Move the least recently used states out of host memory until the rest fit: to the
+        spill while it has room (its own least recently used go first), else away."""
+        spill = self.spill
+        while self.bytes_held() > self.capacity_bytes:
+            victim = min(
+                (e for e in self._entries if not e.spilled and e is not keep),
+                key=lambda e: e.last_used,
+            )
+            if spill is None or victim.size_bytes > spill.capacity_bytes:
+                self.remove(victim)
+                continue
+            try:
+                handle = spill.write(victim.state, victim.size_bytes)
+            except OSError:
+                self.spill_failures += 1
+                self.remove(victim)
+                continue
+            victim.state, victim.spilled = handle, True
+            while self.spilled_bytes() > spill.capacity_bytes:
+                self.remove(min((e for e in self._entries if e.spilled), key=lambda e: e.last_used))
 
     def longest_prefix(self, tokens: list[int]) -> tuple[ParkedPrompt, int] | None:
         """The entry sharing the longest prefix with ``tokens`` (at least
@@ -108,24 +173,34 @@ class PromptCache:
 
     def remove(self, entry: ParkedPrompt) -> None:
         self._entries.remove(entry)
+        if entry.spilled and self.spill is not None:
+            self.spill.delete(entry.state)
         self._blocks.subtract(entry.blocks)
         for h in entry.blocks:
             if self._blocks[h] <= 0:
                 del self._blocks[h]
+        self._held = None
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._blocks.clear()
+        for entry in list(self._entries):
+            self.remove(entry)
 
     def held_blocks(self) -> frozenset[int]:
-        """The prefix block hashes of every parked prompt."""
-        return frozenset(self._blocks)
+        """The prefix block hashes of every parked prompt, in memory or spilled."""
+        if self._held is None:
+            self._held = frozenset(self._blocks)
+        return self._held
 
     def tokens_held(self) -> int:
+        """Tokens of every parked prompt, in memory or spilled."""
         return sum(len(e.tokens) for e in self._entries)
 
     def bytes_held(self) -> int:
-        return sum(e.size_bytes for e in self._entries)
+        """Bytes of the states in host memory."""
+        return sum(e.size_bytes for e in self._entries if not e.spilled)
+
+    def spilled_bytes(self) -> int:
+        return sum(e.size_bytes for e in self._entries if e.spilled)
 
 
 class KvLedger:
@@ -197,10 +272,22 @@ class KvLedger:
         return self._clock
 
 
+COMPARE_STRIDE: Final = 64
+"""Tokens compared a slice at a time (in C) before the one slice that differs is walked."""
+
+
 def common_prefix(left: list[int], right: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(left), len(right))
-    for index in range(n):
+    start = 0
+    while start < n:
+        end = min(n, start + COMPARE_STRIDE)
+        if left[start:end] != right[start:end]:
+            break
+        start = end
+    else:
+        return n
+    for index in range(start, min(n, start + COMPARE_STRIDE)):
         if left[index] != right[index]:
             return index
     return n

@@ -221,6 +221,15 @@ class AgentSettings(Settings):
     max_seqs: int = Field(DEFAULT_MAX_SEQS, ge=1, le=256, description="concurrent sequences")
     n_ctx: int = Field(DEFAULT_N_CTX, ge=16, description="one sequence's context limit")
     threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: all cores)")
+    prompt_cache_bytes: int | None = Field(
+        None, ge=0, description="host memory for parked prompts (default: a tenth of free memory)"
+    )
+    prompt_cache_disk_bytes: int = Field(
+        0, ge=0, description="disk for parked prompts that host memory cannot hold (0: none)"
+    )
+    prompt_cache_dir: str | None = Field(
+        None, description="where parked prompts spill to (default: CACHE_DIR/kv)"
+    )
     fake_decode_tps: float = Field(50.0, gt=0, description="fake backend: tokens/s, one stream")
     fake_prefill_tps: float = Field(2000.0, gt=0, description="fake backend: prompt tokens/s")
     fake_crash_marker: str | None = Field(

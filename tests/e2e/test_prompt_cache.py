@@ -233,3 +233,38 @@ def test_the_blocks_an_engine_reports_are_the_ones_the_coordinator_hashes(
     assert first_blocks >= 7 and set(blocks.hashes[:first_blocks]) <= held
     run(engine, greedy("t2", f"Summary: {words(engine, DOCUMENT, 200)}", max_tokens=4))
     assert engine.held_prefix_blocks() > held  # another prompt's blocks join them
+
+
+def test_a_chat_spilled_to_disk_comes_back_as_a_hit_with_the_same_answer(
+    model_path: Path, tmp_path: Path
+) -> None:
+    """Host memory holds one parked chat here: the other spills to disk and is read back."""
+    engine = LlamaEngine(
+        model_path,
+        n_ctx=2048,
+        max_seqs=2,
+        kv_budget_tokens=4096,
+        n_gpu_layers=0,
+        threads=2,
+        prompt_cache_bytes=12 << 20,
+        prompt_cache_disk_bytes=64 << 20,
+        prompt_cache_dir=tmp_path,
+    )
+    try:
+        first_prompt = f"{words(engine, DOCUMENT, 700)}\nQuestion: which station was wettest?\n"
+        answer, _ = run(engine, greedy("a1", first_prompt, max_tokens=8))
+        parked = engine.cache_stats().parked_tokens
+        other = f"{words(engine, DOCUMENT[::-1], 700)}\nQuestion: what is this?\n"
+        run(engine, greedy("b1", other, max_tokens=8))
+        assert len(list(tmp_path.glob("kv-*/*.state"))) == 1  # the first chat's state
+        before = engine.cache_stats()
+        follow_up = f"{first_prompt}{answer}\nQuestion: and the windiest?\n"
+        cached = run(engine, greedy("a2", follow_up, max_tokens=16))
+        after = engine.cache_stats()
+        assert after.hits == before.hits + 1
+        assert after.reused_tokens - before.reused_tokens >= parked - 2
+        fresh = run(engine, greedy("a3", follow_up, max_tokens=16, cache_prompt=False))
+        assert fresh == cached
+    finally:
+        engine.close()
+    assert not list(tmp_path.glob("kv-*"))

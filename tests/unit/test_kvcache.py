@@ -3,10 +3,15 @@ cache of parked prompts."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+from pathlib import Path
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.kvcache import MIN_REUSED_TOKENS, KvLedger, PromptCache, common_prefix
+from agents.kvspill import DiskSpill
 
 
 def test_a_copied_prefix_shares_its_cells() -> None:
@@ -60,6 +65,120 @@ def test_common_prefix() -> None:
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([], [1]) == 0
+
+
+@given(st.lists(st.integers(0, 3), max_size=300), st.lists(st.integers(0, 3), max_size=300))
+def test_common_prefix_by_slices_matches_a_token_by_token_walk(
+    left: list[int], right: list[int]
+) -> None:
+    walked = next(
+        (i for i, (a, b) in enumerate(zip(left, right, strict=False)) if a != b),
+        min(len(left), len(right)),
+    )
+    assert common_prefix(left, right) == walked
+    assert common_prefix([*left, *right], [*left, *left]) >= len(left)
+
+
+class MemorySpill:
+    """A spill in a dict, with failures on demand."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.stored: dict[int, object] = {}
+        self.full = False
+        self._next = 0
+
+    def write(self, state: object, size_bytes: int) -> object:
+        if self.full:
+            raise OSError("no space left on device")
+        self._next += 1
+        self.stored[self._next] = state
+        return self._next
+
+    def read(self, handle: object, size_bytes: int) -> object | None:
+        assert isinstance(handle, int)
+        return self.stored.get(handle)
+
+    def delete(self, handle: object) -> None:
+        assert isinstance(handle, int)
+        self.stored.pop(handle, None)
+
+
+def prompt(first: int) -> list[int]:
+    return list(range(first, first + MIN_REUSED_TOKENS))
+
+
+def test_what_memory_cannot_hold_spills_and_comes_back_on_a_hit() -> None:
+    spill = MemorySpill(capacity_bytes=60)
+    cache = PromptCache(capacity_bytes=50, spill=spill)
+    for n in range(3):
+        assert cache.park(prompt(100 * n), f"s{n}", 30)
+    # s0 went to the spill at s1, s1 at s2 (each alone fits memory); the spill holds both.
+    assert cache.bytes_held() == 30 and cache.spilled_bytes() == 60
+    assert sorted(map(str, spill.stored.values())) == ["s0", "s1"]
+    assert cache.tokens_held() == 3 * MIN_REUSED_TOKENS
+    assert len(cache.held_blocks()) == 0  # 16-token prompts fill no 64-token block
+    found = cache.longest_prefix(prompt(0))
+    assert found is not None and found[0].spilled
+    assert cache.state_of(found[0]) == "s0"  # read back, kept in memory again
+    assert not found[0].spilled and sorted(map(str, spill.stored.values())) == ["s1", "s2"]
+    assert cache.park(prompt(300), "s3", 30)  # the spill is full: its oldest (s1) goes
+    assert cache.longest_prefix(prompt(100)) is None
+    assert sorted(map(str, spill.stored.values())) == ["s0", "s2"]
+
+
+def test_a_lost_or_failed_spill_costs_the_entry_only() -> None:
+    spill = MemorySpill(capacity_bytes=100)
+    cache = PromptCache(capacity_bytes=30, spill=spill)
+    cache.park(prompt(0), "s0", 30)
+    cache.park(prompt(100), "s1", 30)
+    spill.stored.clear()  # the file went away under the agent
+    entry = cache.longest_prefix(prompt(0))
+    assert entry is not None and cache.state_of(entry[0]) is None
+    assert cache.longest_prefix(prompt(0)) is None and cache.spill_failures == 1
+    spill.full = True
+    assert cache.park(prompt(200), "s2", 30)  # s1 cannot spill: dropped, s2 kept
+    assert cache.longest_prefix(prompt(100)) is None and cache.spill_failures == 2
+    assert cache.longest_prefix(prompt(200)) is not None
+
+
+def test_states_larger_than_the_spill_are_dropped_and_clear_empties_it() -> None:
+    spill = MemorySpill(capacity_bytes=20)
+    cache = PromptCache(capacity_bytes=30, spill=spill)
+    cache.park(prompt(0), "big", 30)
+    cache.park(prompt(100), "next", 30)
+    assert cache.longest_prefix(prompt(0)) is None and not spill.stored
+    spill.capacity_bytes = 100
+    cache.park(prompt(200), "third", 30)
+    assert spill.stored
+    cache.clear()
+    assert not spill.stored and cache.tokens_held() == 0
+
+
+def test_disk_spill_round_trips_a_state_and_reads_damage_as_gone(tmp_path: Path) -> None:
+    spill = DiskSpill(tmp_path, capacity_bytes=1 << 20)
+    state = (ctypes.c_uint8 * 8)(*range(8))
+    handle = spill.write(state, 6)
+    back = spill.read(handle, 6)
+    assert back is not None and bytes(back) == bytes(range(6))  # type: ignore[call-overload]
+    assert isinstance(handle, Path)
+    handle.write_bytes(b"xyz")
+    assert spill.read(handle, 6) is None
+    spill.delete(handle)
+    assert spill.read(handle, 6) is None
+    spill.close()
+    assert not spill.directory.exists()
+
+
+def test_disk_spill_removes_what_a_killed_agent_left_and_keeps_live_ones(tmp_path: Path) -> None:
+    dead = tmp_path / "kv-999999999-abc"
+    dead.mkdir()
+    (dead / "0.state").write_bytes(b"old")
+    live = tmp_path / f"kv-{os.getppid()}-def"
+    live.mkdir()
+    spill = DiskSpill(tmp_path, capacity_bytes=1)
+    assert not dead.exists() and live.exists() and spill.directory.exists()
+    spill.close()
 
 
 operations = st.lists(

@@ -9,7 +9,7 @@ import psutil
 
 from agents.backends import Measured
 from agents.base import Engine
-from agents.model import ensure_default_model
+from agents.model import cache_dir, ensure_default_model
 from agents.probe import cached_speed, physical_cores
 from orchestrator.errors import InvalidRequest
 from orchestrator.settings import AgentSettings
@@ -34,6 +34,11 @@ def build(settings: AgentSettings, environ: Mapping[str, str]) -> Engine:
         threads=settings.threads or physical_cores(),
         model_name=settings.model_name,
         available_memory_bytes=psutil.virtual_memory().available,
+        prompt_cache_bytes=settings.prompt_cache_bytes,
+        prompt_cache_disk_bytes=settings.prompt_cache_disk_bytes,
+        prompt_cache_dir=Path(settings.prompt_cache_dir)
+        if settings.prompt_cache_dir
+        else cache_dir(environ) / "kv",
     )
 
 

@@ -46,8 +46,8 @@ from agents.kvcache import (
     CachedSequence,
     KvLedger,
     ParkedPrompt,
-    PromptCache,
 )
+from agents.kvspill import DiskSpill, parked_prompt_cache
 from agents.text import StopStringFilter
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
 from orchestrator.llamalib import llama_cpp
@@ -77,10 +77,6 @@ against 570 ms in streams (docs/BENCHMARKS.md, "Per-sequence KV streams"). Strea
 whole-stream copy to share a running sequence's prefix, and llama.cpp splits a step into one
 micro-batch per run of consecutive sequence ids, so rows go in sequence-id order and a new
 sequence takes the lowest free id."""
-DEFAULT_PROMPT_CACHE_MEMORY_FRACTION: Final = 0.1
-"""Share of available memory the parked prompts may take by default."""
-DEFAULT_PROMPT_CACHE_BYTES: Final = 1 << 30
-"""Parked prompts' memory when the available memory is unknown."""
 
 
 @dataclass(slots=True, eq=False)
@@ -124,6 +120,8 @@ class LlamaEngine:
         available_memory_bytes: int | None = None,
         prompt_cache_bytes: int | None = None,
         kv_streams: bool = PER_SEQUENCE_STREAMS,
+        prompt_cache_disk_bytes: int = 0,
+        prompt_cache_dir: Path | None = None,
     ) -> None:
         lib = llama_cpp()
         self._lib = lib
@@ -177,12 +175,8 @@ class LlamaEngine:
         self._ledger = KvLedger()
         self._free_seq_ids = list(range(max_seqs))
         """A min-heap: the lowest free id goes first, keeping ids in use consecutive."""
-        self._prompt_cache = PromptCache(
-            prompt_cache_bytes
-            if prompt_cache_bytes is not None
-            else int(available_memory_bytes * DEFAULT_PROMPT_CACHE_MEMORY_FRACTION)
-            if available_memory_bytes
-            else DEFAULT_PROMPT_CACHE_BYTES
+        self._prompt_cache = parked_prompt_cache(
+            prompt_cache_bytes, available_memory_bytes, prompt_cache_disk_bytes, prompt_cache_dir
         )
         self.step_costs = StepCosts()
         """Measured on every step; they size the prompt chunks (``stepcost``)."""
@@ -409,6 +403,8 @@ class LlamaEngine:
         for sequence in list(self._active.values()):
             self._retire(sequence, "cancelled", park=False)
         self._prompt_cache.clear()
+        if isinstance(self._prompt_cache.spill, DiskSpill):
+            self._prompt_cache.spill.close()
         if getattr(self, "_batch", None) is not None:
             self._lib.llama_batch_free(self._batch)
             self._batch = None
@@ -552,7 +548,9 @@ class LlamaEngine:
         lib = self._lib
         if len(entry.tokens) > self.kv_budget_tokens - self._ledger.used_cells():
             return 0
-        state = entry.state
+        state = self._prompt_cache.state_of(entry)
+        if state is None:
+            return 0
         read = int(lib.llama_state_seq_set_data(self._ctx, state, entry.size_bytes, cache.seq_id))
         if read:
             lib.llama_memory_seq_rm(self._memory, cache.seq_id, length, -1)

@@ -1,0 +1,100 @@
+"""Parked prompt states spilled to disk when host memory is full (``kvcache.Spill``), and the
+engine's cache of parked prompts built with it.
+
+Each state is one file in a directory of this process's own (``kv-PID-RANDOM`` under the
+chosen root), removed when the engine closes; directories that a killed agent left behind are
+removed by the next agent that starts under the same root. States are never read across
+restarts: they belong to one model and context, and the file name is all the engine knows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Final
+
+import psutil
+
+from agents.kvcache import PromptCache
+
+log = logging.getLogger("edgeorch.agent")
+
+DIRECTORY_PREFIX: Final = "kv-"
+DEFAULT_PROMPT_CACHE_MEMORY_FRACTION: Final = 0.1
+"""Share of available memory the parked prompts may take by default."""
+DEFAULT_PROMPT_CACHE_BYTES: Final = 1 << 30
+"""Parked prompts' memory when the available memory is unknown."""
+
+
+def parked_prompt_cache(
+    memory_bytes: int | None,
+    available_memory_bytes: int | None,
+    disk_bytes: int,
+    directory: Path | None,
+) -> PromptCache:
+    """The engine's cache of parked prompts: ``memory_bytes`` of host memory (default: a share
+    of what is available), spilling up to ``disk_bytes`` into ``directory``."""
+    if memory_bytes is None:
+        memory_bytes = (
+            int(available_memory_bytes * DEFAULT_PROMPT_CACHE_MEMORY_FRACTION)
+            if available_memory_bytes
+            else DEFAULT_PROMPT_CACHE_BYTES
+        )
+    spill = DiskSpill(directory, disk_bytes) if disk_bytes > 0 and directory is not None else None
+    return PromptCache(memory_bytes, spill)
+
+
+class DiskSpill:
+    """States as files under ``root``, at most ``capacity_bytes`` in all (the prompt cache
+    enforces it); a file that is missing or of the wrong size reads as gone."""
+
+    def __init__(self, root: Path, capacity_bytes: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_orphans(root)
+        self.capacity_bytes = capacity_bytes
+        self.directory = Path(
+            tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-", dir=root)
+        )
+        self._names = itertools.count()
+
+    def write(self, state: object, size_bytes: int) -> object:
+        path = self.directory / f"{next(self._names)}.state"
+        with path.open("wb") as file:
+            file.write(memoryview(state)[:size_bytes])  # type: ignore[arg-type]
+        return path
+
+    def read(self, handle: object, size_bytes: int) -> object | None:
+        assert isinstance(handle, Path)
+        try:
+            data = bytearray(handle.read_bytes())
+        except OSError as exc:
+            log.warning("a spilled prompt state could not be read (%s): computed again", exc)
+            return None
+        if len(data) != size_bytes:
+            log.warning(
+                "a spilled prompt state has %d bytes where %d were written: computed again",
+                len(data),
+                size_bytes,
+            )
+            return None
+        return (ctypes.c_uint8 * size_bytes).from_buffer(data)
+
+    def delete(self, handle: object) -> None:
+        assert isinstance(handle, Path)
+        handle.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def remove_orphans(root: Path) -> None:
+    """Remove spill directories under ``root`` whose agent process is gone."""
+    for directory in root.glob(f"{DIRECTORY_PREFIX}*-*"):
+        pid_text = directory.name[len(DIRECTORY_PREFIX) :].split("-", 1)[0]
+        if pid_text.isdigit() and not psutil.pid_exists(int(pid_text)):
+            shutil.rmtree(directory, ignore_errors=True)
