@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -160,7 +160,7 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         raise InvalidRequest("--live runs one --load at a time, not a sweep", field="load")
     return BenchSpec(
         trace=args.trace,
-        cluster=None if live is not None else load_cluster(args.cluster),
+        cluster=None if live is not None else _cache_tiers(load_cluster(args.cluster), args),
         live=live,
         policies=policies,
         loads=loads,
@@ -174,8 +174,17 @@ def bench_spec_from_args(args: Any) -> BenchSpec:
         tunables=tunables,
         adapt_every=args.adapt_every,
         load_basis=args.load_basis,
-        prefix_cache=args.prefix_cache == "on",
+        prefix_cache=args.prefix_cache != "off",
         prefix_eviction=args.prefix_eviction,
+    )
+
+
+def _cache_tiers(cluster: Cluster, args: Any) -> Cluster:
+    """The cluster as ``--prefix-cache`` wants it: ``memory`` takes the devices' disks away."""
+    if args.prefix_cache != "memory":
+        return cluster
+    return replace(
+        cluster, devices=tuple(replace(d, prefix_disk_tokens=0) for d in cluster.devices)
     )
 
 
@@ -332,6 +341,7 @@ def run_bench(
             "prompt_tokens": sum(prompt_tokens),
             "infinite_cache_reused_tokens": bound,
             "eviction": spec.prefix_eviction,
+            "disk_tokens": sum(d.prefix_disk_tokens for d in spec.cluster.devices),
         }
     out["settings"]["load_basis"] = spec.load_basis
     out["diagnostics"] = diagnostics

@@ -156,10 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--prefix-cache",
-        choices=("on", "off"),
+        choices=("on", "memory", "off"),
         default="on",
         help="(--sim) devices keep finished prompts' prefix blocks for reuse, for traces "
-        "that give prefix_blocks",
+        "that give prefix_blocks: in memory and spilled to disk as the cluster file says, in "
+        "memory only, or not at all",
     )
     bench.add_argument(
         "--prefix-eviction",

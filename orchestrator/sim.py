@@ -45,12 +45,20 @@ from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InternalError, InvalidRequest
 from orchestrator.protocol import AgentId, GenerationParams, Priority, RequestId
-from orchestrator.sim_cache import EVICTIONS, DevicePrefixCache, LruPrefixCache
+from orchestrator.sim_cache import (
+    EVICTIONS,
+    DevicePrefixCache,
+    LruPrefixCache,
+    SpillingPrefixCache,
+)
 
 TOKEN_EPSILON: Final = 1e-6
 """Fractional tokens below which a sequence counts as having reached a boundary."""
 SIM_UNAVAILABLE_TIMEOUT_S: Final = 1e9
 PROGRESS_EVERY_EVENTS: Final = 500
+DEFAULT_DISK_RESTORE_TPS: Final = 50_000.0
+"""Parked tokens read back from disk per second: about 900 MB/s at the default model's 18 KiB
+a token (a SATA SSD; NVMe is faster, an SD card ten times slower)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,10 @@ class DeviceSpec:
     speed: SpeedProfile
     prefix_cache_tokens: int = 0
     """Prompt tokens of finished requests the device keeps for reuse (parked KV)."""
+    prefix_disk_tokens: int = 0
+    """Beyond those, prompt tokens parked on disk (the agent's ``prompt_cache_disk_bytes``)."""
+    disk_restore_tps: float = DEFAULT_DISK_RESTORE_TPS
+    """Parked prompt tokens read back from disk per second."""
 
     @property
     def capacity_tokens_s(self) -> float:
@@ -101,6 +113,8 @@ class Cluster:
                     "n_ctx": d.n_ctx,
                     "kv_budget_tokens": d.kv_budget_tokens,
                     "prefix_cache_tokens": d.prefix_cache_tokens,
+                    "prefix_disk_tokens": d.prefix_disk_tokens,
+                    "disk_restore_tps": d.disk_restore_tps,
                     "prefill_tps": d.speed.prefill_tps,
                     "decode_tps": [list(p) for p in d.speed.decode_points],
                 }
@@ -129,6 +143,8 @@ def load_cluster(path: Path) -> Cluster:
                 kv_budget_tokens=int(raw["kv_budget_tokens"]),
                 speed=SpeedProfile(points, float(raw["prefill_tps"])),
                 prefix_cache_tokens=int(raw.get("prefix_cache_tokens", raw["kv_budget_tokens"])),
+                prefix_disk_tokens=int(raw.get("prefix_disk_tokens", 0)),
+                disk_restore_tps=float(raw.get("disk_restore_tps", DEFAULT_DISK_RESTORE_TPS)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRequest(
@@ -138,6 +154,8 @@ def load_cluster(path: Path) -> Cluster:
             spec.max_seqs < 1
             or spec.kv_budget_tokens < 1
             or spec.prefix_cache_tokens < 0
+            or spec.prefix_disk_tokens < 0
+            or spec.disk_restore_tps <= 0
             or not points
             or points[0][0] < 1
         ):
@@ -276,15 +294,25 @@ class _Device:
         )
         self.reserved += record.kv_reservation_tokens
         blocks = request.prompt_blocks
-        reused = 0 if blocks is None else self.cache.held(blocks, record.prompt_tokens)
+        reused = restored = 0
+        if blocks is not None:
+            reused = self.cache.held(blocks, record.prompt_tokens)
+            restored = self.cache.restored(blocks, record.prompt_tokens) if reused else 0
         pending = record.prompt_tokens - reused + record.generated_tokens
-        self.stall_s += self.spec.speed.prefill_s(pending)
+        self.stall_s += self.spec.speed.prefill_s(pending) + restored / self.spec.disk_restore_tps
         return reused
 
     def tokens(self, record: RequestRecord, n_tokens: int) -> TokensReceived:
         return TokensReceived(
             self.agent_id, record.request_id, record.attempt, "", n_tokens, (), self.spec.model
         )
+
+
+def device_cache(memory: DevicePrefixCache, spec: DeviceSpec) -> DevicePrefixCache:
+    """The device's prefix cache: ``memory``, spilling to disk where the device has any."""
+    return (
+        SpillingPrefixCache(memory, spec.prefix_disk_tokens) if spec.prefix_disk_tokens else memory
+    )
 
 
 def _whole(tokens: float) -> int:
@@ -338,7 +366,7 @@ class Simulator:
             AgentId(d.name): _Device(
                 spec=d,
                 agent_id=AgentId(d.name),
-                cache=EVICTIONS[self.eviction](d.prefix_cache_tokens),
+                cache=device_cache(EVICTIONS[self.eviction](d.prefix_cache_tokens), d),
             )
             for d in self.cluster.devices
         }

@@ -11,7 +11,12 @@ up to its ``prefix_cache_tokens``, and two ways to choose what to drop when it i
 
 A block is reachable only through every block before it, so a prompt's blocks are refreshed
 last to first: its tail is always older than its head and goes first (vLLM frees a request's
-blocks in reverse order for the same reason). Pure: time comes in as arguments.
+blocks in reverse order for the same reason).
+
+A device may also spill to disk (``SpillingPrefixCache``, as the llama agent's
+``--prompt-cache-disk-bytes``): blocks evicted from memory move there, least recently used out
+first, and a hit on them costs their read back (``disk_restore_tps``) instead of their prefill.
+Pure: time comes in as arguments.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ GAP_SMOOTHING: Final = 0.5
 class DevicePrefixCache(Protocol):
     def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
         """Prompt tokens of the longest leading run of ``blocks`` held here."""
+        ...
+
+    def holds(self, h: int) -> bool: ...
+
+    def restored(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        """Of the tokens ``held`` counts, those to be read back from disk first."""
         ...
 
     def keep(self, blocks: PromptBlocks, now: float) -> tuple[list[int], list[int]]:
@@ -62,6 +73,18 @@ class LruPrefixCache:
 
     def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
         return blocks.tokens_of(_leading(blocks, self._blocks.__contains__), prompt_tokens)
+
+    def holds(self, h: int) -> bool:
+        return h in self._blocks
+
+    def restored(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        return 0
+
+    def discard(self, hashes: Iterable[int]) -> None:
+        for h in hashes:
+            tokens = self._blocks.pop(h, None)
+            if tokens is not None:
+                self._held_tokens -= tokens
 
     def keep(self, blocks: PromptBlocks, now: float) -> tuple[list[int], list[int]]:
         stored: list[int] = []
@@ -110,6 +133,12 @@ class IdleAwarePrefixCache:
 
     def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
         return blocks.tokens_of(_leading(blocks, self._blocks.__contains__), prompt_tokens)
+
+    def holds(self, h: int) -> bool:
+        return h in self._blocks
+
+    def restored(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        return 0
 
     def keep(self, blocks: PromptBlocks, now: float) -> tuple[list[int], list[int]]:
         stored: list[int] = []
@@ -166,6 +195,41 @@ class IdleAwarePrefixCache:
                 victim = heapq.heappop(self._returning)[1]
             self._held_tokens -= self._blocks.pop(victim).tokens
             yield victim
+
+
+class SpillingPrefixCache:
+    """``memory`` (either eviction) with a disk behind it of ``disk_tokens``, least recently
+    used first out. A block counts as held in either; one read from disk moves back to
+    memory. Reports name a block stored when neither held it, evicted when neither does."""
+
+    def __init__(self, memory: DevicePrefixCache, disk_tokens: int) -> None:
+        self.memory = memory
+        self.disk = LruPrefixCache(disk_tokens)
+
+    def holds(self, h: int) -> bool:
+        return self.memory.holds(h) or self.disk.holds(h)
+
+    def held(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        return blocks.tokens_of(_leading(blocks, self.holds), prompt_tokens)
+
+    def restored(self, blocks: PromptBlocks, prompt_tokens: int) -> int:
+        leading = _leading(blocks, self.holds)
+        on_disk = sum(1 for h in blocks.hashes[:leading] if not self.memory.holds(h))
+        if not on_disk:
+            return 0
+        held = blocks.tokens_of(leading, prompt_tokens)
+        return min(held, on_disk * blocks.block_tokens)
+
+    def keep(self, blocks: PromptBlocks, now: float) -> tuple[list[int], list[int]]:
+        back = {h for h in blocks.hashes if self.disk.holds(h) and not self.memory.holds(h)}
+        self.disk.discard(back)
+        stored, evicted = self.memory.keep(blocks, now)
+        dropped: list[int] = []
+        if evicted:
+            spilled = PromptBlocks(tuple(reversed(evicted)), blocks.block_tokens)
+            _, dropped = self.disk.keep(spilled, now)  # the first evicted is the oldest there
+        gone = [h for h in (*evicted, *back) if not self.holds(h) and h not in dropped]
+        return [h for h in stored if h not in back], dropped + gone
 
 
 EVICTIONS: Final[dict[str, Callable[[int], DevicePrefixCache]]] = {

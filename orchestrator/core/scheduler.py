@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from orchestrator.core.placement import Candidate, Placement, predicted_completion_s, speed_of
+from orchestrator.core.placement import Candidate, Placement, placement_cost_s, speed_of
 from orchestrator.core.policies import Policy, effective_arrival_s
 from orchestrator.core.views import (
     Action,
@@ -270,7 +270,7 @@ class _Fleet:
             if not agent.fits_context(request):
                 return
             candidate = _candidate(request, agent, state, self._config)
-            time = predicted_completion_s(request, candidate)
+            time = placement_cost_s(request, candidate)
             if best is None or (time, agent_id) < best[:2]:
                 best = (time, agent_id, candidate.can_start)
             if candidate.can_start and (best_start is None or (time, agent_id) < best_start):

@@ -24,7 +24,7 @@ from orchestrator.core.events import (
     PrefixesStored,
     RequestAccepted,
 )
-from orchestrator.core.placement import Candidate, Choice, make_placement
+from orchestrator.core.placement import Candidate, Choice, make_placement, predicted_completion_s
 from orchestrator.core.policies import job_tokens, make_policy
 from orchestrator.core.prefix import PrefixIndex, PromptBlocks, block_hashes, cached_tokens
 from orchestrator.core.scheduler import SchedulerConfig
@@ -32,7 +32,12 @@ from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InvalidRequest
 from orchestrator.protocol import AgentId
 from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator
-from orchestrator.sim_cache import IdleAwarePrefixCache, LruPrefixCache, infinite_cache_reuse
+from orchestrator.sim_cache import (
+    IdleAwarePrefixCache,
+    LruPrefixCache,
+    SpillingPrefixCache,
+    infinite_cache_reuse,
+)
 from orchestrator.traces import arrival_scale, load_trace
 from tests.factories import agent, agent_state, driver, queued, record
 
@@ -248,6 +253,40 @@ def test_a_full_cache_drops_a_prompts_tail_before_its_head() -> None:
         assert cache.held(PromptBlocks((1, 2, 3), 64), 1000) == 128
 
 
+def test_blocks_evicted_from_memory_spill_to_disk_and_come_back_on_use() -> None:
+    for memory in (LruPrefixCache(2 * 64), IdleAwarePrefixCache(2 * 64)):
+        cache = SpillingPrefixCache(memory, disk_tokens=3 * 64)
+        first, second = PromptBlocks((1, 2), 64), PromptBlocks((7, 8), 64)
+        assert cache.keep(first, 0.0) == ([2, 1], [])
+        assert cache.keep(second, 1.0) == ([8, 7], [])  # 1 and 2 went to disk, not away
+        assert cache.held(first, 1000) == 128 and cache.restored(first, 1000) == 128
+        assert cache.restored(second, 1000) == 0
+        assert cache.keep(first, 2.0) == ([], [])  # back in memory; 7 and 8 to disk
+        assert cache.restored(first, 1000) == 0 and cache.restored(second, 1000) == 128
+        stored, evicted = cache.keep(PromptBlocks((20, 21), 64), 3.0)
+        assert stored == [21, 20] and evicted == [8]  # the disk's oldest block goes for good
+        assert cache.held(second, 1000) == 64 and cache.held(PromptBlocks((8,), 64), 1000) == 0
+
+
+def test_a_device_reads_spilled_blocks_back_faster_than_it_prefills_them() -> None:
+    spec = replace(ONE_DEVICE.devices[0], prefix_disk_tokens=640, disk_restore_tps=1e4)
+    config = SchedulerConfig(make_policy("fcfs"), make_placement("predicted"), 1e9)
+    blocks = tuple(range(10))
+    report = Simulator(Cluster("disk", (spec,)), config).run(
+        [
+            sim_request("r1", 0.0, blocks),
+            sim_request("other", 50.0, tuple(range(100, 110))),  # memory full: r1 to disk
+            sim_request("r2", 100.0, blocks),
+        ]
+    )
+    _, first, second = sorted(report.outcomes, key=lambda o: o.request_id)  # other, r1, r2
+    assert report.reused_prompt_tokens == 639
+    assert first.first_token_s is not None and second.first_token_s is not None
+    ttft = [first.first_token_s - first.arrival_s, second.first_token_s - second.arrival_s]
+    assert ttft[1] < ttft[0] / 10  # 639 tokens read at 10,000/s, not prefilled at 100/s
+    assert ttft[1] > 639 / 1e4
+
+
 def test_idle_eviction_keeps_the_block_that_comes_back() -> None:
     """Block 1 (a conversation) came back once; then five one-off prompts pass through a cache
     of four blocks. Least-recently-used drops the conversation while its user thinks;
@@ -274,3 +313,23 @@ def test_a_request_waits_for_a_busy_agent_holding_its_prefix_when_that_is_sooner
     for cached, expected in ((999, Choice(None, A1)), (0, Choice(A2))):
         candidates = [Candidate(holder, False, 0, 1.0, cached), Candidate(free, True, 1100, 0.0)]
         assert placement.choose(request, candidates, 0) == expected
+
+
+def test_placement_counts_the_stall_an_uncached_prefill_puts_on_running_streams() -> None:
+    """The fast busy agent would finish the request first (3.0 s against 3.5 s on the slow
+    idle holder), but prefilling 1,000 tokens there stalls its three running streams 2 s each:
+    the request goes to the holder. Where the fast agent holds the prompt, it goes there."""
+    request = queued(prompt_tokens=1000, estimate=None, max_tokens=50)
+    slow = agent("a1", max_seqs=4, speed=SpeedProfile(((1, 15.0),), 500.0))
+    fast = agent("a2", running=3, max_seqs=4, speed=SpeedProfile(((1, 100.0), (4, 200.0)), 500.0))
+    placement = make_placement("predicted")
+    for slow_cached, fast_cached, expected in ((900, 0, Choice(A1)), (0, 900, Choice(A2))):
+        candidates = [
+            Candidate(slow, True, 1100, 0.0, slow_cached),
+            Candidate(fast, True, 1100, 0.0, fast_cached),
+        ]
+        assert placement.choose(request, candidates, 0) == expected
+    completions = [
+        predicted_completion_s(request, Candidate(a, True, 1100, 0.0)) for a in (slow, fast)
+    ]
+    assert completions[1] < completions[0] - 2.0  # uncached, the fast one is still far sooner
