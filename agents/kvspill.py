@@ -70,19 +70,20 @@ class DiskSpill:
 
     def read(self, handle: object, size_bytes: int) -> object | None:
         assert isinstance(handle, Path)
+        state = (ctypes.c_uint8 * size_bytes)()
         try:
-            data = bytearray(handle.read_bytes())
+            with handle.open("rb") as file:
+                read = file.readinto(memoryview(state))
+                extra = file.read(1)
         except OSError as exc:
             log.warning("a spilled prompt state could not be read (%s): computed again", exc)
             return None
-        if len(data) != size_bytes:
+        if read != size_bytes or extra:
             log.warning(
-                "a spilled prompt state has %d bytes where %d were written: computed again",
-                len(data),
-                size_bytes,
+                "a spilled prompt state is not the %d bytes written: computed again", size_bytes
             )
             return None
-        return (ctypes.c_uint8 * size_bytes).from_buffer(data)
+        return state
 
     def delete(self, handle: object) -> None:
         assert isinstance(handle, Path)

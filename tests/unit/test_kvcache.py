@@ -162,8 +162,9 @@ def test_disk_spill_round_trips_a_state_and_reads_damage_as_gone(tmp_path: Path)
     back = spill.read(handle, 6)
     assert back is not None and bytes(back) == bytes(range(6))  # type: ignore[call-overload]
     assert isinstance(handle, Path)
-    handle.write_bytes(b"xyz")
-    assert spill.read(handle, 6) is None
+    for damaged in (b"xyz", bytes(range(7))):
+        handle.write_bytes(damaged)
+        assert spill.read(handle, 6) is None
     spill.delete(handle)
     assert spill.read(handle, 6) is None
     spill.close()
