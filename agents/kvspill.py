@@ -64,8 +64,13 @@ class DiskSpill:
 
     def write(self, state: object, size_bytes: int) -> object:
         path = self.directory / f"{next(self._names)}.state"
-        with path.open("wb") as file:
-            file.write(memoryview(state)[:size_bytes])  # type: ignore[arg-type]
+        try:
+            with path.open("wb") as file:
+                file.write(memoryview(state)[:size_bytes])  # type: ignore[arg-type]
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            log.warning("a prompt state could not be spilled (%s): dropped instead", exc)
+            raise
         return path
 
     def read(self, handle: object, size_bytes: int) -> object | None:
