@@ -75,7 +75,8 @@ class Spill(Protocol):
     capacity_bytes: int
 
     def write(self, state: object, size_bytes: int) -> object:
-        """Store a state; returns the handle to read it back by. Raises OSError on failure."""
+        """Store a state (now or in the background); returns the handle to read it back by.
+        May raise OSError; a failure found later makes ``read`` return None."""
         ...
 
     def read(self, handle: object, size_bytes: int) -> object | None:

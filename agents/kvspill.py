@@ -5,6 +5,8 @@ Each state is one file in a directory of this process's own (``kv-PID-RANDOM`` u
 chosen root), removed when the engine closes; directories that a killed agent left behind are
 removed by the next agent that starts under the same root. States are never read across
 restarts: they belong to one model and context, and the file name is all the engine knows.
+Writes run on a thread of their own (a 12 MB state takes 45-50 ms to write on the development
+machine, which would otherwise lengthen an engine step); a read waits for its write.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -49,9 +53,16 @@ def parked_prompt_cache(
     return PromptCache(memory_bytes, spill)
 
 
+@dataclass(frozen=True, slots=True)
+class _File:
+    path: Path
+    written: Future[None]
+
+
 class DiskSpill:
     """States as files under ``root``, at most ``capacity_bytes`` in all (the prompt cache
-    enforces it); a file that is missing or of the wrong size reads as gone."""
+    enforces it); a file that failed to write, or is missing or of the wrong size, reads as
+    gone."""
 
     def __init__(self, root: Path, capacity_bytes: int) -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -61,23 +72,20 @@ class DiskSpill:
             tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-", dir=root)
         )
         self._names = itertools.count()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kv-spill")
 
     def write(self, state: object, size_bytes: int) -> object:
+        """Starts the write and returns at once; the state stays referenced until written."""
         path = self.directory / f"{next(self._names)}.state"
-        try:
-            with path.open("wb") as file:
-                file.write(memoryview(state)[:size_bytes])  # type: ignore[arg-type]
-        except OSError as exc:
-            path.unlink(missing_ok=True)
-            log.warning("a prompt state could not be spilled (%s): dropped instead", exc)
-            raise
-        return path
+        return _File(path, self._writer.submit(_write, path, state, size_bytes))
 
     def read(self, handle: object, size_bytes: int) -> object | None:
-        assert isinstance(handle, Path)
+        assert isinstance(handle, _File)
+        if handle.written.exception() is not None:
+            return None
         state = (ctypes.c_uint8 * size_bytes)()
         try:
-            with handle.open("rb") as file:
+            with handle.path.open("rb") as file:
                 read = file.readinto(memoryview(state))
                 extra = file.read(1)
         except OSError as exc:
@@ -91,11 +99,24 @@ class DiskSpill:
         return state
 
     def delete(self, handle: object) -> None:
-        assert isinstance(handle, Path)
-        handle.unlink(missing_ok=True)
+        assert isinstance(handle, _File)
+        if not handle.written.cancel():
+            handle.written.exception()
+        handle.path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _write(path: Path, state: object, size_bytes: int) -> None:
+    try:
+        with path.open("wb") as file:
+            file.write(memoryview(state)[:size_bytes])  # type: ignore[arg-type]
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        log.warning("a prompt state could not be spilled (%s): it will be computed again", exc)
+        raise
 
 
 def remove_orphans(root: Path) -> None:

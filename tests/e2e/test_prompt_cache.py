@@ -3,6 +3,7 @@ the sliding-window check, and sharing between running sequences."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from orchestrator.tokens import GgufTokenCounter, measure_prompt
 from tests.factories import params
 
 pytestmark = pytest.mark.e2e
+
+SPILL_WRITE_TIMEOUT_S = 5.0
 
 DOCUMENT = " ".join(
     f"Record {i}: the {('north', 'south', 'east', 'west')[i % 4]} station logged "
@@ -256,6 +259,9 @@ def test_a_chat_spilled_to_disk_comes_back_as_a_hit_with_the_same_answer(
         parked = engine.cache_stats().parked_tokens
         other = f"{words(engine, DOCUMENT[::-1], 700)}\nQuestion: what is this?\n"
         run(engine, greedy("b1", other, max_tokens=8))
+        deadline = time.monotonic() + SPILL_WRITE_TIMEOUT_S  # written on the spill's thread
+        while not list(tmp_path.glob("kv-*/*.state")) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(list(tmp_path.glob("kv-*/*.state"))) == 1  # the first chat's state
         before = engine.cache_stats()
         follow_up = f"{first_prompt}{answer}\nQuestion: and the windiest?\n"

@@ -161,14 +161,23 @@ def test_disk_spill_round_trips_a_state_and_reads_damage_as_gone(tmp_path: Path)
     handle = spill.write(state, 6)
     back = spill.read(handle, 6)
     assert back is not None and bytes(back) == bytes(range(6))  # type: ignore[call-overload]
-    assert isinstance(handle, Path)
+    (path,) = spill.directory.glob("*.state")
     for damaged in (b"xyz", bytes(range(7))):
-        handle.write_bytes(damaged)
+        path.write_bytes(damaged)
         assert spill.read(handle, 6) is None
     spill.delete(handle)
-    assert spill.read(handle, 6) is None
+    assert spill.read(handle, 6) is None and not path.exists()
     spill.close()
     assert not spill.directory.exists()
+
+
+def test_a_spill_write_that_fails_reads_as_gone(tmp_path: Path) -> None:
+    spill = DiskSpill(tmp_path, capacity_bytes=1 << 20)
+    spill.directory.rmdir()  # the write (on the spill's thread) cannot create its file
+    handle = spill.write((ctypes.c_uint8 * 4)(), 4)
+    assert spill.read(handle, 4) is None
+    spill.delete(handle)
+    spill.close()
 
 
 def test_disk_spill_removes_what_a_killed_agent_left_and_keeps_live_ones(tmp_path: Path) -> None:
