@@ -58,7 +58,7 @@ SIM_UNAVAILABLE_TIMEOUT_S: Final = 1e9
 PROGRESS_EVERY_EVENTS: Final = 500
 DEFAULT_DISK_RESTORE_TPS: Final = 50_000.0
 """Parked tokens read back from disk per second: about 900 MB/s at the default model's 18 KiB
-a token (a SATA SSD; NVMe is faster, an SD card ten times slower)."""
+a token (an entry-level NVMe drive; a SATA SSD reads about half that, an SD card a tenth)."""
 
 
 @dataclass(frozen=True, slots=True)
