@@ -107,6 +107,17 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def emit_report(report: dict[str, object], out: Path | None, as_json: bool) -> bool:
+    """Write the report to `out` when given and print it as JSON when asked; True if printed
+    (the caller prints its table otherwise)."""
+    text = json.dumps(report, indent=1)
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+    if as_json:
+        print(text)
+    return as_json
+
+
 def records(name: str) -> list[LengthRecord]:
     """Records of a shared length file."""
     return load_records(shared_file(name))

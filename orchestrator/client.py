@@ -43,6 +43,7 @@ from orchestrator.protocol import (
     Accepted,
     CancelRequest,
     ClientReply,
+    ConversationHint,
     ErrorInfo,
     ErrorReply,
     GenerationParams,
@@ -77,7 +78,8 @@ T = TypeVar("T")
 
 
 class GenerationOptions(TypedDict, total=False):
-    """Keyword arguments of ``generate``: ``GenerationParams`` fields plus ``request_id``."""
+    """Keyword arguments of ``generate``: ``GenerationParams`` fields plus ``request_id`` and,
+    for a chat rendered into ``prompt``, the ``conversation`` the length predictor reads."""
 
     max_tokens: int
     temperature: float
@@ -91,6 +93,7 @@ class GenerationOptions(TypedDict, total=False):
     model: str | None
     cache_prompt: bool
     request_id: str | None
+    conversation: ConversationHint | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +324,7 @@ class AsyncClient:
         """
         fields: dict[str, Any] = dict(options)
         request_id = fields.pop("request_id", None) or uuid.uuid4().hex
+        conversation = fields.pop("conversation", None)
         if "stop" in fields:
             fields["stop"] = tuple(fields["stop"])
         for name in ("temperature", "top_p", "min_p"):
@@ -332,6 +336,7 @@ class AsyncClient:
                 prompt=prompt,
                 params=GenerationParams(**fields),
                 stream=stream,
+                conversation=conversation,
             )
         except (ValidationError, TypeError) as exc:
             raise _invalid(exc) from None

@@ -341,7 +341,9 @@ class Coordinator:
     async def _predict_then_admit(self, identity: bytes, message: Submit, arrival_s: float) -> None:
         assert self._predictions is not None
         try:
-            predicted = await self._predictions.predict(message.prompt, self._target_model(message))
+            predicted = await self._predictions.predict(
+                message.prompt, self._target_model(message), message.conversation
+            )
         except Exception:
             log.exception(
                 "no length prediction for %s; scheduling it without one", message.request_id

@@ -564,7 +564,11 @@ async def _json_body(request: Request) -> Mapping[str, Any]:
 def _submit(request_id: str, call: Call) -> Submit:
     try:
         return Submit(
-            request_id=request_id, prompt=call.prompt, params=call.params, stream=call.stream
+            request_id=request_id,
+            prompt=call.prompt,
+            params=call.params,
+            stream=call.stream,
+            conversation=call.conversation,
         )
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]

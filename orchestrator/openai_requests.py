@@ -19,7 +19,8 @@ from typing import Any, Final, Literal
 from pydantic import ValidationError
 
 from orchestrator.errors import InternalError, InvalidRequest, ModelNotFound, Unsupported
-from orchestrator.protocol import MAX_STOP_STRINGS, GenerationParams
+from orchestrator.predictor.conversation import MAX_EARLIER_ANSWERS
+from orchestrator.protocol import MAX_STOP_STRINGS, ConversationHint, GenerationParams
 from orchestrator.tokens import ChatTemplate
 
 DEFAULT_COMPLETION_MAX_TOKENS: Final = 16
@@ -56,6 +57,8 @@ class Call:
     model: str
     strip_leading: bool = False
     """Plain-format chat: drop the whitespace the model writes after ``Assistant:``."""
+    conversation: ConversationHint | None = None
+    """Chat: what the length predictor reads instead of the rendered prompt."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def response_id(self, request_id: str) -> str:
@@ -113,6 +116,22 @@ def parse_chat(body: Mapping[str, Any], models: ModelView) -> Call:
         include_usage=_include_usage(body),
         model=target or "",
         strip_leading=template is None,
+        conversation=conversation_hint(messages, lambda text: models.count_tokens(text, target)),
+    )
+
+
+def conversation_hint(
+    messages: Sequence[tuple[str, str]], count_tokens: Callable[[str], int]
+) -> ConversationHint | None:
+    """The latest user message and the token lengths of the assistant's answers before it
+    (the last MAX_EARLIER_ANSWERS, the ones the predictor reads); None without user text."""
+    users = [i for i, (role, text) in enumerate(messages) if role == "user" and text]
+    if not users:
+        return None
+    answers = [text for role, text in messages[: users[-1]] if role == "assistant" and text]
+    return ConversationHint(
+        last_user=messages[users[-1]][1],
+        earlier_answer_tokens=tuple(count_tokens(t) for t in answers[-MAX_EARLIER_ANSWERS:]),
     )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from orchestrator.predictor import CompletionHistory, LengthPrediction, LengthPredictor
 from orchestrator.predictor.adapt import AutoAdapter
+from orchestrator.protocol import ConversationHint
 
 log = logging.getLogger("edgeorch.prediction")
 
@@ -33,6 +34,14 @@ class Predicted:
 
     prediction: LengthPrediction
     features: np.ndarray[Any, np.dtype[np.float32]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    text: str
+    model: str | None
+    earlier_answers: tuple[int, ...]
+    future: asyncio.Future[Predicted]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +68,7 @@ class PredictionService:
         self._predictor: LengthPredictor | None = None
         self._history: CompletionHistory | None = None
         self._adapter: AutoAdapter | None = None
-        self._pending: list[tuple[str, str | None, asyncio.Future[Predicted]]] = []
+        self._pending: list[_Pending] = []
         self._completions: list[_Completion] = []
         self._flushing: asyncio.Task[None] | None = None
         self.adaptations = 0
@@ -83,9 +92,18 @@ class PredictionService:
             self._adapt_every if self._adapter else "never",
         )
 
-    async def predict(self, prompt: str, model: str | None) -> Predicted:
+    async def predict(
+        self, prompt: str, model: str | None, conversation: ConversationHint | None = None
+    ) -> Predicted:
+        """The prediction for ``prompt``, or for a chat from its latest user message and
+        the lengths of the assistant's earlier answers when the request carries them."""
         future: asyncio.Future[Predicted] = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt, model, future))
+        if conversation is None:
+            self._pending.append(_Pending(prompt, model, (), future))
+        else:
+            self._pending.append(
+                _Pending(conversation.last_user, model, conversation.earlier_answer_tokens, future)
+            )
         self._kick()
         return await future
 
@@ -110,22 +128,18 @@ class PredictionService:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             completions, self._completions = self._completions, []
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._work, [(p, m) for p, m, _ in batch], completions
-                )
+                results = await loop.run_in_executor(self._executor, self._work, batch, completions)
             except Exception as exc:
                 log.exception("length prediction failed")
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
                 continue
-            for (_, _, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            for pending, result in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)
 
-    def _work(
-        self, batch: list[tuple[str, str | None]], completions: list[_Completion]
-    ) -> list[Predicted]:
+    def _work(self, batch: list[_Pending], completions: list[_Completion]) -> list[Predicted]:
         if self._history is not None and completions:
             for c in completions:
                 self._history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
@@ -133,11 +147,13 @@ class PredictionService:
         assert self._predictor is not None
         results: list[Predicted | None] = [None] * len(batch)
         by_model: dict[str | None, list[int]] = defaultdict(list)
-        for index, (_, model) in enumerate(batch):
-            by_model[model].append(index)
+        for index, pending in enumerate(batch):
+            by_model[pending.model].append(index)
         for model, indices in by_model.items():
             predictions, features = self._predictor.predict_with_features(
-                [batch[i][0] for i in indices], model
+                [batch[i].text for i in indices],
+                model,
+                [batch[i].earlier_answers for i in indices],
             )
             for row, index in enumerate(indices):
                 results[index] = Predicted(predictions[row], features[row])

@@ -30,6 +30,8 @@ MAX_ID_CHARS: Final = 128
 MAX_ERROR_CHARS: Final = 4096
 """Longest error message on the wire; longer ones (and string details) are cut to fit."""
 MAX_ERROR_DETAILS: Final = 64
+MAX_EARLIER_ANSWERS: Final = 256
+"""Earlier answers a ``ConversationHint`` may list (the predictor reads the last few)."""
 MAX_SEQS_LIMIT: Final = 256
 """Concurrent sequences an agent may advertise (the agent's ``--max-seqs`` bound): placement
 tabulates a speed per batch size, so an unbounded value from a hostile peer would stall it."""
@@ -280,6 +282,23 @@ class CancelRun(WireModel):
 # --- client -> coordinator ------------------------------------------------------------------
 
 
+class ConversationHint(WireModel):
+    """What the length predictor reads of a chat request instead of its rendered prompt.
+
+    A rendered chat starts with the system prompt or the first turn and ends in template
+    markup, so the predictor's head-and-tail view of it misses the question; the latest user
+    message and the lengths of the assistant's earlier answers predict the answer better
+    (``orchestrator/predictor/conversation.py``). Scheduling only: the agent runs ``prompt``.
+    """
+
+    last_user: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    earlier_answer_tokens: tuple[Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)], ...] = Field(
+        default=(), max_length=MAX_EARLIER_ANSWERS
+    )
+    """The assistant's earlier answers in this chat, oldest first, in the served model's
+    tokens."""
+
+
 class Submit(WireModel):
     """A generation request; ``request_id`` is chosen by the client and doubles as the
     idempotency key: submitting the same id again re-attaches to the same request."""
@@ -290,6 +309,7 @@ class Submit(WireModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     params: GenerationParams = GenerationParams()
     stream: bool = False
+    conversation: ConversationHint | None = None
 
 
 class CancelRequest(WireModel):

@@ -198,9 +198,7 @@ class PredictedCompletion:
 
 
 def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -> Choice:
-    scored = [
-        (placement_cost_s(request, c), c.agent.agent_id, c.can_start) for c in candidates
-    ]
+    scored = [(placement_cost_s(request, c), c.agent.agent_id, c.can_start) for c in candidates]
     if not scored:
         return WAIT
     best = min(scored, key=lambda s: (s[0], s[1]))

@@ -37,7 +37,7 @@ def build_encoder(n_layers: int) -> Any:
     import torch
     from transformers import BertModel
 
-    bert = BertModel.from_pretrained(str(minilm_dir())).eval()
+    bert = BertModel.from_pretrained(str(minilm_dir())).eval()  # type: ignore[no-untyped-call]
     if not 1 <= n_layers <= len(bert.encoder.layer):
         raise ValueError(f"n_layers must be in 1..{len(bert.encoder.layer)}, got {n_layers}")
 

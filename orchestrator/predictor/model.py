@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.predictor.conversation import conversation_shift
 from orchestrator.predictor.distribution import (
     GRID_LEVELS,
     LengthPrediction,
@@ -242,14 +243,27 @@ class LengthPredictor:
         return [distribution_from_grid(row) for row in grid]
 
     def predict_with_features(
-        self, prompts: Sequence[str], model: str | None = None
+        self,
+        prompts: Sequence[str],
+        model: str | None = None,
+        earlier_answers: Sequence[Sequence[int]] | None = None,
     ) -> tuple[list[LengthPrediction], np.ndarray]:
         """Predictions plus each prompt's history feature vector (see `history_features`),
-        so the coordinator can store features without running the encoder twice."""
+        so the coordinator can store features without running the encoder twice.
+
+        ``earlier_answers[i]``: the token lengths of the assistant's earlier answers in the
+        chat prompt i continues (oldest first); they move its prediction towards them
+        (`conversation_shift`). The history features stay those of the prompt alone.
+        """
         if not prompts:
             return [], np.zeros((0, self.history_feature_width), dtype=np.float32)
         raw = self.raw_outputs(list(prompts))
         grid = self.calibrated_grid(raw, model)
+        if earlier_answers is not None:
+            median = grid[:, self._median_index].copy()
+            for i, answers in enumerate(earlier_answers):
+                grid[i] += conversation_shift(float(median[i]), answers)
+            grid = np.maximum(grid, 0.0)
         return [distribution_from_grid(row) for row in grid], self._history_matrix(raw)
 
     def history_features(self, prompt: str) -> np.ndarray:
@@ -273,10 +287,15 @@ class LengthPredictor:
             raise PredictorModelError(f"{self.model_dir / METADATA_FILE}: bad 'offsets'")
         return offsets
 
-    def predict(self, prompt: str, model: str | None = None) -> LengthPrediction:
-        """Prediction for one prompt."""
+    def predict(
+        self, prompt: str, model: str | None = None, earlier_answers: Sequence[int] = ()
+    ) -> LengthPrediction:
+        """Prediction for one prompt; for a chat, ``prompt`` is its latest user message and
+        ``earlier_answers`` the token lengths of the assistant's answers before it."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if earlier_answers:
+            return self.predict_with_features([prompt], model, [earlier_answers])[0][0]
         return self.predict_batch([prompt], model)[0]
 
 

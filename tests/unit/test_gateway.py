@@ -214,6 +214,24 @@ def test_plain_chat_format_and_its_stop_strings() -> None:
     assert call.strip_leading and call.kind == "chat"
 
 
+def test_a_chat_tells_the_predictor_its_latest_question_and_earlier_answer_lengths() -> None:
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Write a poem."},
+        {"role": "assistant", "content": "Roses are red, violets are blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "Now one about the sea."},
+    ]
+    call = parse_chat({"messages": turns}, view())
+    assert call.conversation is not None
+    assert call.conversation.last_user == "Now one about the sea."
+    assert call.conversation.earlier_answer_tokens == (7, 2)  # one per word plus BOS
+    first = parse_chat({"messages": turns[:2]}, view()).conversation
+    assert first is not None and first.earlier_answer_tokens == ()
+    assert parse_chat({"messages": turns[:1]}, view()).conversation is None
+
+
 def test_chat_max_tokens_default_to_the_rest_of_the_smallest_context() -> None:
     messages = [{"role": "user", "content": "one two three"}]
     call = parse_chat({"messages": messages}, view(served={"fake": 100}))

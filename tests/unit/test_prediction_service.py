@@ -7,7 +7,8 @@ import asyncio
 from pathlib import Path
 
 from orchestrator.prediction import PredictionService
-from orchestrator.predictor import CompletionHistory
+from orchestrator.predictor import CompletionHistory, LengthPredictor
+from orchestrator.protocol import ConversationHint
 
 
 def test_predicts_records_and_adapts(tmp_path: Path) -> None:
@@ -30,3 +31,19 @@ def test_predicts_records_and_adapts(tmp_path: Path) -> None:
         assert history.count("gemma") == 6
     assert service.adaptations == 1
     assert medians[-1] > medians[0]  # recalibrated towards the long answers it saw
+
+
+def test_a_chat_is_predicted_from_its_latest_question_and_earlier_answers() -> None:
+    service = PredictionService(None, None, None, adapt_every=0)
+    hint = ConversationHint(last_user="Go on.", earlier_answer_tokens=(700, 900))
+
+    async def run() -> tuple[float, float]:
+        await service.start()
+        chat = await service.predict("<start_of_turn>user\n...<end_of_turn>", None, hint)
+        plain = await service.predict("Go on.", None)
+        await service.close()
+        return chat.prediction.quantile(0.5), plain.prediction.quantile(0.5)
+
+    chat, plain = asyncio.run(run())
+    expected = LengthPredictor.load().predict("Go on.", earlier_answers=[700, 900])
+    assert chat == expected.quantile(0.5) and chat > plain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,9 +29,15 @@ def test_shipped_model_is_found_and_small() -> None:
     assert total <= 50 * 1024 * 1024
 
 
-def test_runtime_does_not_import_training_libraries(predictor: LengthPredictor) -> None:
-    predictor.predict("hello")
-    assert "torch" not in sys.modules and "sklearn" not in sys.modules
+def test_runtime_does_not_import_training_libraries() -> None:
+    """In a fresh interpreter: other tests of this session may have imported them."""
+    check = (
+        "import sys\n"
+        "from orchestrator.predictor import LengthPredictor\n"
+        "LengthPredictor.load().predict('hello', earlier_answers=[40])\n"
+        "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, capture_output=True)
 
 
 def test_predictions_are_deterministic_and_ordered(predictor: LengthPredictor) -> None:
@@ -71,3 +78,17 @@ def test_parallel_batches_equal_sequential_ones() -> None:
     sequential = LengthPredictor.load(threads=1).predict_batch(prompts)
     parallel = LengthPredictor.load(threads=2).predict_batch(prompts)
     assert [p.quantiles for p in parallel] == [p.quantiles for p in sequential]
+
+
+def test_earlier_answers_pull_a_chat_prediction_towards_their_length(
+    predictor: LengthPredictor,
+) -> None:
+    question = "And what about the next one?"
+    alone = predictor.predict(question).quantile(0.5)
+    after_long = predictor.predict(question, earlier_answers=[900, 1200]).quantile(0.5)
+    after_short = predictor.predict(question, earlier_answers=[900, 3]).quantile(0.5)
+    assert after_long > alone and after_short < after_long
+    assert after_long < 1200  # shifted towards the answers, not replaced by them
+    batch, _ = predictor.predict_with_features([question, question], None, [[], [900, 1200]])
+    assert batch[0].quantiles == predictor.predict(question).quantiles
+    assert batch[1].quantiles == predictor.predict(question, earlier_answers=[900, 1200]).quantiles

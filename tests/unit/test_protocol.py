@@ -17,6 +17,7 @@ from orchestrator.protocol import (
     MAX_SEQS_LIMIT,
     PROTOCOL_VERSION,
     Accepted,
+    ConversationHint,
     Dispatch,
     ErrorInfo,
     ErrorReply,
@@ -61,6 +62,14 @@ ROUND_TRIPS = [
     ),
     (Dispatch(request_id="r", attempt=1, prompt="p", params=params(stop=("\n",))), AGENT_COMMANDS),
     (Submit(request_id="r", prompt="p", params=params(seed=3), stream=True), CLIENT_MESSAGES),
+    (
+        Submit(
+            request_id="r",
+            prompt="<chat>",
+            conversation=ConversationHint(last_user="and?", earlier_answer_tokens=(40, 7)),
+        ),
+        CLIENT_MESSAGES,
+    ),
     (StatusQuery(query_id="q"), CLIENT_MESSAGES),
     (Accepted(request_id="r", queue_position=0, prompt_tokens=3), CLIENT_REPLIES),
     (
@@ -114,6 +123,19 @@ def _frame(**fields) -> bytes:
         _frame(type="submit", request_id="r", prompt="p", params={"max_tokens": "5"}),
         _frame(type="submit", request_id="r", prompt="p", params={"temperature": -1.0}),
         _frame(type="submit", request_id=b"bytes", prompt="p"),
+        _frame(type="submit", request_id="r", prompt="p", conversation={"last_user": ""}),
+        _frame(
+            type="submit",
+            request_id="r",
+            prompt="p",
+            conversation={"last_user": "q", "earlier_answer_tokens": [-1]},
+        ),
+        _frame(
+            type="submit",
+            request_id="r",
+            prompt="p",
+            conversation={"last_user": "q", "earlier_answer_tokens": [1] * 257},
+        ),
         msgpack.packb({1: 2}),
         msgpack.packb(msgpack.ExtType(1, b"x")),
         b"\x91" * 5000,  # deeply nested arrays

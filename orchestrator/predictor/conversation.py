@@ -1,0 +1,45 @@
+"""What a chat's earlier answers say about the length of its next one.
+
+Why: in a conversation the assistant's earlier answers predict the next answer's length far
+better than the new user message does (a coding chat stays long, a small-talk chat short).
+On later turns of real chats, Kendall tau of the shipped model on the user message alone is
+0.24 (ShareGPT) and 0.26 (WildChat); the earlier answers' lengths alone reach 0.44 and 0.50
+(docs/PREDICTOR_RESULTS.md, "Conversations").
+
+The prediction's log-length distribution is shifted towards the recency-weighted mean log
+length of the earlier answers, by a weight that grows with how many there are:
+``n_eff / (n_eff + PRIOR_ANSWERS)``. The prediction stays a distribution of the same shape,
+so the scheduler's quantiles and `remaining()` work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+
+#: How many earlier answers the prompt's own prediction is worth. Chosen on permissive data:
+#: MT-bench's second turns, 32 models (prompt-only tau 0.29; 0.25: 0.535, 0.5: 0.531,
+#: 1: 0.502, 2: 0.453) and Open-Assistant conversations (flat within 0.01).
+PRIOR_ANSWERS: Final = 0.5
+#: Weight of an answer relative to the one after it. 0.5 ranks later turns of ShareGPT and
+#: WildChat chats best (0.462 / 0.489 against 0.439 / 0.441 for a plain mean); those are
+#: measurement sets, so this one choice was not blind.
+RECENCY_DECAY: Final = 0.5
+#: Earlier answers read; older ones weigh under 0.5**8 of the last and change nothing.
+MAX_EARLIER_ANSWERS: Final = 8
+
+
+def conversation_shift(log_median: float, earlier_answer_tokens: Sequence[int]) -> float:
+    """How far to move a prediction's log1p-token grid given the chat's earlier answers
+    (oldest first, in the served model's tokens); 0 without any."""
+    answers = list(earlier_answer_tokens)[-MAX_EARLIER_ANSWERS:]
+    if not answers:
+        return 0.0
+    logs = np.log1p(np.asarray(answers, dtype=np.float64))
+    weights = RECENCY_DECAY ** np.arange(len(logs))[::-1]
+    level = float(np.dot(weights, logs) / weights.sum())
+    effective = float(weights.sum() ** 2 / np.square(weights).sum())
+    share = effective / (effective + PRIOR_ANSWERS)
+    return share * (level - log_median)
