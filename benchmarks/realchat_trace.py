@@ -1,7 +1,7 @@
 """A real-chat trace: real users' prompts with their own answers' lengths on real arrivals.
 
     python -m benchmarks.realchat_trace --out /tmp/realchat_azure.jsonl [--requests 2000] \
-        [--lengths sharegpt_1k.jsonl,sharegpt_1k_turns.jsonl,wildchat50m.jsonl]
+        [--lengths sharegpt_1k.jsonl,sharegpt_1k_turns.jsonl,wildchat50m.jsonl] [--seed 0]
 
 Each of the first N requests of the Azure LLM inference trace 2023 (conversation; CC-BY-4.0)
 keeps its arrival time; its prompt and output length are one row of the given length files
@@ -45,8 +45,8 @@ def distinct_rows(files: list[Path], seed: int = SHUFFLE_SEED) -> list[LengthRec
     return rows
 
 
-def build(requests: int, files: list[Path], out: Path) -> None:
-    pool = distinct_rows(files)
+def build(requests: int, files: list[Path], out: Path, seed: int = SHUFFLE_SEED) -> None:
+    pool = distinct_rows(files, seed)
     with (SHARED / AZURE_CONV).open() as f:
         arrivals = list(csv.reader(f))[1 : requests + 1]
     if len(arrivals) > len(pool):
@@ -74,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=SHUFFLE_SEED, help="prompt order (default 0)")
     parser.add_argument(
         "--lengths",
         default=",".join(DEFAULT_LENGTHS),
@@ -84,7 +85,7 @@ def main() -> None:
         Path(name) if Path(name).is_file() else SHARED / "lengths" / name
         for name in args.lengths.split(",")
     ]
-    build(args.requests, files, args.out)
+    build(args.requests, files, args.out, args.seed)
 
 
 if __name__ == "__main__":

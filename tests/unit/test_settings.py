@@ -68,9 +68,9 @@ def test_scheduling_tunables_reach_the_coordinators_driver(tmp_path: Path) -> No
 
 
 def test_tunables_pass_to_a_coordinator_as_flags_and_refuse_disordered_quantiles() -> None:
-    tunables = SchedulingTunables(kv_raise_quantile=0.5, restart_grace_s=3.0)
+    tunables = SchedulingTunables(kv_raise_quantile=0.75, restart_grace_s=3.0)
     flags = tunable_flags(tunables)
-    assert flags == ("--kv-raise-quantile", "0.5", "--restart-grace-s", "3.0")
+    assert flags == ("--kv-raise-quantile", "0.75", "--restart-grace-s", "3.0")
     parsed = dict(zip(flags[::2], flags[1::2], strict=True))
     overrides = {k.removeprefix("--").replace("-", "_"): v for k, v in parsed.items()}
     again = load_settings(SchedulingTunables, config=None, environ={}, overrides=overrides)
