@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks._predictor_common import emit_report, machine
 from orchestrator.openai_requests import render_chat
-from orchestrator.predictor.conversation import MAX_EARLIER_ANSWERS, RECENCY_DECAY
+from orchestrator.predictor.conversation import earlier_answers_level
 from orchestrator.predictor.evaluate import kendall_tau_b
 from orchestrator.predictor.model import LengthPredictor, shipped_model_dir
 
@@ -63,12 +63,6 @@ def turns_of(chat: Sequence[tuple[str, str]], count: Callable[[str], int]) -> li
     return out
 
 
-def earlier_level(answers: Sequence[int]) -> float:
-    logs = np.log1p(np.asarray(answers[-MAX_EARLIER_ANSWERS:], dtype=np.float64))
-    weights = RECENCY_DECAY ** np.arange(len(logs))[::-1]
-    return float(np.dot(weights, logs) / weights.sum())
-
-
 def score(predictor: LengthPredictor, turns: list[Turn]) -> dict[str, float]:
     """Tau of each reader on the turns."""
     actual = [t.answer_tokens for t in turns]
@@ -77,7 +71,7 @@ def score(predictor: LengthPredictor, turns: list[Turn]) -> dict[str, float]:
     median = {
         "rendered": [p.quantile(0.5) for p in predictor.predict_batch(rendered)],
         "last_user": [p.quantile(0.5) for p in predictor.predict_batch(last)],
-        "earlier_answers": [earlier_level(t.earlier_answer_tokens) for t in turns],
+        "earlier_answers": [earlier_answers_level(t.earlier_answer_tokens)[0] for t in turns],
         "hint": [
             p.quantile(0.5)
             for p in predictor.predict_with_features(

@@ -19,7 +19,7 @@ from typing import Any, Final, Literal
 from pydantic import ValidationError
 
 from orchestrator.errors import InternalError, InvalidRequest, ModelNotFound, Unsupported
-from orchestrator.predictor.conversation import MAX_EARLIER_ANSWERS
+from orchestrator.predictor.conversation import ANSWERS_READ
 from orchestrator.protocol import MAX_STOP_STRINGS, ConversationHint, GenerationParams
 from orchestrator.tokens import ChatTemplate
 
@@ -124,14 +124,14 @@ def conversation_hint(
     messages: Sequence[tuple[str, str]], count_tokens: Callable[[str], int]
 ) -> ConversationHint | None:
     """The latest user message and the token lengths of the assistant's answers before it
-    (the last MAX_EARLIER_ANSWERS, the ones the predictor reads); None without user text."""
+    (the last ANSWERS_READ, the ones the predictor reads); None without user text."""
     users = [i for i, (role, text) in enumerate(messages) if role == "user" and text]
     if not users:
         return None
     answers = [text for role, text in messages[: users[-1]] if role == "assistant" and text]
     return ConversationHint(
         last_user=messages[users[-1]][1],
-        earlier_answer_tokens=tuple(count_tokens(t) for t in answers[-MAX_EARLIER_ANSWERS:]),
+        earlier_answer_tokens=tuple(count_tokens(t) for t in answers[-ANSWERS_READ:]),
     )
 
 

@@ -28,18 +28,25 @@ PRIOR_ANSWERS: Final = 0.5
 #: measurement sets, so this one choice was not blind.
 RECENCY_DECAY: Final = 0.5
 #: Earlier answers read; older ones weigh under 0.5**8 of the last and change nothing.
-MAX_EARLIER_ANSWERS: Final = 8
+ANSWERS_READ: Final = 8
+
+
+def earlier_answers_level(earlier_answer_tokens: Sequence[int]) -> tuple[float, float]:
+    """The recency-weighted mean log1p length of the last ANSWERS_READ answers, and how many
+    equally weighted answers that weighting is worth (Kish's effective sample size)."""
+    answers = list(earlier_answer_tokens)[-ANSWERS_READ:]
+    if not answers:
+        return 0.0, 0.0
+    logs = np.log1p(np.asarray(answers, dtype=np.float64))
+    weights = RECENCY_DECAY ** np.arange(len(logs))[::-1]
+    level = float(np.dot(weights, logs) / weights.sum())
+    return level, float(weights.sum() ** 2 / np.square(weights).sum())
 
 
 def conversation_shift(log_median: float, earlier_answer_tokens: Sequence[int]) -> float:
     """How far to move a prediction's log1p-token grid given the chat's earlier answers
     (oldest first, in the served model's tokens); 0 without any."""
-    answers = list(earlier_answer_tokens)[-MAX_EARLIER_ANSWERS:]
-    if not answers:
+    level, effective = earlier_answers_level(earlier_answer_tokens)
+    if effective == 0.0:
         return 0.0
-    logs = np.log1p(np.asarray(answers, dtype=np.float64))
-    weights = RECENCY_DECAY ** np.arange(len(logs))[::-1]
-    level = float(np.dot(weights, logs) / weights.sum())
-    effective = float(weights.sum() ** 2 / np.square(weights).sum())
-    share = effective / (effective + PRIOR_ANSWERS)
-    return share * (level - log_median)
+    return effective / (effective + PRIOR_ANSWERS) * (level - log_median)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from orchestrator.predictor.conversation import (
-    MAX_EARLIER_ANSWERS,
+    ANSWERS_READ,
     PRIOR_ANSWERS,
     conversation_shift,
 )
@@ -30,8 +30,8 @@ def test_the_latest_answers_weigh_most_and_old_ones_are_not_read() -> None:
     )
     assert same_answers_in_two_orders[0] > same_answers_in_two_orders[1]
     old = [5] * 50
-    assert conversation_shift(4.0, old + [300] * MAX_EARLIER_ANSWERS) == conversation_shift(
-        4.0, [300] * MAX_EARLIER_ANSWERS
+    assert conversation_shift(4.0, old + [300] * ANSWERS_READ) == conversation_shift(
+        4.0, [300] * ANSWERS_READ
     )
 
 
