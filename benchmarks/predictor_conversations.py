@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     counter = GgufTokenCounter(ensure_default_model(os.environ))
 
     def count(text: str) -> int:
-        return counter.count(text, None)[0] if text else 0
+        return counter.count(text, counter.model_name)[0] if text else 0
 
     predictor = LengthPredictor.load(args.predictor)
     results: dict[str, dict[str, object]] = {}

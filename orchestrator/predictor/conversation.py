@@ -3,8 +3,8 @@
 Why: in a conversation the assistant's earlier answers predict the next answer's length far
 better than the new user message does (a coding chat stays long, a small-talk chat short).
 On later turns of real chats, Kendall tau of the shipped model on the user message alone is
-0.24 (ShareGPT) and 0.26 (WildChat); the earlier answers' lengths alone reach 0.44 and 0.50
-(docs/PREDICTOR_RESULTS.md, "Conversations").
+0.24 (ShareGPT) and 0.21 (WildChat); the earlier answers' lengths alone reach 0.46 and 0.47,
+both together 0.47 (docs/PREDICTOR_RESULTS.md, "Real chat traffic").
 
 The prediction's log-length distribution is shifted towards the recency-weighted mean log
 length of the earlier answers, by a weight that grows with how many there are:
@@ -19,13 +19,14 @@ from typing import Final
 
 import numpy as np
 
-#: How many earlier answers the prompt's own prediction is worth. Chosen on permissive data:
-#: MT-bench's second turns, 32 models (prompt-only tau 0.29; 0.25: 0.535, 0.5: 0.531,
-#: 1: 0.502, 2: 0.453) and Open-Assistant conversations (flat within 0.01).
+#: How many earlier answers the prompt's own prediction is worth. Chosen on permissive data
+#: (answer lengths estimated from words): MT-bench's second turns, 32 models (prompt-only tau
+#: 0.29; 0.25: 0.535, 0.5: 0.531, 1: 0.502, 2: 0.453) and Open-Assistant conversations (flat
+#: within 0.01).
 PRIOR_ANSWERS: Final = 0.5
-#: Weight of an answer relative to the one after it. 0.5 ranks later turns of ShareGPT and
-#: WildChat chats best (0.462 / 0.489 against 0.439 / 0.441 for a plain mean); those are
-#: measurement sets, so this one choice was not blind.
+#: Weight of an answer relative to the one after it. 0.5 ranked later turns of ShareGPT and
+#: WildChat chats best (0.462 / 0.489 against 0.439 / 0.441 for a plain mean, lengths from
+#: words); those are measurement sets, so this one choice was not blind.
 RECENCY_DECAY: Final = 0.5
 #: Earlier answers read; older ones weigh under 0.5**8 of the last and change nothing.
 ANSWERS_READ: Final = 8
