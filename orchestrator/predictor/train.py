@@ -58,11 +58,12 @@ FORBIDDEN_SOURCES = frozenset({"alpaca_eval", "code_alpaca", "codealpaca"})
 #: Share of the training weight per source (split evenly over its prompts); 0 drops it.
 #: Why these: general chat instructions transfer to unseen chat prompts, and real users'
 #: prompts (Open-Assistant, MT-bench, first and later turns) to real chat traffic: adding
-#: them raised Kendall tau on ShareGPT's first turns from 0.20 to 0.26 and on its later turns
-#: from 0.19 to 0.26 without lowering it on curated sets (docs/PREDICTOR_RESULTS.md). The GPTeacher sets (terse code snippets, tool calls, uniform
-#: role-play) have length conventions of their own, and giving them even 5% of the weight
-#: lowered held-out tau on alpaca_eval's dev half from 0.48 to 0.41; they stay vendored for
-#: the leave-one-dataset-out measurement.
+#: them raised Kendall tau on ShareGPT's first turns from 0.20 to 0.26 and on its turns read
+#: alone from 0.19 to 0.26, and held the curated sets within 0.01 (docs/PREDICTOR_RESULTS.md).
+#: The GPTeacher sets (terse code snippets, tool calls, uniform role-play) have length
+#: conventions of their own, and giving them even 5% of the weight lowered held-out tau on
+#: alpaca_eval's dev half from 0.48 to 0.41; they stay vendored for the leave-one-dataset-out
+#: measurement.
 SOURCE_WEIGHTS: dict[str, float] = {
     "alpaca_en_demo": 1.0,
     "vicuna80": 1.0,
