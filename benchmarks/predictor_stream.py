@@ -51,14 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     shipped = medians(base, prompts)
     adapted = shipped.copy()
     blocks = []
-    current = base
     for start in range(args.every, len(rows), args.every):
         print(f"adapting on {start} completions", file=sys.stderr, flush=True)
         out = scratch_dir()
         summary = adapt_records(rows[:start], out, base)
-        current = LengthPredictor.load(out)
         block = slice(start, min(start + args.every, len(rows)))
-        adapted[block] = medians(current, prompts[block])
+        adapted[block] = medians(LengthPredictor.load(out), prompts[block])
         blocks.append(
             {
                 "seen": start,

@@ -98,12 +98,11 @@ class PredictionService:
         """The prediction for ``prompt``, or for a chat from its latest user message and
         the lengths of the assistant's earlier answers when the request carries them."""
         future: asyncio.Future[Predicted] = asyncio.get_running_loop().create_future()
-        if conversation is None:
-            self._pending.append(_Pending(prompt, model, (), future))
+        if conversation is not None:
+            prompt, earlier = conversation.last_user, conversation.earlier_answer_tokens
         else:
-            self._pending.append(
-                _Pending(conversation.last_user, model, conversation.earlier_answer_tokens, future)
-            )
+            earlier = ()
+        self._pending.append(_Pending(prompt, model, earlier, future))
         self._kick()
         return await future
 

@@ -3,8 +3,8 @@
 Why: in a conversation the assistant's earlier answers predict the next answer's length far
 better than the new user message does (a coding chat stays long, a small-talk chat short).
 On later turns of real chats, Kendall tau of the shipped model on the user message alone is
-0.24 (ShareGPT) and 0.21 (WildChat); the earlier answers' lengths alone reach 0.46 and 0.47,
-both together 0.47 (docs/PREDICTOR_RESULTS.md, "Real chat traffic").
+0.27 (ShareGPT) and 0.20 (WildChat); the earlier answers' lengths alone reach 0.46 and 0.47,
+both together 0.48 and 0.47 (docs/PREDICTOR_RESULTS.md, "Real chat traffic").
 
 The prediction's log-length distribution is shifted towards the recency-weighted mean log
 length of the earlier answers, by a weight that grows with how many there are:
