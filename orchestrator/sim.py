@@ -4,10 +4,11 @@ as the live coordinator.
 
 Devices follow their cluster file's speed profile: every running sequence on a device gains one
 token per decode step, a step over ``n`` sequences takes ``n / aggregate_tps(n)`` seconds, and a
-(re)started sequence first stalls the device for its prefill (prompt + resumed tokens at
-``prefill_tps``; recompute is the price of preemption). Time advances from event to event
-(arrivals, finishes, KV reservations running out), never token by token: between two events
-every device's batch is fixed, so progress is linear in time.
+(re)started sequence first prefills (prompt + resumed tokens at ``prefill_tps``; recompute is
+the price of preemption), shortest remaining prompt first as the agent's engine does, sampling
+its next token when its prompt completes; decoding waits while any prompt prefills. Time
+advances from event to event (arrivals, finishes, KV reservations running out), never token by
+token: between two events every device's batch is fixed, so progress is piecewise linear.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from orchestrator.sim_cache import (
 
 TOKEN_EPSILON: Final = 1e-6
 """Fractional tokens below which a sequence counts as having reached a boundary."""
+TIME_EPSILON_S: Final = 1e-9
+"""Prefill seconds below which a prompt counts as complete (float rounding of event times)."""
 SIM_UNAVAILABLE_TIMEOUT_S: Final = 1e9
 PROGRESS_EVERY_EVENTS: Final = 500
 DEFAULT_DISK_RESTORE_TPS: Final = 50_000.0
@@ -217,55 +220,93 @@ class _Seq:
     prompt_tokens: int
     reservation: int
     cap: int
+    prefill_s: float = 0.0
+    """Prefill seconds still to run before this attempt's next token (0: decoding)."""
+
+    def tokens_to_event(self) -> float:
+        """Tokens until it finishes or needs a bigger KV reservation."""
+        tokens = self.target - self.generated
+        if self.reservation < self.cap:
+            trigger = self.reservation - KV_RAISE_TRIGGER_TOKENS - self.prompt_tokens
+            tokens = min(tokens, max(0.0, trigger - self.generated))
+        return tokens
 
 
 @dataclass(slots=True)
 class _Device:
+    """A device as the agent's engine runs it: prompts still to prefill go shortest remaining
+    first, each sampling its sequence's next token as it completes (llama.cpp's logits of the
+    last prompt token); while any prompt is prefilling the device's decoding waits (chunked
+    interleaving costs the same device time); then every sequence gains a token a step."""
+
     spec: DeviceSpec
     agent_id: AgentId
     seqs: dict[RequestId, _Seq] = field(default_factory=dict)
     last_s: float = 0.0
-    stall_s: float = 0.0
     reserved: int = 0
     cache: DevicePrefixCache = field(default_factory=lambda: LruPrefixCache(0))
 
     def step_s(self) -> float:
         return self.spec.speed.step_s(len(self.seqs))
 
+    def _prefilling(self) -> list[_Seq]:
+        """Sequences still prefilling, in the order the engine completes them."""
+        pending = (s for s in self.seqs.values() if s.prefill_s > 0)
+        return sorted(pending, key=lambda s: (s.prefill_s, s.request_id))
+
     def advance(self, now: float, first_tokens: list[tuple[_Device, _Seq, float]]) -> None:
         """Move every sequence forward to ``now``; report first tokens with their times."""
         dt = now - self.last_s
         self.last_s = now
-        if not self.seqs:
-            self.stall_s = 0.0
+        if not self.seqs or dt <= 0:
             return
+        at = now - dt
+        for seq in self._prefilling():
+            spent = min(seq.prefill_s, dt)
+            seq.prefill_s -= spent
+            dt -= spent
+            at += spent
+            if seq.prefill_s > TIME_EPSILON_S:
+                return
+            seq.prefill_s = 0.0
+            self._gain(seq, 1.0, at, 0.0, first_tokens)
         if dt <= 0:
             return
-        stall = min(self.stall_s, dt)
-        self.stall_s -= stall
-        rest = dt - stall
-        if rest <= 0:
-            return
         step = self.step_s()
-        tokens = rest / step
-        start = now - rest
         for seq in self.seqs.values():
-            before = seq.generated
-            seq.generated = min(float(seq.target), before + tokens)
-            if before < 1.0 - TOKEN_EPSILON <= seq.generated:
-                first_tokens.append((self, seq, start + (1.0 - before) * step))
+            self._gain(seq, dt / step, at, step, first_tokens)
+
+    def _gain(
+        self,
+        seq: _Seq,
+        tokens: float,
+        start_s: float,
+        token_s: float,
+        first_tokens: list[tuple[_Device, _Seq, float]],
+    ) -> None:
+        before = seq.generated
+        seq.generated = min(float(seq.target), before + tokens)
+        if before < 1.0 - TOKEN_EPSILON <= seq.generated:
+            first_tokens.append((self, seq, start_s + (1.0 - before) * token_s))
 
     def next_event_s(self) -> float:
-        """When the next sequence finishes or needs a bigger KV reservation."""
+        """When the next sequence finishes or needs a bigger KV reservation: at the end of its
+        prefill if the token that samples is enough, else after every prefill and its steps."""
         if not self.seqs:
             return math.inf
-        tokens = math.inf
+        prefilling = self._prefilling()
+        stall_end = self.last_s + sum(s.prefill_s for s in prefilling)
+        step = self.step_s()
+        soonest = math.inf
+        done = self.last_s
+        for seq in prefilling:
+            done += seq.prefill_s
+            tokens = seq.tokens_to_event()
+            soonest = min(soonest, done if tokens <= 1.0 else stall_end + (tokens - 1.0) * step)
         for seq in self.seqs.values():
-            tokens = min(tokens, seq.target - seq.generated)
-            if seq.reservation < seq.cap:
-                trigger = seq.reservation - KV_RAISE_TRIGGER_TOKENS - seq.prompt_tokens
-                tokens = min(tokens, max(0.0, trigger - seq.generated))
-        return self.last_s + self.stall_s + max(0.0, tokens) * self.step_s()
+            if seq.prefill_s <= 0:
+                soonest = min(soonest, stall_end + seq.tokens_to_event() * step)
+        return soonest
 
     def state(self) -> AgentState:
         spec = self.spec
@@ -280,8 +321,8 @@ class _Device:
         )
 
     def start(self, record: RequestRecord, request: SimRequest) -> int:
-        """Run the record's new attempt: its prefill (prompt and resumed tokens: recompute is
-        the price of preemption; less the prompt blocks held here) stalls the device first.
+        """Run the record's new attempt: it prefills its prompt and resumed tokens (recompute
+        is the price of preemption) less the prompt blocks held here, at least one token.
         Returns the prompt tokens it reused."""
         target = max(1, min(request.output_tokens, request.max_tokens))
         self.seqs[record.request_id] = _Seq(
@@ -298,8 +339,9 @@ class _Device:
         if blocks is not None:
             reused = self.cache.held(blocks, record.prompt_tokens)
             restored = self.cache.restored(blocks, record.prompt_tokens) if reused else 0
-        pending = record.prompt_tokens - reused + record.generated_tokens
-        self.stall_s += self.spec.speed.prefill_s(pending) + restored / self.spec.disk_restore_tps
+        pending = max(1, record.prompt_tokens - reused + record.generated_tokens)
+        seq = self.seqs[record.request_id]
+        seq.prefill_s = self.spec.speed.prefill_s(pending) + restored / self.spec.disk_restore_tps
         return reused
 
     def tokens(self, record: RequestRecord, n_tokens: int) -> TokensReceived:

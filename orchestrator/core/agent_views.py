@@ -98,6 +98,11 @@ class AgentViews:
                     kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
                     decode_tps=agent.decode_tps,
                     speed=agent.speed,
+                    prefill_backlog_tokens=sum(r.pending_prefill_tokens for r in work),
+                    prefill_backlog_since_s=min(
+                        (r.dispatched_s or 0.0 for r in work if r.pending_prefill_tokens),
+                        default=0.0,
+                    ),
                 )
                 self._views[agent.agent_id] = (key, view)
             if not (pausing and view.running == 0):

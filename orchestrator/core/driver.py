@@ -331,12 +331,14 @@ class ClusterDriver:
             match action:
                 case DispatchAction(request_id, agent_id, reservation):
                     self.dispatch_count += 1
-                    record = self.table.dispatch(request_id, agent_id, reservation, now)
+                    hits = snapshot.prefix_hits.get(request_id, {})
+                    record = self.table.dispatch(
+                        request_id, agent_id, reservation, now, hits.get(agent_id, 0)
+                    )
                     if record.prompt_blocks is not None:
                         # Held there from now on, before the agent says so: a conversation's
                         # next turn may come back before the agent's next heartbeat.
                         self.prefixes.stored(agent_id, record.prompt_blocks.hashes)
-                    hits = snapshot.prefix_hits.get(request_id, {})
                     effects.append(Dispatched(record, agent_id, _prefix_placement(hits, agent_id)))
                 case ReserveAction(request_id, agent_id, reservation):
                     self.table.reserve(request_id, reservation)

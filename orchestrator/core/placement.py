@@ -40,6 +40,8 @@ class Candidate:
     free_in_s: float
     cached_tokens: int = 0
     """Prompt tokens this agent holds cached: the prefill there is only the rest."""
+    prefill_backlog_s: float = 0.0
+    """Prefill still to run there for requests started before this one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +82,14 @@ class Fleet(Protocol):
         ...
 
     def least_completion(
-        self, request: QueuedRequest
+        self, request: QueuedRequest, wait_advantage: float = 1.0
     ) -> tuple[tuple[float, AgentId, bool] | None, tuple[float, AgentId] | None]:
         """The least (``placement_cost_s``, agent id, can start now) over every capable
-        agent, and the least (cost, id) over those that can start now (None if none can)."""
+        agent, and the least (cost, id) over those that can start now (None if none can).
+        Unless the best so far is a busy agent holding part of the prompt, busy agents holding
+        none of it are looked for only up to ``wait_advantage`` x the best startable cost:
+        above that placement starts the request whichever of them is least, so the first may
+        then be a busy agent that is not the least."""
         ...
 
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
@@ -150,12 +156,13 @@ class RoundRobin:
 
 def predicted_completion_s(request: QueuedRequest, candidate: Candidate) -> float:
     """Seconds until the request would finish on the candidate: the wait for a slot, the
-    (re)prefill of prompt + resumed tokens less what the candidate holds cached, then its
-    expected remaining tokens decoded at the per-sequence speed of the batch it joins."""
+    prompts dispatched there and not yet prefilled, the (re)prefill of its prompt + resumed
+    tokens less what the candidate holds cached, then its expected remaining tokens decoded at
+    the per-sequence speed of the batch it joins."""
     agent = candidate.agent
     speed = speed_of(agent)
     batch = min(agent.max_seqs, agent.running + 1)
-    prefill = speed.prefill_s(_pending_prefill(request, candidate))
+    prefill = candidate.prefill_backlog_s + speed.prefill_s(_pending_prefill(request, candidate))
     return candidate.free_in_s + prefill + expected_remaining(request) * speed.step_s(batch)
 
 
@@ -191,7 +198,7 @@ class PredictedCompletion:
         return _least_completion(request, candidates)
 
     def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
-        best, best_start = fleet.least_completion(request)
+        best, best_start = fleet.least_completion(request, WAIT_ADVANTAGE)
         if best is None:
             return WAIT
         return _wait_or_start(best, best_start, fleet.cached_tokens(request, best[1]) > 0)

@@ -132,7 +132,8 @@ def raised_reservation(running: RunningRequest, agent: AgentView, config: Schedu
 class _State:
     """The mutable working copy of one ``decide`` call (never escapes it)."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, now: float) -> None:
+        self.now = now
         self.agents: dict[AgentId, AgentView] = {a.agent_id: a for a in snapshot.agents}
         self.free_slots: set[AgentId] = {a.agent_id for a in snapshot.agents if a.free_slots > 0}
         self._groups = snapshot.by_agent
@@ -169,7 +170,10 @@ class _State:
 
     def preempt(self, victim: RunningRequest, reason: str) -> None:
         agent_id = victim.agent_id
-        self._set_agent(self.agents[agent_id].with_released(victim.kv_reservation_tokens))
+        released = self.agents[agent_id].with_released(
+            victim.kv_reservation_tokens, victim.prefill_tokens
+        )
+        self._set_agent(released)
         self._preempted_on[agent_id] = [
             r for r in self.running_on(agent_id) if r.request_id != victim.request_id
         ]
@@ -178,7 +182,15 @@ class _State:
         self.actions.append(PreemptAction(victim.request_id, agent_id, reason))  # type: ignore[arg-type]
 
     def dispatch(self, request: QueuedRequest, agent_id: AgentId, reservation: int) -> None:
-        self._set_agent(self.agents[agent_id].with_dispatched(request, reservation))
+        prefill = max(
+            1,
+            request.prompt_tokens
+            + request.generated_tokens
+            - self.cached_tokens(request, agent_id),
+        )
+        agent = self.agents[agent_id]
+        started = agent.with_dispatched(request, reservation, prefill, speed_of(agent), self.now)
+        self._set_agent(started)
         self.actions.append(DispatchAction(request.request_id, agent_id, reservation))
         self.dispatched += 1
 
@@ -225,8 +237,9 @@ class _State:
 class _Fleet:
     """One model's agents in one ``decide`` call, indexed so that the least predicted completion
     is found without weighing every agent. An agent with a free slot costs at least
-    ``pending / fastest prefill + rest x step`` (its batch's step time), so those are scanned by
-    step until that floor passes the best found; one without a free slot also waits at least
+    ``pending / fastest prefill x (1 + fewest running) + rest x step`` (its batch's step time;
+    the prefill stalls every sequence running there), so those are scanned by step until that
+    floor passes the best found; one without a free slot also waits at least
     until its first running request ends, so those are scanned by step and by that wait at
     once, until the floor from both passes it (Fagin's threshold algorithm). Agents this call
     changed (a dispatch, raise or preemption) are weighed apart. Only free agents can start the
@@ -253,6 +266,11 @@ class _Fleet:
         self._busy_by_step = sorted(busy)
         self._busy_by_wait = sorted(waits)
         self._fastest_prefill_tps = max(speed_of(a).prefill_tps for a in agents)
+        running = {a.agent_id: a.running for a in agents}
+        self._free_prefills = 1 + min((running[i] for _, i in free), default=0)
+        self._busy_prefills = 1 + min((running[i] for _, i in busy), default=0)
+        """How many times at least a prefill there counts: the request's own wait and the
+        stall of each sequence running there (``placement_cost_s``)."""
 
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
         return self._state.cached_tokens(request, agent_id)
@@ -263,7 +281,7 @@ class _Fleet:
         return _candidates(request, ids, state, self._config)
 
     def least_completion(
-        self, request: QueuedRequest
+        self, request: QueuedRequest, wait_advantage: float = 1.0
     ) -> tuple[tuple[float, AgentId, bool] | None, tuple[float, AgentId] | None]:
         state = self._state
         best: tuple[float, AgentId, bool] | None = None
@@ -301,14 +319,22 @@ class _Fleet:
         )
         rest = request.rest_tokens
         for step, agent_id in self._free:
-            if beaten(prefill_floor + rest * step, best_start):
+            if beaten(prefill_floor * self._free_prefills + rest * step, best_start):
                 break
             if agent_id not in seen:
                 weigh(agent_id)
+        bar = None
+        if best_start is not None and not (
+            best is not None and not best[2] and self.cached_tokens(request, best[1]) > 0
+        ):
+            # The busy agents left hold none of the prompt: one of them changes the choice
+            # only if it costs at most ``wait_advantage`` x the best that can start now.
+            bar = (wait_advantage * best_start[0], best_start[1], False)
         for (step, by_step), (wait, by_wait) in zip(
             self._busy_by_step, self._busy_by_wait, strict=True
         ):
-            if beaten(wait + prefill_floor + rest * step, best):
+            floor = wait + prefill_floor * self._busy_prefills + rest * step
+            if beaten(floor, best if bar is None or best is None else min(bar, best)):
                 break  # no busy agent can start it now, so only the best overall is left
             for agent_id in (by_step, by_wait):
                 if agent_id not in seen:
@@ -320,7 +346,7 @@ class _Fleet:
 def decide(snapshot: Snapshot, now: float, config: SchedulerConfig) -> list[Action]:
     """Raise or preempt for KV growth, place what can start now, reject what never can, and
     leave the rest queued (late binding: the coordinator keeps the only queue)."""
-    state = _State(snapshot)
+    state = _State(snapshot, now)
     _grow_reservations(snapshot, state, config)
     if snapshot.queue:
         _place_queue(snapshot, now, state, config)
@@ -453,11 +479,12 @@ def _candidate(
     request: QueuedRequest, agent: AgentView, state: _State, config: SchedulerConfig
 ) -> Candidate:
     cached = state.cached_tokens(request, agent.agent_id)
+    backlog_s = agent.prefill_backlog_s(speed_of(agent), state.now)
     if agent.free_slots > 0:
         reservation = admission_reservation(request, agent, config)
         if agent.can_start(request, reservation):
-            return Candidate(agent, True, reservation, 0.0, cached)
-    return Candidate(agent, False, 0, state.free_in_s(agent), cached)
+            return Candidate(agent, True, reservation, 0.0, cached, backlog_s)
+    return Candidate(agent, False, 0, state.free_in_s(agent), cached, backlog_s)
 
 
 def _try_preempt(

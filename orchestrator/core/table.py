@@ -48,6 +48,8 @@ class RequestRecord:
     """Preemptions forced by KV growth (not limited: they are what keeps reservations safe)."""
     attempt_start_tokens: int = 0
     """``generated_tokens`` when the current attempt was dispatched (what it resumes after)."""
+    attempt_cached_tokens: int = 0
+    """Prompt tokens its agent held cached when the current attempt was dispatched."""
     text_chars: int = 0
     """``len(text)``, kept so a streamed chunk's offset costs nothing to compute."""
     prompt_blocks: PromptBlocks | None = None
@@ -105,7 +107,16 @@ class RequestRecord:
             estimate=self.estimate,
             preemptions=self.preemptions,
             resumed_tokens=self.attempt_start_tokens,
+            prefill_tokens=self.pending_prefill_tokens,
         )
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Tokens the current attempt prefills before its first token (0 once it has one):
+        prompt and resumed tokens less what the agent held."""
+        if self.state is not RequestState.DISPATCHED:
+            return 0
+        return max(1, self.prompt_tokens + self.attempt_start_tokens - self.attempt_cached_tokens)
 
 
 QueueListener = Callable[[RequestRecord, bool], None]
@@ -199,14 +210,22 @@ class RequestTable:
             self._queued(record, True)
 
     def dispatch(
-        self, request_id: RequestId, agent_id: AgentId, kv_reservation_tokens: int, now: float
+        self,
+        request_id: RequestId,
+        agent_id: AgentId,
+        kv_reservation_tokens: int,
+        now: float,
+        cached_tokens: int = 0,
     ) -> RequestRecord:
+        """Bind the queued request to ``agent_id``, which holds ``cached_tokens`` of its
+        prompt."""
         record = self._move(request_id, RequestState.DISPATCHED)
         record.agent_id = agent_id
         self._by_agent.setdefault(agent_id, {})[request_id] = record
         record.kv_reservation_tokens = kv_reservation_tokens
         record.dispatched_s = now
         record.attempt_start_tokens = record.generated_tokens
+        record.attempt_cached_tokens = cached_tokens
         self._touch(record)
         return record
 

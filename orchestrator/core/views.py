@@ -134,6 +134,8 @@ class RunningRequest:
     estimate: LengthEstimate | None = None
     preemptions: int = 0
     resumed_tokens: int = 0
+    prefill_tokens: int = 0
+    """Tokens this attempt still prefills before its first token (0 once it has one)."""
     rest_tokens: float = field(default=0.0, init=False, compare=False)
     """Expected output tokens still to come (re-predicted after ``generated_tokens``, capped by
     the budget), computed once: placement and preemption ask for it per decision."""
@@ -173,6 +175,11 @@ class AgentView:
     kv_reserved_tokens: int
     decode_tps: float | None = None
     speed: SpeedProfile | None = None
+    prefill_backlog_tokens: int = 0
+    """Prompt tokens dispatched here with no token yet in their attempt, as of
+    ``prefill_backlog_since_s``: a new request's decode waits for what is left of them."""
+    prefill_backlog_since_s: float = 0.0
+    """When the device started on that backlog (the earliest of those dispatches)."""
 
     @property
     def free_kv_tokens(self) -> int:
@@ -202,15 +209,38 @@ class AgentView:
         tokens = self.reservation_tokens(request) if reservation is None else reservation
         return self.running < self.max_seqs and tokens <= self.free_kv_tokens
 
-    def with_dispatched(self, request: QueuedRequest, reservation: int | None = None) -> AgentView:
+    def prefill_backlog_s(self, speed: SpeedProfile, now: float) -> float:
+        """Seconds of the prefill backlog left at ``now``, at ``speed``'s prefill rate."""
+        done_s = now - self.prefill_backlog_since_s
+        return max(0.0, speed.prefill_s(self.prefill_backlog_tokens) - done_s)
+
+    def with_dispatched(
+        self,
+        request: QueuedRequest,
+        reservation: int | None = None,
+        prefill_tokens: int = 0,
+        speed: SpeedProfile | None = None,
+        now: float = 0.0,
+    ) -> AgentView:
+        """The agent with ``request`` started; its ``prefill_tokens`` join what is left of the
+        backlog at ``now`` (at ``speed``)."""
         tokens = self.reservation_tokens(request) if reservation is None else reservation
+        left_s = 0.0 if speed is None else self.prefill_backlog_s(speed, now)
+        left = 0 if speed is None else round(left_s * speed.prefill_tps)
         return replace(
-            self, running=self.running + 1, kv_reserved_tokens=self.kv_reserved_tokens + tokens
+            self,
+            running=self.running + 1,
+            kv_reserved_tokens=self.kv_reserved_tokens + tokens,
+            prefill_backlog_tokens=left + prefill_tokens,
+            prefill_backlog_since_s=now,
         )
 
-    def with_released(self, tokens: int) -> AgentView:
+    def with_released(self, tokens: int, prefill_tokens: int = 0) -> AgentView:
         return replace(
-            self, running=self.running - 1, kv_reserved_tokens=self.kv_reserved_tokens - tokens
+            self,
+            running=self.running - 1,
+            kv_reserved_tokens=self.kv_reserved_tokens - tokens,
+            prefill_backlog_tokens=self.prefill_backlog_tokens - prefill_tokens,
         )
 
     def with_reserved(self, extra_tokens: int) -> AgentView:

@@ -250,3 +250,14 @@ def test_heartbeats_replace_the_probes_speeds_with_what_the_agent_achieved() -> 
     assert speed.prefill_tps == 700.0
     cluster.on_event(AgentReported(A1, False), 2.0)  # nothing measured: nothing changes
     assert cluster.views()[0].speed == speed
+
+
+def test_an_agent_shows_the_prompt_tokens_dispatched_to_it_until_their_first_token() -> None:
+    cluster = driver()
+    cluster.on_event(RequestAccepted(record("r1", prompt_tokens=300)), 0.0)
+    cluster.schedule(2.0)
+    (view,) = cluster.views()
+    assert (view.prefill_backlog_tokens, view.prefill_backlog_since_s) == (300, 2.0)
+    cluster.on_event(TokensReceived(A1, RequestId("r1"), 1, " one", 1), 3.0)
+    (view,) = cluster.views()
+    assert view.prefill_backlog_tokens == 0

@@ -404,3 +404,27 @@ def test_no_preemption_for_non_preemptive_policies_or_twice_preempted_jobs() -> 
 def test_a_starving_victim_is_never_preempted() -> None:
     snapshot = _full_device_with_long_job()
     assert decide(snapshot, 100.0, config("srtf", starvation_s=30.0)) == []
+
+
+def test_placement_counts_the_prompts_an_agent_has_not_prefilled_yet() -> None:
+    """The faster agent has 4,000 prompt tokens dispatched and unprefilled since t=0 (2 s at
+    2,000 tokens/s): a new request goes to the slower idle agent while that backlog lasts,
+    and back to the faster one once it has been worked off."""
+    busy = agent(
+        "fast",
+        speed=speed(200.0),
+        running=1,
+        kv_reserved_tokens=4100,
+        prefill_backlog_tokens=4000,
+        prefill_backlog_since_s=0.0,
+    )
+    idle = agent("slow", speed=speed(100.0))
+    old = running("old", agent_id=AgentId("fast"), prompt_tokens=4000, kv_reservation_tokens=4100)
+    snapshot = Snapshot(
+        queue=(queued("new", estimate=estimate(20)),), agents=(busy, idle), running=(old,)
+    )
+    chosen = [decide(snapshot, now, config("fcfs", "predicted")) for now in (0.5, 2.5)]
+    assert [[(type(a), a.agent_id) for a in actions] for actions in chosen] == [
+        [(DispatchAction, "slow")],
+        [(DispatchAction, "fast")],
+    ]

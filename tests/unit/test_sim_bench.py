@@ -403,3 +403,17 @@ def test_bench_takes_the_coordinators_tunables_and_records_them(tmp_path: Path) 
     trace = write_trace(tmp_path / "t.jsonl")
     result = run_bench(bench_spec(trace, SMALL, tunables=spec.tunables))
     assert result["settings"]["tunables"] == spec.tunables.model_dump()
+
+
+def test_a_device_prefills_the_shortest_prompt_first_and_samples_a_token_as_each_ends() -> None:
+    """As the agent's engine does: a 50-token prompt arriving during a 600-token prefill (at
+    100 tokens/s) completes first, and each first token comes when its own prompt does, not
+    after the prefills behind it nor a decode step later."""
+    spec = DeviceSpec("d", "m", 4, 4096, 16384, SpeedProfile(((1, 50.0),), 100.0))
+    config = SchedulerConfig(make_policy("fcfs"), make_placement("predicted"), 1e9)
+    report = Simulator(Cluster("one", (spec,)), config).run(
+        [SimRequest("long", 0.0, 600, 10, 10, None), SimRequest("short", 1.0, 50, 10, 10, None)]
+    )
+    first = {o.request_id: o.first_token_s for o in report.outcomes}
+    assert first["short"] == pytest.approx(1.5)
+    assert first["long"] == pytest.approx(6.5)
