@@ -402,7 +402,12 @@ def test_a_kv_bound_agent_runs_what_the_reservations_fit_and_loses_nothing(
     results = asyncio.run(run())
     for prompt, result in zip(prompts, results, strict=True):
         assert result.text == fake_completion(prompt, 200) and result.completion_tokens == 200
-    assert 205 < max(kv_used_seen) <= 300  # more than one request's worth, within the pool
+    # Several ran at once: at least two had their first token before any had finished (one
+    # at a time, each would wait for the previous 200 tokens). Heartbeats sample KV use too
+    # sparsely on a loaded machine to show the overlap, but never beyond the pool.
+    first_finish_s = min(r.total_s for r in results)
+    assert sum(r.ttft_s < first_finish_s for r in results) >= 2
+    assert max(kv_used_seen) <= 300
     with cluster.client() as client:
         status = client.status()
     assert status.completed == 8 and status.failed == 0
