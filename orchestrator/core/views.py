@@ -217,20 +217,18 @@ class AgentView:
     def with_dispatched(
         self,
         request: QueuedRequest,
-        reservation: int | None = None,
-        prefill_tokens: int = 0,
-        speed: SpeedProfile | None = None,
-        now: float = 0.0,
+        reservation: int,
+        prefill_tokens: int,
+        speed: SpeedProfile,
+        now: float,
     ) -> AgentView:
-        """The agent with ``request`` started; its ``prefill_tokens`` join what is left of the
-        backlog at ``now`` (at ``speed``)."""
-        tokens = self.reservation_tokens(request) if reservation is None else reservation
-        left_s = 0.0 if speed is None else self.prefill_backlog_s(speed, now)
-        left = 0 if speed is None else round(left_s * speed.prefill_tps)
+        """The agent once ``request`` starts here holding ``reservation`` cells: its
+        ``prefill_tokens`` join what is left of the backlog at ``now`` (at ``speed``)."""
+        left = round(self.prefill_backlog_s(speed, now) * speed.prefill_tps)
         return replace(
             self,
             running=self.running + 1,
-            kv_reserved_tokens=self.kv_reserved_tokens + tokens,
+            kv_reserved_tokens=self.kv_reserved_tokens + reservation,
             prefill_backlog_tokens=left + prefill_tokens,
             prefill_backlog_since_s=now,
         )
@@ -240,7 +238,7 @@ class AgentView:
             self,
             running=self.running - 1,
             kv_reserved_tokens=self.kv_reserved_tokens - tokens,
-            prefill_backlog_tokens=self.prefill_backlog_tokens - prefill_tokens,
+            prefill_backlog_tokens=max(0, self.prefill_backlog_tokens - prefill_tokens),
         )
 
     def with_reserved(self, extra_tokens: int) -> AgentView:
