@@ -4,7 +4,8 @@ A forward greedy simulation over a frozen snapshot, with time measured in second
 each agent decodes its sequences together at the per-sequence pace of its batch
 (``SpeedProfile.step_s``); a request ends when its expected remaining tokens (the re-predicted
 ``LengthEstimate``) are decoded after its prefill of prompt + resumed tokens (counted as the
-decode steps that take as long), freeing its slot and KV cells; whenever something frees, the
+decode steps that take as long; for a running request with no token yet, all of it, however
+far it got), freeing its slot and KV cells; whenever something frees, the
 queue is tried in the policy's order, admitted by the scheduler's own rule
 (``admission_reservation``) and placed by the coordinator's own placement, so a request the
 scheduler would keep waiting for a faster busy agent waits here too. It ignores preemption,
@@ -148,7 +149,9 @@ def estimate_etas(
         device = by_id.get(request.agent_id)
         if device is not None:
             kv_tokens = running_kv_tokens(request, device.view)
-            device.add(request.request_id, expected_remaining(request), 0.0, kv_tokens)
+            prefill_s = device.speed.prefill_s(request.prefill_tokens)
+            steps = prefill_s / device.speed.step_s(device.view.running)
+            device.add(request.request_id, expected_remaining(request) + steps, 0.0, kv_tokens)
     etas: dict[RequestId, Eta] = {}
     accepting = [d for d in devices if d.accepting]
     queue_left = _Queue(queue[:MAX_ETA_QUEUE], accepting, config, prefix_hits or {})

@@ -234,3 +234,9 @@ def test_a_cached_prefix_places_and_shortens_the_estimate_as_decide_would() -> N
     assert cold.agent_id == AgentId("a1") and cold.finish_s == pytest.approx(11.0)
     assert warm[RequestId("q")].agent_id == AgentId("a2")
     assert warm[RequestId("q")].finish_s == pytest.approx(2.0)
+
+
+def test_a_running_request_without_its_first_token_still_has_its_prefill_ahead() -> None:
+    device = agent("a1", max_seqs=1, running=1, speed=flat(10.0, prefill_tps=1000.0))
+    prefilling = running("r", estimate=LengthEstimate.exact(10), prefill_tokens=2000)
+    assert etas_of([], [prefilling], [device])[RequestId("r")].finish_s == pytest.approx(3.0)
