@@ -107,6 +107,12 @@ class CacheStats:
     """Prompt tokens taken from the cache instead of computed."""
     computed_tokens: int = 0
     """Prompt tokens computed (prefilled)."""
+    spilled_tokens: int = 0
+    """Of the parked tokens, those spilled to disk (``--prompt-cache-disk-bytes``)."""
+    spill_reads: int = 0
+    """Hits whose state was read back from disk."""
+    spill_failures: int = 0
+    """Spill writes or reads that failed: the state was dropped, its prompt computed again."""
 
 
 class Engine(Protocol):

@@ -102,6 +102,9 @@ class PromptCache:
         self._held: frozenset[int] | None = frozenset()
         """``held_blocks()`` until the blocks change (None: to compute again)."""
         self.spill_failures = 0
+        """Spill writes and reads that failed (the state was dropped or computed again)."""
+        self.spill_reads = 0
+        """States read back from the spill for a hit."""
 
     def park(self, tokens: list[int], state: object, size_bytes: int) -> bool:
         """Keep a finished sequence's cache; false when it alone exceeds the capacity. An
@@ -130,6 +133,7 @@ class PromptCache:
             self.spill_failures += 1
             self.remove(entry)
             return None
+        self.spill_reads += 1
         self.spill.delete(entry.state)
         entry.state, entry.spilled = state, False
         self.touch(entry)
@@ -191,6 +195,10 @@ class PromptCache:
         if self._held is None:
             self._held = frozenset(self._blocks)
         return self._held
+
+    def tokens_spilled(self) -> int:
+        """Tokens of the parked prompts that are on the spill, not in host memory."""
+        return sum(len(e.tokens) for e in self._entries if e.spilled)
 
     def tokens_held(self) -> int:
         """Tokens of every parked prompt, in memory or spilled."""

@@ -275,6 +275,21 @@ class _StateCollector:
             "Requests that reused a cached prompt prefix on the agent",
             labels=labels,
         )
+        spilled = GaugeMetricFamily(
+            "edgeorch_agent_kv_spilled_tokens",
+            "Of the parked tokens, those the agent spilled to disk",
+            labels=labels,
+        )
+        spill_reads = CounterMetricFamily(
+            "edgeorch_agent_prefix_cache_spill_reads",
+            "Prefix cache hits whose parked state was read back from disk",
+            labels=labels,
+        )
+        spill_failures = CounterMetricFamily(
+            "edgeorch_agent_prefix_cache_spill_failures",
+            "Spill writes or reads that failed (the state was dropped, its prompt computed again)",
+            labels=labels,
+        )
         for session in self._coordinator.agent_sessions():
             profile = session.profile
             key = [session.agent_id, profile.model_name]
@@ -297,7 +312,10 @@ class _StateCollector:
             prompt_tokens.add_metric([*key, "computed"], cache.computed_tokens)
             prompt_tokens.add_metric([*key, "reused"], cache.reused_tokens)
             hits.add_metric(key, cache.hits)
+            spilled.add_metric(key, cache.spilled_tokens)
+            spill_reads.add_metric(key, cache.spill_reads)
+            spill_failures.add_metric(key, cache.spill_failures)
         for agent_id, count in self._metrics.agent_tokens.items():
             tokens.add_metric([agent_id], count)
         yield from families.values()
-        yield from (tokens, parked, prompt_tokens, hits)
+        yield from (tokens, parked, prompt_tokens, hits, spilled, spill_reads, spill_failures)

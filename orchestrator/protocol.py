@@ -135,6 +135,10 @@ class PromptCacheStats(WireModel):
     hits: int = Field(default=0, ge=0)
     reused_tokens: int = Field(default=0, ge=0)
     computed_tokens: int = Field(default=0, ge=0)
+    spilled_tokens: int = Field(default=0, ge=0)
+    """Of ``parked_tokens``, those spilled to disk."""
+    spill_reads: int = Field(default=0, ge=0)
+    spill_failures: int = Field(default=0, ge=0)
 
 
 BlockHash = Annotated[int, Field(ge=-(2**63), lt=2**63)]

@@ -177,10 +177,18 @@ def _agent_speed(agent: AgentStatus) -> tuple[str, ...]:
     return (
         single,
         f"{peak[1]:.0f} at {peak[0]}" if peak else "-",
-        str(agent.cache.parked_tokens),
+        _parked(agent),
         _reuse(agent),
         "draining" if agent.draining else "ready",
     )
+
+
+def _parked(agent: AgentStatus) -> str:
+    """Parked prompt tokens, and how many of them the agent spilled to disk."""
+    cache = agent.cache
+    if not cache.spilled_tokens:
+        return str(cache.parked_tokens)
+    return f"{cache.parked_tokens} ({cache.spilled_tokens} on disk)"
 
 
 def _reuse(agent: AgentStatus) -> str:

@@ -264,10 +264,12 @@ def test_a_chat_spilled_to_disk_comes_back_as_a_hit_with_the_same_answer(
             time.sleep(0.01)
         assert len(list(tmp_path.glob("kv-*/*.state"))) == 1  # the first chat's state
         before = engine.cache_stats()
+        assert before.spilled_tokens == parked
         follow_up = f"{first_prompt}{answer}\nQuestion: and the windiest?\n"
         cached = run(engine, greedy("a2", follow_up, max_tokens=16))
         after = engine.cache_stats()
         assert after.hits == before.hits + 1
+        assert (after.spill_reads, after.spill_failures) == (before.spill_reads + 1, 0)
         assert after.reused_tokens - before.reused_tokens >= parked - 2
         fresh = run(engine, greedy("a3", follow_up, max_tokens=16, cache_prompt=False))
         assert fresh == cached

@@ -117,10 +117,12 @@ def test_what_memory_cannot_hold_spills_and_comes_back_on_a_hit() -> None:
     assert cache.bytes_held() == 30 and cache.spilled_bytes() == 60
     assert sorted(map(str, spill.stored.values())) == ["s0", "s1"]
     assert cache.tokens_held() == 3 * MIN_REUSED_TOKENS
+    assert cache.tokens_spilled() == 2 * MIN_REUSED_TOKENS
     assert len(cache.held_blocks()) == 0  # 16-token prompts fill no 64-token block
     found = cache.longest_prefix(prompt(0))
     assert found is not None and found[0].spilled
     assert cache.state_of(found[0]) == "s0"  # read back, kept in memory again
+    assert cache.spill_reads == 1 and cache.spill_failures == 0
     assert not found[0].spilled and sorted(map(str, spill.stored.values())) == ["s1", "s2"]
     assert cache.park(prompt(300), "s3", 30)  # the spill is full: its oldest (s1) goes
     assert cache.longest_prefix(prompt(100)) is None

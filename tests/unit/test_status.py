@@ -17,6 +17,7 @@ from orchestrator.protocol import (
     CLIENT_REPLIES,
     AgentId,
     Goodbye,
+    PromptCacheStats,
     RequestId,
     StatusQuery,
     StatusReport,
@@ -244,3 +245,13 @@ def test_progress_on_a_terminal_rewrites_one_line_and_erases_it() -> None:
     assert "\n" not in text and ERASE_LINE + "[running on a1" in text
     size = len(text)
     assert len(out.getvalue()) == size  # nothing more once stopped
+
+
+def test_the_agent_table_shows_how_much_of_the_parked_kv_is_on_disk() -> None:
+    c = cluster()
+    report = c.status("q", now=2.0)
+    spilling = report.agents[0].model_copy(
+        update={"cache": PromptCacheStats(parked_tokens=9000, spilled_tokens=6000)}
+    )
+    text = render_status(report.model_copy(update={"agents": (spilling,)}))
+    assert "9000 (6000 on disk)" in text

@@ -286,6 +286,9 @@ class LlamaEngine:
             hits=self._hits,
             reused_tokens=self._reused_tokens,
             computed_tokens=self._computed_tokens,
+            spilled_tokens=self._prompt_cache.tokens_spilled(),
+            spill_reads=self._prompt_cache.spill_reads,
+            spill_failures=self._prompt_cache.spill_failures,
         )
 
     def held_prefix_blocks(self) -> frozenset[int]:
