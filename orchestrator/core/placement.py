@@ -159,11 +159,7 @@ def predicted_completion_s(request: QueuedRequest, candidate: Candidate) -> floa
     prompts dispatched there and not yet prefilled, the (re)prefill of its prompt + resumed
     tokens less what the candidate holds cached, then its expected remaining tokens decoded at
     the per-sequence speed of the batch it joins."""
-    agent = candidate.agent
-    speed = speed_of(agent)
-    batch = min(agent.max_seqs, agent.running + 1)
-    prefill = candidate.prefill_backlog_s + speed.prefill_s(_pending_prefill(request, candidate))
-    return candidate.free_in_s + prefill + expected_remaining(request) * speed.step_s(batch)
+    return _completion_and_prefill_s(request, candidate)[0]
 
 
 def placement_cost_s(request: QueuedRequest, candidate: Candidate) -> float:
@@ -174,12 +170,30 @@ def placement_cost_s(request: QueuedRequest, candidate: Candidate) -> float:
     one, whose running streams then wait out the whole prompt: on the Mooncake conversations
     the term took reuse from 0.76 to 0.91 of the infinite-cache bound and mean time to first
     token down 18% (docs/SCHED_RESULTS.md, "Prefix caches on the edge cluster")."""
-    stall = speed_of(candidate.agent).prefill_s(_pending_prefill(request, candidate))
-    return predicted_completion_s(request, candidate) + stall * candidate.agent.running
+    completion, prefill = _completion_and_prefill_s(request, candidate)
+    return completion + prefill * candidate.agent.running
 
 
-def _pending_prefill(request: QueuedRequest, candidate: Candidate) -> int:
-    return request.prompt_tokens + request.generated_tokens - candidate.cached_tokens
+def _completion_and_prefill_s(request: QueuedRequest, candidate: Candidate) -> tuple[float, float]:
+    """The predicted completion and the request's own uncached prefill there."""
+    agent = candidate.agent
+    speed = speed_of(agent)
+    pending = request.prompt_tokens + request.generated_tokens - candidate.cached_tokens
+    prefill = speed.prefill_s(pending)
+    join_step = speed.step_s(min(agent.max_seqs, agent.running + 1))
+    completion = completion_s(
+        candidate.free_in_s, candidate.prefill_backlog_s, prefill, request, join_step
+    )
+    return completion, prefill
+
+
+def completion_s(
+    free_in_s: float, backlog_s: float, prefill_s: float, request: QueuedRequest, join_step_s: float
+) -> float:
+    """``predicted_completion_s`` from its parts (the scheduler's index weighs busy agents
+    from parts it keeps per agent): the wait, the backlog and the own prefill, then the
+    expected remaining tokens at the step time of the batch the request joins."""
+    return free_in_s + (backlog_s + prefill_s) + expected_remaining(request) * join_step_s
 
 
 class PredictedCompletion:

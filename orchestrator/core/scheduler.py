@@ -34,7 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from orchestrator.core.placement import Candidate, Placement, placement_cost_s, speed_of
+from orchestrator.core.placement import (
+    Candidate,
+    Placement,
+    completion_s,
+    placement_cost_s,
+    speed_of,
+)
 from orchestrator.core.policies import Policy, effective_arrival_s
 from orchestrator.core.views import (
     Action,
@@ -234,6 +240,9 @@ class _State:
         return found
 
 
+_BusyTerms = tuple[float, float, float, float, int, int]
+
+
 class _Fleet:
     """One model's agents in one ``decide`` call, indexed so that the least predicted completion
     is found without weighing every agent. An agent with a free slot costs at least
@@ -251,6 +260,7 @@ class _Fleet:
         self._ids = ids
         self._serves = set(ids)
         self._changes_then = dict(state.changes)
+        self._terms: dict[AgentId, tuple[AgentView, int, _BusyTerms]] = {}
         agents = [state.agents[agent_id] for agent_id in ids]
         free: list[tuple[float, AgentId]] = []
         busy: list[tuple[float, AgentId]] = []
@@ -275,6 +285,26 @@ class _Fleet:
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
         return self._state.cached_tokens(request, agent_id)
 
+    def _busy_terms(self, agent: AgentView) -> _BusyTerms:
+        """What a full agent's placement cost needs besides the request, once per view and
+        backlog of waiters: (slot wait, prefill backlog, prefill tokens/s, step time of the
+        batch joined, running, context limit)."""
+        state = self._state
+        waiters = state.backlog.get(agent.agent_id, 0)
+        memo = self._terms.get(agent.agent_id)
+        if memo is None or memo[0] is not agent or memo[1] != waiters:
+            speed = speed_of(agent)
+            terms = (
+                state.free_in_s(agent),
+                agent.prefill_backlog_s(speed, state.now),
+                speed.prefill_tps,
+                speed.step_s(min(agent.max_seqs, agent.running + 1)),
+                agent.running,
+                min(agent.n_ctx, agent.kv_budget_tokens),
+            )
+            memo = self._terms[agent.agent_id] = (agent, waiters, terms)
+        return memo[2]
+
     def free_candidates(self, request: QueuedRequest) -> list[Candidate]:
         state = self._state
         ids = [i for i in self._ids if i in state.free_slots]
@@ -287,9 +317,23 @@ class _Fleet:
         best: tuple[float, AgentId, bool] | None = None
         best_start: tuple[float, AgentId] | None = None
 
+        uncached = request.prompt_tokens + request.generated_tokens
+        limit = request.context_tokens if request.prompt_tokens_exact else 0
+
         def weigh(agent_id: AgentId) -> None:
             nonlocal best, best_start
             agent = state.agents[agent_id]
+            if agent.free_slots <= 0:
+                # The common case, in parts kept per agent (same cost as placement_cost_s).
+                free_in, backlog, tps, join_step, running, context = self._busy_terms(agent)
+                if limit > context:
+                    return
+                prefill = (uncached - state.cached_tokens(request, agent_id)) / tps
+                time = completion_s(free_in, backlog, prefill, request, join_step)
+                time += prefill * running
+                if best is None or (time, agent_id) < best[:2]:
+                    best = (time, agent_id, False)
+                return
             if not agent.fits_context(request):
                 return
             candidate = _candidate(request, agent, state, self._config)
