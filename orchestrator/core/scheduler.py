@@ -38,7 +38,6 @@ from orchestrator.core.placement import (
     Candidate,
     Placement,
     completion_s,
-    placement_cost_s,
     speed_of,
 )
 from orchestrator.core.policies import Policy, effective_arrival_s
@@ -240,7 +239,7 @@ class _State:
         return found
 
 
-_BusyTerms = tuple[float, float, float, float, int, int]
+_AgentTerms = tuple[float, float, float, float, int, int]
 
 
 class _Fleet:
@@ -260,7 +259,7 @@ class _Fleet:
         self._ids = ids
         self._serves = set(ids)
         self._changes_then = dict(state.changes)
-        self._terms: dict[AgentId, tuple[AgentView, int, _BusyTerms]] = {}
+        self._terms: dict[AgentId, tuple[AgentView, int, _AgentTerms]] = {}
         agents = [state.agents[agent_id] for agent_id in ids]
         free: list[tuple[float, AgentId]] = []
         busy: list[tuple[float, AgentId]] = []
@@ -279,23 +278,22 @@ class _Fleet:
         running = {a.agent_id: a.running for a in agents}
         self._free_prefills = 1 + min((running[i] for _, i in free), default=0)
         self._busy_prefills = 1 + min((running[i] for _, i in busy), default=0)
-        """How many times at least a prefill there counts: the request's own wait and the
-        stall of each sequence running there (``placement_cost_s``)."""
+        """Times a prefill there counts at least: the own wait and each running one's stall."""
 
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
         return self._state.cached_tokens(request, agent_id)
 
-    def _busy_terms(self, agent: AgentView) -> _BusyTerms:
-        """What a full agent's placement cost needs besides the request, once per view and
-        backlog of waiters: (slot wait, prefill backlog, prefill tokens/s, step time of the
-        batch joined, running, context limit)."""
+    def _terms_of(self, agent: AgentView) -> _AgentTerms:
+        """An agent's part of placement costs, once per view and count of waiters: (slot wait
+        if full, as ``free_in_s`` keeps the step of its first ask; prefill backlog, prefill
+        tokens/s, joined batch's step, running, context)."""
         state = self._state
         waiters = state.backlog.get(agent.agent_id, 0)
         memo = self._terms.get(agent.agent_id)
         if memo is None or memo[0] is not agent or memo[1] != waiters:
             speed = speed_of(agent)
             terms = (
-                state.free_in_s(agent),
+                state.free_in_s(agent) if agent.free_slots <= 0 else 0.0,
                 agent.prefill_backlog_s(speed, state.now),
                 speed.prefill_tps,
                 speed.step_s(min(agent.max_seqs, agent.running + 1)),
@@ -316,32 +314,34 @@ class _Fleet:
         state = self._state
         best: tuple[float, AgentId, bool] | None = None
         best_start: tuple[float, AgentId] | None = None
-
+        config = self._config
         uncached = request.prompt_tokens + request.generated_tokens
         limit = request.context_tokens if request.prompt_tokens_exact else 0
 
         def weigh(agent_id: AgentId) -> None:
+            """``placement_cost_s`` from kept parts; a free agent's KV check only if it can win."""
             nonlocal best, best_start
             agent = state.agents[agent_id]
-            if agent.free_slots <= 0:
-                # The common case, in parts kept per agent (same cost as placement_cost_s).
-                free_in, backlog, tps, join_step, running, context = self._busy_terms(agent)
-                if limit > context:
+            free_in, backlog, tps, join_step, running, context = self._terms_of(agent)
+            if limit > context:
+                return
+            prefill = (uncached - state.cached_tokens(request, agent_id)) / tps
+            if agent.free_slots > 0:
+                time = completion_s(0.0, backlog, prefill, request, join_step) + prefill * running
+                key = (time, agent_id)
+                improves = best is None or key < best[:2]
+                if not improves and best_start is not None and key >= best_start:
+                    return  # not even starting now would beat either best
+                if agent.can_start(request, admission_reservation(request, agent, config)):
+                    if improves:
+                        best = (time, agent_id, True)
+                    if best_start is None or key < best_start:
+                        best_start = key
                     return
-                prefill = (uncached - state.cached_tokens(request, agent_id)) / tps
-                time = completion_s(free_in, backlog, prefill, request, join_step)
-                time += prefill * running
-                if best is None or (time, agent_id) < best[:2]:
-                    best = (time, agent_id, False)
-                return
-            if not agent.fits_context(request):
-                return
-            candidate = _candidate(request, agent, state, self._config)
-            time = placement_cost_s(request, candidate)
+                free_in = state.free_in_s(agent)
+            time = completion_s(free_in, backlog, prefill, request, join_step) + prefill * running
             if best is None or (time, agent_id) < best[:2]:
-                best = (time, agent_id, candidate.can_start)
-            if candidate.can_start and (best_start is None or (time, agent_id) < best_start):
-                best_start = (time, agent_id)
+                best = (time, agent_id, False)
 
         def beaten(
             floor: float, found: tuple[float, AgentId, bool] | tuple[float, AgentId] | None
