@@ -190,9 +190,9 @@ def _completion_and_prefill_s(request: QueuedRequest, candidate: Candidate) -> t
 def completion_s(
     free_in_s: float, backlog_s: float, prefill_s: float, request: QueuedRequest, join_step_s: float
 ) -> float:
-    """``predicted_completion_s`` from its parts (the scheduler's index weighs busy agents
-    from parts it keeps per agent): the wait, the backlog and the own prefill, then the
-    expected remaining tokens at the step time of the batch the request joins."""
+    """``predicted_completion_s`` from its parts (the scheduler's index keeps an agent's parts
+    per decision): the wait, the backlog and the own prefill, then the expected remaining
+    tokens at the step time of the batch the request joins."""
     return free_in_s + (backlog_s + prefill_s) + expected_remaining(request) * join_step_s
 
 

@@ -34,12 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from orchestrator.core.placement import (
-    Candidate,
-    Placement,
-    completion_s,
-    speed_of,
-)
+from orchestrator.core.placement import Candidate, Placement, completion_s, speed_of
 from orchestrator.core.policies import Policy, effective_arrival_s
 from orchestrator.core.views import (
     Action,
@@ -278,7 +273,8 @@ class _Fleet:
         running = {a.agent_id: a.running for a in agents}
         self._free_prefills = 1 + min((running[i] for _, i in free), default=0)
         self._busy_prefills = 1 + min((running[i] for _, i in busy), default=0)
-        """Times a prefill there counts at least: the own wait and each running one's stall."""
+        """How many times at least a prefill there counts: the request's own wait and the
+        stall of each sequence running there (``placement_cost_s``)."""
 
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
         return self._state.cached_tokens(request, agent_id)
