@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agents.backends.registry import BACKEND_NAMES
 from orchestrator.core.driver import REFUSAL_BACKOFF_S, RESTART_GRACE_S, DriverSettings
 from orchestrator.core.placement import make_placement
-from orchestrator.core.policies import STARVATION_AGE_S, make_policy
+from orchestrator.core.policies import OVERLOAD_AGE_MULTIPLE, STARVATION_AGE_S, make_policy
 from orchestrator.core.scheduler import (
     KV_QUANTILE_HIGH,
     KV_QUANTILE_LOW,
@@ -57,6 +57,12 @@ class SchedulingTunables(Settings):
         default=STARVATION_AGE_S,
         gt=0,
         description="seconds of waiting after which a request goes first",
+    )
+    overload_age_multiple: float = Field(
+        default=OVERLOAD_AGE_MULTIPLE,
+        ge=0,
+        description="in overload, the starvation bound rises to this multiple of the queue's "
+        "median age (0: a fixed bound)",
     )
     kv_quantile_low: float = Field(
         default=KV_QUANTILE_LOW,
@@ -112,7 +118,11 @@ def driver_settings(
     ``edgeorch bench`` simulates are built by this one function."""
     return DriverSettings(
         scheduler=SchedulerConfig(
-            policy=make_policy(policy, starvation_s=tunables.starvation_s),
+            policy=make_policy(
+                policy,
+                starvation_s=tunables.starvation_s,
+                overload_multiple=tunables.overload_age_multiple,
+            ),
             placement=make_placement(placement),
             unavailable_timeout_s=unavailable_timeout_s,
             kv_quantile_low=tunables.kv_quantile_low,

@@ -59,12 +59,13 @@ def test_scheduling_tunables_reach_the_coordinators_driver(tmp_path: Path) -> No
         CoordinatorSettings,
         config=config,
         environ={"EDGEORCH_REFUSAL_BACKOFF_S": "2.5"},
-        overrides={"starvation_s": 12.0},
+        overrides={"starvation_s": 12.0, "overload_age_multiple": 3.0},
     )
     driver = Coordinator(settings).driver.settings
     assert (driver.scheduler.kv_quantile_high, driver.scheduler.max_preemptions) == (0.3, 2)
     assert driver.refusal_backoff_s == 2.5
     assert getattr(driver.scheduler.policy, "starvation_s", None) == 12.0
+    assert driver.scheduler.policy.bound_for_median_age(10.0) == 30.0
 
 
 def test_tunables_pass_to_a_coordinator_as_flags_and_refuse_disordered_quantiles() -> None:
