@@ -17,16 +17,16 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agents.backends.registry import BACKEND_NAMES
-from orchestrator.core.driver import REFUSAL_BACKOFF_S, RESTART_GRACE_S, DriverSettings
-from orchestrator.core.placement import make_placement
-from orchestrator.core.policies import OVERLOAD_AGE_MULTIPLE, STARVATION_AGE_S, make_policy
-from orchestrator.core.scheduler import (
+from orchestrator.core.admission import (
     KV_QUANTILE_HIGH,
     KV_QUANTILE_LOW,
     KV_RAISE_QUANTILE,
     MAX_PREEMPTIONS,
     SchedulerConfig,
 )
+from orchestrator.core.driver import REFUSAL_BACKOFF_S, RESTART_GRACE_S, DriverSettings
+from orchestrator.core.placement import make_placement
+from orchestrator.core.policies import OVERLOAD_AGE_MULTIPLE, STARVATION_AGE_S, make_policy
 from orchestrator.errors import InvalidRequest
 
 ENV_PREFIX: Final = "EDGEORCH_"

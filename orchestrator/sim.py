@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol, assert_never
 
+from orchestrator.core.admission import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig
 from orchestrator.core.agent_views import AgentState
 from orchestrator.core.driver import ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
@@ -41,7 +42,6 @@ from orchestrator.core.events import (
 )
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.prefix import PromptBlocks
-from orchestrator.core.scheduler import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig
 from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InternalError, InvalidRequest

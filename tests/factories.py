@@ -6,13 +6,13 @@ import math
 from statistics import NormalDist
 from typing import Any
 
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.agent_views import AgentState
 from orchestrator.core.driver import ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.events import AgentJoined
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
 from orchestrator.lengths import QUANTILE_LEVELS

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Final, TypeVar, assert_never
 
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.agent_views import AgentState, AgentViews, known_length
 from orchestrator.core.eta import measured_speed
 from orchestrator.core.events import (
@@ -50,7 +51,7 @@ from orchestrator.core.events import (
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.ordered_queue import OrderedQueue
 from orchestrator.core.prefix import PrefixIndex, cached_tokens
-from orchestrator.core.scheduler import DECIDE_LOOKAHEAD, SchedulerConfig, decide
+from orchestrator.core.scheduler import DECIDE_LOOKAHEAD, decide
 from orchestrator.core.table import RequestRecord, RequestTable
 from orchestrator.core.views import (
     AgentView,

@@ -21,9 +21,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from orchestrator.core.admission import SchedulerConfig, admission_reservation
 from orchestrator.core.placement import DEFAULT_PREFILL_TPS, Candidate, speed_of
 from orchestrator.core.policies import expected_remaining
-from orchestrator.core.scheduler import SchedulerConfig, admission_reservation
 from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
 from orchestrator.protocol import AgentId, RequestId
 

@@ -9,9 +9,10 @@ import msgpack
 import pytest
 
 from orchestrator.client import Client
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.placement import LeastLoaded
 from orchestrator.core.policies import FirstComeFirstServed
-from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.scheduler import decide
 from orchestrator.core.views import DispatchAction, RejectAction, Snapshot
 from orchestrator.errors import ContextOverflow, InvalidRequest, ProtocolError
 from orchestrator.protocol import CLIENT_MESSAGES, MAX_CONTAINER_ITEMS, PROTOCOL_VERSION, decode

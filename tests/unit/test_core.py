@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.lifecycle import (
     TRANSITIONS,
     IllegalTransition,
@@ -12,7 +13,7 @@ from orchestrator.core.lifecycle import (
 )
 from orchestrator.core.placement import Candidate, LeastLoaded, make_placement
 from orchestrator.core.policies import BATCH_PRIORITY_DELAY_S, FirstComeFirstServed, make_policy
-from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.scheduler import decide
 from orchestrator.core.table import RequestTable
 from orchestrator.core.views import DispatchAction, RejectAction, Snapshot
 from orchestrator.errors import ContextOverflow, InvalidRequest, Unavailable

@@ -20,10 +20,11 @@ from hypothesis.stateful import (
     rule,
 )
 
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.lifecycle import TERMINAL_STATES, RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.scheduler import decide
 from orchestrator.core.table import RequestTable
 from orchestrator.core.views import (
     AgentView,

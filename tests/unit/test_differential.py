@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.coordinator import Coordinator
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.driver import ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.events import (
@@ -34,7 +35,6 @@ from orchestrator.core.events import (
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.views import SpeedProfile
 from orchestrator.prediction import Predicted
 from orchestrator.predictor.distribution import LengthPrediction

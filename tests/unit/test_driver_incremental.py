@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import pytest
 
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.agent_views import known_length
 from orchestrator.core.driver import ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
@@ -31,7 +32,7 @@ from orchestrator.core.events import (
 from orchestrator.core.ordered_queue import OrderedQueue
 from orchestrator.core.placement import Candidate, Choice, Fleet, Placement, make_placement
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig, decide
+from orchestrator.core.scheduler import decide
 from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import Action, QueuedRequest, RejectAction, RunningRequest, Snapshot
 from orchestrator.errors import Overloaded

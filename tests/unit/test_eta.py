@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.core import eta
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.eta import Eta, estimate_etas, measured_speed
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
 from orchestrator.protocol import AgentId, RequestId
 from tests.factories import agent, queued, running

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.mooncake_trace import convert
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.driver import ClusterDriver
 from orchestrator.core.events import (
     AgentLost,
@@ -27,7 +28,6 @@ from orchestrator.core.events import (
 from orchestrator.core.placement import Candidate, Choice, make_placement, predicted_completion_s
 from orchestrator.core.policies import job_tokens, make_policy
 from orchestrator.core.prefix import PrefixIndex, PromptBlocks, block_hashes, cached_tokens
-from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InvalidRequest
 from orchestrator.protocol import AgentId

@@ -10,6 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orchestrator.core.admission import (
+    KV_HEADROOM_TOKENS,
+    KV_QUANTILE_HIGH,
+    KV_QUANTILE_LOW,
+    KV_QUANTILE_PER_PROMPT_SHARE,
+    SchedulerConfig,
+    admission_reservation,
+)
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.placement import (
     WAIT_ADVANTAGE,
@@ -28,15 +36,7 @@ from orchestrator.core.policies import (
     make_policy,
     mlfq_level,
 )
-from orchestrator.core.scheduler import (
-    KV_HEADROOM_TOKENS,
-    KV_QUANTILE_HIGH,
-    KV_QUANTILE_LOW,
-    KV_QUANTILE_PER_PROMPT_SHARE,
-    SchedulerConfig,
-    admission_reservation,
-    decide,
-)
+from orchestrator.core.scheduler import decide
 from orchestrator.core.views import (
     AgentView,
     DispatchAction,

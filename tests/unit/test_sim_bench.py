@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.bench import BenchSpec, bench_spec_from_args, run_bench, write_outputs
+from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InvalidRequest
 from orchestrator.lengths import FakePredictor, kendall_tau, parse_predictor
