@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Final
 
 from orchestrator.core.admission import SchedulerConfig, admission_reservation
-from orchestrator.core.placement import Candidate, completion_s, speed_of
-from orchestrator.core.policies import Policy
+from orchestrator.core.fleet_index import AgentKeys, FleetLayout, FleetMemo, agent_keys
+from orchestrator.core.placement import Candidate, speed_of
+from orchestrator.core.policies import Policy, expected_remaining
 from orchestrator.core.views import (
     Action,
+    AgentRunning,
     AgentView,
     DispatchAction,
     PreemptAction,
@@ -27,9 +30,11 @@ BOUND_SLACK: Final = 1.0 - 1e-9
 class DecisionState:
     """The mutable working copy of one ``decide`` call (never escapes it)."""
 
-    def __init__(self, snapshot: Snapshot, now: float) -> None:
+    def __init__(self, snapshot: Snapshot, now: float, memo: FleetMemo) -> None:
         self.now = now
-        self.agents: dict[AgentId, AgentView] = {a.agent_id: a for a in snapshot.agents}
+        self.memo = memo
+        self._initial = {a.agent_id: a for a in snapshot.agents}
+        self.agents: dict[AgentId, AgentView] = dict(self._initial)
         self.free_slots: set[AgentId] = {a.agent_id for a in snapshot.agents if a.free_slots > 0}
         self._groups = snapshot.by_agent
         self._preempted_on: dict[AgentId, list[RunningRequest]] = {}
@@ -100,20 +105,24 @@ class DecisionState:
         else:
             self.free_slots.discard(agent.agent_id)
 
+    def keys(self, agent: AgentView) -> AgentKeys:
+        """``agent``'s placement keys as this call sees it now."""
+        changed = self._preempted_on.get(agent.agent_id)
+        if changed is not None:
+            return agent_keys(agent, AgentRunning(tuple(changed)))
+        return self.memo.keys(agent, self._groups.get(agent.agent_id))
+
+    def finish(self, agent: AgentView) -> tuple[tuple[float, ...], float]:
+        """``agent``'s sorted remaining lengths and step time, as first asked in this call."""
+        entry = self._finish.get(agent.agent_id)
+        if entry is None:
+            entry = self._finish[agent.agent_id] = self.keys(agent).finish
+        return entry
+
     def free_in_s(self, agent: AgentView) -> float:
         """Seconds until the (backlog + 1)-th running request on ``agent`` is expected to end
         (at the step time it had when first asked in this call)."""
-        entry = self._finish.get(agent.agent_id)
-        if entry is None:
-            step = speed_of(agent).step_s(agent.running)
-            changed = self._preempted_on.get(agent.agent_id)
-            if changed is not None:
-                rests = tuple(sorted(r.rest_tokens for r in changed))
-            else:
-                group = self._groups.get(agent.agent_id)
-                rests = () if group is None else group.sorted_rests
-            entry = self._finish[agent.agent_id] = (rests, step)
-        rests, step = entry
+        rests, step = self.finish(agent)
         if not rests:
             return 0.0
         k = self.backlog[agent.agent_id] + 1
@@ -125,7 +134,8 @@ class DecisionState:
         """The agents serving ``model``, indexed for this call's placements."""
         found = self._fleets.get(model)
         if found is None:
-            found = self._fleets[model] = IndexedFleet(self, ids, config)
+            layout = self.memo.layout(tuple(ids), self._initial, self._groups)
+            found = self._fleets[model] = IndexedFleet(self, layout, config)
         return found
 
 
@@ -133,70 +143,66 @@ _AgentTerms = tuple[float, float, float, float, int, int]
 
 
 class IndexedFleet:
-    """One model's agents in one ``decide`` call, indexed so that the least predicted completion
-    is found without weighing every agent. An agent with a free slot costs at least
-    ``pending / fastest prefill x (1 + fewest running) + rest x step`` (its batch's step time;
-    the prefill stalls every sequence running there), so those are scanned by step until that
-    floor passes the best found; one without a free slot also waits at least
-    until its first running request ends, so those are scanned by step and by that wait at
-    once, until the floor from both passes it (Fagin's threshold algorithm). Agents this call
-    changed (a dispatch, raise or preemption) are weighed apart. Only free agents can start the
-    request now, so the best of those is known before the busy ones are scanned."""
+    """One model's agents in one ``decide`` call, searched through the kept ``FleetLayout`` so
+    that the least placement cost is found without weighing every agent. An agent's cost is at
+    least its floor, ``wait + rest x step + prompt tokens x token cost`` (no wait if it has a
+    free slot; the step is its batch's with the request joined; a prompt token costs the
+    request its prefill time and stalls each running sequence as long). Free agents are
+    scanned by step until the floor, with the least token cost from there on, passes the best
+    that can start now. Busy ones come in groups of similar step, each ordered by wait; the
+    groups' next agents are taken least floor first (the group's least step and token cost)
+    until that passes the best found. Each agent is weighed only if its own floor does not
+    already pass it. The layout is of the agents as the call began: those it changed since (a
+    dispatch, raise or preemption), and those holding part of the prompt (whose prefill is
+    shorter than the floor assumes), are weighed apart."""
 
-    def __init__(self, state: DecisionState, ids: list[AgentId], config: SchedulerConfig) -> None:
+    def __init__(self, state: DecisionState, layout: FleetLayout, config: SchedulerConfig) -> None:
         self._state = state
         self._config = config
-        self._ids = ids
-        self._serves = set(ids)
-        self._changes_then = dict(state.changes)
+        self._layout = layout
         self._terms: dict[AgentId, tuple[AgentView, int, _AgentTerms]] = {}
-        agents = [state.agents[agent_id] for agent_id in ids]
-        free: list[tuple[float, AgentId]] = []
-        busy: list[tuple[float, AgentId]] = []
-        waits: list[tuple[float, AgentId]] = []
-        for agent in agents:
-            step = speed_of(agent).step_s(min(agent.max_seqs, agent.running + 1))
-            if agent.free_slots > 0:
-                free.append((step, agent.agent_id))
-            else:
-                busy.append((step, agent.agent_id))
-                waits.append((state.free_in_s(agent), agent.agent_id))
-        self._free = sorted(free)
-        self._busy_by_step = sorted(busy)
-        self._busy_by_wait = sorted(waits)
-        self._fastest_prefill_tps = max(speed_of(a).prefill_tps for a in agents)
-        running = {a.agent_id: a.running for a in agents}
-        self._free_prefills = 1 + min((running[i] for _, i in free), default=0)
-        self._busy_prefills = 1 + min((running[i] for _, i in busy), default=0)
-        """How many times at least a prefill there counts: the request's own wait and the
-        stall of each sequence running there (``placement_cost_s``)."""
+
+    def preemptable(self, least_first_rest: float) -> list[AgentView]:
+        """The agents, in fleet order, where a preemption may pay for a waiter: those this call
+        changed or has requests waiting for, and the others whose first running request is
+        expected to run at least ``least_first_rest`` more tokens (the saving is the wait for
+        that end)."""
+        state = self._state
+        layout = self._layout
+        found = {
+            agent_id
+            for agent_id in (*state.changes, *(i for i, n in state.backlog.items() if n))
+            if agent_id in layout.serves
+        }
+        for negative_rest, _, agent_id in layout.first_rests:
+            if -negative_rest < least_first_rest:
+                break
+            found.add(agent_id)
+        return [state.agents[i] for i in sorted(found, key=layout.position.__getitem__)]
 
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
         return self._state.cached_tokens(request, agent_id)
 
-    def _terms_of(self, agent: AgentView) -> _AgentTerms:
-        """An agent's part of placement costs, once per view and count of waiters: (slot wait
+    def _keep_terms(self, agent: AgentView) -> tuple[AgentView, int, _AgentTerms]:
+        """An agent's part of placement costs, kept per view and count of waiters: (slot wait
         if full, as ``free_in_s`` keeps the step of its first ask; prefill backlog, prefill
         tokens/s, joined batch's step, running, context)."""
         state = self._state
-        waiters = state.backlog.get(agent.agent_id, 0)
-        memo = self._terms.get(agent.agent_id)
-        if memo is None or memo[0] is not agent or memo[1] != waiters:
-            speed = speed_of(agent)
-            terms = (
-                state.free_in_s(agent) if agent.free_slots <= 0 else 0.0,
-                agent.prefill_backlog_s(speed, state.now),
-                speed.prefill_tps,
-                speed.step_s(min(agent.max_seqs, agent.running + 1)),
-                agent.running,
-                min(agent.n_ctx, agent.kv_budget_tokens),
-            )
-            memo = self._terms[agent.agent_id] = (agent, waiters, terms)
-        return memo[2]
+        speed = speed_of(agent)
+        terms = (
+            state.free_in_s(agent) if agent.free_slots <= 0 else 0.0,
+            agent.prefill_backlog_s(speed, state.now),
+            speed.prefill_tps,
+            speed.step_s(min(agent.max_seqs, agent.running + 1)),
+            agent.running,
+            min(agent.n_ctx, agent.kv_budget_tokens),
+        )
+        kept = self._terms[agent.agent_id] = (agent, state.backlog.get(agent.agent_id, 0), terms)
+        return kept
 
     def free_candidates(self, request: QueuedRequest) -> list[Candidate]:
         state = self._state
-        ids = [i for i in self._ids if i in state.free_slots]
+        ids = [i for i in self._layout.ids if i in state.free_slots]
         return candidates(request, ids, state, self._config)
 
     def least_completion(
@@ -209,16 +215,23 @@ class IndexedFleet:
         uncached = request.prompt_tokens + request.generated_tokens
         limit = request.context_tokens if request.prompt_tokens_exact else 0
 
+        expected = expected_remaining(request)
+        terms = self._terms
+        backlog = state.backlog
+
         def weigh(agent_id: AgentId) -> None:
             """``placement_cost_s`` from kept parts; a free agent's KV check only if it can win."""
             nonlocal best, best_start
             agent = state.agents[agent_id]
-            free_in, backlog, tps, join_step, running, context = self._terms_of(agent)
+            kept = terms.get(agent_id)
+            if kept is None or kept[0] is not agent or kept[1] != backlog.get(agent_id, 0):
+                kept = self._keep_terms(agent)
+            free_in, backlog_s, tps, join_step, running, context = kept[2]
             if limit > context:
                 return
             prefill = (uncached - state.cached_tokens(request, agent_id)) / tps
             if agent.free_slots > 0:
-                time = completion_s(0.0, backlog, prefill, request, join_step) + prefill * running
+                time = (backlog_s + prefill) + expected * join_step + prefill * running
                 key = (time, agent_id)
                 improves = best is None or key < best[:2]
                 if not improves and best_start is not None and key >= best_start:
@@ -230,7 +243,7 @@ class IndexedFleet:
                         best_start = key
                     return
                 free_in = state.free_in_s(agent)
-            time = completion_s(free_in, backlog, prefill, request, join_step) + prefill * running
+            time = free_in + (backlog_s + prefill) + expected * join_step + prefill * running
             if best is None or (time, agent_id) < best[:2]:
                 best = (time, agent_id, False)
 
@@ -239,24 +252,21 @@ class IndexedFleet:
         ) -> bool:
             return found is not None and floor * BOUND_SLACK > found[0]
 
-        seen = {
-            agent_id
-            for agent_id, count in state.changes.items()
-            if count != self._changes_then.get(agent_id, 0) and agent_id in self._serves
-        }
-        # The floors below assume a full prefill, which holds for every agent but those
-        # holding part of the prompt: weigh those apart.
-        seen.update(i for i in state.prefix_hits.get(request.request_id, ()) if i in self._serves)
+        # The orders below are of the agents as the call began, and their floors assume a full
+        # prefill: weigh apart the agents this call changed and those holding part of the
+        # prompt.
+        layout = self._layout
+        seen = {agent_id for agent_id in state.changes if agent_id in layout.serves}
+        seen.update(i for i in state.prefix_hits.get(request.request_id, ()) if i in layout.serves)
         for agent_id in seen:
             weigh(agent_id)
-        prefill_floor = (request.prompt_tokens + request.generated_tokens) / (
-            self._fastest_prefill_tps
-        )
         rest = request.rest_tokens
-        for step, agent_id in self._free:
-            if beaten(prefill_floor * self._free_prefills + rest * step, best_start):
+        for (step, agent_id, token_s), least_token_s in zip(
+            layout.free, layout.free_token_s, strict=True
+        ):
+            if beaten(rest * step + uncached * least_token_s, best_start):
                 break
-            if agent_id not in seen:
+            if agent_id not in seen and not beaten(rest * step + uncached * token_s, best_start):
                 weigh(agent_id)
         bar = None
         if best_start is not None and not (
@@ -265,15 +275,27 @@ class IndexedFleet:
             # The busy agents left hold none of the prompt: one of them changes the choice
             # only if it costs at most ``wait_advantage`` x the best that can start now.
             bar = (wait_advantage * best_start[0], best_start[1], False)
-        for (step, by_step), (wait, by_wait) in zip(
-            self._busy_by_step, self._busy_by_wait, strict=True
-        ):
-            floor = wait + prefill_floor * self._busy_prefills + rest * step
-            if beaten(floor, best if bar is None or best is None else min(bar, best)):
+        groups = layout.groups
+        heap = [
+            (waits[0][0] + (rest * step + uncached * token_s), g, 0)
+            for g, (step, token_s, waits) in enumerate(groups)
+        ]
+        heapq.heapify(heap)
+        while heap:
+            floor, g, i = heap[0]
+            limit_found = best if bar is None or best is None else min(bar, best)
+            if beaten(floor, limit_found):
                 break  # no busy agent can start it now, so only the best overall is left
-            for agent_id in (by_step, by_wait):
-                if agent_id not in seen:
-                    seen.add(agent_id)
+            least_step, least_token_s, waits = groups[g]
+            wait, agent_id, step, token_s = waits[i]
+            if i + 1 < len(waits):
+                following = waits[i + 1][0] + (rest * least_step + uncached * least_token_s)
+                heapq.heapreplace(heap, (following, g, i + 1))
+            else:
+                heapq.heappop(heap)
+            if agent_id not in seen:
+                seen.add(agent_id)
+                if not beaten(wait + (rest * step + uncached * token_s), limit_found):
                     weigh(agent_id)
         return best, best_start
 

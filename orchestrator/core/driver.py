@@ -48,6 +48,7 @@ from orchestrator.core.events import (
     Streamed,
     TokensReceived,
 )
+from orchestrator.core.fleet_index import FleetMemo
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.ordered_queue import OrderedQueue
 from orchestrator.core.prefix import PrefixIndex, cached_tokens
@@ -114,6 +115,7 @@ class ClusterDriver:
         self._grace_until_s = 0.0
         self._queue = OrderedQueue(settings.scheduler.policy)
         self._agent_views = AgentViews(self.table, settings.exact_ignore_eos_lengths)
+        self._fleet_memo = FleetMemo()
         self.prefixes = PrefixIndex()
         """Which agent holds which prompt prefix blocks, as they reported."""
 
@@ -137,6 +139,7 @@ class ClusterDriver:
             case AgentJoined(agent):
                 self.agents[agent.agent_id] = agent
                 self._agent_views.forget(agent.agent_id)
+                self._fleet_memo.forget(agent.agent_id)
                 self.prefixes.forget(agent.agent_id)
                 self.needs_decision = True
                 return []
@@ -291,6 +294,7 @@ class ClusterDriver:
         max_attempts attempts)."""
         self.agents.pop(agent_id, None)
         self._agent_views.forget(agent_id)
+        self._fleet_memo.forget(agent_id)
         effects: list[Effect] = []
         limit = self.settings.max_attempts
         for record in self.table.on_agent(agent_id):
@@ -328,7 +332,7 @@ class ClusterDriver:
         if snapshot is None:
             return []
         effects: list[Effect] = []
-        for action in decide(snapshot, now, self.settings.scheduler):
+        for action in decide(snapshot, now, self.settings.scheduler, self._fleet_memo):
             match action:
                 case DispatchAction(request_id, agent_id, reservation):
                     self.dispatch_count += 1

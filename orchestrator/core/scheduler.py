@@ -38,7 +38,13 @@ from orchestrator.core.admission import (
     raised_reservation,
     reservation_cap,
 )
-from orchestrator.core.decision import DecisionState, candidates
+from orchestrator.core.decision import (
+    BOUND_SLACK,
+    DecisionState,
+    IndexedFleet,
+    candidates,
+)
+from orchestrator.core.fleet_index import FleetMemo
 from orchestrator.core.placement import speed_of
 from orchestrator.core.policies import effective_arrival_s
 from orchestrator.core.views import (
@@ -59,10 +65,12 @@ DECIDE_LOOKAHEAD: Final = 16
 """Queued requests (in policy order) one call considers for placement."""
 
 
-def decide(snapshot: Snapshot, now: float, config: SchedulerConfig) -> list[Action]:
+def decide(
+    snapshot: Snapshot, now: float, config: SchedulerConfig, memo: FleetMemo | None = None
+) -> list[Action]:
     """Raise or preempt for KV growth, place what can start now, reject what never can, and
     leave the rest queued (late binding: the coordinator keeps the only queue)."""
-    state = DecisionState(snapshot, now)
+    state = DecisionState(snapshot, now, FleetMemo() if memo is None else memo)
     _grow_reservations(snapshot, state, config)
     if snapshot.queue:
         _place_queue(snapshot, now, state, config)
@@ -161,7 +169,7 @@ def _place_queue(
         if state.free_slots.isdisjoint(model_agents[request.model]):
             if policy.preemptive and preempt_tries > 0:
                 preempt_tries -= 1
-                _try_preempt(request, [state.agents[i] for i in ids], now, state, config)
+                _try_preempt(request, state.fleet(request.model, ids, config), now, state, config)
             continue
         choice = config.placement.settle(request, state.fleet(request.model, ids, config))
         if choice is None:
@@ -175,7 +183,7 @@ def _place_queue(
             continue
         if policy.preemptive and preempt_tries > 0:
             preempt_tries -= 1
-            if _try_preempt(request, [state.agents[i] for i in ids], now, state, config):
+            if _try_preempt(request, state.fleet(request.model, ids, config), now, state, config):
                 continue
         if choice.waits_for is not None:
             state.backlog[choice.waits_for] += 1
@@ -183,7 +191,7 @@ def _place_queue(
 
 def _try_preempt(
     request: QueuedRequest,
-    agents: list[AgentView],
+    fleet: IndexedFleet,
     now: float,
     state: DecisionState,
     config: SchedulerConfig,
@@ -193,7 +201,9 @@ def _try_preempt(
     waiting_rest = request.rest_tokens
     waiting_key = policy.key(request)
     best: tuple[float, RunningRequest, AgentView] | None = None
-    for agent in agents:
+    # Below, an agent is skipped when ``waiting_rest x step > fraction x free_in_s``, and
+    # free_in_s is its first running request's rest x step unless this call changed it.
+    for agent in fleet.preemptable(waiting_rest * BOUND_SLACK / PREEMPT_COST_FRACTION):
         if not agent.fits_context(request):
             continue
         speed = speed_of(agent)

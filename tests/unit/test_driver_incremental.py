@@ -29,6 +29,7 @@ from orchestrator.core.events import (
     RunRefused,
     TokensReceived,
 )
+from orchestrator.core.fleet_index import FleetMemo
 from orchestrator.core.ordered_queue import OrderedQueue
 from orchestrator.core.placement import Candidate, Choice, Fleet, Placement, make_placement
 from orchestrator.core.policies import make_policy
@@ -166,6 +167,7 @@ def test_decisions_on_the_kept_state_equal_decisions_on_a_rebuilt_one(
     driver = ClusterDriver(
         DriverSettings(scheduler=config, exact_ignore_eos_lengths=rng.random() < 0.5)
     )
+    memo = FleetMemo()  # kept across the calls, as the driver keeps its own
     now = 100.0
     agents = 0
     for _ in range(12):
@@ -197,7 +199,7 @@ def test_decisions_on_the_kept_state_equal_decisions_on_a_rebuilt_one(
         kept = driver.snapshot(now)
         if kept is not None:
             expected = decide(rebuilt(driver, now), now, weigh_every_agent)
-            assert _summary(decide(kept, now, config)) == _summary(expected)
+            assert _summary(decide(kept, now, config, memo)) == _summary(expected)
         driver.schedule(now)
     assert requests > 150 and driver.dispatch_count > 50
 
