@@ -1,7 +1,7 @@
 """What the cluster driver knows of each live agent, and its views of them for ``decide``, kept
 between decisions: an agent's view and its running requests' views are rebuilt only when its
-work changed (``RequestTable.agent_version``), so a decision on a hundred agents costs what
-changed since the last one, not the cluster's size."""
+work changed (``RequestTable.changed_agents``) or the driver changed what it knows of it, so a
+decision on a hundred agents costs what changed since the last one, not the cluster's size."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from orchestrator.core.views import (
     QueuedRequest,
     RunningRequest,
     SpeedProfile,
+    serving_of,
 )
 from orchestrator.protocol import AgentId, RequestId
 
@@ -52,11 +53,35 @@ class AgentViews:
         self._regrow: set[AgentId] = set()
         """Agents back in placement (no longer draining), whose running requests were not
         checked for raises while out."""
+        self._changed: set[AgentId] = set()
+        """Agents whose state (drain, speed, refusal) the driver changed since the last
+        decision."""
+        self._listed: dict[AgentId, AgentView | None] | None = None
+        """Every agent's view as the last decision saw it, in the agents' order (None: left out
+        of placement); None: to be built anew (an agent joined or left)."""
+        self._order: dict[AgentId, int] = {}
+        self.serving = serving_of(())
+        """``serving_of`` the last ``for_decision`` views, kept while the same agents are in
+        placement."""
+        self._pauses: dict[AgentId, float] = {}
+        """Agents left out or shown full in ``_listed`` until a refusal pause ends."""
+        self._running: dict[AgentId, AgentRunning] = {}
+        """Each agent's running group, for the agents running something."""
+        self._forgotten: set[AgentId] = set()
+        """Agents whose kept work was dropped since the last decision."""
 
     def forget(self, agent_id: AgentId) -> None:
         """The agent left or joined anew."""
         self._work.pop(agent_id, None)
         self._views.pop(agent_id, None)
+        self._running.pop(agent_id, None)
+        self._pauses.pop(agent_id, None)
+        self._forgotten.add(agent_id)
+        self._listed = None
+
+    def changed(self, agent_id: AgentId) -> None:
+        """The driver changed what it knows of the agent (drain, speed or refusal pause)."""
+        self._changed.add(agent_id)
 
     def regrow(self, agent_id: AgentId) -> None:
         """The agent is back in placement: check all its running requests for raises."""
@@ -66,6 +91,7 @@ class AgentViews:
         """``decide`` has seen every change so far."""
         self._table.clear_touched()
         self._regrow.clear()
+        self._changed.clear()
 
     def placement(
         self,
@@ -77,49 +103,81 @@ class AgentViews:
         """Agents as placement sees them; draining ones take no new work, nor (given ``now``)
         ones that refused a dispatch moments ago: those show no free slot (or, idle, are left
         out), so the core still raises and preempts what runs there."""
-        views = []
-        for agent in agents.values():
-            if agent.draining and not include_draining:
+        views = (self._view(agent, include_draining, now) for agent in agents.values())
+        return [view for view in views if view is not None]
+
+    def for_decision(self, agents: Mapping[AgentId, AgentState], now: float) -> list[AgentView]:
+        """``placement(agents, now=now)``, updated only for the agents that changed since the
+        last decision or whose refusal pause has ended."""
+        listed = self._listed
+        rejoined = listed is None
+        if listed is None:
+            self._order = {agent_id: i for i, agent_id in enumerate(agents)}
+            self._pauses.clear()
+            dirty: Iterable[AgentId] = agents
+            listed = self._listed = {}
+        else:
+            dirty = self._changed.union(self._table.changed_agents())
+            dirty.update(i for i, until in self._pauses.items() if now >= until)
+        for agent_id in dirty:
+            agent = agents.get(agent_id)
+            if agent is None:
                 continue
-            pausing = now is not None and now < agent.refused_until_s
-            key = (self._table.agent_version(agent.agent_id), pausing, agent.speed)
-            cached = self._views.get(agent.agent_id)
-            if cached is not None and cached[0] == key:
-                view = cached[1]
+            view = self._view(agent, False, now)
+            rejoined |= (view is None) != (listed.get(agent_id) is None)
+            listed[agent_id] = view
+            if now < agent.refused_until_s:
+                self._pauses[agent_id] = agent.refused_until_s
             else:
-                work = self._table.on_agent(agent.agent_id)
-                view = AgentView(
-                    agent_id=agent.agent_id,
-                    model_name=agent.model_name,
-                    n_ctx=agent.n_ctx,
-                    max_seqs=len(work) if pausing else agent.max_seqs,
-                    kv_budget_tokens=agent.kv_budget_tokens,
-                    running=len(work),
-                    kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
-                    decode_tps=agent.decode_tps,
-                    speed=agent.speed,
-                    prefill_backlog_tokens=sum(r.pending_prefill_tokens for r in work),
-                    prefill_backlog_since_s=min(
-                        (r.dispatched_s or 0.0 for r in work if r.pending_prefill_tokens),
-                        default=0.0,
-                    ),
-                )
-                self._views[agent.agent_id] = (key, view)
-            if not (pausing and view.running == 0):
-                views.append(view)
+                self._pauses.pop(agent_id, None)
+        views = [view for view in listed.values() if view is not None]
+        if rejoined:
+            self.serving = serving_of(views)
         return views
 
-    def running(
-        self, agent_ids: Iterable[AgentId]
-    ) -> tuple[dict[AgentId, AgentRunning], tuple[RunningRequest, ...]]:
+    def _view(
+        self, agent: AgentState, include_draining: bool, now: float | None
+    ) -> AgentView | None:
+        if agent.draining and not include_draining:
+            return None
+        pausing = now is not None and now < agent.refused_until_s
+        key = (self._table.agent_version(agent.agent_id), pausing, agent.speed)
+        cached = self._views.get(agent.agent_id)
+        if cached is not None and cached[0] == key:
+            view = cached[1]
+        else:
+            work = self._table.on_agent(agent.agent_id)
+            view = AgentView(
+                agent_id=agent.agent_id,
+                model_name=agent.model_name,
+                n_ctx=agent.n_ctx,
+                max_seqs=len(work) if pausing else agent.max_seqs,
+                kv_budget_tokens=agent.kv_budget_tokens,
+                running=len(work),
+                kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
+                decode_tps=agent.decode_tps,
+                speed=agent.speed,
+                prefill_backlog_tokens=sum(r.pending_prefill_tokens for r in work),
+                prefill_backlog_since_s=min(
+                    (r.dispatched_s or 0.0 for r in work if r.pending_prefill_tokens),
+                    default=0.0,
+                ),
+            )
+            self._views[agent.agent_id] = (key, view)
+        return None if pausing and view.running == 0 else view
+
+    def running(self) -> tuple[dict[AgentId, AgentRunning], tuple[RunningRequest, ...]]:
         """Each agent's running requests, rebuilt only where something changed, and those whose
-        KV use or reservation changed since the last decision (agent then dispatch order)."""
+        KV use or reservation changed since the last decision (agent then dispatch order, as
+        of the last ``for_decision``)."""
         touched = self._table.touched()
-        touched_agents = {self._table[request_id].agent_id for request_id in touched}
+        touched_agents = {
+            agent_id
+            for request_id in touched
+            if (agent_id := self._table[request_id].agent_id) is not None
+        }
         regrow = self._regrow
-        by_agent: dict[AgentId, AgentRunning] = {}
-        growing: list[RunningRequest] = []
-        for agent_id in agent_ids:
+        for agent_id in self._table.changed_agents() | regrow | self._forgotten:
             version = self._table.agent_version(agent_id)
             work = self._work.get(agent_id)
             if work is None or work.version != version:
@@ -135,14 +193,22 @@ class AgentViews:
                 work = self._work[agent_id] = _AgentWork(
                     version, views, AgentRunning(tuple(views.values()))
                 )
-            if not work.views:
+            if work.views:
+                self._running[agent_id] = work.group
+            else:
+                self._running.pop(agent_id, None)
+        self._forgotten.clear()
+        growing: list[RunningRequest] = []
+        order = self._order
+        for agent_id in sorted(touched_agents | regrow, key=lambda i: order.get(i, len(order))):
+            group = self._running.get(agent_id)
+            if group is None:
                 continue
-            by_agent[agent_id] = work.group
             if agent_id in regrow:
-                growing.extend(work.group.requests)
-            elif agent_id in touched_agents:
-                growing.extend(r for r in work.group.requests if r.request_id in touched)
-        return by_agent, tuple(growing)
+                growing.extend(group.requests)
+            else:
+                growing.extend(r for r in group.requests if r.request_id in touched)
+        return dict(self._running), tuple(growing)
 
     def _running_view(self, record: RequestRecord) -> RunningRequest:
         view = record.running_view()

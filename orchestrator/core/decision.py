@@ -130,7 +130,9 @@ class DecisionState:
             return rests[k - 1] * step
         return rests[-1] * step * k / len(rests)
 
-    def fleet(self, model: str | None, ids: list[AgentId], config: SchedulerConfig) -> IndexedFleet:
+    def fleet(
+        self, model: str | None, ids: Sequence[AgentId], config: SchedulerConfig
+    ) -> IndexedFleet:
         """The agents serving ``model``, indexed for this call's placements."""
         found = self._fleets.get(model)
         if found is None:
@@ -253,12 +255,13 @@ class IndexedFleet:
             return found is not None and floor * BOUND_SLACK > found[0]
 
         # The orders below are of the agents as the call began, and their floors assume a full
-        # prefill: weigh apart the agents this call changed and those holding part of the
-        # prompt.
+        # prefill: the agents holding part of the prompt are weighed first, and those this call
+        # changed after the free ones, on floors of their own.
         layout = self._layout
-        seen = {agent_id for agent_id in state.changes if agent_id in layout.serves}
-        seen.update(i for i in state.prefix_hits.get(request.request_id, ()) if i in layout.serves)
-        for agent_id in seen:
+        hits = [i for i in state.prefix_hits.get(request.request_id, ()) if i in layout.serves]
+        changed = [i for i in state.changes if i in layout.serves]
+        seen = {*hits, *changed}
+        for agent_id in hits:
             weigh(agent_id)
         rest = request.rest_tokens
         for (step, agent_id, token_s), least_token_s in zip(
@@ -267,6 +270,14 @@ class IndexedFleet:
             if beaten(rest * step + uncached * least_token_s, best_start):
                 break
             if agent_id not in seen and not beaten(rest * step + uncached * token_s, best_start):
+                weigh(agent_id)
+        for agent_id in changed:
+            agent = state.agents[agent_id]
+            keys = state.keys(agent)
+            floor = rest * keys.join_step_s + uncached * keys.token_s
+            if agent_id not in hits and not beaten(
+                floor, best_start if agent.free_slots > 0 else best
+            ):
                 weigh(agent_id)
         bar = None
         if best_start is not None and not (
@@ -301,7 +312,7 @@ class IndexedFleet:
 
 
 def candidates(
-    request: QueuedRequest, ids: list[AgentId], state: DecisionState, config: SchedulerConfig
+    request: QueuedRequest, ids: Sequence[AgentId], state: DecisionState, config: SchedulerConfig
 ) -> list[Candidate]:
     """The agents among ``ids`` whose context fits the request, as placement weighs them."""
     agents = (state.agents[agent_id] for agent_id in ids)

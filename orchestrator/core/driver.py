@@ -150,9 +150,13 @@ class ClusterDriver:
                 if known.draining != draining:
                     known.draining = draining
                     self.needs_decision = True
+                    self._agent_views.changed(agent_id)
                     if not draining:
                         self._agent_views.regrow(agent_id)
-                known.speed = refreshed_speed(known.speed, decode_curve, prefill_tps)
+                speed = refreshed_speed(known.speed, decode_curve, prefill_tps)
+                if speed is not known.speed:
+                    known.speed = speed
+                    self._agent_views.changed(agent_id)
                 return []
             case AgentLost(agent_id, reason, failed):
                 self.prefixes.forget(agent_id)
@@ -261,6 +265,7 @@ class ClusterDriver:
         agent = self.agents.get(event.agent_id)
         if agent is not None:
             agent.refused_until_s = 0.0
+            self._agent_views.changed(event.agent_id)
         self.needs_decision = True
         return [Ended(record, event.agent_id)]
 
@@ -285,6 +290,7 @@ class ClusterDriver:
         agent = self.agents.get(event.agent_id)
         if agent is not None:
             agent.refused_until_s = now + self.settings.refusal_backoff_s
+            self._agent_views.changed(event.agent_id)
         return [Requeued(record.request_id, "preempted_kv" if kv_overflow else "agent_refused")]
 
     def _agent_lost(self, agent_id: AgentId, reason: str, failed: bool, now: float) -> list[Effect]:
@@ -370,15 +376,15 @@ class ClusterDriver:
     def snapshot(self, now: float) -> Snapshot | None:
         """What ``decide`` sees now (of the queue, its head: ``core.ordered_queue``); None when
         nothing waits or runs."""
-        agents = tuple(self.views(now=now))
-        limits: dict[str, int] = {}
-        for agent in agents:
-            limit = min(agent.n_ctx, agent.kv_budget_tokens)
-            limits[agent.model_name] = max(limit, limits.get(agent.model_name, 0))
+        agents = tuple(self._agent_views.for_decision(self.agents, now))
+        serving = self._agent_views.serving
         head = self._queue.head(
-            now, limits, self.settings.scheduler.unavailable_timeout_s, DECIDE_LOOKAHEAD
+            now,
+            serving.context_limits,
+            self.settings.scheduler.unavailable_timeout_s,
+            DECIDE_LOOKAHEAD,
         )
-        by_agent, growing = self._agent_views.running(self.agents)
+        by_agent, growing = self._agent_views.running()
         if not head.requests and not by_agent:
             return None
         hits = {
@@ -394,6 +400,7 @@ class ClusterDriver:
             aging_bound_s=head.aging_bound_s,
             by_agent=by_agent,
             growing=growing,
+            serving=serving,
         )
 
     def queued(self) -> list[QueuedRequest]:

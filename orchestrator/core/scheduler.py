@@ -55,9 +55,9 @@ from orchestrator.core.views import (
     ReserveAction,
     RunningRequest,
     Snapshot,
+    serving_of,
 )
 from orchestrator.errors import ContextOverflow, Unavailable
-from orchestrator.protocol import AgentId
 
 PREEMPT_COST_FRACTION: Final = 0.15
 PREEMPT_TRIES_PER_DECIDE: Final = 2
@@ -130,27 +130,17 @@ def _place_queue(
     snapshot: Snapshot, now: float, state: DecisionState, config: SchedulerConfig
 ) -> None:
     policy = config.policy
-    by_model: dict[str | None, list[AgentId]] = {}
-    model_agents: dict[str | None, set[AgentId]] = {}
-    limit: dict[str | None, int] = {}
-    for request in snapshot.queue:
-        if request.model not in by_model:
-            ids = [a.agent_id for a in snapshot.agents if a.serves(request.model)]
-            by_model[request.model] = ids
-            model_agents[request.model] = set(ids)
-            limit[request.model] = max(
-                (min(state.agents[i].n_ctx, state.agents[i].kv_budget_tokens) for i in ids),
-                default=0,
-            )
+    serving = snapshot.serving or serving_of(snapshot.agents)
     placeable: list[QueuedRequest] = []
     for request in snapshot.queue:
-        if not by_model[request.model]:
+        if not serving.ids(request.model):
             if now - request.arrival_s >= config.unavailable_timeout_s:
                 state.actions.append(RejectAction(request.request_id, _unavailable(request, now)))
-        elif request.prompt_tokens_exact and request.context_tokens > limit[request.model]:
-            state.actions.append(
-                RejectAction(request.request_id, _overflow(request, limit[request.model]))
-            )
+        elif request.prompt_tokens_exact and request.context_tokens > serving.context_limit(
+            request.model
+        ):
+            limit = serving.context_limit(request.model)
+            state.actions.append(RejectAction(request.request_id, _overflow(request, limit)))
         else:
             placeable.append(request)
     if not placeable:
@@ -165,8 +155,8 @@ def _place_queue(
     ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now, bound))
     preempt_tries = PREEMPT_TRIES_PER_DECIDE
     for request in ordered:
-        ids = by_model[request.model]
-        if state.free_slots.isdisjoint(model_agents[request.model]):
+        ids = serving.ids(request.model)
+        if state.free_slots.isdisjoint(serving.members[request.model]):
             if policy.preemptive and preempt_tries > 0:
                 preempt_tries -= 1
                 _try_preempt(request, state.fleet(request.model, ids, config), now, state, config)

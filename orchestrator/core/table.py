@@ -138,6 +138,7 @@ class RequestTable:
         self._by_agent: dict[AgentId, dict[RequestId, RequestRecord]] = {}
         self._agent_versions: dict[AgentId, int] = {}
         self._touched: dict[RequestId, None] = {}
+        self._changed_agents: set[AgentId] = set()
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
@@ -180,12 +181,18 @@ class RequestTable:
         since ``clear_touched``, and still on them."""
         return self._touched.keys()
 
+    def changed_agents(self) -> Set[AgentId]:
+        """Agents whose ``agent_version`` changed since ``clear_touched``."""
+        return self._changed_agents
+
     def clear_touched(self) -> None:
         self._touched.clear()
+        self._changed_agents.clear()
 
     def _touch(self, record: RequestRecord) -> None:
         assert record.agent_id is not None
         self._agent_versions[record.agent_id] = self.agent_version(record.agent_id) + 1
+        self._changed_agents.add(record.agent_id)
         self._touched[record.request_id] = None
 
     def add(self, record: RequestRecord) -> None:

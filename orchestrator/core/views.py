@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
@@ -259,6 +259,43 @@ class AgentRunning:
 
 
 @dataclass(frozen=True, slots=True)
+class Serving:
+    """The agents of a snapshot by the model they serve (in the snapshot's order), and each
+    model's largest context (``min(n_ctx, kv_budget)``): what ``decide`` would otherwise find
+    in passes over every agent. The cluster driver keeps it while the agents in placement stay
+    the same."""
+
+    every: tuple[AgentId, ...]
+    by_model: Mapping[str, tuple[AgentId, ...]]
+    members: Mapping[str | None, frozenset[AgentId]]
+    context_limits: Mapping[str, int]
+
+    def ids(self, model: str | None) -> tuple[AgentId, ...]:
+        """The agents serving ``model`` (None: any model)."""
+        return self.every if model is None else self.by_model.get(model, ())
+
+    def context_limit(self, model: str | None) -> int:
+        if model is None:
+            return max(self.context_limits.values(), default=0)
+        return self.context_limits.get(model, 0)
+
+
+def serving_of(agents: Sequence[AgentView]) -> Serving:
+    by_model: dict[str, list[AgentId]] = {}
+    limits: dict[str, int] = {}
+    for agent in agents:
+        by_model.setdefault(agent.model_name, []).append(agent.agent_id)
+        limit = min(agent.n_ctx, agent.kv_budget_tokens)
+        limits[agent.model_name] = max(limit, limits.get(agent.model_name, 0))
+    every = tuple(agent.agent_id for agent in agents)
+    members: dict[str | None, frozenset[AgentId]] = {
+        model: frozenset(ids) for model, ids in by_model.items()
+    }
+    members[None] = frozenset(every)
+    return Serving(every, {m: tuple(ids) for m, ids in by_model.items()}, members, limits)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything ``decide`` looks at. ``dispatch_count`` (dispatches so far) lets round-robin
     placement rotate without state of its own.
@@ -279,6 +316,8 @@ class Snapshot:
     growing: tuple[RunningRequest, ...] | None = None
     """The running requests whose KV use or reservation changed since the last decision, in
     agent then dispatch order: only these can need a raise. None: every running request."""
+    serving: Serving | None = None
+    """``serving_of(agents)``, when the caller keeps it; None: computed from ``agents``."""
 
     def __post_init__(self) -> None:
         if self.running and not self.by_agent:

@@ -35,7 +35,14 @@ from orchestrator.core.placement import Candidate, Choice, Fleet, Placement, mak
 from orchestrator.core.policies import make_policy
 from orchestrator.core.scheduler import decide
 from orchestrator.core.table import RequestRecord
-from orchestrator.core.views import Action, QueuedRequest, RejectAction, RunningRequest, Snapshot
+from orchestrator.core.views import (
+    Action,
+    QueuedRequest,
+    RejectAction,
+    RunningRequest,
+    Snapshot,
+    serving_of,
+)
 from orchestrator.errors import Overloaded
 from orchestrator.protocol import RequestId
 from tests.factories import agent_state, estimate, params, queued, record, speed
@@ -198,6 +205,8 @@ def test_decisions_on_the_kept_state_equal_decisions_on_a_rebuilt_one(
             agents += 1
         kept = driver.snapshot(now)
         if kept is not None:
+            assert kept.agents == tuple(driver.views(now=now))
+            assert kept.serving == serving_of(kept.agents)
             expected = decide(rebuilt(driver, now), now, weigh_every_agent)
             assert _summary(decide(kept, now, config, memo)) == _summary(expected)
         driver.schedule(now)
