@@ -123,7 +123,7 @@ class AgentViews:
             agent = agents.get(agent_id)
             if agent is None:
                 continue
-            view = self._view(agent, False, now)
+            view = self._view(agent, False, now, self._refresh(agent_id))
             rejoined |= (view is None) != (listed.get(agent_id) is None)
             listed[agent_id] = view
             if now < agent.refused_until_s:
@@ -136,8 +136,14 @@ class AgentViews:
         return views
 
     def _view(
-        self, agent: AgentState, include_draining: bool, now: float | None
+        self,
+        agent: AgentState,
+        include_draining: bool,
+        now: float | None,
+        group: AgentRunning | None = None,
     ) -> AgentView | None:
+        """The agent's view, counted from its kept running ``group`` if given, else from the
+        table's records."""
         if agent.draining and not include_draining:
             return None
         pausing = now is not None and now < agent.refused_until_s
@@ -146,25 +152,60 @@ class AgentViews:
         if cached is not None and cached[0] == key:
             view = cached[1]
         else:
-            work = self._table.on_agent(agent.agent_id)
+            if group is None:
+                work = self._table.on_agent(agent.agent_id)
+                running = len(work)
+                reserved = sum(r.kv_reservation_tokens for r in work)
+                backlog = sum(r.pending_prefill_tokens for r in work)
+                since = min(
+                    (r.dispatched_s or 0.0 for r in work if r.pending_prefill_tokens),
+                    default=0.0,
+                )
+            else:
+                running = len(group.requests)
+                reserved = group.kv_reserved_tokens
+                backlog = group.prefill_tokens
+                since = group.prefill_since_s
             view = AgentView(
                 agent_id=agent.agent_id,
                 model_name=agent.model_name,
                 n_ctx=agent.n_ctx,
-                max_seqs=len(work) if pausing else agent.max_seqs,
+                max_seqs=running if pausing else agent.max_seqs,
                 kv_budget_tokens=agent.kv_budget_tokens,
-                running=len(work),
-                kv_reserved_tokens=sum(r.kv_reservation_tokens for r in work),
+                running=running,
+                kv_reserved_tokens=reserved,
                 decode_tps=agent.decode_tps,
                 speed=agent.speed,
-                prefill_backlog_tokens=sum(r.pending_prefill_tokens for r in work),
-                prefill_backlog_since_s=min(
-                    (r.dispatched_s or 0.0 for r in work if r.pending_prefill_tokens),
-                    default=0.0,
-                ),
+                prefill_backlog_tokens=backlog,
+                prefill_backlog_since_s=since,
             )
             self._views[agent.agent_id] = (key, view)
         return None if pausing and view.running == 0 else view
+
+    def _refresh(self, agent_id: AgentId) -> AgentRunning:
+        """The agent's running group, rebuilt if its work changed (reusing the views of the
+        requests not touched since the last decision)."""
+        version = self._table.agent_version(agent_id)
+        work = self._work.get(agent_id)
+        if work is None or work.version != version:
+            touched = self._table.touched()
+            old = work.views if work is not None else {}
+            views = {
+                r.request_id: (
+                    old[r.request_id]
+                    if r.request_id in old and r.request_id not in touched
+                    else self._running_view(r)
+                )
+                for r in self._table.on_agent(agent_id)
+            }
+            work = self._work[agent_id] = _AgentWork(
+                version, views, AgentRunning(tuple(views.values()))
+            )
+            if views:
+                self._running[agent_id] = work.group
+            else:
+                self._running.pop(agent_id, None)
+        return work.group
 
     def running(self) -> tuple[dict[AgentId, AgentRunning], tuple[RunningRequest, ...]]:
         """Each agent's running requests, rebuilt only where something changed, and those whose
@@ -178,25 +219,7 @@ class AgentViews:
         }
         regrow = self._regrow
         for agent_id in self._table.changed_agents() | regrow | self._forgotten:
-            version = self._table.agent_version(agent_id)
-            work = self._work.get(agent_id)
-            if work is None or work.version != version:
-                old = work.views if work is not None else {}
-                views = {
-                    r.request_id: (
-                        old[r.request_id]
-                        if r.request_id in old and r.request_id not in touched
-                        else self._running_view(r)
-                    )
-                    for r in self._table.on_agent(agent_id)
-                }
-                work = self._work[agent_id] = _AgentWork(
-                    version, views, AgentRunning(tuple(views.values()))
-                )
-            if work.views:
-                self._running[agent_id] = work.group
-            else:
-                self._running.pop(agent_id, None)
+            self._refresh(agent_id)
         self._forgotten.clear()
         growing: list[RunningRequest] = []
         order = self._order

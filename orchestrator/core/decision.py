@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Final
@@ -249,10 +250,9 @@ class IndexedFleet:
             if best is None or (time, agent_id) < best[:2]:
                 best = (time, agent_id, False)
 
-        def beaten(
-            floor: float, found: tuple[float, AgentId, bool] | tuple[float, AgentId] | None
-        ) -> bool:
-            return found is not None and floor * BOUND_SLACK > found[0]
+        def cut(found: tuple[float, AgentId, bool] | tuple[float, AgentId] | None) -> float:
+            """A floor above this cannot beat ``found`` (float rounding allowed for)."""
+            return math.inf if found is None else found[0] / BOUND_SLACK
 
         # The orders below are of the agents as the call began, and their floors assume a full
         # prefill: the agents holding part of the prompt are weighed first, and those this call
@@ -264,28 +264,30 @@ class IndexedFleet:
         for agent_id in hits:
             weigh(agent_id)
         rest = request.rest_tokens
+        start_cut = cut(best_start)
         for (step, agent_id, token_s), least_token_s in zip(
             layout.free, layout.free_token_s, strict=True
         ):
-            if beaten(rest * step + uncached * least_token_s, best_start):
+            if rest * step + uncached * least_token_s > start_cut:
                 break
-            if agent_id not in seen and not beaten(rest * step + uncached * token_s, best_start):
+            if agent_id not in seen and rest * step + uncached * token_s <= start_cut:
                 weigh(agent_id)
+                start_cut = cut(best_start)
+        best_cut = cut(best)
         for agent_id in changed:
             agent = state.agents[agent_id]
             keys = state.keys(agent)
             floor = rest * keys.join_step_s + uncached * keys.token_s
-            if agent_id not in hits and not beaten(
-                floor, best_start if agent.free_slots > 0 else best
-            ):
+            if agent_id not in hits and floor <= (start_cut if agent.free_slots > 0 else best_cut):
                 weigh(agent_id)
-        bar = None
+                start_cut, best_cut = cut(best_start), cut(best)
+        busy_cut = best_cut
         if best_start is not None and not (
             best is not None and not best[2] and self.cached_tokens(request, best[1]) > 0
         ):
             # The busy agents left hold none of the prompt: one of them changes the choice
             # only if it costs at most ``wait_advantage`` x the best that can start now.
-            bar = (wait_advantage * best_start[0], best_start[1], False)
+            busy_cut = min(busy_cut, wait_advantage * best_start[0] / BOUND_SLACK)
         groups = layout.groups
         heap = [
             (waits[0][0] + (rest * step + uncached * token_s), g, 0)
@@ -294,8 +296,7 @@ class IndexedFleet:
         heapq.heapify(heap)
         while heap:
             floor, g, i = heap[0]
-            limit_found = best if bar is None or best is None else min(bar, best)
-            if beaten(floor, limit_found):
+            if floor > busy_cut:
                 break  # no busy agent can start it now, so only the best overall is left
             least_step, least_token_s, waits = groups[g]
             wait, agent_id, step, token_s = waits[i]
@@ -306,8 +307,9 @@ class IndexedFleet:
                 heapq.heappop(heap)
             if agent_id not in seen:
                 seen.add(agent_id)
-                if not beaten(wait + (rest * step + uncached * token_s), limit_found):
+                if wait + (rest * step + uncached * token_s) <= busy_cut:
                     weigh(agent_id)
+                    busy_cut = min(busy_cut, cut(best))
         return best, best_start
 
 

@@ -17,7 +17,8 @@ import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+
+from sortedcontainers import SortedList
 
 from orchestrator.core.policies import Policy, Rank, effective_arrival_s
 from orchestrator.core.views import QueuedRequest
@@ -41,10 +42,15 @@ class OrderedQueue:
         self._views: dict[RequestId, QueuedRequest] = {}
         self._seq: dict[RequestId, int] = {}
         self._next_seq = 0
-        self._by_arrival: list[tuple[float, RequestId]] = []
-        self._by_key: list[tuple[float, float, RequestId]] = []
+        self._keys: dict[RequestId, tuple[float, float]] = {}
+        """Each request's (policy key, effective arrival) as it was queued."""
+        self._by_arrival = SortedList()
+        """(effective arrival, id) ascending. Sorted lists of chunks: adding or removing one of
+        10,000 requests moves a chunk, not the whole list."""
+        self._by_key = SortedList()
+        """(policy key, effective arrival, id) ascending."""
         self._by_model: dict[str | None, dict[RequestId, None]] = {}
-        self._exact_context: dict[str | None, list[tuple[int, RequestId]]] = {}
+        self._exact_context: dict[str | None, SortedList] = {}
         """Requests with an exact prompt count by model, ascending by prompt + max_tokens: the
         ones that overflow every agent's context are a suffix."""
 
@@ -66,28 +72,32 @@ class OrderedQueue:
         self._seq[request_id] = self._next_seq
         self._next_seq += 1
         arrival = effective_arrival_s(view)
-        bisect.insort(self._by_arrival, (arrival, request_id))
-        bisect.insort(self._by_key, (self._key(view), arrival, request_id))
+        key = self._key(view)
+        self._keys[request_id] = (key, arrival)
+        self._by_arrival.add((arrival, request_id))
+        self._by_key.add((key, arrival, request_id))
         self._by_model.setdefault(view.model, {})[request_id] = None
         if view.prompt_tokens_exact:
-            exact = self._exact_context.setdefault(view.model, [])
-            bisect.insort(exact, (view.context_tokens, request_id))
+            exact = self._exact_context.get(view.model)
+            if exact is None:
+                exact = self._exact_context[view.model] = SortedList()
+            exact.add((view.context_tokens, request_id))
 
     def remove(self, request_id: RequestId) -> None:
         view = self._views.pop(request_id, None)
         if view is None:
             return
         del self._seq[request_id]
-        arrival = effective_arrival_s(view)
-        _discard(self._by_arrival, (arrival, request_id))
-        _discard(self._by_key, (self._key(view), arrival, request_id))
+        key, arrival = self._keys.pop(request_id)
+        self._by_arrival.discard((arrival, request_id))
+        self._by_key.discard((key, arrival, request_id))
         members = self._by_model[view.model]
         del members[request_id]
         if not members:
             del self._by_model[view.model]
         if view.prompt_tokens_exact:
             exact = self._exact_context[view.model]
-            _discard(exact, (view.context_tokens, request_id))
+            exact.discard((view.context_tokens, request_id))
             if not exact:
                 del self._exact_context[view.model]
 
@@ -125,8 +135,9 @@ class OrderedQueue:
                     if now - view.arrival_s >= unavailable_timeout_s
                 )
                 continue
-            exact = self._exact_context.get(model, [])
-            overflow = exact[bisect.bisect_right(exact, limit, key=lambda e: e[0]) :]
+            exact = self._exact_context.get(model)
+            # (limit + 1,) sorts before every (limit + 1, id) and after every (limit, id).
+            overflow = [] if exact is None else exact[exact.bisect_left((limit + 1,)) :]
             excluded.update(request_id for _, request_id in overflow)
             rejects.extend(self._views[request_id] for _, request_id in overflow)
         return rejects, excluded
@@ -138,10 +149,7 @@ class OrderedQueue:
         if count <= 0:
             return self._policy.aging_bound_s((), now)
         position = count - 1 - count // 2
-        skipped = sorted(
-            bisect.bisect_left(self._by_arrival, (effective_arrival_s(self._views[r]), r))
-            for r in excluded
-        )
+        skipped = sorted(self._by_arrival.bisect_left((self._keys[r][1], r)) for r in excluded)
         for index in skipped:
             if index > position:
                 break
@@ -165,10 +173,9 @@ class OrderedQueue:
         longest_wait_s = max(0.0, min(bound, now - self._by_arrival[0][0]))
         best: list[tuple[Rank, QueuedRequest]] = []
         by_key = self._by_key
-        index = 0
-        while index < len(by_key):
-            key, arrival, request_id = by_key[index]
-            index += 1
+        entries = iter(by_key)
+        while (entry := next(entries, None)) is not None:
+            key, arrival, request_id = entry
             full = len(best) == slots
             if full:
                 floor = policy.rank_floor(key, arrival, request_id, longest_wait_s)
@@ -186,11 +193,5 @@ class OrderedQueue:
             elif rank[:2] == floor[:2]:
                 # Later requests with this key waited no longer and are in no better class,
                 # so none of them ranks better either.
-                index = bisect.bisect_right(by_key, (key, math.inf))
+                entries = by_key.islice(by_key.bisect_right((key, math.inf)))
         return starved + [view for _, view in best]
-
-
-def _discard(ordered: list[Any], entry: Any) -> None:
-    index = bisect.bisect_left(ordered, entry)
-    if index < len(ordered) and ordered[index] == entry:
-        del ordered[index]

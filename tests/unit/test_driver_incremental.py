@@ -224,7 +224,8 @@ def test_the_queue_head_holds_every_request_decide_would_place_or_reject(policy:
             f"q{i}",
             arrival_s=rng.uniform(0.0, 100.0),
             priority=rng.choice(("interactive", "batch")),
-            prompt_tokens=rng.choice((5, 100, 900)),
+            # 201 + 200 and 801 + 200 are one token over the limits below, 800 + 200 at one.
+            prompt_tokens=rng.choice((5, 100, 900, 201, 800, 801)),
             prompt_tokens_exact=rng.random() < 0.5,
             max_tokens=rng.choice((10, 200, 1000)),
             model=rng.choice((None, "gemma", "qwen", "missing")),
