@@ -290,26 +290,38 @@ class IndexedFleet:
             busy_cut = min(busy_cut, wait_advantage * best_start[0] / BOUND_SLACK)
         groups = layout.groups
         heap = [
-            (waits[0][0] + (rest * step + uncached * token_s), g, 0)
-            for g, (step, token_s, waits) in enumerate(groups)
+            (group.waits[0][0] + (rest * group.least_step_s + uncached * group.least_token_s), g, 0)
+            for g, group in enumerate(groups)
+            if group.waits
         ]
         heapq.heapify(heap)
         while heap:
             floor, g, i = heap[0]
             if floor > busy_cut:
                 break  # no busy agent can start it now, so only the best overall is left
-            least_step, least_token_s, waits = groups[g]
-            wait, agent_id, step, token_s = waits[i]
+            group = groups[g]
+            waits = group.waits
+            wait, agent_id, step, token_s, tps, running, context, idle = waits[i]
             if i + 1 < len(waits):
-                following = waits[i + 1][0] + (rest * least_step + uncached * least_token_s)
+                following = waits[i + 1][0] + (
+                    rest * group.least_step_s + uncached * group.least_token_s
+                )
                 heapq.heapreplace(heap, (following, g, i + 1))
             else:
                 heapq.heappop(heap)
-            if agent_id not in seen:
-                seen.add(agent_id)
-                if wait + (rest * step + uncached * token_s) <= busy_cut:
-                    weigh(agent_id)
-                    busy_cut = min(busy_cut, cut(best))
+            if agent_id in seen or wait + (rest * step + uncached * token_s) > busy_cut:
+                continue
+            seen.add(agent_id)
+            if not idle or backlog.get(agent_id):
+                weigh(agent_id)
+            elif limit <= context:
+                # ``weigh`` with no prefill pending and nobody waiting there, inline.
+                prefill = uncached / tps
+                time = wait + prefill + expected * step + prefill * running
+                if best is not None and (time, agent_id) >= best[:2]:
+                    continue
+                best = (time, agent_id, False)
+            busy_cut = min(busy_cut, cut(best))
         return best, best_start
 
 

@@ -21,10 +21,11 @@ LAYOUTS_KEPT: Final = 8
 
 FreeEntry = tuple[float, AgentId, float]
 """(step with one more sequence, id, seconds a prompt token costs there)."""
-BusyEntry = tuple[float, AgentId, float, float]
-"""(step with one more sequence, id, wait for the first end, seconds a prompt token costs)."""
-WaitEntry = tuple[float, AgentId, float, float]
-"""(wait for the first end, id, step with one more sequence, seconds a prompt token costs)."""
+WaitEntry = tuple[float, AgentId, float, float, float, int, int, bool]
+"""(wait for the first end, id, step with one more sequence, seconds a prompt token costs,
+prefill tokens/s, running, context, whether no prefill is pending there): with no prefill
+pending and nobody waiting for it, a busy agent's placement cost is computed from these
+alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +65,24 @@ def agent_keys(view: AgentView, group: AgentRunning | None) -> AgentKeys:
     )
 
 
+@dataclass(slots=True)
+class BusyGroup:
+    """Busy agents of similar step, by wait for their first end. ``least_step_s`` and
+    ``least_token_s`` are at most any member's (lower bounds: they stay when members leave)."""
+
+    least_step_s: float
+    least_token_s: float
+    waits: list[WaitEntry]
+
+
 class FleetLayout:
     """One set of agents (those serving a model) in the orders placement and preemption scan
     them, as of the views it was last updated with:
 
     - ``free``: the agents with a free slot by step (``FreeEntry``), with ``free_token_s``, the
       least prompt-token cost from each position on;
-    - ``groups``: the others, in groups of about the square root of their number by step, each
-      as (least step, least prompt-token cost, its agents by first end: ``WaitEntry``);
+    - ``groups``: the others, in groups of similar step (about the square root of their number
+      each when last regrouped), each a ``BusyGroup``;
     - ``first_rests``: (-least expected remaining tokens, position, id) of the agents running
       something, most first."""
 
@@ -82,9 +93,12 @@ class FleetLayout:
         self.keys: dict[AgentId, AgentKeys] = {}
         self.free: list[FreeEntry] = []
         self.free_token_s: list[float] = []
-        self._busy: list[BusyEntry] = []
-        self.groups: list[tuple[float, float, list[WaitEntry]]] = []
-        self._group_of: dict[AgentId, int] = {}
+        self.groups: list[BusyGroup] = []
+        self._lows: list[float] = []
+        """Each group's ``least_step_s``, ascending."""
+        self._group_of: dict[AgentId, BusyGroup] = {}
+        self._moves = 0
+        """Agents that joined or left the groups since they were last formed."""
         self.first_rests: list[tuple[float, int, AgentId]] = []
 
     def update(
@@ -94,7 +108,7 @@ class FleetLayout:
         keys_of: Callable[[AgentView, AgentRunning | None], AgentKeys],
     ) -> None:
         """Bring the orders up to ``agents`` and their ``running`` groups."""
-        free_changed = regroup = False
+        free_changed = False
         for agent_id in self.ids:
             view = agents[agent_id]
             group = running.get(agent_id)
@@ -104,27 +118,21 @@ class FleetLayout:
             new = self.keys[agent_id] = keys_of(view, group)
             if old is not None:
                 self._remove_first_rest(old)
-            if new.finish[0]:
-                bisect.insort(self.first_rests, _first_rest(new, self.position[agent_id]))
-            if old is not None and not old.free and not new.free and _same_step(old, new):
-                self._move_in_group(old, new)
-                continue
-            if old is not None:
                 if old.free:
                     self.free.remove(_free_entry(old))
                     free_changed = True
                 else:
-                    self._busy.remove(_busy_entry(old))
-                    regroup = True
+                    self._leave_group(old)
+            if new.finish[0]:
+                bisect.insort(self.first_rests, _first_rest(new, self.position[agent_id]))
             if new.free:
                 bisect.insort(self.free, _free_entry(new))
                 free_changed = True
             else:
-                bisect.insort(self._busy, _busy_entry(new))
-                regroup = True
+                self._join_group(new)
         if free_changed:
             self._free_suffix()
-        if regroup:
+        if self._moves > len(self.ids) // 2:
             self._regroup()
 
     def _remove_first_rest(self, old: AgentKeys) -> None:
@@ -132,14 +140,26 @@ class FleetLayout:
             entry = _first_rest(old, self.position[old.view.agent_id])
             del self.first_rests[bisect.bisect_left(self.first_rests, entry)]
 
-    def _move_in_group(self, old: AgentKeys, new: AgentKeys) -> None:
-        """A busy agent whose wait alone changed."""
-        agent_id = new.view.agent_id
-        i = bisect.bisect_left(self._busy, _busy_entry(old))
-        self._busy[i] = _busy_entry(new)
-        waits = self.groups[self._group_of[agent_id]][2]
-        del waits[bisect.bisect_left(waits, _wait_entry(old))]
-        bisect.insort(waits, _wait_entry(new))
+    def _join_group(self, keys: AgentKeys) -> None:
+        """Into the group of the next lower least step (which the agent may lower)."""
+        step = keys.join_step_s
+        if not self.groups:
+            self.groups.append(BusyGroup(step, keys.token_s, []))
+            self._lows.append(step)
+        at = max(0, bisect.bisect_right(self._lows, step) - 1)
+        group = self.groups[at]
+        if step < group.least_step_s:
+            group.least_step_s = self._lows[at] = step
+        group.least_token_s = min(group.least_token_s, keys.token_s)
+        bisect.insort(group.waits, _wait_entry(keys))
+        self._group_of[keys.view.agent_id] = group
+        self._moves += 1
+
+    def _leave_group(self, keys: AgentKeys) -> None:
+        """Out of its group, whose least step and token cost stay (still lower bounds)."""
+        waits = self._group_of.pop(keys.view.agent_id).waits
+        del waits[bisect.bisect_left(waits, _wait_entry(keys))]
+        self._moves += 1
 
     def _free_suffix(self) -> None:
         least = math.inf
@@ -149,33 +169,45 @@ class FleetLayout:
         self.free_token_s = suffix
 
     def _regroup(self) -> None:
-        busy = self._busy
+        """Form the groups anew: the busy agents by step, in runs of the square root of their
+        number (the floors are tightest with groups of even size and close steps)."""
+        busy = sorted(
+            (keys.join_step_s, agent_id, keys)
+            for agent_id, keys in self.keys.items()
+            if not keys.free
+        )
         size = max(1, math.isqrt(len(busy)))
-        self.groups = []
-        self._group_of = {}
+        self.groups, self._lows, self._group_of = [], [], {}
         for start in range(0, len(busy), size):
-            members = busy[start : start + size]
-            waits = sorted((wait, i, step, token_s) for step, i, wait, token_s in members)
-            least_token_s = min(token_s for *_, token_s in members)
-            for _, agent_id, _, _ in members:
-                self._group_of[agent_id] = len(self.groups)
-            self.groups.append((members[0][0], least_token_s, waits))
-
-
-def _same_step(old: AgentKeys, new: AgentKeys) -> bool:
-    return old.join_step_s == new.join_step_s and old.token_s == new.token_s
+            members = [keys for _, _, keys in busy[start : start + size]]
+            group = BusyGroup(
+                members[0].join_step_s,
+                min(keys.token_s for keys in members),
+                sorted(_wait_entry(keys) for keys in members),
+            )
+            self.groups.append(group)
+            self._lows.append(group.least_step_s)
+            for keys in members:
+                self._group_of[keys.view.agent_id] = group
+        self._moves = 0
 
 
 def _free_entry(keys: AgentKeys) -> FreeEntry:
     return (keys.join_step_s, keys.view.agent_id, keys.token_s)
 
 
-def _busy_entry(keys: AgentKeys) -> BusyEntry:
-    return (keys.join_step_s, keys.view.agent_id, keys.first_end_s, keys.token_s)
-
-
 def _wait_entry(keys: AgentKeys) -> WaitEntry:
-    return (keys.first_end_s, keys.view.agent_id, keys.join_step_s, keys.token_s)
+    view = keys.view
+    return (
+        keys.first_end_s,
+        view.agent_id,
+        keys.join_step_s,
+        keys.token_s,
+        speed_of(view).prefill_tps,
+        view.running,
+        min(view.n_ctx, view.kv_budget_tokens),
+        view.prefill_backlog_tokens == 0,
+    )
 
 
 def _first_rest(keys: AgentKeys, position: int) -> tuple[float, int, AgentId]:

@@ -280,14 +280,18 @@ class AgentRunning:
     """The earliest dispatch among those (0 when none)."""
 
     def __post_init__(self) -> None:
-        requests = self.requests
-        rests = tuple(sorted(r.rest_tokens for r in requests))
+        reserved = prefill = 0
+        since = math.inf
+        for r in self.requests:
+            reserved += r.kv_reservation_tokens
+            if r.prefill_tokens:
+                prefill += r.prefill_tokens
+                since = min(since, r.dispatched_s)
+        rests = tuple(sorted([r.rest_tokens for r in self.requests]))
         object.__setattr__(self, "sorted_rests", rests)
-        object.__setattr__(
-            self, "kv_reserved_tokens", sum(r.kv_reservation_tokens for r in requests)
-        )
-        object.__setattr__(self, "prefill_tokens", sum(r.prefill_tokens for r in requests))
-        since = min((r.dispatched_s for r in requests if r.prefill_tokens), default=0.0)
+        object.__setattr__(self, "kv_reserved_tokens", reserved)
+        object.__setattr__(self, "prefill_tokens", prefill)
+        since = 0.0 if since == math.inf else since
         object.__setattr__(self, "prefill_since_s", since)
 
 

@@ -1,20 +1,23 @@
-"""The fleet index kept between decisions: updated agent by agent, it must hold exactly what an
-index built anew from the same views holds, and preemption's shortlist must leave out only
-agents where no preemption could pay."""
+"""The fleet index kept between decisions: updated agent by agent, it must hold the same agents
+in the same orders as an index built anew from the same views, with floors that hold (its busy
+groups drift between regroupings), and preemption's shortlist must leave out only agents where
+no preemption could pay."""
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import replace
 
 from orchestrator.core.admission import SchedulerConfig
-from orchestrator.core.decision import BOUND_SLACK, DecisionState
+from orchestrator.core.decision import BOUND_SLACK, DecisionState, candidates
 from orchestrator.core.fleet_index import FleetLayout, FleetMemo, agent_keys
-from orchestrator.core.placement import make_placement
+from orchestrator.core.placement import make_placement, placement_cost_s
 from orchestrator.core.policies import make_policy
 from orchestrator.core.scheduler import PREEMPT_COST_FRACTION
 from orchestrator.core.views import AgentRunning, AgentView, Snapshot
 from orchestrator.protocol import AgentId
-from tests.factories import agent, estimate, running, speed
+from tests.factories import agent, estimate, queued, running, speed
 
 IDS = tuple(AgentId(f"a{i}") for i in range(30))
 
@@ -46,7 +49,18 @@ def _group(rng: random.Random, view: AgentView) -> AgentRunning | None:
 
 
 def _orders(layout: FleetLayout) -> tuple[object, ...]:
-    return (layout.free, layout.free_token_s, layout.groups, layout.first_rests)
+    """The scan orders, and each busy agent's entry (its group may differ)."""
+    busy = sorted(entry for group in layout.groups for entry in group.waits)
+    return (layout.free, layout.free_token_s, layout.first_rests, busy)
+
+
+def _floors_hold(layout: FleetLayout) -> bool:
+    """Every group's least step and prompt-token cost are at most each member's."""
+    return all(
+        group.least_step_s <= step and group.least_token_s <= token_s
+        for group in layout.groups
+        for _, _, step, token_s, *_ in group.waits
+    ) and all(group.waits == sorted(group.waits) for group in layout.groups)
 
 
 def test_a_layout_updated_agent_by_agent_equals_one_built_anew() -> None:
@@ -71,6 +85,7 @@ def test_a_layout_updated_agent_by_agent_equals_one_built_anew() -> None:
         fresh = FleetLayout(IDS)
         fresh.update(agents, groups, agent_keys)
         assert _orders(kept) == _orders(fresh)
+        assert _floors_hold(kept)
 
 
 def _view_like(view: AgentView) -> AgentView:
@@ -107,3 +122,43 @@ def test_preemption_leaves_out_only_agents_where_it_cannot_pay() -> None:
                 continue
             step = agent_keys(view, groups.get(view.agent_id)).finish[1]
             assert waiting_rest * step > PREEMPT_COST_FRACTION * state.free_in_s(view)
+
+
+def test_the_index_finds_the_least_placement_cost_that_weighing_every_agent_finds() -> None:
+    rng = random.Random(5)
+    config = SchedulerConfig(
+        policy=make_policy("srtf"), placement=make_placement("predicted"), unavailable_timeout_s=9
+    )
+    memo = FleetMemo()
+    for _ in range(150):
+        agents = [
+            replace(
+                _view(rng, i, rng.choice((1, 4, 8)), rng.uniform(5.0, 80.0)),
+                kv_budget_tokens=rng.choice((600, 4000, 16384)),
+                prefill_backlog_tokens=rng.choice((0, 0, 0, 300)),
+                prefill_backlog_since_s=rng.uniform(0.0, 1.0),
+            )
+            for i in IDS
+        ]
+        groups = {v.agent_id: g for v in agents if (g := _group(rng, v)) is not None}
+        snapshot = Snapshot(queue=(), agents=tuple(agents), by_agent=groups)
+        state = DecisionState(snapshot, 1.0, memo)
+        fleet = state.fleet(None, list(IDS), config)
+        for k in range(6):
+            request = queued(
+                f"q{k}",
+                prompt_tokens=rng.choice((3, 50, 400, 2000)),
+                prompt_tokens_exact=rng.random() < 0.7,
+                max_tokens=rng.choice((16, 300, 3000)),
+                estimate=estimate(rng.uniform(5, 400)),
+            )
+            best, best_start = fleet.least_completion(request, math.inf)
+            weighed = [
+                (placement_cost_s(request, c), c.agent.agent_id, c.can_start)
+                for c in candidates(request, IDS, state, config)
+            ]
+            assert best == (min(weighed) if weighed else None)
+            startable = [w[:2] for w in weighed if w[2]]
+            assert best_start == (min(startable) if startable else None)
+            waited = rng.choice(IDS)
+            state.backlog[waited] += 1
