@@ -166,18 +166,18 @@ class AgentViews:
                 reserved = group.kv_reserved_tokens
                 backlog = group.prefill_tokens
                 since = group.prefill_since_s
-            view = AgentView(
-                agent_id=agent.agent_id,
-                model_name=agent.model_name,
-                n_ctx=agent.n_ctx,
-                max_seqs=running if pausing else agent.max_seqs,
-                kv_budget_tokens=agent.kv_budget_tokens,
-                running=running,
-                kv_reserved_tokens=reserved,
-                decode_tps=agent.decode_tps,
-                speed=agent.speed,
-                prefill_backlog_tokens=backlog,
-                prefill_backlog_since_s=since,
+            view = AgentView(  # positional: one per agent whose work changed, per decision
+                agent.agent_id,
+                agent.model_name,
+                agent.n_ctx,
+                running if pausing else agent.max_seqs,
+                agent.kv_budget_tokens,
+                running,
+                reserved,
+                agent.decode_tps,
+                agent.speed,
+                backlog,
+                since,
             )
             self._views[agent.agent_id] = (key, view)
         return None if pausing and view.running == 0 else view

@@ -30,6 +30,8 @@ class LengthEstimate:
     _qs: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
     _ts: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
     _suffix: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+    certain: bool = field(default=False, init=False, repr=False, compare=False)
+    """One length, not a spread (its quantiles all equal)."""
 
     def __post_init__(self) -> None:
         """Tabulate the CDF's knots and the suffix sums of E[L; segment] so that the hot
@@ -44,6 +46,7 @@ class LengthEstimate:
         object.__setattr__(self, "_qs", qs)
         object.__setattr__(self, "_ts", ts)
         object.__setattr__(self, "_suffix", tuple(suffix))
+        object.__setattr__(self, "certain", ts[0] == ts[-1])
 
     @classmethod
     def exact(cls, tokens: float) -> LengthEstimate:
@@ -60,10 +63,6 @@ class LengthEstimate:
             top = max(top, float(tokens))
             points.append((float(q), top))
         return cls(float(expected), tuple(points))
-
-    @property
-    def certain(self) -> bool:
-        return self.quantiles[0][1] == self.quantiles[-1][1]
 
     def quantile(self, q: float) -> float:
         """Tokens at probability ``q``, linear between the known quantiles, flat beyond."""
@@ -107,7 +106,7 @@ class LengthEstimate:
         if not points:
             rest = max(MIN_REMAINING_TOKENS, generated * BEYOND_PREDICTION_FRACTION)
             return LengthEstimate(rest, ((0.5, rest), (0.9, rest * 3.0)))
-        expected = self._mean_above(generated) - generated
+        expected = self._mean_above(generated, survived) - generated
         return LengthEstimate(max(MIN_REMAINING_TOKENS, expected), tuple(points))
 
     def expected_remaining(self, generated: float) -> float:
@@ -117,9 +116,10 @@ class LengthEstimate:
         if self.certain:
             return max(MIN_REMAINING_TOKENS, self.quantiles[0][1] - generated)
         top_q, top_t = self.quantiles[-1]
-        if generated >= top_t or self.cdf(generated) >= top_q:
+        survived = self.cdf(generated)
+        if generated >= top_t or survived >= top_q:
             return max(MIN_REMAINING_TOKENS, generated * BEYOND_PREDICTION_FRACTION)
-        return max(MIN_REMAINING_TOKENS, self._mean_above(generated) - generated)
+        return max(MIN_REMAINING_TOKENS, self._mean_above(generated, survived) - generated)
 
     def remaining_quantile(self, q: float, generated: float) -> float:
         """The ``q`` quantile of the tokens still to come given ``generated`` so far."""
@@ -135,10 +135,10 @@ class LengthEstimate:
         absolute = min(top_q, survived + q * (1.0 - survived))
         return max(MIN_REMAINING_TOKENS, self.quantile(absolute) - generated)
 
-    def _mean_above(self, floor: float) -> float:
-        """E[L | L > floor] under the piecewise-linear CDF plus a tail past the top quantile."""
+    def _mean_above(self, floor: float, survived: float) -> float:
+        """E[L | L > floor] under the piecewise-linear CDF plus a tail past the top quantile
+        (``survived``: ``cdf(floor)``)."""
         ts, qs = self._ts, self._qs
-        survived = self.cdf(floor)
         if floor < ts[0]:
             total = self._suffix[0]
         else:

@@ -94,20 +94,21 @@ class RequestRecord:
 
     def running_view(self) -> RunningRequest:
         assert self.agent_id is not None and self.dispatched_s is not None
+        # Positional: the driver builds one per request touched between decisions.
         return RunningRequest(
-            request_id=self.request_id,
-            agent_id=self.agent_id,
-            arrival_s=self.arrival_s,
-            priority=self.params.priority,
-            prompt_tokens=self.prompt_tokens,
-            max_tokens=self.params.max_tokens,
-            generated_tokens=self.generated_tokens,
-            kv_reservation_tokens=self.kv_reservation_tokens,
-            dispatched_s=self.dispatched_s,
-            estimate=self.estimate,
-            preemptions=self.preemptions,
-            resumed_tokens=self.attempt_start_tokens,
-            prefill_tokens=self.pending_prefill_tokens,
+            self.request_id,
+            self.agent_id,
+            self.arrival_s,
+            self.params.priority,
+            self.prompt_tokens,
+            self.params.max_tokens,
+            self.generated_tokens,
+            self.kv_reservation_tokens,
+            self.dispatched_s,
+            self.estimate,
+            self.preemptions,
+            self.attempt_start_tokens,
+            self.pending_prefill_tokens,
         )
 
     @property

@@ -261,3 +261,30 @@ def test_an_agent_shows_the_prompt_tokens_dispatched_to_it_until_their_first_tok
     cluster.on_event(TokensReceived(A1, RequestId("r1"), 1, " one", 1), 3.0)
     (view,) = cluster.views()
     assert view.prefill_backlog_tokens == 0
+
+
+def test_a_running_view_carries_each_field_of_its_record() -> None:
+    """``running_view`` builds its view positionally (it is on the hot path): field by field."""
+    r = record("r1", prompt_tokens=40, estimate=LengthEstimate.exact(90.0))
+    r.state = RequestState.DISPATCHED
+    r.agent_id = AgentId("a1")
+    r.dispatched_s = 3.5
+    r.generated_tokens = 7
+    r.kv_reservation_tokens = 120
+    r.preemptions = 2
+    r.attempt_start_tokens = 5
+    r.attempt_cached_tokens = 10
+    view = r.running_view()
+    assert (view.request_id, view.agent_id, view.arrival_s, view.priority) == (
+        r.request_id,
+        r.agent_id,
+        r.arrival_s,
+        r.params.priority,
+    )
+    assert (view.prompt_tokens, view.max_tokens, view.generated_tokens) == (
+        40,
+        r.params.max_tokens,
+        7,
+    )
+    assert (view.kv_reservation_tokens, view.dispatched_s, view.estimate) == (120, 3.5, r.estimate)
+    assert (view.preemptions, view.resumed_tokens, view.prefill_tokens) == (2, 5, 35)
