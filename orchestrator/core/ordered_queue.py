@@ -14,15 +14,20 @@ key is bounded below by its key aged for the longest wait in the queue.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from sortedcontainers import SortedList
 
 from orchestrator.core.policies import Policy, Rank, effective_arrival_s
 from orchestrator.core.views import QueuedRequest
 from orchestrator.protocol import RequestId
+
+STALE_CONTEXT_ENTRIES: Final = 64
+"""Stale entries a context heap may hold beyond its live ones before it is rebuilt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +55,8 @@ class OrderedQueue:
         self._by_key = SortedList()
         """(policy key, effective arrival, id) ascending."""
         self._by_model: dict[str | None, dict[RequestId, None]] = {}
-        self._exact_context: dict[str | None, SortedList] = {}
-        """Requests with an exact prompt count by model, ascending by prompt + max_tokens: the
-        ones that overflow every agent's context are a suffix."""
+        self._exact_context: dict[str | None, _LargestContexts] = {}
+        """Requests with an exact prompt count by model, by prompt + max_tokens."""
 
     def __len__(self) -> int:
         return len(self._views)
@@ -80,8 +84,8 @@ class OrderedQueue:
         if view.prompt_tokens_exact:
             exact = self._exact_context.get(view.model)
             if exact is None:
-                exact = self._exact_context[view.model] = SortedList()
-            exact.add((view.context_tokens, request_id))
+                exact = self._exact_context[view.model] = _LargestContexts()
+            exact.add(view.context_tokens, self._seq[request_id], request_id)
 
     def remove(self, request_id: RequestId) -> None:
         view = self._views.pop(request_id, None)
@@ -97,7 +101,7 @@ class OrderedQueue:
             del self._by_model[view.model]
         if view.prompt_tokens_exact:
             exact = self._exact_context[view.model]
-            exact.discard((view.context_tokens, request_id))
+            exact.remove(request_id)
             if not exact:
                 del self._exact_context[view.model]
 
@@ -136,10 +140,9 @@ class OrderedQueue:
                 )
                 continue
             exact = self._exact_context.get(model)
-            # (limit + 1,) sorts before every (limit + 1, id) and after every (limit, id).
-            overflow = [] if exact is None else exact[exact.bisect_left((limit + 1,)) :]
-            excluded.update(request_id for _, request_id in overflow)
-            rejects.extend(self._views[request_id] for _, request_id in overflow)
+            overflow = [] if exact is None else exact.over(limit)
+            excluded.update(overflow)
+            rejects.extend(map(self._views.__getitem__, overflow))
         return rejects, excluded
 
     def _aging_bound_s(self, now: float, excluded: set[RequestId]) -> float:
@@ -195,3 +198,47 @@ class OrderedQueue:
                 # so none of them ranks better either.
                 entries = by_key.islice(by_key.bisect_right((key, math.inf)))
         return starved + [view for _, view in best]
+
+
+class _LargestContexts:
+    """One model's queued requests with an exact context (prompt + max_tokens), largest first:
+    a heap whose removals are lazy (an entry stays until it reaches the top or the heap is
+    rebuilt), so a dispatch costs a dictionary deletion and finding the requests over a limit
+    costs only those."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, RequestId]] = []
+        """(-context, queue sequence number, id): a min-heap, so the largest context is first."""
+        self._live: dict[RequestId, int] = {}
+        """Each queued request's sequence number (an entry with another is stale)."""
+
+    def __bool__(self) -> bool:
+        return bool(self._live)
+
+    def add(self, context: int, seq: int, request_id: RequestId) -> None:
+        heapq.heappush(self._heap, (-context, seq, request_id))
+        self._live[request_id] = seq
+
+    def remove(self, request_id: RequestId) -> None:
+        del self._live[request_id]
+        if len(self._heap) > 2 * len(self._live) + STALE_CONTEXT_ENTRIES:
+            self._heap = [e for e in self._heap if self._live.get(e[2]) == e[1]]
+            heapq.heapify(self._heap)
+
+    def over(self, limit: int) -> list[RequestId]:
+        """The requests whose context exceeds ``limit`` (a subtree of the heap: below an entry
+        within the limit, every entry is too)."""
+        heap, live = self._heap, self._live
+        while heap and live.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
+        found: list[RequestId] = []
+        stack = [0] if heap else []
+        while stack:
+            i = stack.pop()
+            negative_context, seq, request_id = heap[i]
+            if -negative_context <= limit:
+                continue
+            if live.get(request_id) == seq:
+                found.append(request_id)
+            stack.extend(child for child in (2 * i + 1, 2 * i + 2) if child < len(heap))
+        return found

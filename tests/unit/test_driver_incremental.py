@@ -272,3 +272,30 @@ def test_a_nan_prediction_neither_corrupts_the_queue_index_nor_jumps_the_queue()
     assert [v.request_id for v in head.requests] == ["q0", "q1"]
     ordered.remove(RequestId("broken"))
     assert len(ordered) == 3 and RequestId("broken") not in ordered
+
+
+def test_requests_over_a_context_limit_are_found_through_removals_and_requeues() -> None:
+    rng = random.Random(3)
+    ordered = OrderedQueue(make_policy("fcfs"))
+    views: dict[RequestId, QueuedRequest] = {}
+    for step in range(3000):
+        if views and rng.random() < 0.55:
+            request_id = rng.choice(sorted(views))
+            ordered.remove(request_id)
+            del views[request_id]
+        else:
+            # Ids repeat: a requeued request comes back with another context.
+            view = queued(
+                f"q{rng.randrange(400)}",
+                arrival_s=float(step),
+                prompt_tokens=rng.randrange(1, 3000),
+                prompt_tokens_exact=True,
+                max_tokens=rng.choice((10, 200)),
+            )
+            ordered.add(view)
+            views[view.request_id] = view
+        if step % 50 == 0:
+            limit = rng.randrange(500, 3500)
+            head = ordered.head(float(step), {"gemma": limit}, 1e9, 0)
+            over = {r for r, v in views.items() if v.context_tokens > limit}
+            assert {v.request_id for v in head.requests} == over
