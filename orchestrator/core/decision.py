@@ -239,7 +239,10 @@ class IndexedFleet:
                 improves = best is None or key < best[:2]
                 if not improves and best_start is not None and key >= best_start:
                     return  # not even starting now would beat either best
-                if agent.can_start(request, admission_reservation(request, agent, config)):
+                # A reservation never exceeds the whole context: when that fits, it does.
+                if agent.reservation_tokens(request) <= agent.free_kv_tokens or agent.can_start(
+                    request, admission_reservation(request, agent, config)
+                ):
                     if improves:
                         best = (time, agent_id, True)
                     if best_start is None or key < best_start:
