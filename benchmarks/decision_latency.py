@@ -3,7 +3,9 @@
 A driver with ``--agents`` unequal agents (``--max-seqs`` sequences each, all busy) and a queue
 held at ``--queued`` requests with log-normal predicted lengths takes a steady stream of the
 events a live coordinator sees (tokens, runs ending, new arrivals); after each event that may
-let it act it schedules once. Prints the percentiles of ``schedule`` and of ``on_event``.
+let it act it schedules once. Prints the percentiles of ``schedule`` (also net of the garbage
+collector's pauses, and by how many requests a decision dispatched: none, one, several) and
+of ``on_event``.
 
     .venv/bin/python benchmarks/decision_latency.py [--queued 10000] [--agents 100]
         [--max-seqs 16] [--decisions 3000] [--policy srtf] [--placement predicted] [--json OUT]
@@ -12,6 +14,7 @@ let it act it schedules once. Prints the percentiles of ``schedule`` and of ``on
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -127,6 +130,24 @@ def _summary(effect: Effect) -> tuple[str, ...]:
             return (type(effect).__name__, repr(effect))
 
 
+class _Collector:
+    """Time the garbage collector paused the benchmark (a ``gc.callbacks`` entry)."""
+
+    def __init__(self) -> None:
+        self.paused_s = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.paused_s += time.perf_counter() - self._started
+
+
+def _bucket(dispatched: int) -> str:
+    return "none" if dispatched == 0 else "one" if dispatched == 1 else "several"
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {
@@ -145,6 +166,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         driver.on_event(workload.request(now), now)
     driver.schedule(now)
     schedule_s: list[float] = []
+    net_of_gc_s: list[float] = []
+    by_dispatches: dict[str, list[float]] = {"none": [], "one": [], "several": []}
+    collector = _Collector()
+    gc.callbacks.append(collector)
     digest = hashlib.sha256()
     event_s: list[float] = []
     progress_every = max(1, args.decisions // 10)
@@ -170,9 +195,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             started = time.perf_counter()
             driver.on_event(event, now)
             event_s.append(time.perf_counter() - started)
+        collector.paused_s = 0.0
         started = time.perf_counter()
         effects = driver.schedule(now)
-        schedule_s.append(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        schedule_s.append(took)
+        net_of_gc_s.append(took - collector.paused_s)
+        placed = sum(isinstance(effect, Dispatched) for effect in effects)
+        by_dispatches[_bucket(placed)].append(took)
         digest.update(repr([_summary(effect) for effect in effects]).encode())
         for effect in effects:
             if isinstance(effect, Dispatched):
@@ -186,8 +216,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 f"queue {driver.table.count(RequestState.QUEUED)}",
                 file=sys.stderr,
             )
+    gc.callbacks.remove(collector)
     return {
         "schedule": percentiles(schedule_s),
+        "schedule_net_of_gc": percentiles(net_of_gc_s),
+        "schedule_by_dispatches": {
+            bucket: {"decisions": len(samples), **percentiles(samples)}
+            for bucket, samples in by_dispatches.items()
+            if samples
+        },
         "on_event": percentiles(event_s),
         "decisions_sha256": digest.hexdigest()[:16],
         "queued_at_end": driver.table.count(RequestState.QUEUED),

@@ -131,6 +131,12 @@ class DecisionState:
             return rests[k - 1] * step
         return rests[-1] * step * k / len(rests)
 
+    def close(self) -> None:
+        """Drop the fleets, which refer back to this state: without the cycle, the call's
+        working state is freed as it returns instead of piling up for the garbage collector
+        (whose pass over it stalled one decision in thirty by 0.3-1 ms)."""
+        self._fleets.clear()
+
     def fleet(
         self, model: str | None, ids: Sequence[AgentId], config: SchedulerConfig
     ) -> IndexedFleet:

@@ -71,10 +71,13 @@ def decide(
     """Raise or preempt for KV growth, place what can start now, reject what never can, and
     leave the rest queued (late binding: the coordinator keeps the only queue)."""
     state = DecisionState(snapshot, now, FleetMemo() if memo is None else memo)
-    _grow_reservations(snapshot, state, config)
-    if snapshot.queue:
-        _place_queue(snapshot, now, state, config)
-    return state.actions
+    try:
+        _grow_reservations(snapshot, state, config)
+        if snapshot.queue:
+            _place_queue(snapshot, now, state, config)
+        return state.actions
+    finally:
+        state.close()
 
 
 def _grow_reservations(snapshot: Snapshot, state: DecisionState, config: SchedulerConfig) -> None:
