@@ -5,6 +5,7 @@ no preemption could pay."""
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from dataclasses import replace
@@ -14,7 +15,7 @@ from orchestrator.core.decision import BOUND_SLACK, DecisionState, candidates
 from orchestrator.core.fleet_index import FleetLayout, FleetMemo, agent_keys
 from orchestrator.core.placement import make_placement, placement_cost_s
 from orchestrator.core.policies import make_policy
-from orchestrator.core.scheduler import PREEMPT_COST_FRACTION
+from orchestrator.core.scheduler import PREEMPT_COST_FRACTION, decide
 from orchestrator.core.views import AgentRunning, AgentView, Snapshot
 from orchestrator.protocol import AgentId
 from tests.factories import agent, estimate, queued, running, speed
@@ -162,3 +163,27 @@ def test_the_index_finds_the_least_placement_cost_that_weighing_every_agent_find
             assert best_start == (min(startable) if startable else None)
             waited = rng.choice(IDS)
             state.backlog[waited] += 1
+
+
+def test_a_decision_leaves_no_cyclic_garbage() -> None:
+    """A decision's working state must be freed as the call returns: cycles left for the
+    garbage collector stall a later decision while it frees them."""
+    rng = random.Random(9)
+    config = SchedulerConfig(
+        policy=make_policy("srtf"), placement=make_placement("predicted"), unavailable_timeout_s=9
+    )
+    agents = tuple(_view(rng, i, 4, rng.uniform(5.0, 80.0)) for i in IDS)
+    groups = {v.agent_id: g for v in agents if (g := _group(rng, v)) is not None}
+    queue = tuple(
+        queued(f"q{k}", prompt_tokens=50, estimate=estimate(rng.uniform(5, 400))) for k in range(20)
+    )
+    snapshot = Snapshot(queue=queue, agents=agents, by_agent=groups)
+    memo = FleetMemo()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            assert decide(snapshot, 1.0, config, memo)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
