@@ -170,6 +170,9 @@ class IndexedFleet:
         self._config = config
         self._layout = layout
         self._terms: dict[AgentId, tuple[AgentView, int, _AgentTerms]] = {}
+        self._changed_floors: dict[AgentId, tuple[AgentView, float, float]] = {}
+        """(view, step with one more sequence, prompt-token cost) of agents this call changed,
+        per view."""
 
     def preemptable(self, least_first_rest: float) -> list[AgentView]:
         """The agents, in fleet order, where a preemption may pay for a waiter: those this call
@@ -283,10 +286,14 @@ class IndexedFleet:
                 weigh(agent_id)
                 start_cut = cut(best_start)
         best_cut = cut(best)
+        floors = self._changed_floors
         for agent_id in changed:
             agent = state.agents[agent_id]
-            keys = state.keys(agent)
-            floor = rest * keys.join_step_s + uncached * keys.token_s
+            kept_floor = floors.get(agent_id)
+            if kept_floor is None or kept_floor[0] is not agent:
+                keys = state.keys(agent)
+                kept_floor = floors[agent_id] = (agent, keys.join_step_s, keys.token_s)
+            floor = rest * kept_floor[1] + uncached * kept_floor[2]
             if agent_id not in hits and floor <= (start_cut if agent.free_slots > 0 else best_cut):
                 weigh(agent_id)
                 start_cut, best_cut = cut(best_start), cut(best)
