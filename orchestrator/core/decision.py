@@ -1,4 +1,5 @@
-"""The working state of one ``decide`` call, and the fleet index placement searches through."""
+"""The working state of one ``decide`` call, and placement's search of the kept fleet index
+(``core.fleet_index``) for a request's least placement cost."""
 
 from __future__ import annotations
 
@@ -161,9 +162,10 @@ class IndexedFleet:
     that can start now. Busy ones come in groups of similar step, each ordered by wait; the
     groups' next agents are taken least floor first (the group's least step and token cost)
     until that passes the best found. Each agent is weighed only if its own floor does not
-    already pass it. The layout is of the agents as the call began: those it changed since (a
-    dispatch, raise or preemption), and those holding part of the prompt (whose prefill is
-    shorter than the floor assumes), are weighed apart."""
+    already pass it, and a busy one with no prefill pending and nobody waiting for it is
+    costed from its index entry alone. The layout is of the agents as the call began: those
+    it changed since (a dispatch, raise or preemption), and those holding part of the prompt
+    (whose prefill is shorter than the floor assumes), are weighed apart."""
 
     def __init__(self, state: DecisionState, layout: FleetLayout, config: SchedulerConfig) -> None:
         self._state = state
