@@ -313,33 +313,38 @@ class IndexedFleet:
             if group.waits
         ]
         heapq.heapify(heap)
-        while heap:
-            floor, g, i = heap[0]
-            if floor > busy_cut:
-                break  # no busy agent can start it now, so only the best overall is left
+        while heap and heap[0][0] <= busy_cut:
+            # Take the least group's agents in order while they stay under the next group's
+            # floor (and the cut), then put the group back at its next agent's floor.
+            _, g, i = heap[0]
+            following = min(
+                heap[1][0] if len(heap) > 1 else math.inf, heap[2][0] if len(heap) > 2 else math.inf
+            )
             group = groups[g]
             waits = group.waits
-            wait, agent_id, step, token_s, tps, running, context, idle = waits[i]
-            if i + 1 < len(waits):
-                following = waits[i + 1][0] + (
-                    rest * group.least_step_s + uncached * group.least_token_s
-                )
-                heapq.heapreplace(heap, (following, g, i + 1))
-            else:
-                heapq.heappop(heap)
-            if agent_id in seen or wait + (rest * step + uncached * token_s) > busy_cut:
-                continue
-            seen.add(agent_id)
-            if not idle or backlog.get(agent_id):
-                weigh(agent_id)
-            elif limit <= context:
-                # ``weigh`` with no prefill pending and nobody waiting there, inline.
-                prefill = uncached / tps
-                time = wait + prefill + expected * step + prefill * running
-                if best is not None and (time, agent_id) >= best[:2]:
-                    continue
-                best = (time, agent_id, False)
-            busy_cut = min(busy_cut, cut(best))
+            base = rest * group.least_step_s + uncached * group.least_token_s
+            while True:
+                wait, agent_id, step, token_s, tps, running, context, idle = waits[i]
+                if agent_id not in seen and wait + (rest * step + uncached * token_s) <= busy_cut:
+                    seen.add(agent_id)
+                    if not idle or backlog.get(agent_id):
+                        weigh(agent_id)
+                        busy_cut = min(busy_cut, cut(best))
+                    elif limit <= context:
+                        # ``weigh`` with no prefill pending and nobody waiting there, inline.
+                        prefill = uncached / tps
+                        time = wait + prefill + expected * step + prefill * running
+                        if best is None or (time, agent_id) < best[:2]:
+                            best = (time, agent_id, False)
+                            busy_cut = min(busy_cut, time / BOUND_SLACK)
+                i += 1
+                if i == len(waits):
+                    heapq.heappop(heap)
+                    break
+                floor = waits[i][0] + base
+                if floor > following or floor > busy_cut:
+                    heapq.heapreplace(heap, (floor, g, i))
+                    break
         return best, best_start
 
 
