@@ -401,6 +401,7 @@ class ClusterDriver:
             by_agent=by_agent,
             growing=growing,
             serving=serving,
+            queue_ranks=head.ranks,
         )
 
     def queued(self) -> list[QueuedRequest]:

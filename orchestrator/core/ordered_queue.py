@@ -37,6 +37,9 @@ class QueueHead:
 
     requests: tuple[QueuedRequest, ...]
     aging_bound_s: float
+    ranks: Mapping[RequestId, Rank]
+    """The policy's rank of each placeable request in ``requests`` (at the ``now`` asked, under
+    ``aging_bound_s``): ``decide`` orders them by it and need not rank them again."""
 
 
 class OrderedQueue:
@@ -118,8 +121,10 @@ class OrderedQueue:
         rejects, excluded = self._unplaceable(now, limits, unavailable_timeout_s)
         bound = self._aging_bound_s(now, excluded)
         chosen = self._best(now, bound, excluded, n)
-        requests = sorted([*rejects, *chosen], key=lambda view: self._seq[view.request_id])
-        return QueueHead(tuple(requests), bound)
+        requests = sorted(
+            [*rejects, *(view for _, view in chosen)], key=lambda view: self._seq[view.request_id]
+        )
+        return QueueHead(tuple(requests), bound, {view.request_id: rank for rank, view in chosen})
 
     def _unplaceable(
         self, now: float, limits: Mapping[str, int], unavailable_timeout_s: float
@@ -161,18 +166,20 @@ class OrderedQueue:
 
     def _best(
         self, now: float, bound: float, excluded: set[RequestId], n: int
-    ) -> list[QueuedRequest]:
-        """The ``n`` best-ranked placeable requests (see the module docstring)."""
-        starved: list[QueuedRequest] = []
+    ) -> list[tuple[Rank, QueuedRequest]]:
+        """The ``n`` best-ranked placeable requests with their ranks (see the module
+        docstring)."""
+        policy = self._policy
+        starved: list[tuple[Rank, QueuedRequest]] = []
         for arrival, request_id in self._by_arrival:
             if now - arrival < bound or len(starved) == n:
                 break
             if request_id not in excluded:
-                starved.append(self._views[request_id])
+                view = self._views[request_id]
+                starved.append((policy.rank(view, now, bound), view))
         slots = n - len(starved)
         if slots <= 0 or not self._by_arrival:
             return starved
-        policy = self._policy
         longest_wait_s = max(0.0, min(bound, now - self._by_arrival[0][0]))
         best: list[tuple[Rank, QueuedRequest]] = []
         by_key = self._by_key
@@ -197,7 +204,7 @@ class OrderedQueue:
                 # Later requests with this key waited no longer and are in no better class,
                 # so none of them ranks better either.
                 entries = by_key.islice(by_key.bisect_right((key, math.inf)))
-        return starved + [view for _, view in best]
+        return starved + best
 
 
 class _LargestContexts:

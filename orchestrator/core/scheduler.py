@@ -46,7 +46,7 @@ from orchestrator.core.decision import (
 )
 from orchestrator.core.fleet_index import FleetMemo
 from orchestrator.core.placement import speed_of
-from orchestrator.core.policies import effective_arrival_s
+from orchestrator.core.policies import Rank, effective_arrival_s
 from orchestrator.core.views import (
     Action,
     AgentView,
@@ -155,7 +155,13 @@ def _place_queue(
     bound = snapshot.aging_bound_s
     if bound is None:
         bound = policy.aging_bound_s(placeable, now)
-    ordered = heapq.nsmallest(lookahead, placeable, key=lambda r: policy.rank(r, now, bound))
+    ranks = snapshot.queue_ranks
+
+    def rank(request: QueuedRequest) -> Rank:
+        found = ranks.get(request.request_id)
+        return policy.rank(request, now, bound) if found is None else found
+
+    ordered = heapq.nsmallest(lookahead, placeable, key=rank)
     preempt_tries = PREEMPT_TRIES_PER_DECIDE
     for request in ordered:
         ids = serving.ids(request.model)

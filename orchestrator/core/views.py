@@ -355,6 +355,11 @@ class Snapshot:
     agent then dispatch order: only these can need a raise. None: every running request."""
     serving: Serving | None = None
     """``serving_of(agents)``, when the caller keeps it; None: computed from ``agents``."""
+    queue_ranks: Mapping[RequestId, tuple[int, int, float, float, str]] = field(
+        default_factory=dict
+    )
+    """The policy's rank (``Policy.rank`` at the decision's ``now`` under ``aging_bound_s``)
+    of queued requests the caller ranked already; ``decide`` ranks the others."""
 
     def __post_init__(self) -> None:
         if self.running and not self.by_agent:

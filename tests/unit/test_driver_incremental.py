@@ -259,6 +259,7 @@ def test_the_queue_head_holds_every_request_decide_would_place_or_reject(policy:
         ]
         in_head = [v.request_id for v in head.requests]
         assert set(in_head) == {v.request_id for v in best + rejects}
+        assert head.ranks == {v.request_id: chosen_policy.rank(v, now, bound) for v in best}
         assert in_head == [r for r in views if r in set(in_head)]  # queue order
 
 
