@@ -172,6 +172,14 @@ class IndexedFleet:
         self._config = config
         self._layout = layout
         self._terms: dict[AgentId, tuple[AgentView, int, _AgentTerms]] = {}
+        busy = [group for group in layout.groups if group.waits]
+        self._busy_least = (
+            min((group.waits[0][0] for group in busy), default=math.inf),
+            min((group.least_step_s for group in busy), default=math.inf),
+            min((group.least_token_s for group in busy), default=math.inf),
+        )
+        """The least first end, step and prompt-token cost over the busy agents: when the
+        floor from these passes the cut, no busy agent is looked at."""
         self._changed_floors: dict[AgentId, tuple[AgentView, float, float]] = {}
         """(view, step with one more sequence, prompt-token cost) of agents this call changed,
         per view."""
@@ -306,6 +314,9 @@ class IndexedFleet:
             # The busy agents left hold none of the prompt: one of them changes the choice
             # only if it costs at most ``wait_advantage`` x the best that can start now.
             busy_cut = min(busy_cut, wait_advantage * best_start[0] / BOUND_SLACK)
+        least_wait, least_step, least_token_s = self._busy_least
+        if least_wait + (rest * least_step + uncached * least_token_s) > busy_cut:
+            return best, best_start
         groups = layout.groups
         heap = [
             (group.waits[0][0] + (rest * group.least_step_s + uncached * group.least_token_s), g, 0)
