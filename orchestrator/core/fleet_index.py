@@ -45,10 +45,8 @@ class AgentKeys:
     """When its first running request is expected to end (0 when none runs)."""
     token_s: float
     """Seconds a prompt token costs there: (1 + running) / prefill tokens/s."""
-
-    @property
-    def free(self) -> bool:
-        return self.view.free_slots > 0
+    free: bool
+    """Whether it has a free slot."""
 
 
 def agent_keys(view: AgentView, group: AgentRunning | None) -> AgentKeys:
@@ -62,6 +60,7 @@ def agent_keys(view: AgentView, group: AgentRunning | None) -> AgentKeys:
         speed.step_s(min(view.max_seqs, view.running + 1)),
         rests[0] * step if rests else 0.0,
         (1 + view.running) / speed.prefill_tps,
+        view.running < view.max_seqs,
     )
 
 
