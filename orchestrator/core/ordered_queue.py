@@ -18,9 +18,7 @@ import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
-
-from sortedcontainers import SortedList
+from typing import Any, Final
 
 from orchestrator.core.policies import Policy, Rank, effective_arrival_s
 from orchestrator.core.views import QueuedRequest
@@ -52,10 +50,11 @@ class OrderedQueue:
         self._next_seq = 0
         self._keys: dict[RequestId, tuple[float, float]] = {}
         """Each request's (policy key, effective arrival) as it was queued."""
-        self._by_arrival = SortedList()
-        """(effective arrival, id) ascending. Sorted lists of chunks: adding or removing one of
-        10,000 requests moves a chunk, not the whole list."""
-        self._by_key = SortedList()
+        self._by_arrival: list[tuple[float, RequestId]] = []
+        """(effective arrival, id) ascending. Plain sorted lists: at 10,000 requests a bisection
+        and a move are cheaper than a sorted list of chunks (2.4 against 4.0 us to remove and
+        add one)."""
+        self._by_key: list[tuple[float, float, RequestId]] = []
         """(policy key, effective arrival, id) ascending."""
         self._by_model: dict[str | None, dict[RequestId, None]] = {}
         self._exact_context: dict[str | None, _LargestContexts] = {}
@@ -81,8 +80,8 @@ class OrderedQueue:
         arrival = effective_arrival_s(view)
         key = self._key(view)
         self._keys[request_id] = (key, arrival)
-        self._by_arrival.add((arrival, request_id))
-        self._by_key.add((key, arrival, request_id))
+        bisect.insort(self._by_arrival, (arrival, request_id))
+        bisect.insort(self._by_key, (key, arrival, request_id))
         self._by_model.setdefault(view.model, {})[request_id] = None
         if view.prompt_tokens_exact:
             exact = self._exact_context.get(view.model)
@@ -96,8 +95,8 @@ class OrderedQueue:
             return
         del self._seq[request_id]
         key, arrival = self._keys.pop(request_id)
-        self._by_arrival.discard((arrival, request_id))
-        self._by_key.discard((key, arrival, request_id))
+        _discard(self._by_arrival, (arrival, request_id))
+        _discard(self._by_key, (key, arrival, request_id))
         members = self._by_model[view.model]
         del members[request_id]
         if not members:
@@ -157,7 +156,9 @@ class OrderedQueue:
         if count <= 0:
             return self._policy.aging_bound_s((), now)
         position = count - 1 - count // 2
-        skipped = sorted(self._by_arrival.bisect_left((self._keys[r][1], r)) for r in excluded)
+        skipped = sorted(
+            bisect.bisect_left(self._by_arrival, (self._keys[r][1], r)) for r in excluded
+        )
         for index in skipped:
             if index > position:
                 break
@@ -183,9 +184,10 @@ class OrderedQueue:
         longest_wait_s = max(0.0, min(bound, now - self._by_arrival[0][0]))
         best: list[tuple[Rank, QueuedRequest]] = []
         by_key = self._by_key
-        entries = iter(by_key)
-        while (entry := next(entries, None)) is not None:
-            key, arrival, request_id = entry
+        index = 0
+        while index < len(by_key):
+            key, arrival, request_id = by_key[index]
+            index += 1
             full = len(best) == slots
             if full:
                 floor = policy.rank_floor(key, arrival, request_id, longest_wait_s)
@@ -203,8 +205,14 @@ class OrderedQueue:
             elif rank[:2] == floor[:2]:
                 # Later requests with this key waited no longer and are in no better class,
                 # so none of them ranks better either.
-                entries = by_key.islice(by_key.bisect_right((key, math.inf)))
+                index = bisect.bisect_right(by_key, (key, math.inf))
         return starved + best
+
+
+def _discard(ordered: list[Any], entry: Any) -> None:
+    index = bisect.bisect_left(ordered, entry)
+    if index < len(ordered) and ordered[index] == entry:
+        del ordered[index]
 
 
 class _LargestContexts:
