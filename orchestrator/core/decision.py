@@ -25,6 +25,9 @@ from orchestrator.core.views import (
 )
 from orchestrator.protocol import AgentId, RequestId
 
+WEIGH_ALL_AGENTS: Final = 8
+"""Up to this many agents, placement weighs each rather than search the index (the search's
+bookkeeping costs more than weighing a handful)."""
 BOUND_SLACK: Final = 1.0 - 1e-9
 """Shrinks a computed lower bound so that float rounding never lets it pass a true value."""
 
@@ -276,10 +279,14 @@ class IndexedFleet:
             """A floor above this cannot beat ``found`` (float rounding allowed for)."""
             return math.inf if found is None else found[0] / BOUND_SLACK
 
+        layout = self._layout
+        if len(layout.ids) <= WEIGH_ALL_AGENTS:
+            for agent_id in layout.ids:
+                weigh(agent_id)
+            return best, best_start
         # The orders below are of the agents as the call began, and their floors assume a full
         # prefill: the agents holding part of the prompt are weighed first, and those this call
         # changed after the free ones, on floors of their own.
-        layout = self._layout
         hits = [i for i in state.prefix_hits.get(request.request_id, ()) if i in layout.serves]
         changed = [i for i in state.changes if i in layout.serves]
         seen = {*hits, *changed}

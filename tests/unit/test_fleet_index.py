@@ -10,6 +10,8 @@ import math
 import random
 from dataclasses import replace
 
+import pytest
+
 from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.decision import BOUND_SLACK, DecisionState, candidates
 from orchestrator.core.fleet_index import FleetLayout, FleetMemo, agent_keys
@@ -125,7 +127,13 @@ def test_preemption_leaves_out_only_agents_where_it_cannot_pay() -> None:
             assert waiting_rest * step > PREEMPT_COST_FRACTION * state.free_in_s(view)
 
 
-def test_the_index_finds_the_least_placement_cost_that_weighing_every_agent_finds() -> None:
+@pytest.mark.parametrize("size", [5, len(IDS)])
+def test_the_index_finds_the_least_placement_cost_that_weighing_every_agent_finds(
+    size: int,
+) -> None:
+    """A small fleet is weighed agent by agent, a large one searched through the index: both
+    must find what weighing every agent as a candidate finds."""
+    ids = IDS[:size]
     rng = random.Random(5)
     config = SchedulerConfig(
         policy=make_policy("srtf"), placement=make_placement("predicted"), unavailable_timeout_s=9
@@ -139,12 +147,12 @@ def test_the_index_finds_the_least_placement_cost_that_weighing_every_agent_find
                 prefill_backlog_tokens=rng.choice((0, 0, 0, 300)),
                 prefill_backlog_since_s=rng.uniform(0.0, 1.0),
             )
-            for i in IDS
+            for i in ids
         ]
         groups = {v.agent_id: g for v in agents if (g := _group(rng, v)) is not None}
         snapshot = Snapshot(queue=(), agents=tuple(agents), by_agent=groups)
         state = DecisionState(snapshot, 1.0, memo)
-        fleet = state.fleet(None, list(IDS), config)
+        fleet = state.fleet(None, list(ids), config)
         for k in range(6):
             request = queued(
                 f"q{k}",
@@ -156,12 +164,12 @@ def test_the_index_finds_the_least_placement_cost_that_weighing_every_agent_find
             best, best_start = fleet.least_completion(request, math.inf)
             weighed = [
                 (placement_cost_s(request, c), c.agent.agent_id, c.can_start)
-                for c in candidates(request, IDS, state, config)
+                for c in candidates(request, ids, state, config)
             ]
             assert best == (min(weighed) if weighed else None)
             startable = [w[:2] for w in weighed if w[2]]
             assert best_start == (min(startable) if startable else None)
-            waited = rng.choice(IDS)
+            waited = rng.choice(ids)
             state.backlog[waited] += 1
 
 
