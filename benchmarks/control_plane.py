@@ -9,7 +9,9 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
         [--predictors shipped,none] [--journal on|off|both] [--json OUT]
 
 ``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
-measured requests) is steadier than requests/s on a machine shared with other work.
+measured requests) is steadier than requests/s on a machine shared with other work; the
+predictor's worker process (and multiprocessing's resource tracker) are counted apart, in
+``predictor_process_cpu_us_per_request``.
 
 A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
 ``predictor_<name>_no_journal`` with it off. With the shipped predictor, the report also gives
@@ -111,11 +113,14 @@ def main() -> None:
             cluster.wait_for_agents(2)
             asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
             coordinator = psutil.Process(cluster.processes["coordinator"].pid)
+            workers = coordinator.children(recursive=True)
             cpu_before = sum(coordinator.cpu_times()[:2])
+            workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
             elapsed, latencies = asyncio.run(
                 hammer(cluster.clients_endpoint, args.requests, args.concurrency)
             )
             cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before
+            workers_s = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
         finally:
             cluster.stop()
         latencies.sort()
@@ -124,6 +129,7 @@ def main() -> None:
             "p50_latency_ms": round(1000 * statistics.median(latencies), 2),
             "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
             "coordinator_cpu_us_per_request": round(1e6 * cpu_s / args.requests, 1),
+            "predictor_process_cpu_us_per_request": round(1e6 * workers_s / args.requests, 1),
         }
         print(f"{key}: {report[key]}", file=sys.stderr)
     if "shipped" in args.predictors.split(","):

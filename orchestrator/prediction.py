@@ -1,18 +1,31 @@
 """The coordinator's predictor service: length predictions, the completion history and online
-adaptation, all on one worker thread so the event loop never waits on onnxruntime or SQLite.
+adaptation, all in one worker process, so the event loop never waits on onnxruntime or SQLite
+and never shares its interpreter lock with them.
 
 Prompts submitted close together are predicted in one batch. Every completed request is
 recorded (the prompt's feature vector, the served model, predicted and actual tokens); every
 ``adapt_every`` new records the predictor is recalibrated for the served model from that
 history and swapped in.
+
+Why a process and not a thread: the encoder runs once per prompt and takes the interpreter
+lock back after every call. On the control-plane benchmark a worker thread waited on the
+event loop for that lock, predicting at about 0.57 of its rate alone; a process of its own
+takes a core where one is free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -26,6 +39,14 @@ from orchestrator.protocol import ConversationHint
 log = logging.getLogger("edgeorch.prediction")
 
 MAX_BATCH: Final = 64
+PARENT_CHECK_INTERVAL_S: Final = 1.0
+"""How often the worker process checks that the coordinator still lives: a coordinator killed
+with SIGKILL cannot stop it, and its queue's pipe stays open in the worker itself."""
+BATCHES_IN_FLIGHT: Final = 2
+"""Batches sent to the worker before the first returns: it starts the next the moment one
+ends, instead of idling while the results cross back and the next batch is gathered."""
+
+Features = np.ndarray[Any, np.dtype[np.float32]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,20 +54,27 @@ class Predicted:
     """A prediction and the feature vector the history stores when the request completes."""
 
     prediction: LengthPrediction
-    features: np.ndarray[Any, np.dtype[np.float32]]
+    features: Features
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """One prompt to predict, as it crosses to the worker process."""
+
+    text: str
+    model: str | None
+    earlier_answers: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    text: str
-    model: str | None
-    earlier_answers: tuple[int, ...]
+    ask: _Ask
     future: asyncio.Future[Predicted]
 
 
 @dataclass(frozen=True, slots=True)
 class _Completion:
-    features: np.ndarray[Any, np.dtype[np.float32]]
+    features: Features
     model: str
     predicted_tokens: float
     actual_tokens: int
@@ -60,37 +88,28 @@ class PredictionService:
         adapted_dir: Path | None,
         adapt_every: int,
     ) -> None:
-        self._predictor_dir = predictor_dir
-        self._history_path = history_path
-        self._adapted_dir = adapted_dir
-        self._adapt_every = adapt_every
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predictor")
-        self._predictor: LengthPredictor | None = None
-        self._history: CompletionHistory | None = None
-        self._adapter: AutoAdapter | None = None
+        self._settings = (predictor_dir, history_path, adapted_dir, adapt_every)
+        self._pool: ProcessPoolExecutor | None = None
+        self.worker_pid: int | None = None
         self._pending: list[_Pending] = []
         self._completions: list[_Completion] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
         self.adaptations = 0
+        self._worker_adaptations = 0
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
-
-    def _open(self) -> None:
-        self._predictor = LengthPredictor.load(self._predictor_dir, threads=1)
-        if self._history_path is not None:
-            self._history_path.parent.mkdir(parents=True, exist_ok=True)
-            self._history = CompletionHistory(self._history_path)
-            if self._adapt_every > 0 and self._adapted_dir is not None:
-                self._adapter = AutoAdapter(
-                    self._history, self._adapted_dir, self._adapt_every, base=self._predictor
-                )
-        log.info(
-            "length predictor loaded from %s; history %s; adapting every %s completions",
-            self._predictor.model_dir,
-            self._history_path or "off",
-            self._adapt_every if self._adapter else "never",
+        """Start the worker process and load the predictor there; raises what loading raises."""
+        self._worker_adaptations = 0
+        self._pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=signal.signal,
+            initargs=(signal.SIGINT, signal.SIG_IGN),  # the coordinator stops it on Ctrl-C
         )
+        self.worker_pid, model_dir = await asyncio.get_running_loop().run_in_executor(
+            self._pool, _open_worker, *self._settings
+        )
+        log.info("length predictor loaded in process %d from %s", self.worker_pid, model_dir)
 
     async def predict(
         self, prompt: str, model: str | None, conversation: ConversationHint | None = None
@@ -99,16 +118,16 @@ class PredictionService:
         the lengths of the assistant's earlier answers when the request carries them."""
         future: asyncio.Future[Predicted] = asyncio.get_running_loop().create_future()
         if conversation is not None:
-            prompt, earlier = conversation.last_user, conversation.earlier_answer_tokens
+            ask = _Ask(conversation.last_user, model, conversation.earlier_answer_tokens)
         else:
-            earlier = ()
-        self._pending.append(_Pending(prompt, model, earlier, future))
+            ask = _Ask(prompt, model, ())
+        self._pending.append(_Pending(ask, future))
         self._kick()
         return await future
 
     def record_completion(self, predicted: Predicted, model: str, actual_tokens: int) -> None:
-        """Queue a completed request for the history (written on the worker thread)."""
-        if self._history is None:
+        """Queue a completed request for the history (written in the worker process)."""
+        if self._settings[1] is None:
             return
         self._completions.append(
             _Completion(
@@ -118,65 +137,124 @@ class PredictionService:
         self._kick()
 
     def _kick(self) -> None:
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        if len(self._flushing) < BATCHES_IN_FLIGHT:
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending or self._completions:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             completions, self._completions = self._completions, []
+            pool = self._pool
             try:
-                results = await loop.run_in_executor(self._executor, self._work, batch, completions)
+                results, adaptations = await loop.run_in_executor(
+                    pool, _work, [p.ask for p in batch], completions
+                )
             except Exception as exc:
                 log.exception("length prediction failed")
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
+                if isinstance(exc, BrokenProcessPool) and pool is self._pool:
+                    await self._restart()
                 continue
+            if adaptations > self._worker_adaptations:
+                self.adaptations += adaptations - self._worker_adaptations
+                self._worker_adaptations = adaptations
+                log.info("predictor recalibrated (%d times so far)", self.adaptations)
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)
 
-    def _work(self, batch: list[_Pending], completions: list[_Completion]) -> list[Predicted]:
-        if self._history is not None and completions:
-            for c in completions:
-                self._history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
-            self._maybe_adapt()
-        assert self._predictor is not None
-        results: list[Predicted | None] = [None] * len(batch)
-        by_model: dict[str | None, list[int]] = defaultdict(list)
-        for index, pending in enumerate(batch):
-            by_model[pending.model].append(index)
-        for model, indices in by_model.items():
-            predictions, features = self._predictor.predict_with_features(
-                [batch[i].text for i in indices],
-                model,
-                [batch[i].earlier_answers for i in indices],
-            )
-            for row, index in enumerate(indices):
-                results[index] = Predicted(predictions[row], features[row])
-        return [r for r in results if r is not None]
-
-    def _maybe_adapt(self) -> None:
-        if self._adapter is None:
-            return
+    async def _restart(self) -> None:
+        """A fresh worker after the last one died (its history is on disk)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         try:
-            adapted = self._adapter.maybe_adapt()
+            await self.start()
         except Exception:
-            log.exception("online adaptation failed; keeping the current predictor")
-            return
-        if adapted is not None:
-            self._predictor = adapted
-            self.adaptations += 1
-            log.info("predictor recalibrated from %d completions", self._adapter.history.count())
+            log.exception("the length predictor's worker could not be restarted")
 
     async def close(self) -> None:
-        if self._flushing is not None:
-            await asyncio.gather(self._flushing, return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=True)
+        await asyncio.gather(*self._flushing, return_exceptions=True)
+        if self._pool is None:
+            return
+        with contextlib.suppress(BrokenProcessPool):
+            await asyncio.get_running_loop().run_in_executor(self._pool, _close_worker)
+        self._pool.shutdown(wait=True)
 
-    def _close(self) -> None:
-        if self._history is not None:
-            self._history.close()
+
+@dataclass(slots=True)
+class _Worker:
+    """What the worker process holds between calls."""
+
+    predictor: LengthPredictor
+    history: CompletionHistory | None
+    adapter: AutoAdapter | None
+    adaptations: int = 0
+
+
+_worker: _Worker | None = None
+"""The worker process's state (None in the coordinator's own process)."""
+
+
+def _open_worker(
+    predictor_dir: Path | None,
+    history_path: Path | None,
+    adapted_dir: Path | None,
+    adapt_every: int,
+) -> tuple[int, str]:
+    global _worker
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent.pid,), daemon=True).start()
+    predictor = LengthPredictor.load(predictor_dir, threads=1)
+    history = adapter = None
+    if history_path is not None:
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        history = CompletionHistory(history_path)
+        if adapt_every > 0 and adapted_dir is not None:
+            adapter = AutoAdapter(history, adapted_dir, adapt_every, base=predictor)
+    _worker = _Worker(predictor, history, adapter)
+    return multiprocessing.current_process().pid or 0, str(predictor.model_dir)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_INTERVAL_S)
+    os._exit(0)
+
+
+def _work(asks: list[_Ask], completions: list[_Completion]) -> tuple[list[Predicted], int]:
+    """Record the completions, maybe recalibrate, then predict ``asks`` in order; returns the
+    predictions and how many recalibrations the worker has made."""
+    worker = _worker
+    assert worker is not None, "the worker process was not opened"
+    if worker.history is not None and completions:
+        for c in completions:
+            worker.history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
+        if worker.adapter is not None:
+            adapted = worker.adapter.maybe_adapt()
+            if adapted is not None:
+                worker.predictor = adapted
+                worker.adaptations += 1
+    results: list[Predicted | None] = [None] * len(asks)
+    by_model: dict[str | None, list[int]] = defaultdict(list)
+    for index, ask in enumerate(asks):
+        by_model[ask.model].append(index)
+    for model, indices in by_model.items():
+        predictions, features = worker.predictor.predict_with_features(
+            [asks[i].text for i in indices], model, [asks[i].earlier_answers for i in indices]
+        )
+        for row, index in enumerate(indices):
+            results[index] = Predicted(predictions[row], features[row])
+    return [r for r in results if r is not None], worker.adaptations
+
+
+def _close_worker() -> None:
+    global _worker
+    if _worker is not None and _worker.history is not None:
+        _worker.history.close()
+    _worker = None

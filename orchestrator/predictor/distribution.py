@@ -33,10 +33,17 @@ class LengthPrediction:
     quantiles: Mapping[float, float]
     _grid: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled with its quantiles as a plain dict (a read-only view does not pickle): the
+        coordinator receives predictions from its predictor process."""
+        return (_rebuild, (self.expected_tokens, dict(self.quantiles), self._grid))
+
     def quantile(self, q: float) -> float:
         """Token count at level q (0 < q < 1), interpolated in log space."""
         if not 0.0 < q < 1.0:
             raise ValueError(f"quantile level must lie in (0, 1), got {q}")
+        if self._grid and q in self.quantiles:
+            return self.quantiles[q]  # computed from the grid as below, once
         levels, log_values = self._log_grid()
         return float(np.expm1(_interp_level(levels, log_values, q)))
 
@@ -73,6 +80,12 @@ class LengthPrediction:
 #: Past the predicted p99.5, the remaining length's largest quantile is this share of the
 #: tokens generated so far.
 TAIL_GROWTH_FRACTION = 0.25
+
+
+def _rebuild(
+    expected_tokens: float, quantiles: dict[float, float], grid: tuple[float, ...]
+) -> LengthPrediction:
+    return LengthPrediction(expected_tokens, MappingProxyType(quantiles), grid)
 
 
 def distribution_from_grid(log_grid: np.ndarray) -> LengthPrediction:

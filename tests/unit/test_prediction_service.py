@@ -1,10 +1,16 @@
-"""The coordinator's predictor service: batched predictions off the event loop, the completion
-history, and automatic recalibration swapping in a new predictor."""
+"""The coordinator's predictor service: batched predictions in a worker process, the completion
+history, automatic recalibration swapping in a new predictor, and a fresh worker after a crash."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+import psutil
+import pytest
 
 from orchestrator.prediction import PredictionService
 from orchestrator.predictor import CompletionHistory, LengthPredictor
@@ -47,3 +53,24 @@ def test_a_chat_is_predicted_from_its_latest_question_and_earlier_answers() -> N
     chat, plain = asyncio.run(run())
     expected = LengthPredictor.load().predict("Go on.", earlier_answers=[700, 900])
     assert chat == expected.quantile(0.5) and chat > plain
+
+
+def test_a_killed_worker_fails_its_batch_and_a_fresh_one_takes_over() -> None:
+    service = PredictionService(None, None, None, adapt_every=0)
+
+    async def run() -> tuple[int | None, int | None, float]:
+        await service.start()
+        await service.predict("Say hi.", None)
+        first = service.worker_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            await service.predict("Say hi again.", None)
+        again = await service.predict("Say hi.", None)
+        await service.close()
+        return first, service.worker_pid, again.prediction.quantile(0.5)
+
+    first, second, median = asyncio.run(run())
+    assert second not in (None, first)
+    assert median == LengthPredictor.load().predict("Say hi.").quantile(0.5)
+    assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
