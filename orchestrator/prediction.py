@@ -106,9 +106,13 @@ class PredictionService:
             initializer=signal.signal,
             initargs=(signal.SIGINT, signal.SIG_IGN),  # the coordinator stops it on Ctrl-C
         )
-        self.worker_pid, model_dir = await asyncio.get_running_loop().run_in_executor(
-            self._pool, _open_worker, *self._settings
-        )
+        try:
+            self.worker_pid, model_dir = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _open_worker, *self._settings
+            )
+        except BaseException:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise
         log.info("length predictor loaded in process %d from %s", self.worker_pid, model_dir)
 
     async def predict(

@@ -14,6 +14,7 @@ import pytest
 
 from orchestrator.prediction import PredictionService
 from orchestrator.predictor import CompletionHistory, LengthPredictor
+from orchestrator.predictor.errors import PredictorModelError
 from orchestrator.protocol import ConversationHint
 
 
@@ -74,3 +75,9 @@ def test_a_killed_worker_fails_its_batch_and_a_fresh_one_takes_over() -> None:
     assert second not in (None, first)
     assert median == LengthPredictor.load().predict("Say hi.").quantile(0.5)
     assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_predictor_that_cannot_load_fails_the_start_with_the_reason(tmp_path: Path) -> None:
+    service = PredictionService(tmp_path, None, None, adapt_every=0)
+    with pytest.raises(PredictorModelError, match=r"metadata\.json"):
+        asyncio.run(service.start())
