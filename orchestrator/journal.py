@@ -167,6 +167,10 @@ class Journal:
             self.moved_aside = self._move_aside(exc)
             self._db = self._connect()
         self._synchronous = ""
+        self._with_chunks: set[str] = {
+            row[0] for row in self._db.execute("SELECT DISTINCT request_id FROM chunks")
+        }
+        """Requests that have chunk rows: the others' accept and end skip deleting theirs."""
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -213,23 +217,33 @@ class Journal:
     # --- writing ----------------------------------------------------------------------------
 
     def write(self, ops: Sequence[JournalOp]) -> None:
-        """Commit ``ops`` as one transaction; fsynced when it holds an accept."""
+        """Commit ``ops`` as one transaction; fsynced when it holds an accept.
+
+        A chunk whose request ends in the same batch is not written: the end, committed with
+        it, keeps the whole text and would delete the chunk again (a one-token request's chunk
+        and end come from the agent together)."""
         if not ops:
             return
         durable = any(isinstance(op, AcceptOp) for op in ops)
         self._set_synchronous("FULL" if durable else "NORMAL")
+        ending = {op.request_id for op in ops if isinstance(op, EndOp)}
+        chunked: set[str] = set()
+        cleared: set[str] = set()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
                 if isinstance(op, AcceptOp):
-                    self._accept(op)
+                    self._accept(op, chunked, cleared)
                 elif isinstance(op, DispatchOp):
                     db.execute(
                         "UPDATE requests SET attempt = max(attempt, ?) WHERE request_id = ?",
                         (op.attempt, op.request_id),
                     )
                 elif isinstance(op, ChunkOp):
+                    if op.request_id in ending:
+                        continue
+                    chunked.add(op.request_id)
                     db.execute(
                         "INSERT INTO chunks (request_id, text, n_tokens, token_ids, model) "
                         "VALUES (?, ?, ?, ?, ?)",
@@ -242,18 +256,25 @@ class Journal:
                         ),
                     )
                 else:
-                    self._end(op)
+                    self._end(op, chunked, cleared)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._with_chunks -= cleared
+        self._with_chunks |= chunked  # an accept clears before its own chunks can follow
 
     def _set_synchronous(self, level: str) -> None:
         if level != self._synchronous:
             self._db.execute(f"PRAGMA synchronous={level}")
             self._synchronous = level
 
-    def _accept(self, op: AcceptOp) -> None:
+    def _clear_chunks(self, request_id: str, chunked: set[str], cleared: set[str]) -> None:
+        if request_id in self._with_chunks or request_id in chunked:
+            self._db.execute("DELETE FROM chunks WHERE request_id = ?", (request_id,))
+            cleared.add(request_id)
+
+    def _accept(self, op: AcceptOp, chunked: set[str], cleared: set[str]) -> None:
         record = op.record
         estimate = (
             json.dumps(
@@ -279,9 +300,9 @@ class Journal:
                 ACTIVE,
             ),
         )
-        self._db.execute("DELETE FROM chunks WHERE request_id = ?", (record.request_id,))
+        self._clear_chunks(record.request_id, chunked, cleared)
 
-    def _end(self, op: EndOp) -> None:
+    def _end(self, op: EndOp, chunked: set[str], cleared: set[str]) -> None:
         error = ErrorInfo.of(op.error).model_dump_json() if op.error is not None else None
         self._db.execute(
             "UPDATE requests SET state = ?, text = ?, completion_tokens = ?, prompt_tokens = ?, "
@@ -303,7 +324,7 @@ class Journal:
                 op.request_id,
             ),
         )
-        self._db.execute("DELETE FROM chunks WHERE request_id = ?", (op.request_id,))
+        self._clear_chunks(op.request_id, chunked, cleared)
 
     def prune(self, before_wall: float) -> int:
         """Delete requests that ended before ``before_wall``; returns how many."""

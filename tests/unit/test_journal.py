@@ -131,6 +131,63 @@ def test_ended_requests_replay_with_their_result_error_or_cancellation(tmp_path:
     assert chunks.fetchone()[0] == 0  # an ended request's chunks are folded into its row
 
 
+def chunk_rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        count: int = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    return count
+
+
+def finished(request_id: str, text: str) -> EndOp:
+    return EndOp(
+        RequestId(request_id),
+        RequestState.FINISHED,
+        WALL + 1.0,
+        text=text,
+        completion_tokens=1,
+        finish_reason="length",
+    )
+
+
+def test_a_chunk_that_ends_with_its_request_in_one_batch_is_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    for name in ("r1", "r2", "r3"):
+        accept(journal, name)
+    r1, r2, r3 = RequestId("r1"), RequestId("r2"), RequestId("r3")
+    journal.write([ChunkOp(r1, " hi", 1, (5,), None), ChunkOp(r2, " a", 1, (6,), None)])
+    journal.write([finished("r1", " hi"), ChunkOp(r2, " b", 1, (7,), None)])
+    assert chunk_rows(path) == 2  # r2's two chunks; r1's was deleted with its end
+    journal.write([ChunkOp(r3, " yo", 1, (9,), None), finished("r3", " yo")])
+    assert chunk_rows(path) == 2
+    journal.write([ChunkOp(r2, " c", 1, (8,), None), finished("r2", " a b c")])
+    assert chunk_rows(path) == 0
+    replayed = {r.request_id: r.text for r in journal.replay(OFFSET)}
+    assert replayed == {"r1": " hi", "r2": " a b c", "r3": " yo"}
+
+
+def test_chunks_journaled_before_a_restart_are_deleted_when_their_request_ends(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    accept(journal, "r1")
+    journal.write([ChunkOp(RequestId("r1"), " hi", 1, (5,), None)])
+    journal.close()
+    reopened = Journal(path)
+    reopened.write([finished("r1", " hi there")])
+    assert chunk_rows(path) == 0
+
+
+def test_accepting_a_request_id_again_drops_the_chunks_of_its_earlier_run(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    accept(journal, "r1")
+    journal.write([ChunkOp(RequestId("r1"), " old", 1, (5,), None)])
+    accept(journal, "r1")
+    (replayed,) = journal.replay(OFFSET)
+    assert replayed.text == "" and chunk_rows(path) == 0
+
+
 def test_prune_deletes_only_requests_that_ended_before_the_bound(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.sqlite3")
     for name in ("old", "new", "open"):
