@@ -113,7 +113,15 @@ class PredictionService:
         except BaseException:
             self._pool.shutdown(wait=False, cancel_futures=True)
             raise
-        log.info("length predictor loaded in process %d from %s", self.worker_pid, model_dir)
+        _, history_path, adapted_dir, adapt_every = self._settings
+        log.info(
+            "length predictor loaded in process %d from %s; history %s; adapting every %s "
+            "completions",
+            self.worker_pid,
+            model_dir,
+            history_path or "off",
+            adapt_every if history_path and adapted_dir and adapt_every > 0 else "never",
+        )
 
     async def predict(
         self, prompt: str, model: str | None, conversation: ConversationHint | None = None
@@ -153,7 +161,7 @@ class PredictionService:
             completions, self._completions = self._completions, []
             pool = self._pool
             try:
-                results, adaptations = await loop.run_in_executor(
+                results, adaptations, adaptation_error = await loop.run_in_executor(
                     pool, _work, [p.ask for p in batch], completions
                 )
             except Exception as exc:
@@ -164,6 +172,10 @@ class PredictionService:
                 if isinstance(exc, BrokenProcessPool) and pool is self._pool:
                     await self._restart()
                 continue
+            if adaptation_error is not None:
+                log.error(
+                    "online adaptation failed; keeping the current predictor: %s", adaptation_error
+                )
             if adaptations > self._worker_adaptations:
                 self.adaptations += adaptations - self._worker_adaptations
                 self._worker_adaptations = adaptations
@@ -198,6 +210,7 @@ class _Worker:
     history: CompletionHistory | None
     adapter: AutoAdapter | None
     adaptations: int = 0
+    adaptation_error: str | None = None
 
 
 _worker: _Worker | None = None
@@ -231,19 +244,26 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(0)
 
 
-def _work(asks: list[_Ask], completions: list[_Completion]) -> tuple[list[Predicted], int]:
+def _work(
+    asks: list[_Ask], completions: list[_Completion]
+) -> tuple[list[Predicted], int, str | None]:
     """Record the completions, maybe recalibrate, then predict ``asks`` in order; returns the
-    predictions and how many recalibrations the worker has made."""
+    predictions, how many recalibrations the worker has made, and why this batch's failed (a
+    failed recalibration keeps the current predictor)."""
     worker = _worker
     assert worker is not None, "the worker process was not opened"
     if worker.history is not None and completions:
         for c in completions:
             worker.history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
         if worker.adapter is not None:
-            adapted = worker.adapter.maybe_adapt()
-            if adapted is not None:
-                worker.predictor = adapted
-                worker.adaptations += 1
+            try:
+                adapted = worker.adapter.maybe_adapt()
+            except Exception as exc:
+                worker.adaptation_error = f"{type(exc).__name__}: {exc}"
+            else:
+                if adapted is not None:
+                    worker.predictor = adapted
+                    worker.adaptations += 1
     results: list[Predicted | None] = [None] * len(asks)
     by_model: dict[str | None, list[int]] = defaultdict(list)
     for index, ask in enumerate(asks):
@@ -254,7 +274,8 @@ def _work(asks: list[_Ask], completions: list[_Completion]) -> tuple[list[Predic
         )
         for row, index in enumerate(indices):
             results[index] = Predicted(predictions[row], features[row])
-    return [r for r in results if r is not None], worker.adaptations
+    error, worker.adaptation_error = worker.adaptation_error, None
+    return [r for r in results if r is not None], worker.adaptations, error
 
 
 def _close_worker() -> None:

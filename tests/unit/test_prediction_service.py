@@ -81,3 +81,23 @@ def test_a_predictor_that_cannot_load_fails_the_start_with_the_reason(tmp_path: 
     service = PredictionService(tmp_path, None, None, adapt_every=0)
     with pytest.raises(PredictorModelError, match=r"metadata\.json"):
         asyncio.run(service.start())
+
+
+def test_a_failed_recalibration_keeps_predicting_with_the_current_predictor(
+    tmp_path: Path,
+) -> None:
+    not_a_folder = tmp_path / "adapted"
+    not_a_folder.write_text("a file where the adapted predictor would go")
+    service = PredictionService(None, tmp_path / "history.sqlite", not_a_folder, adapt_every=2)
+
+    async def run() -> list[float]:
+        await service.start()
+        first = await service.predict("Say hi.", None)
+        for _ in range(2):
+            service.record_completion(first, "gemma", actual_tokens=900)
+        again = await service.predict("Say hi.", None)  # after the failed recalibration
+        await service.close()
+        return [first.prediction.quantile(0.5), again.prediction.quantile(0.5)]
+
+    before, after = asyncio.run(run())
+    assert after == before and service.adaptations == 0
