@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,15 @@ def test_unsorted_grid_is_made_monotone() -> None:
     grid = lognormalish()[::-1]
     pred = distribution_from_grid(grid)
     assert pred.quantiles[0.1] <= pred.quantiles[0.9]
+
+
+def test_a_prediction_pickles_whole_and_reads_its_reported_levels_as_the_grid_gives_them() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        prediction = distribution_from_grid(np.sort(rng.normal(5.0, 1.5, len(GRID_LEVELS))))
+        back = pickle.loads(pickle.dumps(prediction))
+        assert back == prediction and back._grid == prediction._grid
+        levels, log_values = prediction._log_grid()
+        for q in REPORTED_LEVELS:
+            interpolated = float(np.expm1(np.interp(q, levels, log_values)))
+            assert prediction.quantile(q) == back.quantile(q) == interpolated
