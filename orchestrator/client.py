@@ -33,6 +33,7 @@ from orchestrator.auth import client_keys, handshake_failures
 from orchestrator.errors import (
     EdgeorchError,
     InvalidRequest,
+    Overloaded,
     ProtocolError,
     RequestTimeout,
     Unavailable,
@@ -225,6 +226,7 @@ class AsyncClient:
         self._connections = 0
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
+        self._pump: transport.DealerPump | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._inboxes: dict[str, asyncio.Queue[ClientReply]] = {}
         self._submits: dict[str, Submit] = {}
@@ -237,8 +239,8 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _connect(self) -> zmq.asyncio.Socket:
-        if self._socket is None:
+    def _connect(self) -> transport.DealerPump:
+        if self._pump is None:
             self._context = zmq.asyncio.Context()
             socket, monitor = transport.monitored_dealer(
                 self._context,
@@ -247,12 +249,13 @@ class AsyncClient:
                 zmtp_heartbeat_ms=(ZMTP_HEARTBEAT_IVL_MS, ZMTP_HEARTBEAT_TIMEOUT_MS),
             )
             self._socket = socket
+            self._pump = transport.DealerPump(socket, self._on_frame)
             loop = asyncio.get_running_loop()
             self._tasks = [
-                loop.create_task(self._receive()),
+                loop.create_task(self._pump.serve()),
                 loop.create_task(self._watch(socket, monitor)),
             ]
-        return self._socket
+        return self._pump
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -260,7 +263,7 @@ class AsyncClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._context is not None:
             self._context.destroy(linger=0)
-        self._socket = self._context = None
+        self._socket = self._context = self._pump = None
         self._tasks = []
 
     async def _watch(self, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
@@ -417,7 +420,8 @@ class AsyncClient:
                     raise self._timed_out(request_id, timeout_s, accepting=accepting)
                 wait = min(wait, deadline - now)
             try:
-                message = await asyncio.wait_for(inbox.get(), wait)
+                async with asyncio.timeout(wait):
+                    message = await inbox.get()
             except TimeoutError:
                 now = loop.time()
                 if request_id not in self._submits or (deadline is not None and now >= deadline):
@@ -453,20 +457,24 @@ class AsyncClient:
             timeout_s=timeout_s,
         )
 
-    async def _receive(self) -> None:
-        assert self._socket is not None
-        while True:
-            frame = await self._socket.recv()
-            message = decode(frame, CLIENT_REPLIES)
-            if isinstance(message, ProtocolError):
-                continue
-            key = message.query_id if isinstance(message, StatusReport) else message.request_id
-            inbox = self._inboxes.get(key) if key is not None else None
-            if inbox is not None:
-                inbox.put_nowait(message)
+    def _on_frame(self, frame: bytes) -> None:
+        message = decode(frame, CLIENT_REPLIES)
+        if isinstance(message, ProtocolError):
+            return
+        key = message.query_id if isinstance(message, StatusReport) else message.request_id
+        inbox = self._inboxes.get(key) if key is not None else None
+        if inbox is not None:
+            inbox.put_nowait(message)
 
     def _send(self, message: WireModel) -> None:
-        self._connect().send(encode(message))
+        try:
+            self._connect().send(encode(message))
+        except zmq.Again:
+            raise Overloaded(
+                f"{transport.SEND_HIGH_WATER_MARK} frames already wait to reach {self.endpoint}",
+                endpoint=self.endpoint,
+                queued_frames=transport.SEND_HIGH_WATER_MARK,
+            ) from None
 
 
 class Client:

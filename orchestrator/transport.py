@@ -118,38 +118,26 @@ READ_BURST_MAX: Final = 256
 journal's commit, the other socket); the rest are read on the next turn."""
 
 
-class RouterPump:
-    """A bound ROUTER served by a reader callback on ZeroMQ's file descriptor instead of
-    zmq.asyncio futures: each wakeup reads every waiting message (a burst then shares one
-    scheduling pass and one journal commit), and sends go straight to the socket, which never
-    blocks (a ROUTER drops at the high-water mark). On the control-plane benchmark the futures
-    were a third of the coordinator's CPU per request.
+class _Pump:
+    """A socket served by a reader callback on ZeroMQ's file descriptor instead of zmq.asyncio
+    futures: each wakeup reads every waiting message (a burst then shares one scheduling pass
+    and one journal commit), and sends go straight to the socket.
 
     ZeroMQ's descriptor is edge-triggered and any operation on the socket may consume its
     edge, so a wakeup reads until nothing is left, and a send schedules one more read."""
 
-    def __init__(
-        self,
-        socket: zmq.asyncio.Socket,
-        on_message: Callable[[bytes, bytes, str | None], None],
-        *,
-        authenticated: bool,
-    ) -> None:
-        """``on_message(identity, frame, key)`` gets each two-part message; ``key`` is the CURVE
-        key's allow-list name when ``authenticated``, else None. Others are dropped."""
+    def __init__(self, socket: zmq.asyncio.Socket) -> None:
         self._owner = socket
         """Kept: the shadow below does not own the socket, and the owner closes it when freed."""
         self._socket: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
         self._fd = int(self._socket.getsockopt(zmq.FD))
-        self._on_message = on_message
-        self._authenticated = authenticated
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: asyncio.Future[None] | None = None
         self._read_scheduled = False
 
     async def serve(self) -> None:
-        """Read until cancelled; an exception from ``on_message`` ends it, as it would end a
-        receive loop (crash-only)."""
+        """Read until cancelled; an exception from the message handler ends it, as it would
+        end a receive loop (crash-only)."""
         self._loop = asyncio.get_running_loop()
         self._failed = self._loop.create_future()
         self._loop.add_reader(self._fd, self._read)
@@ -160,11 +148,6 @@ class RouterPump:
             self._loop.remove_reader(self._fd)
             self._loop = None
 
-    def send(self, identity: bytes, frame: bytes) -> None:
-        self._socket.send(identity, _SNDMORE)
-        self._socket.send(frame)
-        self._schedule_read()
-
     def _schedule_read(self) -> None:
         if self._loop is not None and not self._read_scheduled:
             self._read_scheduled = True
@@ -172,21 +155,72 @@ class RouterPump:
 
     def _read(self) -> None:
         self._read_scheduled = False
-        socket = self._socket
         try:
             for _ in range(READ_BURST_MAX):
-                if self._authenticated:
-                    parts = socket.recv_multipart(_NOBLOCK, copy=False)
-                    key: str | None = str(parts[-1].get(USER_ID))
-                    frames = [part.bytes for part in parts]
-                else:
-                    frames = socket.recv_multipart(_NOBLOCK)
-                    key = None
-                if len(frames) == 2:
-                    self._on_message(frames[0], frames[1], key)
+                self._read_one()
             self._schedule_read()
         except zmq.Again:
             pass
         except Exception as exc:
             if self._failed is not None and not self._failed.done():
                 self._failed.set_exception(exc)
+
+    def _read_one(self) -> None:
+        """Receive and hand on one message; ``zmq.Again`` when none waits."""
+        raise NotImplementedError
+
+
+class RouterPump(_Pump):
+    """A bound ROUTER, pumped (``_Pump``). Its sends never block: a ROUTER drops at the
+    high-water mark. On the control-plane benchmark zmq.asyncio's futures were a third of the
+    coordinator's CPU per request."""
+
+    def __init__(
+        self,
+        socket: zmq.asyncio.Socket,
+        on_message: Callable[[bytes, bytes, str | None], None],
+        *,
+        authenticated: bool,
+    ) -> None:
+        """``on_message(identity, frame, key)`` gets each two-part message; ``key`` is the CURVE
+        key's allow-list name when ``authenticated``, else None. Others are dropped."""
+        super().__init__(socket)
+        self._on_message = on_message
+        self._authenticated = authenticated
+
+    def send(self, identity: bytes, frame: bytes) -> None:
+        self._socket.send(identity, _SNDMORE)
+        self._socket.send(frame)
+        self._schedule_read()
+
+    def _read_one(self) -> None:
+        if self._authenticated:
+            parts = self._socket.recv_multipart(_NOBLOCK, copy=False)
+            key: str | None = str(parts[-1].get(USER_ID))
+            frames = [part.bytes for part in parts]
+        else:
+            frames = self._socket.recv_multipart(_NOBLOCK)
+            key = None
+        if len(frames) == 2:
+            self._on_message(frames[0], frames[1], key)
+
+
+class DealerPump(_Pump):
+    """A connected DEALER, pumped (``_Pump``): the SDK's futures-based receive cost it about as
+    much CPU a request as the coordinator spends. A DEALER queues for its peer even before the
+    connection exists, so a send fails only when ``SEND_HIGH_WATER_MARK`` frames already wait
+    (``zmq.Again``)."""
+
+    def __init__(self, socket: zmq.asyncio.Socket, on_frame: Callable[[bytes], None]) -> None:
+        """``on_frame(frame)`` gets each single-part message; others are dropped."""
+        super().__init__(socket)
+        self._on_frame = on_frame
+
+    def send(self, frame: bytes) -> None:
+        self._socket.send(frame, _NOBLOCK)
+        self._schedule_read()
+
+    def _read_one(self) -> None:
+        frames = self._socket.recv_multipart(_NOBLOCK)
+        if len(frames) == 1:
+            self._on_frame(frames[0])

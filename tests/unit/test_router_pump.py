@@ -1,4 +1,4 @@
-"""The ROUTER pump on real ZeroMQ sockets: bursts, ping-pong, concurrent dealers, malformed
+"""The socket pumps on real ZeroMQ sockets: bursts, ping-pong, concurrent dealers, malformed
 messages, and crash-only errors."""
 
 from __future__ import annotations
@@ -151,3 +151,54 @@ def test_an_error_in_the_handler_ends_serving_with_it() -> None:
 
     with pytest.raises(RuntimeError, match="cannot handle b'boom'"):
         asyncio.run(scenario())
+
+
+def test_a_dealer_pump_reads_whole_bursts_and_drops_messages_of_several_parts() -> None:
+    endpoint = next(endpoints)
+    replies = 2 * transport.READ_BURST_MAX + 3
+    got: list[bytes] = []
+
+    async def scenario() -> None:
+        context = zmq.asyncio.Context()
+        done = asyncio.Event()
+
+        def on_frame(frame: bytes) -> None:
+            got.append(frame)
+            if len(got) == replies:
+                done.set()
+
+        try:
+            server = transport.router(context, endpoint)
+            pump = transport.DealerPump(transport.dealer(context, endpoint), on_frame)
+            serving = asyncio.ensure_future(pump.serve())
+            pump.send(b"hello")
+            identity, hello = await asyncio.wait_for(server.recv_multipart(), TIMEOUT_S)
+            assert hello == b"hello"
+            await server.send_multipart([identity, b"two", b"parts"])
+            for n in range(replies):
+                await server.send_multipart([identity, b"%d" % n])
+            await asyncio.wait_for(done.wait(), TIMEOUT_S)
+            serving.cancel()
+        finally:
+            context.destroy(linger=0)
+
+    asyncio.run(scenario())
+    assert got == [b"%d" % n for n in range(replies)]
+
+
+def test_a_dealer_pump_refuses_a_send_once_the_queue_to_its_peer_is_full() -> None:
+    async def scenario() -> int:
+        context = zmq.asyncio.Context()
+        try:
+            nobody = transport.dealer(context, f"tcp://127.0.0.1:{free_port()}")
+            pump = transport.DealerPump(nobody, lambda frame: None)
+            for sent in range(2 * transport.SEND_HIGH_WATER_MARK):
+                try:
+                    pump.send(b"x")
+                except zmq.Again:
+                    return sent
+            return -1
+        finally:
+            context.destroy(linger=0)
+
+    assert asyncio.run(scenario()) >= transport.SEND_HIGH_WATER_MARK
