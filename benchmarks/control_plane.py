@@ -11,7 +11,8 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
 ``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
 measured requests) is steadier than requests/s on a machine shared with other work; the
 predictor's worker process (and multiprocessing's resource tracker) are counted apart, in
-``predictor_process_cpu_us_per_request``.
+``predictor_process_cpu_us_per_request``, and the SDK client's (this process) in
+``client_cpu_us_per_request``.
 
 A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
 ``predictor_<name>_no_journal`` with it off. With the shipped predictor, the report also gives
@@ -116,9 +117,11 @@ def main() -> None:
             workers = coordinator.children(recursive=True)
             cpu_before = sum(coordinator.cpu_times()[:2])
             workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
+            client_before = time.process_time()
             elapsed, latencies = asyncio.run(
                 hammer(cluster.clients_endpoint, args.requests, args.concurrency)
             )
+            client_s = time.process_time() - client_before
             cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before
             workers_s = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
         finally:
@@ -130,6 +133,7 @@ def main() -> None:
             "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
             "coordinator_cpu_us_per_request": round(1e6 * cpu_s / args.requests, 1),
             "predictor_process_cpu_us_per_request": round(1e6 * workers_s / args.requests, 1),
+            "client_cpu_us_per_request": round(1e6 * client_s / args.requests, 1),
         }
         print(f"{key}: {report[key]}", file=sys.stderr)
     if "shipped" in args.predictors.split(","):
