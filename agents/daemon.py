@@ -200,6 +200,7 @@ class AgentDaemon:
         coordinator's session (ROUTER_HANDOVER) instead of leaving an orphan behind."""
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
+        self._pump: transport.DealerPump | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._last_heard_s = 0.0
@@ -278,34 +279,31 @@ class AgentDaemon:
             self._context, self.endpoint, curve=self.curve, routing_id=self._identity
         )
         self._socket = socket
+        self._pump = transport.DealerPump(socket, self._on_frame)
         loop = asyncio.get_running_loop()
-        self._receiver = loop.create_task(self._receive(socket))
+        self._receiver = loop.create_task(self._pump.serve())
         self._watcher = loop.create_task(self._watch(socket, monitor))
 
-    async def _receive(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            frame = await socket.recv()
-            self._last_heard_s = self._clock()
-            message = decode(frame, AGENT_COMMANDS)
-            if isinstance(message, ProtocolError):
-                log.warning("dropped coordinator frame: %s", message.message)
-            elif isinstance(message, Welcome):
-                self.agent_id = message.agent_id
-                self.heartbeat_interval_s = message.heartbeat_interval_s
-                self.heartbeat_liveness = message.heartbeat_liveness
-                self._welcomed.set()
-                self._prefixes.restart()
-                log.info("registered as %s", message.agent_id)
-            elif isinstance(message, Reregister):
-                if self._welcomed.is_set():
-                    log.warning("the coordinator does not know this agent: registering again")
-                    self._abandon_work()
-                    self._forgotten.set()
-            elif isinstance(message, Ping):
-                continue
-            else:
-                self._commands.append(message)
-                self._work.set()
+    def _on_frame(self, frame: bytes) -> None:
+        self._last_heard_s = self._clock()
+        message = decode(frame, AGENT_COMMANDS)
+        if isinstance(message, ProtocolError):
+            log.warning("dropped coordinator frame: %s", message.message)
+        elif isinstance(message, Welcome):
+            self.agent_id = message.agent_id
+            self.heartbeat_interval_s = message.heartbeat_interval_s
+            self.heartbeat_liveness = message.heartbeat_liveness
+            self._welcomed.set()
+            self._prefixes.restart()
+            log.info("registered as %s", message.agent_id)
+        elif isinstance(message, Reregister):
+            if self._welcomed.is_set():
+                log.warning("the coordinator does not know this agent: registering again")
+                self._abandon_work()
+                self._forgotten.set()
+        elif not isinstance(message, Ping):
+            self._commands.append(message)
+            self._work.set()
 
     async def _watch(self, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """Say why the coordinator refuses this agent's handshakes (ZeroMQ keeps retrying, so
@@ -450,9 +448,23 @@ class AgentDaemon:
         self._running = tuple(request_id for request_id, _ in self.engine.active_keys())
 
     def _send(self, message: WireModel) -> None:
-        """Send on the current connection (nothing before the first one opens)."""
-        if self._socket is not None:
-            self._socket.send(encode(message))
+        """Send on the current connection (nothing before the first one opens). When the
+        coordinator has left ``SEND_HIGH_WATER_MARK`` frames unread, the frame cannot be
+        queued: the agent gives up its work and registers again, as when it goes silent."""
+        if self._pump is None:
+            return
+        try:
+            self._pump.send(encode(message))
+        except zmq.Again:
+            if self._welcomed.is_set():
+                log.error(
+                    "%d frames wait unread by the coordinator: cancelling %d running sequences "
+                    "and registering again",
+                    transport.SEND_HIGH_WATER_MARK,
+                    len(self.engine.active_keys()),
+                )
+                self._abandon_work()
+                self._forgotten.set()
 
 
 def _event_message(event: EngineEvent) -> WireModel:
