@@ -12,7 +12,7 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
 measured requests) is steadier than requests/s on a machine shared with other work; the
 predictor's worker process (and multiprocessing's resource tracker) are counted apart, in
 ``predictor_process_cpu_us_per_request``, and the SDK client's (this process) in
-``client_cpu_us_per_request``.
+``client_cpu_us_per_request``, and the two agents' together in ``agents_cpu_us_per_request``.
 
 A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
 ``predictor_<name>_no_journal`` with it off. With the shipped predictor, the report also gives
@@ -41,6 +41,7 @@ from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster
 
 PROMPT = "tiny request {i}"
+AGENTS = ("fast-1", "fast-2")
 
 FREE_COMPUTE = (
     "--backend",
@@ -109,12 +110,14 @@ def main() -> None:
         journal_args = ("--journal", "off") if journal == "off" else ()
         cluster = LocalCluster(run_dir, "--predictor", predictor, *journal_args)
         try:
-            for name in ("fast-1", "fast-2"):
+            for name in AGENTS:
                 cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
             cluster.wait_for_agents(2)
             asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
             coordinator = psutil.Process(cluster.processes["coordinator"].pid)
             workers = coordinator.children(recursive=True)
+            agents = [psutil.Process(cluster.processes[name].pid) for name in AGENTS]
+            agents_before = sum(sum(a.cpu_times()[:2]) for a in agents)
             cpu_before = sum(coordinator.cpu_times()[:2])
             workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
             client_before = time.process_time()
@@ -124,6 +127,7 @@ def main() -> None:
             client_s = time.process_time() - client_before
             cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before
             workers_s = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
+            agents_s = sum(sum(a.cpu_times()[:2]) for a in agents) - agents_before
         finally:
             cluster.stop()
         latencies.sort()
@@ -134,6 +138,7 @@ def main() -> None:
             "coordinator_cpu_us_per_request": round(1e6 * cpu_s / args.requests, 1),
             "predictor_process_cpu_us_per_request": round(1e6 * workers_s / args.requests, 1),
             "client_cpu_us_per_request": round(1e6 * client_s / args.requests, 1),
+            "agents_cpu_us_per_request": round(1e6 * agents_s / args.requests, 1),
         }
         print(f"{key}: {report[key]}", file=sys.stderr)
     if "shipped" in args.predictors.split(","):
