@@ -15,10 +15,10 @@ predictor's worker process (and multiprocessing's resource tracker) are counted 
 ``client_cpu_us_per_request``, and the two agents' together in ``agents_cpu_us_per_request``.
 
 A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
-``predictor_<name>_no_journal`` with it off. With the shipped predictor, the report also gives
-the predictor's own batched throughput on the same prompts (one onnxruntime thread, batches of
-the coordinator's size, in this process after the runs) and each run's admission rate as a
-fraction of it.
+``predictor_<name>_no_journal`` with it off. With the shipped predictor, a run also gives the
+predictor's own batched throughput on the same prompts (one onnxruntime thread, batches of
+the coordinator's size, in this process just before and just after the run, while no cluster
+runs: the machine's speed drifts) and the run's admission rate as a fraction of their mean.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def main() -> None:
         run_dir = log_dir / key
         run_dir.mkdir(parents=True, exist_ok=True)
         journal_args = ("--journal", "off") if journal == "off" else ()
+        alone = [predictor_batched_per_s(args.requests)] if predictor == "shipped" else []
         cluster = LocalCluster(run_dir, "--predictor", predictor, *journal_args)
         try:
             for name in AGENTS:
@@ -131,7 +132,7 @@ def main() -> None:
         finally:
             cluster.stop()
         latencies.sort()
-        report[key] = {
+        run: dict[str, object] = {
             "requests_per_s": round(args.requests / elapsed, 1),
             "p50_latency_ms": round(1000 * statistics.median(latencies), 2),
             "p99_latency_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
@@ -140,13 +141,14 @@ def main() -> None:
             "client_cpu_us_per_request": round(1e6 * client_s / args.requests, 1),
             "agents_cpu_us_per_request": round(1e6 * agents_s / args.requests, 1),
         }
-        print(f"{key}: {report[key]}", file=sys.stderr)
-    if "shipped" in args.predictors.split(","):
-        batched = predictor_batched_per_s(args.requests)
-        report["predictor_batched_prompts_per_s"] = round(batched, 1)
-        for key, run in report.items():
-            if key.startswith("predictor_shipped") and isinstance(run, dict):
-                run["admission_vs_predictor_batched"] = round(run["requests_per_s"] / batched, 3)
+        if alone:
+            alone.append(predictor_batched_per_s(args.requests))
+            run["predictor_alone_prompts_per_s"] = [round(rate, 1) for rate in alone]
+            run["admission_vs_predictor_batched"] = round(
+                args.requests / elapsed / statistics.mean(alone), 3
+            )
+        report[key] = run
+        print(f"{key}: {run}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
