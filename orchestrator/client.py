@@ -225,7 +225,6 @@ class AsyncClient:
         self.resubmits = 0
         self._connections = 0
         self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
         self._pump: transport.DealerPump | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._inboxes: dict[str, asyncio.Queue[ClientReply]] = {}
@@ -248,7 +247,6 @@ class AsyncClient:
                 curve=self.curve,
                 zmtp_heartbeat_ms=(ZMTP_HEARTBEAT_IVL_MS, ZMTP_HEARTBEAT_TIMEOUT_MS),
             )
-            self._socket = socket
             self._pump = transport.DealerPump(socket, self._on_frame)
             loop = asyncio.get_running_loop()
             self._tasks = [
@@ -263,7 +261,7 @@ class AsyncClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._context is not None:
             self._context.destroy(linger=0)
-        self._socket = self._context = self._pump = None
+        self._context = self._pump = None
         self._tasks = []
 
     async def _watch(self, socket: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
