@@ -344,6 +344,9 @@ class Coordinator:
             predicted = await self._predictions.predict(
                 message.prompt, self._target_model(message), message.conversation
             )
+        except Unavailable as exc:  # the service logged why, once
+            log.debug("no length prediction for %s (%s)", message.request_id, exc.message)
+            predicted = None
         except Exception:
             log.exception(
                 "no length prediction for %s; scheduling it without one", message.request_id

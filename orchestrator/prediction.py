@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -32,6 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from orchestrator.errors import Unavailable
 from orchestrator.predictor import CompletionHistory, LengthPrediction, LengthPredictor
 from orchestrator.predictor.adapt import AutoAdapter
 from orchestrator.protocol import ConversationHint
@@ -42,6 +44,8 @@ MAX_BATCH: Final = 64
 PARENT_CHECK_INTERVAL_S: Final = 1.0
 """How often the worker process checks that the coordinator still lives: a coordinator killed
 with SIGKILL cannot stop it, and its queue's pipe stays open in the worker itself."""
+RESTART_BACKOFF_S: Final = 5.0
+"""After a failed start of the worker, how long predictions fail at once before another try."""
 BATCHES_IN_FLIGHT: Final = 2
 """Batches sent to the worker before the first returns: it starts the next the moment one
 ends, instead of idling while the results cross back and the next batch is gathered."""
@@ -87,8 +91,12 @@ class PredictionService:
         history_path: Path | None,
         adapted_dir: Path | None,
         adapt_every: int,
+        restart_backoff_s: float = RESTART_BACKOFF_S,
     ) -> None:
         self._settings = (predictor_dir, history_path, adapted_dir, adapt_every)
+        self._restart_backoff_s = restart_backoff_s
+        self._next_start_s = -math.inf
+        self._starting = asyncio.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self.worker_pid: int | None = None
         self._pending: list[_Pending] = []
@@ -99,8 +107,7 @@ class PredictionService:
 
     async def start(self) -> None:
         """Start the worker process and load the predictor there; raises what loading raises."""
-        self._worker_adaptations = 0
-        self._pool = ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=signal.signal,
@@ -108,11 +115,13 @@ class PredictionService:
         )
         try:
             self.worker_pid, model_dir = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _open_worker, *self._settings
+                pool, _open_worker, *self._settings
             )
         except BaseException:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
+        self._pool = pool
+        self._worker_adaptations = 0
         _, history_path, adapted_dir, adapt_every = self._settings
         log.info(
             "length predictor loaded in process %d from %s; history %s; adapting every %s "
@@ -157,20 +166,30 @@ class PredictionService:
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending or self._completions:
+            pool = self._pool or await self._restart()
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             completions, self._completions = self._completions, []
-            pool = self._pool
+            if pool is None:
+                _fail(batch, Unavailable("the length predictor's worker is down", predictor="down"))
+                continue
             try:
                 results, adaptations, adaptation_error = await loop.run_in_executor(
                     pool, _work, [p.ask for p in batch], completions
                 )
+            except BrokenProcessPool:
+                log.error(
+                    "the length predictor's worker %s died; %d predictions lost, starting another",
+                    self.worker_pid,
+                    len(batch),
+                )
+                _fail(batch, Unavailable("the length predictor's worker died", predictor="died"))
+                if pool is self._pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
+                continue
             except Exception as exc:
                 log.exception("length prediction failed")
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                if isinstance(exc, BrokenProcessPool) and pool is self._pool:
-                    await self._restart()
+                _fail(batch, exc)
                 continue
             if adaptation_error is not None:
                 log.error(
@@ -184,14 +203,23 @@ class PredictionService:
                 if not pending.future.done():
                     pending.future.set_result(result)
 
-    async def _restart(self) -> None:
-        """A fresh worker after the last one died (its history is on disk)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        try:
-            await self.start()
-        except Exception:
-            log.exception("the length predictor's worker could not be restarted")
+    async def _restart(self) -> ProcessPoolExecutor | None:
+        """A fresh worker after the last one died (its history is on disk), or None while
+        starting one failed less than ``restart_backoff_s`` ago: predictions asked meanwhile
+        fail at once and their requests are scheduled without one."""
+        loop = asyncio.get_running_loop()
+        async with self._starting:
+            if self._pool is None and loop.time() >= self._next_start_s:
+                try:
+                    await self.start()
+                except Exception:
+                    self._next_start_s = loop.time() + self._restart_backoff_s
+                    log.exception(
+                        "the length predictor's worker could not be started again; predicting "
+                        "nothing for %.0f s",
+                        self._restart_backoff_s,
+                    )
+        return self._pool
 
     async def close(self) -> None:
         await asyncio.gather(*self._flushing, return_exceptions=True)
@@ -200,6 +228,12 @@ class PredictionService:
         with contextlib.suppress(BrokenProcessPool):
             await asyncio.get_running_loop().run_in_executor(self._pool, _close_worker)
         self._pool.shutdown(wait=True)
+
+
+def _fail(batch: list[_Pending], error: Exception) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(error)
 
 
 @dataclass(slots=True)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import psutil
 import pytest
 
+from orchestrator.errors import Unavailable
 from orchestrator.prediction import PredictionService
-from orchestrator.predictor import CompletionHistory, LengthPredictor
+from orchestrator.predictor import CompletionHistory, LengthPredictor, shipped_model_dir
 from orchestrator.predictor.errors import PredictorModelError
 from orchestrator.protocol import ConversationHint
 
@@ -65,7 +66,7 @@ def test_a_killed_worker_fails_its_batch_and_a_fresh_one_takes_over() -> None:
         first = service.worker_pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        with pytest.raises(BrokenProcessPool):
+        with pytest.raises(Unavailable, match="died"):
             await service.predict("Say hi again.", None)
         again = await service.predict("Say hi.", None)
         await service.close()
@@ -101,3 +102,33 @@ def test_a_failed_recalibration_keeps_predicting_with_the_current_predictor(
 
     before, after = asyncio.run(run())
     assert after == before and service.adaptations == 0
+
+
+def test_while_a_worker_cannot_start_again_predictions_fail_at_once_until_the_backoff_ends(
+    tmp_path: Path,
+) -> None:
+    model = tmp_path / "predictor"
+    shutil.copytree(shipped_model_dir(), model)
+    backoff_s = 1.0
+    service = PredictionService(model, None, None, adapt_every=0, restart_backoff_s=backoff_s)
+
+    async def run() -> float:
+        await service.start()
+        model.rename(tmp_path / "moved")
+        assert service.worker_pid is not None
+        os.kill(service.worker_pid, signal.SIGKILL)
+        with pytest.raises(Unavailable, match="died"):
+            await service.predict("Say hi.", None)
+        with pytest.raises(Unavailable, match="down"):  # the start again fails: no model
+            await service.predict("Say hi.", None)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable, match="down"):  # within the backoff: no new try
+            await service.predict("Say hi.", None)
+        assert asyncio.get_running_loop().time() - started < backoff_s / 2
+        (tmp_path / "moved").rename(model)
+        await asyncio.sleep(backoff_s)
+        again = await service.predict("Say hi.", None)
+        await service.close()
+        return again.prediction.quantile(0.5)
+
+    assert asyncio.run(run()) == LengthPredictor.load().predict("Say hi.").quantile(0.5)
