@@ -340,18 +340,17 @@ class Coordinator:
 
     async def _predict_then_admit(self, identity: bytes, message: Submit, arrival_s: float) -> None:
         assert self._predictions is not None
+        predicted: Predicted | None = None
         try:
             predicted = await self._predictions.predict(
                 message.prompt, self._target_model(message), message.conversation
             )
         except Unavailable as exc:  # the service logged why, once
             log.debug("no length prediction for %s (%s)", message.request_id, exc.message)
-            predicted = None
         except Exception:
             log.exception(
                 "no length prediction for %s; scheduling it without one", message.request_id
             )
-            predicted = None
         finally:
             self._admitting.discard(RequestId(message.request_id))
         self._admit(identity, message, arrival_s, predicted)
