@@ -410,3 +410,47 @@ def _fuzz(cluster: LocalCluster) -> None:
     growth_mib = (rss_after - rss_before) / 2**20
     print(f"coordinator RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB")
     assert growth_mib < RSS_GROWTH_BOUND_MIB, f"coordinator RSS grew {growth_mib:.1f} MiB"
+
+
+def test_a_killed_predictor_worker_costs_only_predictions_and_a_fresh_one_takes_over(
+    tmp_path: Path,
+) -> None:
+    cluster = LocalCluster(tmp_path, "--predictor", "shipped")
+    try:
+        cluster.start_agent("fast", "--backend", "fake", "--fake-decode-tps", "2000")
+        cluster.wait_for_agents(1)
+        coordinator = psutil.Process(cluster.processes["coordinator"].pid)
+
+        def predictor_worker() -> psutil.Process:
+            (found,) = [
+                p
+                for p in coordinator.children()
+                if p.is_running() and "resource_tracker" not in " ".join(p.cmdline())
+            ]
+            return found
+
+        worker = predictor_worker()
+
+        async def run() -> tuple[list[float | None], list[float | None]]:
+            async with AsyncClient(cluster.clients_endpoint, timeout_s=60) as client:
+
+                async def predicted(n: int) -> list[float | None]:
+                    results = await asyncio.gather(
+                        *(client.generate(f"Say hi {i}.", max_tokens=4) for i in range(n))
+                    )
+                    assert all(r.completion_tokens == 4 for r in results)
+                    return [r.predicted_tokens for r in results]
+
+                await predicted(4)
+                worker.kill()
+                during = await predicted(40)
+                after = await predicted(8)
+                return during, after
+
+        during, after = asyncio.run(run())
+        fresh = predictor_worker()
+    finally:
+        cluster.stop()
+    assert None in during  # the batch the dead worker held ran without predictions
+    assert all(p is not None and p > 0 for p in after)  # and a fresh worker predicts again
+    assert fresh.pid != worker.pid
