@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from agents.backends.llama.engine import LlamaEngine
+from agents.backends.llama.kvmemory import DEFAULT_KV_MEMORY_FRACTION
 from agents.base import Completed, Emitted, Rejected, SequenceSpec
 from orchestrator.errors import ContextOverflow
 from tests.factories import params
@@ -37,12 +39,14 @@ def spec(request_id: str, prompt: str, **overrides: object) -> SequenceSpec:
 
 
 def test_greedy_output_matches_llama_cpp_high_level_api(
-    engine: LlamaEngine, model_path: Path
+    engine: LlamaEngine, model_path: Path, gpu_layers: int
 ) -> None:
     from llama_cpp import Llama
 
     prompt = "The capital of France is"
-    reference = Llama(model_path=str(model_path), n_ctx=512, n_threads=2, verbose=False)
+    reference = Llama(
+        model_path=str(model_path), n_ctx=512, n_threads=2, n_gpu_layers=gpu_layers, verbose=False
+    )
     expected = reference.create_completion(prompt, max_tokens=24, temperature=0.0)["choices"][0][
         "text"
     ]
@@ -179,7 +183,9 @@ def test_preempted_sequence_resumes_from_its_exact_tokens(engine: LlamaEngine) -
     assert done[resumed.key].completion_tokens == 20 - len(ids)
 
 
-def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path: Path) -> None:
+def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(
+    model_path: Path, gpu_layers: int
+) -> None:
     """Two sequences decoded together equal llama.cpp's raw API fed the same batches. (Across
     different batch shapes greedy runs may legitimately diverge: CPU kernels round differently.)"""
     import numpy as np
@@ -187,7 +193,7 @@ def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path
     from orchestrator.llamalib import llama_cpp
 
     prompts, n_tokens = ["The tallest mountain on Earth is", "def quicksort(items):"], 24
-    config = dict(n_ctx=256, max_seqs=2, kv_budget_tokens=512, n_gpu_layers=0, threads=2)
+    config = dict(n_ctx=256, max_seqs=2, kv_budget_tokens=512, n_gpu_layers=gpu_layers, threads=2)
     engine = LlamaEngine(model_path, **config)  # type: ignore[arg-type]
     try:
         specs = [
@@ -207,7 +213,7 @@ def test_batched_greedy_matches_a_raw_reference_with_the_same_batches(model_path
 
     lib = llama_cpp()
     mparams = lib.llama_model_default_params()
-    mparams.n_gpu_layers = 0
+    mparams.n_gpu_layers = gpu_layers
     model = lib.llama_model_load_from_file(str(model_path).encode(), mparams)
     vocab = lib.llama_model_get_vocab(model)
     n_vocab = lib.llama_vocab_n_tokens(vocab)
@@ -325,3 +331,30 @@ def test_overcommitted_reservations_preempt_the_newest_instead_of_failing_the_ba
             assert preempted.error.details["kv_overflow"] is True
     finally:
         small.close()
+
+
+def test_a_gpu_build_offloads_every_layer_and_sizes_the_kv_pool_by_gpu_memory(
+    model_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agents.backends.llama.kvmemory import gpu_memory
+    from orchestrator.llamalib import llama_cpp
+
+    lib = llama_cpp()
+    if not lib.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build cannot offload (build with CMAKE_ARGS=-DGGML_CUDA=on)")
+    with caplog.at_level("INFO", logger="edgeorch.engine"):
+        engine = LlamaEngine(
+            model_path, n_ctx=512, max_seqs=2, kv_budget_tokens=None, n_gpu_layers=None, threads=2
+        )
+    try:
+        (line,) = [r.getMessage() for r in caplog.records if "KV budget" in r.getMessage()]
+        offloaded, layers = (int(n) for n in re.findall(r"(\d+) of (\d+) layers", line)[0])
+        assert engine.n_gpu_layers == offloaded == layers > 0
+        gpu = gpu_memory()
+        assert gpu is not None
+        fits = int(gpu.free_bytes * DEFAULT_KV_MEMORY_FRACTION) // engine.kv_bytes_per_token
+        assert engine.kv_budget_tokens == min(512 * 2, fits)
+        done = run_all(engine, spec("g", "Hello", max_tokens=5, temperature=0.0, ignore_eos=True))
+        assert next(iter(done.values()))[1].completion_tokens == 5
+    finally:
+        engine.close()

@@ -66,7 +66,9 @@ def words(engine: LlamaEngine, text: str, tokens: int) -> str:
 
 
 @pytest.fixture(params=["pool", "streams"])
-def make_engine(model_path: Path, request: pytest.FixtureRequest) -> Iterator[type[LlamaEngine]]:
+def make_engine(
+    model_path: Path, gpu_layers: int, request: pytest.FixtureRequest
+) -> Iterator[type[LlamaEngine]]:
     """Engines of one KV layout: a pool the sequences share (a budget below n_ctx x max_seqs)
     or a stream per sequence (a budget for every sequence's whole context)."""
     engines: list[LlamaEngine] = []
@@ -75,7 +77,7 @@ def make_engine(model_path: Path, request: pytest.FixtureRequest) -> Iterator[ty
     def make(**overrides: int) -> LlamaEngine:
         settings: dict[str, int] = dict(n_ctx=2048, max_seqs=4, kv_budget_tokens=budget)
         settings.update(overrides)
-        engine = LlamaEngine(model_path, n_gpu_layers=0, threads=2, **settings)  # type: ignore[arg-type]
+        engine = LlamaEngine(model_path, n_gpu_layers=gpu_layers, threads=2, **settings)  # type: ignore[arg-type]
         assert engine.per_sequence_streams == (settings["kv_budget_tokens"] >= 8192)
         engines.append(engine)
         return engine
@@ -239,7 +241,7 @@ def test_the_blocks_an_engine_reports_are_the_ones_the_coordinator_hashes(
 
 
 def test_a_chat_spilled_to_disk_comes_back_as_a_hit_with_the_same_answer(
-    model_path: Path, tmp_path: Path
+    model_path: Path, gpu_layers: int, tmp_path: Path
 ) -> None:
     """Host memory holds one parked chat here: the other spills to disk and is read back."""
     engine = LlamaEngine(
@@ -247,7 +249,7 @@ def test_a_chat_spilled_to_disk_comes_back_as_a_hit_with_the_same_answer(
         n_ctx=2048,
         max_seqs=2,
         kv_budget_tokens=4096,
-        n_gpu_layers=0,
+        n_gpu_layers=gpu_layers,
         threads=2,
         prompt_cache_bytes=12 << 20,
         prompt_cache_disk_bytes=64 << 20,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agents.backends.llama.gguf import kv_bytes_per_token, load_model, meta
+from agents.backends.llama.kvmemory import default_kv_budget
 from agents.backends.llama.sampling import Sampling
 from agents.backends.llama.stepcost import StepCosts
 from agents.base import (
@@ -62,8 +63,6 @@ splits it into micro-batches of ``MICRO_BATCH_TOKENS``. How many prompt tokens a
 while others decode comes from the measured step costs (``stepcost``); shorter remaining
 prompts go first, so a short request is not queued behind a long one's prefill."""
 MICRO_BATCH_TOKENS: Final = 512
-DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
-"""Share of available memory the default KV budget may take."""
 SWA_FULL: Final = True
 """Full-size caches for sliding-window layers (the memory ``kv_bytes_per_token`` counts).
 With llama.cpp's smaller window-only cache (512 cells a sequence plus one micro-batch), every
@@ -161,7 +160,13 @@ class LlamaEngine:
         if n_ctx > train_ctx:
             log.warning("n_ctx %d exceeds the model's training context %d", n_ctx, train_ctx)
         self.kv_bytes_per_token = kv_bytes_per_token(lib, self._model)
-        self.kv_budget_tokens = kv_budget_tokens or self._default_kv_budget(available_memory_bytes)
+        self.kv_budget_tokens = kv_budget_tokens or default_kv_budget(
+            wanted_tokens=n_ctx * max_seqs,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            host_available_bytes=available_memory_bytes,
+            gpu_layers=self.n_gpu_layers,
+            n_layer=n_layer,
+        )
         self.kv_budget_tokens = max(self.kv_budget_tokens, n_ctx)
         self.per_sequence_streams = (
             kv_streams and max_seqs > 1 and self.kv_budget_tokens >= n_ctx * max_seqs
@@ -185,13 +190,6 @@ class LlamaEngine:
         self._computed_tokens = 0
 
     # --- setup ------------------------------------------------------------------------------
-
-    def _default_kv_budget(self, available_memory_bytes: int | None) -> int:
-        wanted = self.n_ctx * self.max_seqs
-        if not available_memory_bytes:
-            return wanted
-        fits = int(available_memory_bytes * DEFAULT_KV_MEMORY_FRACTION) // self.kv_bytes_per_token
-        return min(wanted, fits)
 
     def _new_context(self) -> Any:
         lib = self._lib
