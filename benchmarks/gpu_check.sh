@@ -1,26 +1,27 @@
 #!/bin/bash
 # The GPU check, in one go, on a machine with CUDA (nvcc, cmake, ninja, scikit-build-core) but
-# no network: build llama-cpp-python with CUDA (and llama-server), put the default model (or, when
-# its 253 MB cannot travel, a model of its exact shape: benchmarks/same_shape_model.py) in the
-# cache, run the GPU tests, then edgeorch against llama-server on the GPU.
+# no network: build llama-cpp-python with CUDA (and llama-server), put a model of the default
+# model's exact shape in the cache (its 253 MB cannot travel; benchmarks/same_shape_model.py),
+# load it every way in processes of their own (benchmarks/gpu_diag.py), run the GPU tests, then
+# edgeorch against llama-server on the GPU.
 #
-#   LLAMA_SDIST=llama_cpp_python-0.3.36.tar.gz WHEELS=dir/ SKELETON=skeleton.gguf.gz \
-#   TRACE=azure_conv_x_mixed.jsonl OUT=results/ bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_assets.sh .gpu                  # here, with the package registries
+#   ASSETS=.gpu OUT=results/ bash benchmarks/gpu_check.sh   # there (carry .gpu)
 #
-# WHEELS holds what the machine's Python lacks (pyzmq, pydantic, ...); SKELETON is optional (the
-# real model is used when EDGEORCH_CACHE_DIR already holds it). The build uses the Makefile's AMX
-# flags: the one build made without them (an H200 machine, AMX_INT8 in its CPU) crashed loading
-# a model with offload, as llama.cpp issues 11115 and 20824 describe. Nothing survives between
-# calls on the lent machine, so this runs whole within one call: the build took 339 s there.
+# The build uses the Makefile's AMX flags: the one build made without them (an H200 machine,
+# AMX_INT8 in its CPU) crashed loading a model with offload, as llama.cpp issues 11115 and
+# 20824 describe. Nothing survives between calls on the lent machine, so this runs whole within
+# one call (10 minutes at most there): the build took 339 s on 16 cores, so the tests get 150 s
+# and the comparison with llama-server runs only if 420 s have not passed by then.
 set -u
 cd "$(dirname "$0")/.."
-: "${LLAMA_SDIST:?}" "${WHEELS:?}" "${OUT:?}"
+: "${ASSETS:?}" "${OUT:?}"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 WORK=${WORK:-/tmp/edgeorch-gpu}; SITE=$WORK/site; mkdir -p "$WORK" "$OUT"
 T0=$(date +%s); log() { echo "[$(($(date +%s) - T0)) s] $*"; }
 nvidia-smi -L
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || exit 1
-tar xzf "$LLAMA_SDIST" -C "$WORK"
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ASSETS"/whl/*.whl || exit 1
+tar xzf "$ASSETS/llama_cpp_python.tar.gz" -C "$WORK"
 SRC=$(ls -d "$WORK"/llama_cpp_python-*)
 export PYTHONPATH=$SITE:$PWD:$SRC/vendor/llama.cpp/gguf-py
 log build start
@@ -33,21 +34,23 @@ log build start
 log build done
 export EDGEORCH_CACHE_DIR=${EDGEORCH_CACHE_DIR:-$WORK/cache}
 MODEL=$EDGEORCH_CACHE_DIR/models/gemma-3-270m-q4_k_m.gguf
-if [[ ! -f $MODEL && -n ${SKELETON:-} ]]; then
+if [[ ! -f $MODEL ]]; then
   mkdir -p "$(dirname "$MODEL")"
-  gunzip -c "$SKELETON" >"$WORK/skeleton.gguf"
+  gunzip -c "$ASSETS/skeleton.gguf.gz" >"$WORK/skeleton.gguf"
   python3 benchmarks/same_shape_model.py "$WORK/skeleton.gguf" "$MODEL" 2>&1 | tail -1
   python3 -c "import os, sys; s = os.stat(sys.argv[1]); open(sys.argv[1] + '.verified', 'w').write(f'{s.st_size}:{s.st_mtime_ns}')" "$MODEL"
   log "model of the default model's shape made (random weights: text tests cannot pass)"
 fi
 python3 -c "import llama_cpp; from agents.backends.llama.kvmemory import gpu_memory; print(llama_cpp.llama_print_system_info().decode()); print(gpu_memory())"
-timeout 300 python3 -m pytest -p no:cacheprovider -q -o addopts= -rfEs tests/unit/test_kv_memory.py \
+timeout 400 python3 benchmarks/gpu_diag.py "$MODEL" --json "$OUT/gpu_diag.json" | grep -v '^  "log_tail\|^    '
+log diag done
+timeout 150 python3 -m pytest -p no:cacheprovider -q -o addopts= -rfEs tests/unit/test_kv_memory.py \
   tests/e2e -k "gpu or test_cluster_llama or test_gateway_llama or test_cache_placement" \
   2>&1 | tee "$OUT/e2e.log" | tail -30
 log tests done
 SERVER=$(find "$WORK/cmake" -name llama-server -type f -perm -u+x | head -1)
-if [[ -n ${TRACE:-} && -n $SERVER ]]; then
-  timeout 280 python3 benchmarks/live_vs_llama_server.py --llama-server "$SERVER" --trace "$TRACE" \
+if [[ -n $SERVER && $(($(date +%s) - T0)) -lt ${BENCH_BEFORE_S:-420} ]]; then
+  timeout 150 python3 benchmarks/live_vs_llama_server.py --llama-server "$SERVER" --trace "$ASSETS/azure_conv_x_mixed.jsonl" \
     --repetitions 1 --max-requests 240 --rate 30 --json "$OUT/gpu_vs_llama_server.json" 2>&1 | tail -12
   log bench done
 fi
