@@ -7,7 +7,7 @@ worker thread while the daemon keeps heartbeating).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from orchestrator.errors import ContextOverflow, EdgeorchError, Overloaded
@@ -44,6 +44,13 @@ class SequenceSpec:
     @property
     def remaining_tokens(self) -> int:
         return max(0, self.params.max_tokens - self.resume_tokens)
+
+    def lowered(self, kv_reservation_tokens: int) -> SequenceSpec:
+        """This spec claiming at most ``kv_reservation_tokens``: the coordinator lent the rest
+        of the reservation to another sequence here (it never lends cells in use)."""
+        held = self.kv_reservation_tokens
+        lowered = kv_reservation_tokens if held is None else min(held, kv_reservation_tokens)
+        return replace(self, kv_reservation_tokens=lowered)
 
     def kv_claim_tokens(self, prompt_tokens: int) -> int:
         """Cells the agent sets aside for this sequence, given its exact prompt length.
@@ -131,6 +138,11 @@ class Engine(Protocol):
 
     def cancel(self, key: SequenceKey) -> list[EngineEvent]:
         """Drop a sequence and free its cache; unknown keys are ignored."""
+        ...
+
+    def lower_claim(self, key: SequenceKey, kv_reservation_tokens: int) -> None:
+        """Claim fewer cells for a sequence (``SequenceSpec.lowered``); unknown keys are
+        ignored."""
         ...
 
     def step(self) -> list[EngineEvent]:

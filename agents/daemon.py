@@ -57,6 +57,7 @@ from orchestrator.protocol import (
     PromptCacheStats,
     Register,
     Reregister,
+    Reserve,
     RunFailed,
     RunFinished,
     TokenChunk,
@@ -206,7 +207,7 @@ class AgentDaemon:
         self._last_heard_s = 0.0
         self._forgotten = asyncio.Event()
         self.reconnects = 0
-        self._commands: deque[Dispatch | CancelRun] = deque()
+        self._commands: deque[Dispatch | CancelRun | Reserve] = deque()
         self._work = asyncio.Event()
         self._welcomed = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -406,7 +407,11 @@ class AgentDaemon:
                 if not self._commands:
                     await self._work.wait()
 
-    def _apply(self, command: Dispatch | CancelRun) -> list[EngineEvent]:
+    def _apply(self, command: Dispatch | CancelRun | Reserve) -> list[EngineEvent]:
+        if isinstance(command, Reserve):
+            key = (command.request_id, command.attempt)
+            self.engine.lower_claim(key, command.kv_reservation_tokens)
+            return []
         if isinstance(command, CancelRun):
             key = (command.request_id, command.attempt)
             events = self.engine.cancel(key)

@@ -41,13 +41,7 @@ from orchestrator.core.events import (
 )
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord, RequestTable
-from orchestrator.errors import (
-    Cancelled,
-    EdgeorchError,
-    Overloaded,
-    ProtocolError,
-    Unavailable,
-)
+from orchestrator.errors import Cancelled, EdgeorchError, Overloaded, ProtocolError, Unavailable
 from orchestrator.journal import AcceptOp, ChunkOp, DispatchOp, EndOp, Journal, JournalOp
 from orchestrator.metrics import CoordinatorMetrics
 from orchestrator.outbox import Outbox
@@ -59,6 +53,7 @@ from orchestrator.protocol import (
     CancelRun,
     Dispatch,
     RequestId,
+    Reserve,
     StatusQuery,
     StatusReport,
     Submit,
@@ -445,14 +440,15 @@ class Coordinator:
                 case Dispatched(record, agent_id, prefix):
                     self.metrics.dispatched(record, now, prefix)
                     self._dispatch(record, agent_id, now)
+                case Reserved(request_id, agent_id, tokens, attempt, lowered=True):
+                    lent = Reserve(
+                        request_id=request_id, attempt=attempt, kv_reservation_tokens=tokens
+                    )
+                    self._command(agent_id, lent)
                 case Reserved():
-                    pass  # the agent checks its own cells; the reservation is the core's
+                    pass  # a raise: the agent's own claim stays under the core's reservation
                 case StopRun(agent_id, request_id, attempt):
-                    session = self._link.by_id(agent_id)
-                    if session is not None:
-                        self._send_agent(
-                            session.identity, CancelRun(request_id=request_id, attempt=attempt)
-                        )
+                    self._command(agent_id, CancelRun(request_id=request_id, attempt=attempt))
                 case Requeued(request_id, reason):
                     self.metrics.requeued(request_id, reason)
                 case Streamed():
@@ -575,6 +571,10 @@ class Coordinator:
     def _send_client(self, identity: bytes, message: WireModel) -> None:
         assert self._client_pump is not None
         self._send(self._client_pump, identity, message)
+
+    def _command(self, agent_id: AgentId, message: WireModel) -> None:
+        if (session := self._link.by_id(agent_id)) is not None:
+            self._send_agent(session.identity, message)
 
     def _send_agent(self, identity: bytes, message: WireModel) -> None:
         session = self._link.sessions.get(identity)

@@ -283,6 +283,19 @@ class CancelRun(WireModel):
     attempt: int = Field(ge=1)
 
 
+class Reserve(WireModel):
+    """The coordinator lent cells this attempt reserved and has not used to another sequence
+    on the agent: hold ``kv_reservation_tokens`` for it from now on (never less than it uses).
+    Sent only for such a lowering: the agent needs no word of raises, it claims less than
+    the coordinator then. An older agent drops the frame and holds its dispatch reservation."""
+
+    type: Literal["reserve"] = "reserve"
+    v: int = PROTOCOL_VERSION
+    request_id: WireId
+    attempt: int = Field(ge=1)
+    kv_reservation_tokens: int = Field(ge=1)
+
+
 # --- client -> coordinator ------------------------------------------------------------------
 
 
@@ -434,7 +447,7 @@ AgentMessage = Annotated[
     Field(discriminator="type"),
 ]
 AgentCommand = Annotated[
-    Welcome | Dispatch | CancelRun | Reregister | Ping, Field(discriminator="type")
+    Welcome | Dispatch | CancelRun | Reserve | Reregister | Ping, Field(discriminator="type")
 ]
 ClientMessage = Annotated[Submit | CancelRequest | StatusQuery, Field(discriminator="type")]
 ClientReply = Annotated[

@@ -533,7 +533,7 @@ class Simulator:
                         reports.append(PrefixesRemoved(agent_id, tuple(evicted)))
                     if stored:
                         reports.append(PrefixesStored(agent_id, tuple(stored)))
-            case Reserved(request_id, agent_id, reservation):
+            case Reserved(request_id, agent_id, reservation, _, _):
                 device = devices[agent_id]
                 seq = device.seqs[request_id]
                 device.reserved += reservation - seq.reservation

@@ -46,6 +46,8 @@ class DecisionState:
         """Running lists of the agents this call preempted on (the rest read the snapshot)."""
         self.actions: list[Action] = []
         self.preempted: set[RequestId] = set()
+        self.lowered: set[RequestId] = set()
+        """Running requests whose unused reservation this call lent to a neighbour."""
         self.backlog: dict[AgentId, int] = defaultdict(int)
         self._finish: dict[AgentId, tuple[tuple[float, ...], float]] = {}
         self._keys: dict[RequestId, float] = {}

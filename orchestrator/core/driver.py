@@ -352,8 +352,12 @@ class ClusterDriver:
                         self.prefixes.stored(agent_id, record.prompt_blocks.hashes)
                     effects.append(Dispatched(record, agent_id, _prefix_placement(hits, agent_id)))
                 case ReserveAction(request_id, agent_id, reservation):
+                    record = self.table[request_id]
+                    lowered = reservation < record.kv_reservation_tokens
                     self.table.reserve(request_id, reservation)
-                    effects.append(Reserved(request_id, agent_id, reservation))
+                    effects.append(
+                        Reserved(request_id, agent_id, reservation, record.attempt, lowered)
+                    )
                 case PreemptAction(request_id, agent_id, reason):
                     record = self.table[request_id]
                     effects.append(StopRun(agent_id, request_id, record.attempt))

@@ -147,9 +147,14 @@ class Dispatched:
 
 @dataclass(frozen=True, slots=True)
 class Reserved:
+    """A running attempt's KV reservation changed; ``lowered`` when part of it was lent to a
+    neighbour (the agent must hear of that: it holds what the attempt was dispatched with)."""
+
     request_id: RequestId
     agent_id: AgentId
     kv_reservation_tokens: int
+    attempt: int
+    lowered: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,11 @@ One call does three things, in this order:
    reservation gets a raise: to prompt + generated + the ``kv_raise_quantile`` of its
    re-predicted remaining length if that fits the device, else by a small geometric step
    (``KV_MIN_RAISE_FRACTION`` of its use; raise-as-you-go, as A_min does). When not even that
-   fits, requests on the device are preempted (recomputed later), cheapest recompute first,
-   unless that would cost more than preempting the grower itself. Reservations therefore never
-   exceed a device's budget.
+   fits, the other requests on the device lend it cells they reserved and have not used
+   (reservations are promises, the cells in use are the device's real limit). Only when those
+   do not suffice are requests preempted (recomputed later), cheapest recompute first, unless
+   that would cost more than preempting the grower itself. Reservations therefore never
+   exceed a device's budget, nor fall below a request's use.
 2. Ordering and placement. Requests are tried in policy order (at most ``DECIDE_LOOKAHEAD``
    per call, so each event costs bounded work); each is admitted where its prompt + generated
    + an adaptive quantile of its predicted output fits the free KV budget: the quantile rises
@@ -31,6 +33,7 @@ import heapq
 from typing import Final
 
 from orchestrator.core.admission import (
+    KV_HEADROOM_TOKENS,
     SchedulerConfig,
     admission_reservation,
     min_raise,
@@ -84,7 +87,12 @@ def _grow_reservations(snapshot: Snapshot, state: DecisionState, config: Schedul
     growing = snapshot.all_running() if snapshot.growing is None else snapshot.growing
     for r in growing:
         agent = state.agents.get(r.agent_id)
-        if agent is None or r.request_id in state.preempted or not needs_raise(r, agent):
+        if (
+            agent is None
+            or r.request_id in state.preempted
+            or r.request_id in state.lowered
+            or not needs_raise(r, agent)
+        ):
             continue
         target = raised_reservation(r, agent, config)
         for wanted in (target, r.kv_reservation_tokens + min_raise(r)):
@@ -102,11 +110,15 @@ def _make_room(grower: RunningRequest, agent: AgentView, state: DecisionState) -
     recompute first; if that would recompute more than the grower has, preempt the grower."""
     extra = min(grower.kv_reservation_tokens + min_raise(grower), reservation_cap(grower, agent))
     extra -= grower.kv_reservation_tokens
+    if _lend_unused(grower, agent, extra, state):
+        return
     others = sorted(
         (
             r
             for r in state.running_on(grower.agent_id)
-            if r.request_id != grower.request_id and r.request_id not in state.preempted
+            if r.request_id != grower.request_id
+            and r.request_id not in state.preempted
+            and r.request_id not in state.lowered
         ),
         key=lambda r: (r.kv_used_tokens, -r.kv_reservation_tokens, r.request_id),
     )
@@ -127,6 +139,38 @@ def _make_room(grower: RunningRequest, agent: AgentView, state: DecisionState) -
         )
     else:
         state.preempt(grower, "kv")
+
+
+def _lend_unused(
+    grower: RunningRequest, agent: AgentView, extra: int, state: DecisionState
+) -> bool:
+    """Give the grower ``extra`` cells from what its neighbours reserved and have not used
+    (each keeps its use plus ``KV_HEADROOM_TOKENS``), largest surplus first, if together they
+    have them: a preemption then waits until the device's cells are really in use. The
+    coordinator tells each lender's agent its lowered reservation (``protocol.Reserve``)."""
+    wanted = extra - agent.free_kv_tokens
+    lenders: list[tuple[int, RunningRequest]] = []
+    for r in state.running_on(grower.agent_id):
+        surplus = r.kv_reservation_tokens - (r.kv_used_tokens + KV_HEADROOM_TOKENS)
+        if surplus > 0 and r.request_id != grower.request_id and r.request_id not in state.lowered:
+            lenders.append((surplus, r))
+    if sum(surplus for surplus, _ in lenders) < wanted:
+        return False
+    lenders.sort(key=lambda lender: (-lender[0], lender[1].request_id))
+    for surplus, lender in lenders:
+        if wanted <= 0:
+            break
+        lent = min(surplus, wanted)
+        wanted -= lent
+        state.lowered.add(lender.request_id)
+        state.actions.append(
+            ReserveAction(lender.request_id, lender.agent_id, lender.kv_reservation_tokens - lent)
+        )
+    state.reserve(grower.agent_id, agent.free_kv_tokens)
+    state.actions.append(
+        ReserveAction(grower.request_id, grower.agent_id, grower.kv_reservation_tokens + extra)
+    )
+    return True
 
 
 def _place_queue(
@@ -213,6 +257,7 @@ def _try_preempt(
         for victim in state.running_on(agent.agent_id):
             if (
                 victim.request_id in state.preempted
+                or victim.request_id in state.lowered
                 or victim.preemptions >= config.max_preemptions
                 or (victim.priority == "interactive" and request.priority == "batch")
                 or now - effective_arrival_s(victim) >= policy.starvation_s

@@ -358,3 +358,23 @@ def test_a_gpu_build_offloads_every_layer_and_sizes_the_kv_pool_by_gpu_memory(
         assert next(iter(done.values()))[1].completion_tokens == 5
     finally:
         engine.close()
+
+
+def test_a_lowered_claim_gives_the_lent_cells_back_to_admission(engine: LlamaEngine) -> None:
+    lent = SequenceSpec(
+        request_id="lender",
+        attempt=1,
+        prompt="Hello",
+        params=params(max_tokens=400, temperature=0.0, ignore_eos=True),
+        kv_reservation_tokens=300,
+    )
+    assert engine.add(lent) == []
+    try:
+        assert engine.kv_reserved_tokens() == 300
+        engine.lower_claim(lent.key, 40)
+        assert engine.kv_reserved_tokens() == 40
+        engine.lower_claim(lent.key, 1)  # never under its cells in use
+        assert engine.kv_reserved_tokens() >= len(engine.tokenize("Hello", add_bos=True))
+    finally:
+        engine.cancel(lent.key)
+    assert engine.kv_reserved_tokens() == 0

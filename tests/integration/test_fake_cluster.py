@@ -378,8 +378,9 @@ def test_a_kv_bound_agent_runs_what_the_reservations_fit_and_loses_nothing(
 ) -> None:
     """300 KV cells, requests of up to 205 (prompt + max_tokens): holding whole budgets, the
     agent would run one at a time. It holds the coordinator's reservations instead, so several
-    run; as they grow, the coordinator raises or preempts them (or the agent drops its newest),
-    and every request still ends with exactly its text."""
+    run; as they grow, the coordinator raises them, lends one's unused cells to another, or
+    preempts them (or the agent drops its newest), and every request still ends with exactly
+    its text."""
     cluster.start_agent(
         "small-kv", *FAST_FAKE, "--max-seqs", "4", "--n-ctx", "256", "--kv-budget-tokens", "300"
     )
@@ -411,3 +412,5 @@ def test_a_kv_bound_agent_runs_what_the_reservations_fit_and_loses_nothing(
     with cluster.client() as client:
         status = client.status()
     assert status.completed == 8 and status.failed == 0
+    # Reservations lent between the requests reach the agent as frames it understands.
+    assert "dropped coordinator frame" not in (cluster.log_dir / "small-kv.log").read_text()

@@ -1,6 +1,7 @@
 """The coordinator's shell carries out the driver's effects as frames: a preemption becomes a
-CancelRun and a Dispatch of the waiter, a dispatch carries the core's reservation, an agent's
-refusal frame requeues. (What the driver decides is tested in test_driver.py.)"""
+CancelRun and a Dispatch of the waiter, a dispatch carries the core's reservation, a lent one
+becomes a Reserve, an agent's refusal frame requeues. (What the driver decides is tested in
+test_driver.py.)"""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from orchestrator.protocol import (
     MeasuredSpeed,
     Register,
     RequestId,
+    Reserve,
     RunFailed,
     Submit,
     WireModel,
@@ -34,7 +36,9 @@ from orchestrator.settings import CoordinatorSettings
 from tests.factories import params, profile, record
 
 
-def coordinator(policy: str) -> tuple[Coordinator, list[WireModel]]:
+def coordinator(
+    policy: str, max_seqs: int = 1, kv_budget_tokens: int = 8000
+) -> tuple[Coordinator, list[WireModel]]:
     sent: list[WireModel] = []
     c = Coordinator(
         CoordinatorSettings(policy=policy, placement="predicted"),
@@ -45,7 +49,9 @@ def coordinator(policy: str) -> tuple[Coordinator, list[WireModel]]:
             agent_id=AgentId("a1"),
             identity=b"id-a1",
             name="a1",
-            profile=profile(max_seqs=1, kv_budget_tokens=8000, n_ctx=4096, decode_tps=20.0),
+            profile=profile(
+                max_seqs=max_seqs, kv_budget_tokens=kv_budget_tokens, n_ctx=4096, decode_tps=20.0
+            ),
             last_seen_s=0.0,
         ),
         now=0.0,
@@ -135,6 +141,22 @@ def test_a_dispatch_carries_the_reservation_and_a_kv_overflow_counts_as_a_preemp
         2,
     )
     assert c.table.kv_preemptions == 1
+
+
+def test_cells_lent_to_a_neighbour_are_told_to_the_lenders_agent_and_a_raise_is_not() -> None:
+    c, sent = coordinator("fcfs", max_seqs=2, kv_budget_tokens=400)
+    guess = LengthEstimate.of(100.0, {0.5: 100.0, 0.9: 400.0})
+    for name in ("grow", "roomy"):
+        c.table.add(record(name, params=params(max_tokens=300), estimate=guess, prompt_tokens=20))
+    c.schedule(now=0.0)
+    for name in ("grow", "roomy"):
+        c.table.add_tokens(RequestId(name), " one two", 2, now=0.5)
+    c.table.reserve(RequestId("grow"), 30)
+    c.table.reserve(RequestId("roomy"), 370)
+    sent.clear()
+    c.schedule(now=1.0)
+    assert sent == [Reserve(request_id="roomy", attempt=1, kv_reservation_tokens=338)]
+    assert c.table[RequestId("grow")].kv_reservation_tokens == 62
 
 
 def test_live_placement_uses_each_agents_measured_speed() -> None:

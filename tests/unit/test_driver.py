@@ -288,3 +288,20 @@ def test_a_running_view_carries_each_field_of_its_record() -> None:
     )
     assert (view.kv_reservation_tokens, view.dispatched_s, view.estimate) == (120, 3.5, r.estimate)
     assert (view.preemptions, view.resumed_tokens, view.prefill_tokens) == (2, 5, 35)
+
+
+def test_a_reservation_lent_to_a_neighbour_is_reported_lowered_with_its_attempt() -> None:
+    cluster = driver("fcfs", agent_state(max_seqs=2, kv_budget_tokens=400))
+    guess = LengthEstimate.of(100.0, {0.5: 100.0, 0.9: 400.0})
+    for name in ("grow", "roomy"):
+        fields = {"params": params(max_tokens=300), "estimate": guess, "prompt_tokens": 20}
+        cluster.on_event(RequestAccepted(record(name, **fields)), 0.0)
+    assert [type(e) for e in cluster.schedule(0.0)] == [Dispatched, Dispatched]
+    for name in ("grow", "roomy"):
+        cluster.on_event(TokensReceived(A1, RequestId(name), 1, " one two", 2), 0.5)
+    cluster.table.reserve(RequestId("grow"), 30)  # 22 in use: within the trigger
+    cluster.table.reserve(RequestId("roomy"), 370)  # the device's 400 cells all reserved
+    assert cluster.schedule(1.0) == [
+        Reserved(RequestId("roomy"), A1, 370 - 32, 1, lowered=True),
+        Reserved(RequestId("grow"), A1, 30 + 32, 1, lowered=False),
+    ]

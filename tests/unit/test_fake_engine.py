@@ -123,6 +123,19 @@ def test_the_claim_is_the_coordinators_reservation_within_prompt_and_whole_budge
     assert reserved_spec("x", 500, 50).kv_claim_tokens(4) == 54
 
 
+def test_a_lowered_claim_frees_the_lent_cells_for_admission_but_never_cells_in_use() -> None:
+    engine, _ = make_engine(n_ctx=64, max_seqs=2, kv_budget_tokens=64)
+    assert engine.add(reserved_spec("a", 40, 40)) == []
+    (refused,) = engine.add(reserved_spec("b", 30, 40))  # 30 > 64 - 40
+    assert isinstance(refused, Rejected) and isinstance(refused.error, Overloaded)
+    engine.lower_claim(("a", 1), 20)
+    engine.lower_claim(("unknown", 1), 1)
+    assert engine.kv_reserved_tokens() == 20
+    engine.lower_claim(("a", 1), 2)  # under its 4 prompt cells: it keeps those and one more
+    assert engine.kv_reserved_tokens() == 5
+    assert engine.add(reserved_spec("b", 30, 40)) == []
+
+
 def test_evictions_take_the_newest_until_the_step_fits() -> None:
     loads = [KvLoad(("old", 1), 50, 1), KvLoad(("mid", 1), 30, 1), KvLoad(("new", 1), 10, 0)]
     assert kv_evictions(loads, 100) == []

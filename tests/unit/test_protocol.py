@@ -23,6 +23,7 @@ from orchestrator.protocol import (
     ErrorReply,
     Heartbeat,
     Register,
+    Reserve,
     Result,
     RunFailed,
     RunFinished,
@@ -61,6 +62,7 @@ ROUND_TRIPS = [
         AGENT_MESSAGES,
     ),
     (Dispatch(request_id="r", attempt=1, prompt="p", params=params(stop=("\n",))), AGENT_COMMANDS),
+    (Reserve(request_id="r", attempt=2, kv_reservation_tokens=300), AGENT_COMMANDS),
     (Submit(request_id="r", prompt="p", params=params(seed=3), stream=True), CLIENT_MESSAGES),
     (
         Submit(

@@ -299,6 +299,42 @@ def test_growth_without_room_preempts_the_cheapest_other_request() -> None:
     assert raises[0].kv_reservation_tokens - 500 <= budget - 600 + 100
 
 
+def test_growth_borrows_the_cells_a_neighbour_reserved_and_has_not_used() -> None:
+    grower = running(
+        "grow", generated_tokens=480, kv_reservation_tokens=500, estimate=estimate(300)
+    )
+    roomy = running("roomy", generated_tokens=5, kv_reservation_tokens=300, estimate=estimate(90))
+    snapshot = Snapshot(
+        queue=(),
+        agents=(agent("a1", kv_budget_tokens=800, kv_reserved_tokens=800, running=2),),
+        running=(grower, roomy),
+    )
+    # The grower's smallest raise is 62 cells (an eighth of its 490); roomy uses 15 of its 300.
+    assert decide(snapshot, 0.0, config()) == [
+        ReserveAction(RequestId("roomy"), AgentId("a1"), 300 - 62),
+        ReserveAction(RequestId("grow"), AgentId("a1"), 500 + 62),
+    ]
+
+
+def test_neighbours_lend_largest_surplus_first_and_keep_their_use_and_headroom() -> None:
+    grower = running(
+        "grow", generated_tokens=480, kv_reservation_tokens=500, estimate=estimate(300)
+    )
+    small = running("small", generated_tokens=5, kv_reservation_tokens=77, estimate=estimate(90))
+    large = running("large", generated_tokens=5, kv_reservation_tokens=87, estimate=estimate(90))
+    snapshot = Snapshot(
+        queue=(),
+        agents=(agent("a1", kv_budget_tokens=670, kv_reserved_tokens=664, running=3),),
+        running=(grower, small, large),
+    )
+    # 6 cells free; large spares 87 - (15 + 32) = 40, small 30: 56 more are wanted.
+    assert decide(snapshot, 0.0, config()) == [
+        ReserveAction(RequestId("large"), AgentId("a1"), 15 + KV_HEADROOM_TOKENS),
+        ReserveAction(RequestId("small"), AgentId("a1"), 77 - 16),
+        ReserveAction(RequestId("grow"), AgentId("a1"), 500 + 62),
+    ]
+
+
 def test_growth_preempts_the_grower_when_others_cost_more_to_recompute() -> None:
     grower = running("grow", generated_tokens=40, kv_reservation_tokens=60, estimate=estimate(30))
     big = running("big", generated_tokens=900, kv_reservation_tokens=940, estimate=estimate(950))
@@ -316,23 +352,25 @@ def test_growth_preempts_the_grower_when_others_cost_more_to_recompute() -> None
 @given(
     st.lists(st.tuples(st.integers(1, 400), st.integers(1, 2000)), min_size=1, max_size=30),
     st.lists(
-        st.tuples(st.integers(1, 300), st.integers(0, 600), st.integers(1, 2000)),
+        st.tuples(
+            st.integers(1, 300), st.integers(0, 600), st.integers(1, 2000), st.integers(0, 400)
+        ),
         max_size=8,
     ),
     st.sampled_from(["fcfs", "sjf", "srtf", "mlfq"]),
     st.sampled_from(["predicted", "least-loaded", "round-robin"]),
 )
-def test_decide_never_reserves_beyond_a_budget(
+def test_decide_never_reserves_beyond_a_budget_nor_below_a_requests_use(
     queue_items: list[tuple[int, int]],
-    running_items: list[tuple[int, int, int]],
+    running_items: list[tuple[int, int, int, int]],
     policy: str,
     placement: str,
 ) -> None:
     budget = 3000
     runs = []
     reserved = 0
-    for i, (prompt, generated, median) in enumerate(running_items):
-        reservation = min(prompt + generated + 20, budget - reserved)
+    for i, (prompt, generated, median, spare) in enumerate(running_items):
+        reservation = min(prompt + generated + spare, budget - reserved)
         if reservation < prompt + generated:
             break
         reserved += reservation
@@ -360,8 +398,14 @@ def test_decide_never_reserves_beyond_a_budget(
     )
     snapshot = Snapshot(queue=queue, agents=(a1,), running=tuple(runs))
     total = {r.request_id: r.kv_reservation_tokens for r in runs}
+    used = {r.request_id: r.kv_used_tokens for r in runs}
     for action in decide(snapshot, 0.0, config(policy, placement)):
         if isinstance(action, DispatchAction | ReserveAction):
+            if (
+                action.request_id in used
+                and action.kv_reservation_tokens < total[action.request_id]
+            ):
+                assert action.kv_reservation_tokens >= used[action.request_id] + KV_HEADROOM_TOKENS
             total[action.request_id] = action.kv_reservation_tokens
         elif isinstance(action, PreemptAction):
             total.pop(action.request_id)

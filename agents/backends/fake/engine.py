@@ -173,6 +173,11 @@ class FakeEngine:
         )
         return []
 
+    def lower_claim(self, key: SequenceKey, kv_reservation_tokens: int) -> None:
+        sequence = self._active.get(key)
+        if sequence is not None:
+            sequence.spec = sequence.spec.lowered(kv_reservation_tokens)
+
     def cancel(self, key: SequenceKey) -> list[EngineEvent]:
         if key not in self._active:
             return []

@@ -262,6 +262,11 @@ class LlamaEngine:
         )
         return []
 
+    def lower_claim(self, key: SequenceKey, kv_reservation_tokens: int) -> None:
+        sequence = self._active.get(key)
+        if sequence is not None:
+            sequence.spec = sequence.spec.lowered(kv_reservation_tokens)
+
     def cancel(self, key: SequenceKey) -> list[EngineEvent]:
         sequence = self._active.get(key)
         if sequence is None:
