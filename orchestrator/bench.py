@@ -304,6 +304,7 @@ def run_bench(
                 "decisions": report.decisions,
                 "priority_preemptions": report.preemptions,
                 "kv_preemptions": report.kv_preemptions,
+                "kv_lent_tokens": report.kv_lent_tokens,
                 "max_kv_overuse_tokens": round(report.max_kv_overuse_tokens, 3),
                 "makespan_s": round(report.end_s, 3),
             }

@@ -211,6 +211,12 @@ class _StateCollector:
         preemptions.add_metric(["priority"], table.preemptions)
         preemptions.add_metric(["kv"], table.kv_preemptions)
         yield preemptions
+        yield CounterMetricFamily(
+            "edgeorch_kv_lent_tokens",
+            "KV cells running requests lent from their reservations to a growing neighbour "
+            "instead of a preemption",
+            value=table.kv_lent_tokens,
+        )
         yield from self._agents(now)
 
     def _agents(self, now: float) -> Iterator[Metric]:

@@ -202,6 +202,7 @@ class SimReport:
     outcomes: list[Outcome]
     preemptions: int
     kv_preemptions: int
+    kv_lent_tokens: int
     events: int
     decisions: int
     max_kv_overuse_tokens: float
@@ -500,6 +501,7 @@ class Simulator:
             outcomes=outcomes,
             preemptions=table.preemptions,
             kv_preemptions=table.kv_preemptions,
+            kv_lent_tokens=table.kv_lent_tokens,
             events=events,
             decisions=decisions,
             max_kv_overuse_tokens=max_overuse,

@@ -145,6 +145,8 @@ class RequestTable:
         self.cancelled = 0
         self.preemptions = 0
         self.kv_preemptions = 0
+        self.kv_lent_tokens = 0
+        """KV cells running requests lent from their reservations to a neighbour's growth."""
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._records
@@ -238,10 +240,11 @@ class RequestTable:
         return record
 
     def reserve(self, request_id: RequestId, kv_reservation_tokens: int) -> RequestRecord:
-        """Raise (or set) a dispatched request's KV reservation."""
+        """Raise a dispatched request's KV reservation, or lower it by what it lends."""
         record = self._records[request_id]
         if record.state not in (RequestState.DISPATCHED, RequestState.RUNNING):
             raise InternalError(f"reservation for request {request_id} in state {record.state}")
+        self.kv_lent_tokens += max(0, record.kv_reservation_tokens - kv_reservation_tokens)
         record.kv_reservation_tokens = kv_reservation_tokens
         self._touch(record)
         return record

@@ -402,6 +402,9 @@ def test_metrics_hooks_and_state_read_back_through_the_exposition() -> None:
     metrics.refused("overloaded")
     samples = _samples(coordinator)
     assert samples[("edgeorch_redispatches_total", (("reason", "agent_died"),))] == 1
+    coordinator.table.reserve(RequestId("waiting"), 160)
+    coordinator.table.reserve(RequestId("waiting"), 120)  # 40 cells lent to a neighbour
+    assert _samples(coordinator)[("edgeorch_kv_lent_tokens_total", ())] == 40
     assert samples[("edgeorch_placements_total", (("prefix", "prefix_here"),))] == 1
     assert samples[("edgeorch_placements_total", (("prefix", "no_prefix"),))] == 1
     assert samples[("edgeorch_rejected_requests_total", (("reason", "overloaded"),))] == 1
