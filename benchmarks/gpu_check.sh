@@ -11,8 +11,9 @@
 # The build uses the Makefile's AMX flags: the one build made without them (an H200 machine,
 # AMX_INT8 in its CPU) crashed loading a model with offload, as llama.cpp issues 11115 and
 # 20824 describe. Nothing survives between calls on the lent machine, so this runs whole within
-# one call (10 minutes at most there): the build took 339 s on 16 cores, so the tests get 150 s
-# and the comparison with llama-server runs only if 420 s have not passed by then.
+# one call (10 minutes at most there): the build took 339 s on 16 cores, so the tests get 150 s.
+# SERVER=1 also builds llama-server and compares edgeorch with it when 420 s have not passed
+# by then (a build with it leaves no time for the tests in one 10-minute call).
 set -u
 cd "$(dirname "$0")/.."
 : "${ASSETS:?}" "${OUT:?}"
@@ -20,14 +21,17 @@ export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 WORK=${WORK:-/tmp/edgeorch-gpu}; SITE=$WORK/site; mkdir -p "$WORK" "$OUT"
 T0=$(date +%s); log() { echo "[$(($(date +%s) - T0)) s] $*"; }
 nvidia-smi -L
+echo "kernel $(uname -r) (gVisor reports 4.4.0), $(nproc) cores"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ASSETS"/whl/*.whl || exit 1
 tar xzf "$ASSETS/llama_cpp_python.tar.gz" -C "$WORK"
 SRC=$(ls -d "$WORK"/llama_cpp_python-*)
 export PYTHONPATH=$SITE:$PWD:$SRC/vendor/llama.cpp/gguf-py
+SERVER_FLAGS=""
+[[ ${SERVER:-0} == 1 ]] && SERVER_FLAGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON"
 log build start
 (cd "$SRC" && CMAKE_ARGS="-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__ \
   -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-native} -DGGML_CUDA_NCCL=OFF \
-  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAVA_BUILD=OFF" \
+  $SERVER_FLAGS -DLLAVA_BUILD=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip install -v --no-index --no-deps \
   --no-build-isolation --target "$SITE" --config-settings=build-dir="$WORK/cmake" . \
   >"$OUT/build.log" 2>&1) || { log build failed; tail -40 "$OUT/build.log"; exit 1; }
@@ -43,14 +47,15 @@ if [[ ! -f $MODEL ]]; then
 fi
 python3 -c "import llama_cpp; from agents.backends.llama.kvmemory import gpu_memory; print(llama_cpp.llama_print_system_info().decode()); print(gpu_memory())"
 timeout 400 python3 benchmarks/gpu_diag.py "$MODEL" --json "$OUT/gpu_diag.json" | grep -v '^  "log_tail\|^    '
+[[ -f $OUT/gpu_diag.json ]] && python3 -c "import json, sys; [print(r['way'], *r.get('backtrace', []), sep='\n  ') for r in json.load(open(sys.argv[1])) if 'backtrace' in r]" "$OUT/gpu_diag.json"
 log diag done
 timeout 150 python3 -m pytest -p no:cacheprovider -q -o addopts= -rfEs tests/unit/test_kv_memory.py \
   tests/e2e -k "gpu or test_cluster_llama or test_gateway_llama or test_cache_placement" \
   2>&1 | tee "$OUT/e2e.log" | tail -30
 log tests done
-SERVER=$(find "$WORK/cmake" -name llama-server -type f -perm -u+x | head -1)
-if [[ -n $SERVER && $(($(date +%s) - T0)) -lt ${BENCH_BEFORE_S:-420} ]]; then
-  timeout 150 python3 benchmarks/live_vs_llama_server.py --llama-server "$SERVER" --trace "$ASSETS/azure_conv_x_mixed.jsonl" \
+SERVER_BIN=$(find "$WORK/cmake" -name llama-server -type f -perm -u+x | head -1)
+if [[ -n $SERVER_BIN && $(($(date +%s) - T0)) -lt ${BENCH_BEFORE_S:-420} ]]; then
+  timeout 150 python3 benchmarks/live_vs_llama_server.py --llama-server "$SERVER_BIN" --trace "$ASSETS/azure_conv_x_mixed.jsonl" \
     --repetitions 1 --max-requests 240 --rate 30 --json "$OUT/gpu_vs_llama_server.json" 2>&1 | tail -12
   log bench done
 fi

@@ -1,11 +1,14 @@
 """Where a GPU build of llama.cpp fails to load or run a model, each way in a process of its own.
 
-Loads MODEL through llama.cpp's C API with every layer on the CPU, every layer offloaded, and
-every layer offloaded without the CPU's extra weight buffers (llama.cpp's AMX and repacked
-layouts, `use_extra_bufts`), each in a child process, so a crash in one (the first CUDA build
-tried here died with SIGSEGV inside `llama_model_load_from_file`) is reported with its signal
-and llama.cpp's last log lines instead of ending the check. Each way that loads then decodes
-a short greedy stream and reports tokens/s.
+Loads MODEL through llama.cpp's C API with every layer on the CPU, and offloaded in several
+ways that each leave out one suspect of the load: the CPU's extra weight buffers (llama.cpp's
+AMX and repacked layouts, `use_extra_bufts`), pinned host memory for the upload
+(`GGML_CUDA_NO_PINNED`), the memory map, or all layers but one. Each way runs in a child
+process, so a crash in one (the first CUDA build tried here died with SIGSEGV inside
+`llama_model_load_from_file`) is reported with its signal and llama.cpp's last log lines
+instead of ending the check; the first way that crashes runs once more under `cuda-gdb` (the
+lent machines have no gdb) for a native backtrace. Each way that loads then decodes a short
+greedy stream and reports tokens/s.
 
     python benchmarks/gpu_diag.py MODEL [--json OUT]
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +35,14 @@ WAYS: Final = {
     "cpu": {"n_gpu_layers": 0},
     "gpu": {"n_gpu_layers": -1},
     "gpu-no-extra-buffers": {"n_gpu_layers": -1, "use_extra_bufts": False},
+    "gpu-no-pinned": {"n_gpu_layers": -1},
+    "gpu-no-mmap": {"n_gpu_layers": -1, "use_mmap": False},
+    "gpu-one-layer": {"n_gpu_layers": 1},
 }
+ENVIRONMENTS: Final = {"gpu-no-pinned": {"GGML_CUDA_NO_PINNED": "1"}}
 DECODE_TOKENS: Final = 64
 CHILD_TIMEOUT_S: Final = 120
+BACKTRACE_LINES: Final = 40
 LOG_TAIL_LINES: Final = 25
 
 
@@ -82,13 +92,47 @@ def child(model: Path, way: str) -> dict[str, Any]:
     }
 
 
-def run_way(model: Path, way: str) -> dict[str, Any]:
+def child_command(model: Path, way: str) -> list[str]:
+    return [sys.executable, "-X", "faulthandler", __file__, str(model), "--child", way]
+
+
+def backtrace(model: Path, way: str) -> list[str]:
+    """The native stack of a crashing way, from cuda-gdb where the machine has it."""
+    debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if debugger is None:
+        return ["no cuda-gdb or gdb on this machine"]
+    command = [
+        debugger,
+        "-batch",
+        "-ex",
+        "run",
+        "-ex",
+        "bt 30",
+        "--args",
+        *child_command(model, way),
+    ]
     try:
         done = subprocess.run(
-            [sys.executable, "-X", "faulthandler", __file__, str(model), "--child", way],
+            command,
             capture_output=True,
             text=True,
             timeout=CHILD_TIMEOUT_S,
+            env={**os.environ, **ENVIRONMENTS.get(way, {})},
+        )
+    except subprocess.TimeoutExpired:
+        return [f"{debugger} gave no answer in {CHILD_TIMEOUT_S} s"]
+    frames = [line for line in done.stdout.splitlines() if line.startswith("#")]
+    return frames or done.stdout.splitlines()[-BACKTRACE_LINES:]
+
+
+def run_way(model: Path, way: str) -> dict[str, Any]:
+    try:
+        done = subprocess.run(
+            child_command(model, way),
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            env={**os.environ, **ENVIRONMENTS.get(way, {})},
         )
     except subprocess.TimeoutExpired:
         return {"way": way, "outcome": f"no answer in {CHILD_TIMEOUT_S} s"}
@@ -112,6 +156,9 @@ def main() -> None:
         print(json.dumps(child(args.model, args.child)))
         return
     results = [run_way(args.model, way) for way in WAYS]
+    crashed = [r for r in results if r["outcome"].startswith("signal")]
+    if crashed:
+        crashed[0]["backtrace"] = backtrace(args.model, crashed[0]["way"])
     for result in results:
         print(json.dumps(result, indent=2))
     if args.json is not None:
