@@ -5,6 +5,7 @@ the coordinator's tokenizer alike."""
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,11 +57,30 @@ def silenced() -> Iterator[None]:
         _silenced = False
 
 
+def load_cxx_runtime_first() -> None:
+    """Put the C++ runtime in the process's global symbol scope before llama.cpp's libraries.
+
+    A CUDA 13 build's libggml-cuda.so carries copies of libstdc++ functions from a static
+    archive and exports them. llama-cpp-python loads it into the global scope before libstdc++,
+    so libllama's stream calls bound to those copies, whose locale data is not the process's,
+    and every model load died with SIGSEGV in `llama_model::print_info` (an H200 with CUDA
+    13.0, 2026-12-04; llama.cpp PR 22434 shows the same stack). Loaded first, the system's
+    libstdc++ wins every binding. Harmless where nothing else defines those symbols."""
+    name = ctypes.util.find_library("stdc++")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        llama_log.debug("could not load the C++ runtime %s first: %s", name, exc)
+
+
 def llama_cpp() -> Any:
     """The llama_cpp module with its backend initialised once per process and llama.cpp's
     logging routed through Python's (the callback is kept alive in a module global)."""
     global _llama
     if _llama is None:
+        load_cxx_runtime_first()
         import llama_cpp as module
 
         global _log_callback

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
+from orchestrator.llamalib import llama_cpp
+
 log = logging.getLogger("edgeorch.engine")
 
 DEFAULT_KV_MEMORY_FRACTION: Final = 0.25
@@ -55,6 +57,7 @@ def gpu_memory(libggml: Any = None) -> GpuMemory | None:
     where this llama-cpp-python exposes no ggml library (then the host memory rule applies)."""
     if libggml is None:
         try:
+            llama_cpp()
             from llama_cpp._ggml import libggml
         except (ImportError, OSError) as exc:
             log.debug("ggml's device registry is unavailable: %s", exc)
