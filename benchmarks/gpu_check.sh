@@ -1,17 +1,16 @@
 #!/bin/bash
 # The GPU check, in one go, on a machine with CUDA (nvcc, cmake, ninja, scikit-build-core) but
-# no network: build llama-cpp-python with CUDA (and llama-server), put a model of the default
-# model's exact shape in the cache (its 253 MB cannot travel; benchmarks/same_shape_model.py),
-# load it every way in processes of their own (benchmarks/gpu_diag.py), run the GPU tests, then
-# edgeorch against llama-server on the GPU.
+# no network: build llama-cpp-python with CUDA (llama-server too with SERVER=1), put a model of
+# the default model's exact shape in the cache (its 253 MB cannot travel;
+# benchmarks/same_shape_model.py), load it every way in processes of their own
+# (benchmarks/gpu_diag.py), run the GPU tests, then edgeorch against llama-server on the GPU.
 #
 #   bash benchmarks/gpu_assets.sh .gpu                  # here, with the package registries
 #   ASSETS=.gpu OUT=results/ bash benchmarks/gpu_check.sh   # there (carry .gpu)
 #
-# The build uses the Makefile's AMX flags: the one build made without them (an H200 machine,
-# AMX_INT8 in its CPU) crashed loading a model with offload, as llama.cpp issues 11115 and
-# 20824 describe. Nothing survives between calls on the lent machine, so this runs whole within
-# one call (10 minutes at most there): the build took 339 s on 16 cores, so the tests get 150 s.
+# The build uses the Makefile's AMX flags, as `make install` does. Nothing survives between
+# calls on the lent machine, so this runs whole within one call (10 minutes at most there): the
+# build took 311 s on 16 cores, so the tests get 150 s.
 # SERVER=1 also builds llama-server and compares edgeorch with it when 420 s have not passed
 # by then (a build with it leaves no time for the tests in one 10-minute call). QUICK=1, for a
 # short lease, builds without flash attention's kernels, loads the skeleton itself (zero
