@@ -20,7 +20,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from orchestrator.core.admission import SchedulerConfig
+from orchestrator.core.admission import KV_HEADROOM_TOKENS, SchedulerConfig
 from orchestrator.core.lifecycle import TERMINAL_STATES, RequestState
 from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
@@ -195,7 +195,9 @@ class CoreMachine(RuleBasedStateMachine):
             elif isinstance(action, ReserveAction):
                 r = self.table[action.request_id]
                 assert r.state in ACTIVE and r.agent_id == action.agent_id
-                assert action.kv_reservation_tokens >= r.kv_reservation_tokens
+                # A raise, or a loan to a neighbour that leaves the request its use and headroom.
+                lent_down_to = r.running_view().kv_used_tokens + KV_HEADROOM_TOKENS
+                assert action.kv_reservation_tokens >= min(r.kv_reservation_tokens, lent_down_to)
                 self.table.reserve(action.request_id, action.kv_reservation_tokens)
             elif isinstance(action, PreemptAction):
                 assert self.table[action.request_id].agent_id == action.agent_id
