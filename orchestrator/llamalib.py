@@ -5,8 +5,8 @@ the coordinator's tokenizer alike."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -19,6 +19,7 @@ GGML_LOG_LEVELS: Final = {
 }
 """ggml.h's ggml_log_level (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5) to logging."""
 GGML_LOG_CONTINUE: Final = 5
+CXX_RUNTIME_SONAME: Final = "libstdc++.so.6"
 
 llama_log = logging.getLogger("edgeorch.llama_cpp")
 _llama: Any = None
@@ -64,15 +65,15 @@ def load_cxx_runtime_first() -> None:
     archive and exports them. llama-cpp-python loads it into the global scope before libstdc++,
     so libllama's stream calls bound to those copies, whose locale data is not the process's,
     and every model load died with SIGSEGV in `llama_model::print_info` (an H200 with CUDA
-    13.0, 2026-12-04; llama.cpp PR 22434 shows the same stack). Loaded first, the system's
-    libstdc++ wins every binding. Harmless where nothing else defines those symbols."""
-    name = ctypes.util.find_library("stdc++")
-    if name is None:
+    13.0, 2026-12-04; llama.cpp PR 22434 shows the same stack). Loaded first, libstdc++ wins
+    every binding. It is loaded by soname, so the loader takes the copy this Python would take
+    anyway (one already loaded, or a conda environment's own, newer than the system's)."""
+    if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(CXX_RUNTIME_SONAME, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
-        llama_log.debug("could not load the C++ runtime %s first: %s", name, exc)
+        llama_log.debug("could not load %s first: %s", CXX_RUNTIME_SONAME, exc)
 
 
 def llama_cpp() -> Any:
