@@ -10,7 +10,8 @@
 #
 # The build uses the Makefile's AMX flags, as `make install` does. Nothing survives between
 # calls on the lent machine, so this runs whole within one call (10 minutes at most there): the
-# build took 311 s on 16 cores, so the tests get 150 s.
+# build took 311 s on 16 cores, so the tests get 150 s, and the engine's decode speeds on the GPU
+# (benchmarks/engine.py, in process and served) run if 480 s have not passed by then.
 # SERVER=1 also builds llama-server and compares edgeorch with it when 420 s have not passed
 # by then (a build with it leaves no time for the tests in one 10-minute call). QUICK=1, for a
 # short lease, builds without flash attention's kernels, loads the skeleton itself (zero
@@ -62,6 +63,11 @@ timeout 150 python3 -m pytest -p no:cacheprovider -q -o addopts= -rfEs tests/uni
   tests/e2e -k "gpu or test_cluster_llama or test_gateway_llama or test_cache_placement" \
   2>&1 | tee "$OUT/e2e.log" | tail -30
 log tests done
+if [[ $(($(date +%s) - T0)) -lt ${ENGINE_BEFORE_S:-480} ]]; then
+  timeout 100 python3 benchmarks/engine.py --threads "$(nproc)" --rounds 1 \
+    --json "$OUT/engine_gpu.json" 2>&1 | tail -25
+  log engine done
+fi
 SERVER_BIN=$(find "$WORK/cmake" -name llama-server -type f -perm -u+x | head -1)
 if [[ -n $SERVER_BIN && $(($(date +%s) - T0)) -lt ${BENCH_BEFORE_S:-420} ]]; then
   timeout 150 python3 benchmarks/live_vs_llama_server.py --llama-server "$SERVER_BIN" --trace "$ASSETS/azure_conv_x_mixed.jsonl" \
