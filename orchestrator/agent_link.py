@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from orchestrator import auth
 from orchestrator.core.events import (
@@ -45,6 +46,12 @@ from orchestrator.settings import CoordinatorSettings
 
 log = logging.getLogger("edgeorch.coordinator")
 
+ZMQ_ASSIGNED_ID_PREFIX: Final = b"\x00"
+"""ZeroMQ reserves routing ids starting with a zero byte for those it assigns itself. Every
+edgeorch agent sets its own, so a frame under such an id comes from a connection that a newer
+one of the same agent took over (ROUTER_HANDOVER renames the old one): a Register still queued
+there would otherwise register a ghost that takes the agent's name."""
+
 
 class AgentLink:
     def __init__(
@@ -63,6 +70,9 @@ class AgentLink:
 
     def on_frame(self, identity: bytes, frame: bytes, key: str | None, now: float) -> None:
         """One frame from an agent; ``key`` is its CURVE key's name (None without CURVE)."""
+        if identity.startswith(ZMQ_ASSIGNED_ID_PREFIX):
+            log.debug("dropped a frame from a superseded agent connection %r", identity)
+            return
         message = decode(frame, AGENT_MESSAGES)
         session = self.sessions.get(identity)
         if session is not None and session.key != key:

@@ -1,0 +1,67 @@
+"""An agent that registers again on a fresh socket before the coordinator answered keeps its
+name: the Register still queued on its old connection must not register a ghost."""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
+
+from orchestrator import transport
+from orchestrator.agent_link import ZMQ_ASSIGNED_ID_PREFIX
+from orchestrator.coordinator import Coordinator
+from orchestrator.protocol import Register, Welcome, WireModel, encode
+from orchestrator.settings import CoordinatorSettings
+from tests.factories import profile
+
+ROUTING_ID = b"fake-1:0123456789ab"
+
+
+async def frames_after_a_handover() -> list[tuple[bytes, bytes]]:
+    """An agent sends Register, gets no answer (the coordinator is busy and not reading), closes
+    its socket and sends Register again on a fresh one with the same routing id; the ROUTER
+    reads only once the fresh connection is up."""
+    context = zmq.asyncio.Context()
+    try:
+        router = transport.router(context, "tcp://127.0.0.1:*", handover=True)
+        endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        register = encode(Register(name="fake-1", profile=profile()))
+        first = transport.monitored_dealer(context, endpoint, routing_id=ROUTING_ID)[0]
+        await first.send(register)
+        await asyncio.sleep(0.2)
+        first.close(linger=0)
+        second, monitor = transport.monitored_dealer(context, endpoint, routing_id=ROUTING_ID)
+        assert monitor is not None
+        await second.send(register)
+        while (await recv_monitor_message(monitor))["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            pass
+        await asyncio.sleep(0.2)
+        received: list[tuple[bytes, bytes]] = []
+        while len(received) < 2 and await router.poll(2000):
+            identity, frame = await router.recv_multipart()
+            received.append((identity, frame))
+        return received
+    finally:
+        context.destroy(linger=0)
+
+
+def test_zeromq_hands_the_old_connections_frames_over_under_an_id_it_assigns() -> None:
+    received = asyncio.run(frames_after_a_handover())
+    identities = [identity for identity, _ in received]
+    assert ROUTING_ID in identities
+    assert any(identity.startswith(ZMQ_ASSIGNED_ID_PREFIX) for identity in identities)
+
+
+def test_the_stale_register_does_not_take_the_agents_name() -> None:
+    sent: list[tuple[bytes, WireModel]] = []
+    c = Coordinator(
+        CoordinatorSettings(), agent_sink=lambda identity, message: sent.append((identity, message))
+    )
+    for identity, frame in asyncio.run(frames_after_a_handover()):
+        c.on_agent_frame(identity, frame, None)
+    assert [(s.identity, s.agent_id) for s in c.agent_sessions()] == [(ROUTING_ID, "fake-1")]
+    assert [(identity, m.agent_id) for identity, m in sent if isinstance(m, Welcome)] == [
+        (ROUTING_ID, "fake-1")
+    ]
