@@ -48,9 +48,10 @@ log = logging.getLogger("edgeorch.coordinator")
 
 ZMQ_ASSIGNED_ID_PREFIX: Final = b"\x00"
 """ZeroMQ reserves routing ids starting with a zero byte for those it assigns itself. Every
-edgeorch agent sets its own, so a frame under such an id comes from a connection that a newer
-one of the same agent took over (ROUTER_HANDOVER renames the old one): a Register still queued
-there would otherwise register a ghost that takes the agent's name."""
+edgeorch agent sets its own, so a Register under such an id comes from a connection that a
+newer one of the same agent took over (ROUTER_HANDOVER renames the old one): it would register
+a ghost that takes the agent's name. Other stale frames there only get a ``Reregister`` that
+goes nowhere."""
 
 
 class AgentLink:
@@ -70,9 +71,6 @@ class AgentLink:
 
     def on_frame(self, identity: bytes, frame: bytes, key: str | None, now: float) -> None:
         """One frame from an agent; ``key`` is its CURVE key's name (None without CURVE)."""
-        if identity.startswith(ZMQ_ASSIGNED_ID_PREFIX):
-            log.debug("dropped a frame from a superseded agent connection %r", identity)
-            return
         message = decode(frame, AGENT_MESSAGES)
         session = self.sessions.get(identity)
         if session is not None and session.key != key:
@@ -100,7 +98,13 @@ class AgentLink:
                 key,
             )
             return
-        if isinstance(message, Register):
+        if isinstance(message, Register) and identity.startswith(ZMQ_ASSIGNED_ID_PREFIX):
+            log.info(
+                "ignored agent %r registering on a connection without its own routing id"
+                " (one it has since replaced, or an agent that sets none)",
+                message.name,
+            )
+        elif isinstance(message, Register):
             self._register(identity, message, now, key)
         elif session is None:
             self._send(identity, Reregister())

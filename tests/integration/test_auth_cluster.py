@@ -177,6 +177,7 @@ def test_an_allowed_key_cannot_pose_as_another_agent(tmp_path: Path) -> None:
             load_public_key(keys / "server.key", "k"),
         )
         rogue = context.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.ROUTING_ID, b"other:1")
         secure_client(rogue, rogue_keys)
         rogue.connect(cluster.agents_endpoint)
         prompt, length = "a long story about keys", 80

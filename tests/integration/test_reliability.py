@@ -253,8 +253,14 @@ def _drain_replies(socket: zmq.Socket[bytes]) -> int:
             return received
 
 
-def _fuzz_socket(context: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+def _fuzz_socket(
+    context: zmq.Context[zmq.Socket[bytes]], endpoint: str, routing_id: bytes | None = None
+) -> zmq.Socket[bytes]:
+    """``routing_id``: set for a socket that registers (the coordinator ignores a Register on a
+    routing id ZeroMQ assigned)."""
     socket = context.socket(zmq.DEALER)
+    if routing_id is not None:
+        socket.setsockopt(zmq.ROUTING_ID, routing_id)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 0)
     socket.setsockopt(zmq.RCVHWM, 0)
@@ -290,7 +296,7 @@ def _hostile_agent(
     seeds = encoded(agent_frames()[1:5])  # no goodbye: it wants to stay registered
     register = encode(Register(name="hostile", profile=profile(max_seqs=8, decode_tps=1e4)))
     heartbeat = encode(Heartbeat(kv_used_tokens=0))
-    socket = _fuzz_socket(context, endpoint)
+    socket = _fuzz_socket(context, endpoint, routing_id=b"hostile:1")
     socket.send(register)
     dispatches = 0
     sent = 0
