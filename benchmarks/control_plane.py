@@ -6,7 +6,11 @@ and without the length predictor (every request is predicted), and with and with
 journal (``--journal off``: no fsync per accept batch, no write-ahead of replies).
 
     .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64]
-        [--predictors shipped,none] [--journal on|off|both] [--json OUT]
+        [--predictors shipped,none] [--journal on|off|both] [--finish length|stop] [--json OUT]
+
+``--finish stop`` ends each request after its first token, at a stop string, instead of by
+``max_tokens``: a natural end, which the coordinator records in the predictor's completion
+history (a capped answer teaches nothing and is not recorded), as real traffic mostly ends.
 
 ``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
 measured requests) is steadier than requests/s on a machine shared with other work; the
@@ -37,6 +41,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.backends.fake.engine import fake_token_text
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster
 
@@ -53,16 +58,20 @@ FREE_COMPUTE = (
 )
 
 
-async def hammer(endpoint: str, requests: int, concurrency: int) -> tuple[float, list[float]]:
+async def hammer(
+    endpoint: str, requests: int, concurrency: int, finish: str = "length"
+) -> tuple[float, list[float]]:
     latencies: list[float] = []
     async with AsyncClient(endpoint, timeout_s=120) as client:
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
+            prompt = PROMPT.format(i=i)
+            stop = (fake_token_text(prompt, 1),) if finish == "stop" else ()
             async with semaphore:
                 started = time.perf_counter()
-                result = await client.generate(PROMPT.format(i=i), max_tokens=1)
-                assert result.completion_tokens == 1
+                result = await client.generate(prompt, max_tokens=3 if stop else 1, stop=stop)
+                assert (result.completion_tokens, result.finish_reason) == (1, finish)
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -93,6 +102,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--predictors", default="shipped,none")
     parser.add_argument("--journal", choices=("on", "off", "both"), default="on")
+    parser.add_argument("--finish", choices=("length", "stop"), default="length")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     journal_modes = {"on": ("on",), "off": ("off",), "both": ("on", "off")}[args.journal]
@@ -100,6 +110,7 @@ def main() -> None:
     report: dict[str, object] = {
         "requests": args.requests,
         "concurrency": args.concurrency,
+        "finish": args.finish,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     runs = [(p, j) for p in args.predictors.split(",") for j in journal_modes]
@@ -114,7 +125,7 @@ def main() -> None:
             for name in AGENTS:
                 cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
             cluster.wait_for_agents(2)
-            asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency))  # warm-up
+            asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency, args.finish))
             coordinator = psutil.Process(cluster.processes["coordinator"].pid)
             workers = coordinator.children(recursive=True)
             agents = [psutil.Process(cluster.processes[name].pid) for name in AGENTS]
@@ -123,7 +134,7 @@ def main() -> None:
             workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
             client_before = time.process_time()
             elapsed, latencies = asyncio.run(
-                hammer(cluster.clients_endpoint, args.requests, args.concurrency)
+                hammer(cluster.clients_endpoint, args.requests, args.concurrency, args.finish)
             )
             client_s = time.process_time() - client_before
             cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before

@@ -287,8 +287,9 @@ def _work(
     worker = _worker
     assert worker is not None, "the worker process was not opened"
     if worker.history is not None and completions:
-        for c in completions:
-            worker.history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
+        with worker.history.batch():
+            for c in completions:
+                worker.history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
         if worker.adapter is not None:
             try:
                 adapted = worker.adapter.maybe_adapt()

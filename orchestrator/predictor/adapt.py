@@ -18,8 +18,9 @@ The result is an `adaptation.json` folder that `LengthPredictor.load(DIR)` reads
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 from orchestrator.predictor.data import LengthRecord, load_records
 from orchestrator.predictor.distribution import GRID_LEVELS
 from orchestrator.predictor.errors import PredictorDataError
-from orchestrator.predictor.head import weighted_quantile, weighted_ridge
+from orchestrator.predictor.head import ridge_path, weighted_quantile, weighted_ridge
 from orchestrator.predictor.history import CompletionHistory
 from orchestrator.predictor.model import (
     ADAPTATION_FILE,
@@ -96,13 +97,14 @@ def _fit_head(
     no_head = float(np.mean(np.abs(residual)))
     best: tuple[float, float] | None = None
     ones = np.ones(len(y))
-    for alpha in HEAD_ALPHAS:
-        errors = np.zeros(len(y))
-        for k in range(HEAD_FOLDS):
-            tr, te = folds != k, folds == k
-            coef, bias = weighted_ridge(features[tr], residual[tr], ones[tr], alpha)
-            errors[te] = residual[te] - (features[te] @ coef + bias)
-        mae = float(np.mean(np.abs(errors)))
+    errors = np.zeros((len(HEAD_ALPHAS), len(y)))
+    for k in range(HEAD_FOLDS):
+        tr, te = folds != k, folds == k
+        fits = ridge_path(features[tr], residual[tr], ones[tr], HEAD_ALPHAS)
+        for row, (coef, bias) in enumerate(fits):
+            errors[row, te] = residual[te] - (features[te] @ coef + bias)
+    for alpha, alpha_errors in zip(HEAD_ALPHAS, errors, strict=True):
+        mae = float(np.mean(np.abs(alpha_errors)))
         if best is None or mae < best[0]:
             best = (mae, alpha)
     assert best is not None
@@ -169,6 +171,21 @@ def _groups(models: Sequence[str], only: str | None) -> dict[str, list[int]]:
     return keyed
 
 
+def _fit_groups(
+    groups: dict[str, list[int]], fit: Callable[[list[int]], Calibration]
+) -> dict[str, Calibration]:
+    """``fit`` each group's rows once: with one served model the catch-all holds the same rows
+    as that model, and fitting them twice would double the cost of an adaptation."""
+    fitted: dict[tuple[int, ...], Calibration] = {}
+    calibrations = {}
+    for key, idx in groups.items():
+        rows = tuple(idx)
+        if rows not in fitted:
+            fitted[rows] = fit(idx)
+        calibrations[key] = fitted[rows]
+    return calibrations
+
+
 def write_adaptation(
     out_dir: Path, base: LengthPredictor, calibrations: dict[str, Calibration]
 ) -> dict[str, Any]:
@@ -225,10 +242,12 @@ def adapt_records(
     predictor = base or LengthPredictor.load()
     raw = predictor.raw_outputs([r.prompt for r in records])
     tokens = np.asarray([r.output_tokens for r in records])
-    calibrations = {
-        key: fit_calibration(_adaptation_data(raw, idx, tokens, predictor.base_offsets()), seed)
-        for key, idx in _groups([r.model for r in records], model).items()
-    }
+    calibrations = _fit_groups(
+        _groups([r.model for r in records], model),
+        lambda idx: fit_calibration(
+            _adaptation_data(raw, idx, tokens, predictor.base_offsets()), seed
+        ),
+    )
     write_adaptation(out_dir, predictor, calibrations)
     return _summary(calibrations)
 
@@ -265,8 +284,8 @@ def adapt_from_history(
     width = predictor.history_feature_width
     all_features = all(r.features is not None and r.features.size == width for r in rows)
     base_grid = predictor.base_offsets()
-    calibrations: dict[str, Calibration] = {}
-    for key, idx in _groups(models, model).items():
+
+    def fit(idx: list[int]) -> Calibration:
         if all_features:
             feats = np.stack([rows[i].features for i in idx]).astype(np.float64)  # type: ignore[misc]
             loc, extra = feats[:, 0], feats[:, 1:]
@@ -276,16 +295,26 @@ def adapt_from_history(
         data = AdaptationData(
             loc=loc, features=extra, base_offsets=base_grid, target=np.log1p(tokens[idx])
         )
-        calibrations[key] = fit_calibration(data, seed)
+        return fit_calibration(data, seed)
+
+    calibrations = _fit_groups(_groups(models, model), fit)
     write_adaptation(out_dir, predictor, calibrations)
     return _summary(calibrations)
 
 
-class AutoAdapter:
-    """Re-adapts every `every_n` new history rows. Call `maybe_adapt()` after `record`.
+#: Most of the predictor worker's time adaptation may take: after a refit that took d
+#: seconds the next waits at least d / ADAPT_TIME_SHARE - d, however fast completions come
+#: (a refit over a full history takes seconds, and predictions wait while it runs).
+ADAPT_TIME_SHARE = 0.1
 
-    Pure bookkeeping over the history: no threads, no timers. It returns the freshly
-    loaded predictor when it adapted, so the caller swaps it in; otherwise None.
+
+class AutoAdapter:
+    """Re-adapts every `every_n` new history rows, but spends at most `time_share` of the time
+    adapting. Call `maybe_adapt()` after `record`.
+
+    Pure bookkeeping over the history: no threads, no timers (``clock`` is read, never
+    waited on). It returns the freshly loaded predictor when it adapted, so the caller swaps
+    it in; otherwise None.
     """
 
     def __init__(
@@ -294,21 +323,33 @@ class AutoAdapter:
         out_dir: Path,
         every_n: int = 200,
         base: LengthPredictor | None = None,
+        time_share: float = ADAPT_TIME_SHARE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if every_n < 1:
             raise ValueError(f"every_n must be >= 1, got {every_n}")
+        if not 0.0 < time_share <= 1.0:
+            raise ValueError(f"time_share must be in (0, 1], got {time_share}")
         self.history = history
         self.out_dir = Path(out_dir)
         self.every_n = every_n
         self.base = base
-        self._count_at_last = history.count()
+        self.time_share = time_share
+        self._clock = clock
+        self._id_at_last = history.last_id()
+        self._not_before = -math.inf
 
     def maybe_adapt(self) -> LengthPredictor | None:
-        """Adapt when enough new rows arrived since the last adaptation."""
-        count = self.history.count()
-        if count - self._count_at_last < self.every_n:
+        """Adapt when enough new rows arrived since the last adaptation and its time share
+        allows."""
+        last_id = self.history.last_id()
+        if last_id - self._id_at_last < self.every_n or self._clock() < self._not_before:
             return None
-        self._count_at_last = count
+        started = self._clock()
+        self._id_at_last = last_id
         base = self.base or LengthPredictor.load()
         adapt_from_history(self.history, self.out_dir, base)
-        return LengthPredictor.load(self.out_dir, threads=base.threads)
+        adapted = LengthPredictor.load(self.out_dir, threads=base.threads)
+        took = self._clock() - started
+        self._not_before = started + took / self.time_share
+        return adapted

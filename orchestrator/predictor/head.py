@@ -4,6 +4,7 @@ fixed quantile offsets; fitting (numpy) and writing it as a small ONNX graph (on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def weighted_ridge(
     magnitude, and one penalty should shrink them alike; rare 0/1 cues are scaled by at
     least BINARY_SCALE_FLOOR so they are shrunk like common ones.
     """
+    return ridge_path(x, y, weights, (alpha,))[0]
+
+
+def ridge_path(
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray, alphas: Sequence[float]
+) -> list[tuple[np.ndarray, float]]:
+    """`weighted_ridge` at each penalty in `alphas`, sharing the standardisation and the Gram
+    matrix, which cost far more than one solve (same figures as separate calls)."""
     w = weights / weights.mean()
     mean = np.average(x, axis=0, weights=w)
     scale = np.sqrt(np.average((x - mean) ** 2, axis=0, weights=w)) + 1e-6
@@ -56,11 +65,14 @@ def weighted_ridge(
     scale = np.where(binary, np.maximum(scale, BINARY_SCALE_FLOOR), scale)
     z = (x - mean) / scale
     y_mean = float(np.average(y, weights=w))
-    gram = z.T @ (z * w[:, None]) + alpha * np.eye(z.shape[1])
-    coef_z = np.linalg.solve(gram, z.T @ (w * (y - y_mean)))
-    coef = coef_z / scale
-    bias = y_mean - float(mean @ coef)
-    return coef, bias
+    gram = z.T @ (z * w[:, None])
+    rhs = z.T @ (w * (y - y_mean))
+    identity = np.eye(z.shape[1])
+    fits = []
+    for alpha in alphas:
+        coef = np.linalg.solve(gram + alpha * identity, rhs) / scale
+        fits.append((coef, y_mean - float(mean @ coef)))
+    return fits
 
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, levels: np.ndarray) -> np.ndarray:

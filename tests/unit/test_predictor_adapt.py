@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from orchestrator.predictor import adapt
 from orchestrator.predictor.adapt import AutoAdapter, adapt_from_history, adapt_records
 from orchestrator.predictor.data import LengthRecord, load_records
 from orchestrator.predictor.evaluate import evaluate_records
@@ -69,6 +71,21 @@ def test_history_store_roundtrip(tmp_path: Path) -> None:
         assert reopened.count() == 6
 
 
+def test_a_batch_of_records_is_one_transaction_trimmed_once(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    with CompletionHistory(path, max_rows_per_model=3) as history:
+        with history.batch():
+            for i in range(5):
+                history.record(prompt_fingerprint(str(i)), "m1", 5.0, i)
+            with history.batch():
+                history.record("k", "m2", 1.0, 7)
+            with CompletionHistory(path) as reader:
+                assert reader.count() == 0, "nothing is committed before the batch ends"
+        assert [r.actual_tokens for r in history.records("m1")] == [2, 3, 4]
+    with CompletionHistory(path) as reopened:
+        assert reopened.count() == 4
+
+
 def test_adapt_from_history_and_auto_mode(predictor: LengthPredictor, tmp_path: Path) -> None:
     records = load_records(FIXTURES / "predictor_adapt.jsonl")[:60]
     preds, feats = predictor.predict_with_features([r.prompt for r in records])
@@ -99,6 +116,41 @@ def test_adapt_from_history_and_auto_mode(predictor: LengthPredictor, tmp_path: 
                 )
             summary = adapt_from_history(fp_history, tmp_path / "fp", predictor)
             assert summary["calibrations"]["terse-model"]["n_records"] == 60
+
+
+def test_auto_adaptation_keeps_going_past_the_row_cap_within_its_time_share(
+    predictor: LengthPredictor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full history (trimmed at its cap) still adapts every N rows, and a refit that took d
+    seconds is followed by none for d / time_share - d seconds."""
+    records = load_records(FIXTURES / "predictor_adapt.jsonl")[:60]
+    _, feats = predictor.predict_with_features([r.prompt for r in records])
+    now = [0.0]
+    refit = adapt.adapt_from_history
+
+    def slow_refit(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        now[0] += 2.0
+        return refit(*args, **kwargs)
+
+    monkeypatch.setattr(adapt, "adapt_from_history", slow_refit)
+    adapted_at = []
+    with CompletionHistory(tmp_path / "h.sqlite", max_rows_per_model=30) as history:
+        auto = AutoAdapter(
+            history,
+            tmp_path / "auto",
+            every_n=5,
+            base=predictor,
+            time_share=0.1,
+            clock=lambda: now[0],
+        )
+        for i in range(200):
+            now[0] = max(now[0], float(i))  # a row a second
+            rec = records[i % 60]
+            history.record(feats[i % 60], rec.model, 10.0, rec.output_tokens)
+            if auto.maybe_adapt() is not None:
+                adapted_at.append(i)
+        assert (history.count(), history.last_id()) == (30, 200)
+    assert adapted_at == list(range(4, 200, 20))  # every 5 rows but for the time share
 
 
 def test_cli_adapt_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
