@@ -3,9 +3,10 @@ adaptation, all in one worker process, so the event loop never waits on onnxrunt
 and never shares its interpreter lock with them.
 
 Prompts submitted close together are predicted in one batch. Every completed request is
-recorded (the prompt's feature vector, the served model, predicted and actual tokens); every
-``adapt_every`` new records the predictor is recalibrated for the served model from that
-history and swapped in.
+recorded (the prompt's feature vector, the served model, predicted and actual tokens; a
+batch's records in one transaction); every ``adapt_every`` new records, but for at most a
+tenth of the time (``ADAPT_TIME_SHARE``), the predictor is recalibrated for the served model
+from that history on a thread beside the predictions, and swapped in when it is ready.
 
 Why a process and not a thread: the encoder runs once per prompt and takes the interpreter
 lock back after every call. On the control-plane benchmark a worker thread waited on the
@@ -25,7 +26,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,11 @@ class _Worker:
     predictor: LengthPredictor
     history: CompletionHistory | None
     adapter: AutoAdapter | None
+    refitter: ThreadPoolExecutor
+    """Runs recalibrations beside the predictions: a refit over a full history takes seconds,
+    which no prediction should wait for (both spend their time in native code that releases
+    the interpreter lock)."""
+    refit: Future[LengthPredictor] | None = None
     adaptations: int = 0
     adaptation_error: str | None = None
 
@@ -268,7 +274,7 @@ def _open_worker(
         history = CompletionHistory(history_path)
         if adapt_every > 0 and adapted_dir is not None:
             adapter = AutoAdapter(history, adapted_dir, adapt_every, base=predictor)
-    _worker = _Worker(predictor, history, adapter)
+    _worker = _Worker(predictor, history, adapter, ThreadPoolExecutor(1, "recalibration"))
     return multiprocessing.current_process().pid or 0, str(predictor.model_dir)
 
 
@@ -290,15 +296,7 @@ def _work(
         with worker.history.batch():
             for c in completions:
                 worker.history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
-        if worker.adapter is not None:
-            try:
-                adapted = worker.adapter.maybe_adapt()
-            except Exception as exc:
-                worker.adaptation_error = f"{type(exc).__name__}: {exc}"
-            else:
-                if adapted is not None:
-                    worker.predictor = adapted
-                    worker.adaptations += 1
+    _recalibrate(worker)
     results: list[Predicted | None] = [None] * len(asks)
     by_model: dict[str | None, list[int]] = defaultdict(list)
     for index, ask in enumerate(asks):
@@ -313,8 +311,26 @@ def _work(
     return [r for r in results if r is not None], worker.adaptations, error
 
 
+def _recalibrate(worker: _Worker) -> None:
+    """Swap in a finished recalibration, and start the next one when it is due."""
+    refit = worker.refit
+    if refit is not None and refit.done():
+        worker.refit = None
+        try:
+            worker.predictor = refit.result()
+        except Exception as exc:
+            worker.adaptation_error = f"{type(exc).__name__}: {exc}"
+        else:
+            worker.adaptations += 1
+    adapter = worker.adapter
+    if adapter is not None and worker.refit is None and adapter.due():
+        worker.refit = worker.refitter.submit(adapter.refit)
+
+
 def _close_worker() -> None:
     global _worker
-    if _worker is not None and _worker.history is not None:
-        _worker.history.close()
+    if _worker is not None:
+        _worker.refitter.shutdown(wait=True)
+        if _worker.history is not None:
+            _worker.history.close()
     _worker = None

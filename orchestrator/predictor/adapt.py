@@ -310,11 +310,11 @@ ADAPT_TIME_SHARE = 0.1
 
 class AutoAdapter:
     """Re-adapts every `every_n` new history rows, but spends at most `time_share` of the time
-    adapting. Call `maybe_adapt()` after `record`.
+    adapting. Call `maybe_adapt()` after `record`, or `due()` there and `refit()` on another
+    thread (it reads the history through a connection of its own).
 
-    Pure bookkeeping over the history: no threads, no timers (``clock`` is read, never
-    waited on). It returns the freshly loaded predictor when it adapted, so the caller swaps
-    it in; otherwise None.
+    No threads or timers of its own (``clock`` is read, never waited on). A refit returns the
+    freshly loaded predictor, for the caller to swap in.
     """
 
     def __init__(
@@ -339,17 +339,25 @@ class AutoAdapter:
         self._id_at_last = history.last_id()
         self._not_before = -math.inf
 
-    def maybe_adapt(self) -> LengthPredictor | None:
-        """Adapt when enough new rows arrived since the last adaptation and its time share
-        allows."""
-        last_id = self.history.last_id()
-        if last_id - self._id_at_last < self.every_n or self._clock() < self._not_before:
-            return None
+    def due(self) -> bool:
+        """Enough new rows since the last refit, and its time share allows another."""
+        return (
+            self.history.last_id() - self._id_at_last >= self.every_n
+            and self._clock() >= self._not_before
+        )
+
+    def refit(self) -> LengthPredictor:
+        """Adapt the base predictor to the whole history and load the result."""
         started = self._clock()
-        self._id_at_last = last_id
-        base = self.base or LengthPredictor.load()
-        adapt_from_history(self.history, self.out_dir, base)
+        with CompletionHistory(self.history.path, self.history.max_rows_per_model) as history:
+            self._id_at_last = history.last_id()
+            base = self.base or LengthPredictor.load()
+            adapt_from_history(history, self.out_dir, base)
         adapted = LengthPredictor.load(self.out_dir, threads=base.threads)
         took = self._clock() - started
         self._not_before = started + took / self.time_share
         return adapted
+
+    def maybe_adapt(self) -> LengthPredictor | None:
+        """`refit` when `due`, on this thread."""
+        return self.refit() if self.due() else None

@@ -4,19 +4,27 @@ history, automatic recalibration swapping in a new predictor, and a fresh worker
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from orchestrator import prediction
 from orchestrator.errors import Unavailable
-from orchestrator.prediction import PredictionService
+from orchestrator.prediction import Predicted, PredictionService
 from orchestrator.predictor import CompletionHistory, LengthPredictor, shipped_model_dir
+from orchestrator.predictor.adapt import AutoAdapter
 from orchestrator.predictor.errors import PredictorModelError
 from orchestrator.protocol import ConversationHint
+
+RECALIBRATION_WAIT_S = 30.0
+POLL_S = 0.05
 
 
 def test_predicts_records_and_adapts(tmp_path: Path) -> None:
@@ -29,7 +37,7 @@ def test_predicts_records_and_adapts(tmp_path: Path) -> None:
         predicted = await asyncio.gather(*(service.predict(p, "gemma") for p in prompts))
         for item in predicted:
             service.record_completion(item, "gemma", actual_tokens=900)
-        again = await service.predict(prompts[0], "gemma")  # runs after the records are written
+        again = await predict_after_recalibration(service, prompts[0])
         await service.close()
         return [p.prediction.quantile(0.5) for p in predicted] + [again.prediction.quantile(0.5)]
 
@@ -39,6 +47,17 @@ def test_predicts_records_and_adapts(tmp_path: Path) -> None:
         assert history.count("gemma") == 6
     assert service.adaptations == 1
     assert medians[-1] > medians[0]  # recalibrated towards the long answers it saw
+
+
+async def predict_after_recalibration(service: PredictionService, prompt: str) -> Predicted:
+    """Predict ``prompt`` until the worker has swapped in the recalibration running beside its
+    predictions (or the wait runs out)."""
+    deadline = asyncio.get_running_loop().time() + RECALIBRATION_WAIT_S
+    again = await service.predict(prompt, "gemma")
+    while service.adaptations == 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(POLL_S)
+        again = await service.predict(prompt, "gemma")
+    return again
 
 
 def test_a_chat_is_predicted_from_its_latest_question_and_earlier_answers() -> None:
@@ -85,7 +104,7 @@ def test_a_predictor_that_cannot_load_fails_the_start_with_the_reason(tmp_path: 
 
 
 def test_a_failed_recalibration_keeps_predicting_with_the_current_predictor(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     not_a_folder = tmp_path / "adapted"
     not_a_folder.write_text("a file where the adapted predictor would go")
@@ -96,11 +115,17 @@ def test_a_failed_recalibration_keeps_predicting_with_the_current_predictor(
         first = await service.predict("Say hi.", None)
         for _ in range(2):
             service.record_completion(first, "gemma", actual_tokens=900)
-        again = await service.predict("Say hi.", None)  # after the failed recalibration
+        deadline = asyncio.get_running_loop().time() + RECALIBRATION_WAIT_S
+        again = await service.predict("Say hi.", None)
+        while "online adaptation failed" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "the failure was not reported"
+            await asyncio.sleep(POLL_S)
+            again = await service.predict("Say hi.", None)
         await service.close()
         return [first.prediction.quantile(0.5), again.prediction.quantile(0.5)]
 
-    before, after = asyncio.run(run())
+    with caplog.at_level(logging.ERROR, logger="edgeorch.prediction"):
+        before, after = asyncio.run(run())
     assert after == before and service.adaptations == 0
 
 
@@ -132,3 +157,35 @@ def test_while_a_worker_cannot_start_again_predictions_fail_at_once_until_the_ba
         return again.prediction.quantile(0.5)
 
     assert asyncio.run(run()) == LengthPredictor.load().predict("Say hi.").quantile(0.5)
+
+
+def test_predictions_go_on_while_a_recalibration_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's own calls, in this process: a refit held back does not hold predictions,
+    and the worker swaps the refit in once it ends."""
+    release = threading.Event()
+    refit = AutoAdapter.refit
+
+    def held_refit(self: AutoAdapter) -> LengthPredictor:
+        assert release.wait(RECALIBRATION_WAIT_S)
+        return refit(self)
+
+    monkeypatch.setattr(AutoAdapter, "refit", held_refit)
+    prediction._open_worker(None, tmp_path / "history.sqlite", tmp_path / "adapted", 2)
+    try:
+        asks = [prediction._Ask("Say hi.", "gemma", ())]
+        (first,), _, _ = prediction._work(asks, [])
+        answers = [prediction._Completion(first.features, "gemma", 10.0, 900)] * 2
+        (during,), adaptations, _ = prediction._work(asks, answers)  # starts the refit
+        assert adaptations == 0 and during.prediction == first.prediction
+        release.set()
+        deadline = time.monotonic() + RECALIBRATION_WAIT_S
+        while adaptations == 0 and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            (after,), adaptations, _ = prediction._work(asks, [])
+        assert adaptations == 1
+        assert after.prediction.quantile(0.5) > first.prediction.quantile(0.5)
+    finally:
+        release.set()
+        prediction._close_worker()
