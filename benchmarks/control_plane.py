@@ -6,11 +6,16 @@ and without the length predictor (every request is predicted), and with and with
 journal (``--journal off``: no fsync per accept batch, no write-ahead of replies).
 
     .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64]
-        [--predictors shipped,none] [--journal on|off|both] [--finish length|stop] [--json OUT]
+        [--predictors shipped,none] [--journal on|off|both] [--finish length|stop]
+        [--prompts FILE.jsonl] [--json OUT]
 
 ``--finish stop`` ends each request after its first token, at a stop string, instead of by
 ``max_tokens``: a natural end, which the coordinator records in the predictor's completion
 history (a capped answer teaches nothing and is not recorded), as real traffic mostly ends.
+``--prompts`` takes the prompts from a JSONL file's ``prompt`` fields (cycled; each request's
+number appended, so no two are equal) instead of ``tiny request N``, and the fake agents then
+advertise the embedded default model's name, so that the coordinator tokenizes each prompt
+exactly and hashes its prefix blocks, as it does for llama agents serving that model.
 
 ``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
 measured requests) is steadier than requests/s on a machine shared with other work; the
@@ -44,8 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.backends.fake.engine import fake_token_text
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster
+from orchestrator.textio import read_lines
 
 PROMPT = "tiny request {i}"
+WARM_UP_REQUESTS = 200
 AGENTS = ("fast-1", "fast-2")
 
 FREE_COMPUTE = (
@@ -59,14 +66,14 @@ FREE_COMPUTE = (
 
 
 async def hammer(
-    endpoint: str, requests: int, concurrency: int, finish: str = "length"
+    endpoint: str, prompts: list[str], concurrency: int, finish: str = "length"
 ) -> tuple[float, list[float]]:
     latencies: list[float] = []
     async with AsyncClient(endpoint, timeout_s=120) as client:
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
-            prompt = PROMPT.format(i=i)
+            prompt = prompts[i]
             stop = (fake_token_text(prompt, 1),) if finish == "stop" else ()
             async with semaphore:
                 started = time.perf_counter()
@@ -75,18 +82,33 @@ async def hammer(
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(requests)))
+        await asyncio.gather(*(one(i) for i in range(len(prompts))))
         return time.perf_counter() - started, latencies
 
 
-def predictor_batched_per_s(requests: int) -> float:
+def benchmark_prompts(requests: int, path: Path | None, offset: int = 0) -> list[str]:
+    """``requests`` distinct prompts: tiny ones, or a file's cycled with a number appended."""
+    if path is None:
+        return [PROMPT.format(i=offset + i) for i in range(requests)]
+    texts = [json.loads(line)["prompt"] for line in read_lines(path) if line.strip()]
+    return [f"{texts[i % len(texts)]} ({offset + i})" for i in range(requests)]
+
+
+def default_model_name() -> str:
+    """The name the coordinator's tokenizer (the embedded default model's) answers to."""
+    from agents.model import default_model_path
+    from orchestrator.tokens import GgufTokenCounter
+
+    return GgufTokenCounter(default_model_path(os.environ)).model_name
+
+
+def predictor_batched_per_s(prompts: list[str]) -> float:
     """Prompts/s the shipped predictor alone predicts on the benchmark's prompts, batched as the
     coordinator batches them, on one thread as the coordinator runs it."""
     from orchestrator.prediction import MAX_BATCH
     from orchestrator.predictor.model import LengthPredictor
 
     predictor = LengthPredictor.load(threads=1)
-    prompts = [PROMPT.format(i=i) for i in range(requests)]
     predictor.predict_batch(prompts[:MAX_BATCH])
     started = time.perf_counter()
     for start in range(0, len(prompts), MAX_BATCH):
@@ -103,6 +125,7 @@ def main() -> None:
     parser.add_argument("--predictors", default="shipped,none")
     parser.add_argument("--journal", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finish", choices=("length", "stop"), default="length")
+    parser.add_argument("--prompts", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     journal_modes = {"on": ("on",), "off": ("off",), "both": ("on", "off")}[args.journal]
@@ -111,21 +134,25 @@ def main() -> None:
         "requests": args.requests,
         "concurrency": args.concurrency,
         "finish": args.finish,
+        "prompts": str(args.prompts) if args.prompts else "tiny",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     runs = [(p, j) for p in args.predictors.split(",") for j in journal_modes]
+    model_args = ("--model-name", default_model_name()) if args.prompts else ()
     for predictor, journal in runs:
         key = f"predictor_{predictor}" + ("_no_journal" if journal == "off" else "")
         run_dir = log_dir / key
         run_dir.mkdir(parents=True, exist_ok=True)
         journal_args = ("--journal", "off") if journal == "off" else ()
-        alone = [predictor_batched_per_s(args.requests)] if predictor == "shipped" else []
+        prompts = benchmark_prompts(args.requests, args.prompts, offset=WARM_UP_REQUESTS)
+        alone = [predictor_batched_per_s(prompts)] if predictor == "shipped" else []
         cluster = LocalCluster(run_dir, "--predictor", predictor, *journal_args)
         try:
             for name in AGENTS:
-                cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64")
+                cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64", *model_args)
             cluster.wait_for_agents(2)
-            asyncio.run(hammer(cluster.clients_endpoint, 200, args.concurrency, args.finish))
+            warm_up = benchmark_prompts(WARM_UP_REQUESTS, args.prompts)
+            asyncio.run(hammer(cluster.clients_endpoint, warm_up, args.concurrency, args.finish))
             coordinator = psutil.Process(cluster.processes["coordinator"].pid)
             workers = coordinator.children(recursive=True)
             agents = [psutil.Process(cluster.processes[name].pid) for name in AGENTS]
@@ -134,7 +161,7 @@ def main() -> None:
             workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
             client_before = time.process_time()
             elapsed, latencies = asyncio.run(
-                hammer(cluster.clients_endpoint, args.requests, args.concurrency, args.finish)
+                hammer(cluster.clients_endpoint, prompts, args.concurrency, args.finish)
             )
             client_s = time.process_time() - client_before
             cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before
@@ -153,7 +180,7 @@ def main() -> None:
             "agents_cpu_us_per_request": round(1e6 * agents_s / args.requests, 1),
         }
         if alone:
-            alone.append(predictor_batched_per_s(args.requests))
+            alone.append(predictor_batched_per_s(prompts))
             run["predictor_alone_prompts_per_s"] = [round(rate, 1) for rate in alone]
             run["admission_vs_predictor_batched"] = round(
                 args.requests / elapsed / statistics.mean(alone), 3

@@ -90,3 +90,20 @@ def llama_cpp() -> Any:
         module.llama_backend_init()
         _llama = module
     return _llama
+
+
+def tokenize(vocab: Any, text: str, *, add_bos: bool, special: bool) -> list[int]:
+    """``text``'s token ids in ``vocab`` (a ``llama_vocab`` pointer), by one call into
+    llama.cpp with a buffer the prompt's size (llama-cpp-python's ``tokenize`` zeroes one of the
+    model's whole training context, 128 KiB for Gemma 3, every call). ``special`` parses
+    control-token texts (``<start_of_turn>``) as the control tokens, as llama-server does."""
+    lib = llama_cpp()
+    data = text.encode("utf-8")
+    capacity = len(data) + 2
+    tokens = (lib.llama_token * capacity)()
+    n = lib.llama_tokenize(vocab, data, len(data), tokens, capacity, add_bos, special)
+    if n < 0:
+        tokens = (lib.llama_token * -n)()
+        n = lib.llama_tokenize(vocab, data, len(data), tokens, -n, add_bos, special)
+    ids: list[int] = tokens[:n]
+    return ids

@@ -62,6 +62,7 @@ class GgufTokenCounter:
         library = llama_cpp()
         with silenced():
             self._llama = library.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        self._vocab = library.llama_model_get_vocab(self._llama.model)
         self.model_name = str(self._llama.metadata.get("general.name", model_path.stem))
         self._fallback = EstimatedTokenCounter()
         template = self._llama.metadata.get("tokenizer.chat_template")
@@ -89,7 +90,9 @@ class GgufTokenCounter:
     def token_ids(self, text: str, model: str | None) -> list[int] | None:
         if model != self.model_name:
             return None
-        tokens = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        from orchestrator.llamalib import tokenize
+
+        tokens = tokenize(self._vocab, text, add_bos=True, special=True)
         return without_doubled_bos(tokens, self._llama.token_bos())
 
 

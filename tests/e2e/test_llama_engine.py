@@ -301,6 +301,27 @@ def test_prompts_parse_control_tokens_like_the_coordinators_count(
         assert counter.count(prompt, counter.model_name) == (len(agent), True)
 
 
+def test_one_call_tokenization_equals_llama_cpp_pythons(model_path: Path) -> None:
+    """The coordinator's and the engine's tokenizer (one C call, a buffer the prompt's size)
+    gives llama-cpp-python's ids, on text longer than its buffer guess and on every script."""
+    from orchestrator.llamalib import llama_cpp, silenced, tokenize
+
+    with silenced():
+        reference = llama_cpp().Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    vocab = llama_cpp().llama_model_get_vocab(reference.model)
+    texts = [
+        "",
+        "a",
+        "<start_of_turn>user\nHi<end_of_turn>",
+        "naïve café, 東京, Москва, 🙂🚀 " * 40,
+        "def f(x):\n    return x ** 2\n" * 200,
+    ]
+    for text in texts:
+        for add_bos, special in ((True, True), (False, False)):
+            expected = reference.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+            assert tokenize(vocab, text, add_bos=add_bos, special=special) == expected
+
+
 def test_overcommitted_reservations_preempt_the_newest_instead_of_failing_the_batch(
     model_path: Path,
 ) -> None:

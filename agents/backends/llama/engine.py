@@ -50,6 +50,7 @@ from agents.kvcache import (
 )
 from agents.kvspill import DiskSpill, parked_prompt_cache
 from agents.text import StopStringFilter
+from orchestrator import llamalib
 from orchestrator.errors import EdgeorchError, InternalError, Overloaded
 from orchestrator.llamalib import llama_cpp
 from orchestrator.protocol import Backend, FinishReason
@@ -219,15 +220,8 @@ class LlamaEngine:
         """Token ids of ``text``; ``special`` parses control-token texts (``<start_of_turn>``)
         as the control tokens, as llama-server does for prompts, so chat-template renderings
         work; a BOS the text itself starts with is not doubled."""
-        data = text.encode("utf-8")
-        capacity = len(data) + 2
-        tokens = (self._lib.llama_token * capacity)()
-        lib = self._lib
-        n = lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_bos, special)
-        if n < 0:
-            tokens = (self._lib.llama_token * -n)()
-            n = lib.llama_tokenize(self._vocab, data, len(data), tokens, -n, add_bos, special)
-        return without_doubled_bos(list(tokens[:n]), lib.llama_vocab_bos(self._vocab))
+        tokens = llamalib.tokenize(self._vocab, text, add_bos=add_bos, special=special)
+        return without_doubled_bos(tokens, self._lib.llama_vocab_bos(self._vocab))
 
     def add(self, spec: SequenceSpec) -> list[EngineEvent]:
         prompt = self.tokenize(spec.prompt, add_bos=True, special=True)
