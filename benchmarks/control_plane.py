@@ -14,8 +14,8 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
 history (a capped answer teaches nothing and is not recorded), as real traffic mostly ends.
 ``--prompts`` takes the prompts from a JSONL file's ``prompt`` fields (cycled; each request's
 number appended, so no two are equal) instead of ``tiny request N``, and the fake agents then
-advertise the embedded default model's name, so that the coordinator tokenizes each prompt
-exactly and hashes its prefix blocks, as it does for llama agents serving that model.
+advertise the embedded default model's name and its 32k context, so that the coordinator
+tokenizes each prompt exactly and hashes its prefix blocks, as for llama agents serving it.
 
 ``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
 measured requests) is steadier than requests/s on a machine shared with other work; the
@@ -53,6 +53,8 @@ from orchestrator.textio import read_lines
 
 PROMPT = "tiny request {i}"
 WARM_UP_REQUESTS = 200
+LONG_PROMPT_CONTEXT = 32_768
+"""The fake agents' context with ``--prompts``: every real chat prompt fits (the model's own)."""
 AGENTS = ("fast-1", "fast-2")
 
 FREE_COMPUTE = (
@@ -138,7 +140,11 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     runs = [(p, j) for p in args.predictors.split(",") for j in journal_modes]
-    model_args = ("--model-name", default_model_name()) if args.prompts else ()
+    model_args = (
+        ("--model-name", default_model_name(), "--n-ctx", str(LONG_PROMPT_CONTEXT))
+        if args.prompts
+        else ()
+    )
     for predictor, journal in runs:
         key = f"predictor_{predictor}" + ("_no_journal" if journal == "off" else "")
         run_dir = log_dir / key

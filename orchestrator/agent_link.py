@@ -255,5 +255,13 @@ class AgentLink:
                 )
                 self._handle(AgentLost(session.agent_id, "agent died"), now)
 
+    def target_model(self, named: str | None) -> str | None:
+        """The model a request will run on: the one it names, or the one every live agent
+        serves; None when that is not yet known."""
+        if named is not None:
+            return named
+        served = {s.profile.model_name for s in self.sessions.values()}
+        return served.pop() if len(served) == 1 else None
+
     def by_id(self, agent_id: AgentId) -> AgentSession | None:
         return next((s for s in self.sessions.values() if s.agent_id == agent_id), None)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, assert_never
 import zmq
 import zmq.asyncio
 
-from orchestrator import auth, transport
+from orchestrator import auth, errors, transport
 from orchestrator.agent_link import AgentLink
 from orchestrator.aio import drain_then_stop, run_until_stopped
 from orchestrator.client_routes import ClientRoutes
@@ -68,7 +68,7 @@ from orchestrator.settings import CoordinatorSettings, driver_settings
 if TYPE_CHECKING:
     from orchestrator.gateway import Gateway
     from orchestrator.prediction import Predicted, PredictionService
-from orchestrator.tokens import EstimatedTokenCounter, TokenCounter, measure_prompt
+from orchestrator.tokens import EstimatedTokenCounter, Measured, PromptMeter, TokenCounter
 
 log = logging.getLogger("edgeorch.coordinator")
 
@@ -105,7 +105,7 @@ class Coordinator:
                 max_attempts=settings.max_attempts,
             )
         )
-        self._tokens = token_counter or EstimatedTokenCounter()
+        self._meter = PromptMeter(token_counter or EstimatedTokenCounter())
         self._predictions = predictions
         self._predicted: dict[RequestId, Predicted] = {}
         self._admitting: set[RequestId] = set()
@@ -193,6 +193,7 @@ class Coordinator:
         finally:
             if self._predictions is not None:
                 await self._predictions.close()
+            self._meter.close()
             if authenticator is not None:
                 authenticator.stop()
             if self._journal is not None:
@@ -260,7 +261,7 @@ class Coordinator:
 
     @property
     def token_counter(self) -> TokenCounter:
-        return self._tokens
+        return self._meter.counter
 
     @property
     def draining(self) -> bool:
@@ -296,8 +297,6 @@ class Coordinator:
         elif isinstance(message, StatusQuery):
             self._clients.reply(identity, self.status(message.query_id, now, message.request_id))
 
-    # --- agent events -----------------------------------------------------------------------
-
     # --- client events ----------------------------------------------------------------------
 
     def _on_submit(self, identity: bytes, message: Submit, now: float) -> None:
@@ -307,10 +306,8 @@ class Coordinator:
             self._clients.reattach(identity, existing, message.stream)
             return
         if self._draining:
-            refusal = Unavailable(
-                "the coordinator is shutting down and accepts no new requests", draining=True
-            )
-            self._refuse(identity, refusal, message.request_id)
+            shutting_down = "the coordinator is shutting down and accepts no new requests"
+            self._refuse(identity, Unavailable(shutting_down, draining=True), message.request_id)
             return
         if request_id in self._admitting:
             return
@@ -327,38 +324,48 @@ class Coordinator:
                 message.request_id,
             )
             return
-        if self._predictions is None:
-            self._admit(identity, message, now, None)
+        if self._predictions is None and not self._meter.off_loop(message.prompt):
+            self._admit(identity, message, now, None, None)
         else:
             self._admitting.add(request_id)
-            asyncio.get_running_loop().create_task(self._predict_then_admit(identity, message, now))
+            asyncio.get_running_loop().create_task(self._prepare_then_admit(identity, message, now))
 
-    async def _predict_then_admit(self, identity: bytes, message: Submit, arrival_s: float) -> None:
-        assert self._predictions is not None
-        predicted: Predicted | None = None
+    async def _prepare_then_admit(self, identity: bytes, message: Submit, arrival_s: float) -> None:
+        """Admit once the prediction (in its process) and a long prompt's token count (on the
+        tokenizer's thread), made side by side, are in."""
+        model = self._link.target_model(message.params.model)
+        measuring = self._meter.measure_off_loop(message.prompt, model, message.params.cache_prompt)
+        predicted = None
         try:
-            predicted = await self._predictions.predict(
-                message.prompt, self._target_model(message), message.conversation
-            )
-        except Unavailable as exc:  # the service logged why, once
-            log.debug("no length prediction for %s (%s)", message.request_id, exc.message)
-        except Exception:
-            log.exception(
-                "no length prediction for %s; scheduling it without one", message.request_id
-            )
+            if self._predictions is not None:
+                predicted = await self._predictions.predict_or_none(
+                    message.request_id, message.prompt, model, message.conversation
+                )
+            measured = await measuring if measuring is not None else None
+        except Exception as exc:  # a reply, not a request lost without one
+            log.exception("could not admit %s", message.request_id)
+            failed = errors.InternalError(f"admitting the request failed: {exc!r}")
+            self._refuse(identity, failed, message.request_id)
+            return
         finally:
             self._admitting.discard(RequestId(message.request_id))
-        self._admit(identity, message, arrival_s, predicted)
+        self._admit(identity, message, arrival_s, predicted, measured)
         if RequestId(message.request_id) in self._cancel_on_admit:
             self._cancel_on_admit.discard(RequestId(message.request_id))
             self._on_cancel(identity, message.request_id, self._clock())
 
     def _admit(
-        self, identity: bytes, message: Submit, arrival_s: float, predicted: Predicted | None
+        self,
+        identity: bytes,
+        message: Submit,
+        arrival_s: float,
+        predicted: Predicted | None,
+        measured: Measured | None,
     ) -> None:
         queued = self.table.count(RequestState.QUEUED)
-        prompt_tokens, exact, blocks = measure_prompt(
-            self._tokens, message.prompt, self._target_model(message), message.params.cache_prompt
+        model = self._link.target_model(message.params.model)
+        prompt_tokens, exact, blocks = measured or self._meter.measure(
+            message.prompt, model, message.params.cache_prompt
         )
         record = RequestRecord(
             request_id=RequestId(message.request_id),
@@ -393,14 +400,6 @@ class Coordinator:
                 predicted_tokens=record.predicted_tokens,
             ),
         )
-
-    def _target_model(self, message: Submit) -> str | None:
-        """The model a request will run on: the one it names, or the one every live agent
-        serves; None when that is not yet known."""
-        if message.params.model is not None:
-            return message.params.model
-        served = {s.profile.model_name for s in self._link.sessions.values()}
-        return served.pop() if len(served) == 1 else None
 
     def _on_cancel(self, identity: bytes, request_id: str, now: float) -> None:
         record = self.table.get(RequestId(request_id))

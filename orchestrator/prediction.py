@@ -147,6 +147,22 @@ class PredictionService:
         self._kick()
         return await future
 
+    async def predict_or_none(
+        self,
+        request_id: str,
+        prompt: str,
+        model: str | None,
+        conversation: ConversationHint | None = None,
+    ) -> Predicted | None:
+        """`predict`, or None with the reason logged: such a request is scheduled without."""
+        try:
+            return await self.predict(prompt, model, conversation)
+        except Unavailable as exc:  # the service logged why, once
+            log.debug("no length prediction for %s (%s)", request_id, exc.message)
+        except Exception:
+            log.exception("no length prediction for %s; scheduling it without one", request_id)
+        return None
+
     def record_completion(self, predicted: Predicted, model: str, actual_tokens: int) -> None:
         """Queue a completed request for the history (written in the worker process)."""
         if self._settings[1] is None:

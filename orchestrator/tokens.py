@@ -8,12 +8,19 @@ bytes and leaves the exact check to the agent, which answers a typed ``context_o
 
 from __future__ import annotations
 
+import asyncio
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
 from orchestrator.core.prefix import PromptBlocks, block_hashes
+
+OFF_LOOP_PROMPT_CHARS: Final = 2_000
+"""Prompts at least this long are tokenized on `PromptMeter`'s thread: llama.cpp's tokenizer takes
+1.4-3.6 us a Gemma 3 token on the development VM, so a 4,000-token prompt would stall every other
+request's frames on the event loop for 6-15 ms (the call releases the interpreter lock)."""
 
 BYTES_PER_TOKEN_ESTIMATE: Final = 3.5
 """UTF-8 bytes per Gemma 3 token on English prose and code; deliberately on the low side so the
@@ -96,15 +103,52 @@ class GgufTokenCounter:
         return without_doubled_bos(tokens, self._llama.token_bos())
 
 
+Measured = tuple[int, bool, PromptBlocks | None]
+"""A prompt's token count, whether it is exact, and its prefix blocks (when known)."""
+
+
 def measure_prompt(
     counter: TokenCounter, text: str, model: str | None, cache_prompt: bool
-) -> tuple[int, bool, PromptBlocks | None]:
+) -> Measured:
     """A prompt's token count, whether it is exact, and (when its token ids are known and it
     may reuse a cache) its prefix blocks, from one tokenization."""
     ids = counter.token_ids(text, model)
     if ids is None:
         return *counter.count(text, model), None
     return len(ids), True, block_hashes(ids) if cache_prompt else None
+
+
+class PromptMeter:
+    """`measure_prompt` for the coordinator: at once for short prompts, on a thread of its own
+    for long ones (`OFF_LOOP_PROMPT_CHARS`), so that tokenizing a long prompt neither stalls
+    the event loop nor waits for the length prediction that runs beside it."""
+
+    def __init__(self, counter: TokenCounter) -> None:
+        self.counter = counter
+        self._thread: ThreadPoolExecutor | None = None
+
+    def measure(self, text: str, model: str | None, cache_prompt: bool) -> Measured:
+        return measure_prompt(self.counter, text, model, cache_prompt)
+
+    @staticmethod
+    def off_loop(text: str) -> bool:
+        return len(text) >= OFF_LOOP_PROMPT_CHARS
+
+    def measure_off_loop(
+        self, text: str, model: str | None, cache_prompt: bool
+    ) -> asyncio.Future[Measured] | None:
+        """The measurement on the thread when ``text`` is long, else None (measure at once)."""
+        if not self.off_loop(text):
+            return None
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, "tokenizer")
+        return asyncio.get_running_loop().run_in_executor(
+            self._thread, measure_prompt, self.counter, text, model, cache_prompt
+        )
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
 
 
 def without_doubled_bos(tokens: list[int], bos: int) -> list[int]:

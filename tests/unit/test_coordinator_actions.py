@@ -99,7 +99,9 @@ def test_a_cancel_while_the_request_is_being_predicted_cancels_it_once_admitted(
         def __init__(self) -> None:
             self.release = asyncio.Event()
 
-        async def predict(self, prompt: str, model: str | None, conversation: object) -> None:
+        async def predict_or_none(
+            self, request_id: str, prompt: str, model: str | None, conversation: object
+        ) -> None:
             await self.release.wait()
 
     async def scenario() -> tuple[Coordinator, list[WireModel]]:

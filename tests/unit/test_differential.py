@@ -133,7 +133,9 @@ class TracePredictions:
     def __init__(self, requests: list[SimRequest]) -> None:
         self._by_prompt = {r.request_id: r.estimate for r in requests}
 
-    async def predict(self, prompt: str, model: str | None, conversation: object) -> Predicted:
+    async def predict_or_none(
+        self, request_id: str, prompt: str, model: str | None, conversation: object
+    ) -> Predicted:
         estimate = self._by_prompt[prompt]
         assert estimate is not None
         prediction = LengthPrediction(estimate.expected, dict(estimate.quantiles))
