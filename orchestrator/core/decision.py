@@ -177,11 +177,17 @@ class IndexedFleet:
         self._config = config
         self._layout = layout
         self._terms: dict[AgentId, tuple[AgentView, int, _AgentTerms]] = {}
-        busy = [group for group in layout.groups if group.waits]
+        self._group_floors = [
+            (group.waits[0][0], group.least_step_s, group.least_token_s, g)
+            for g, group in enumerate(layout.groups)
+            if group.waits
+        ]
+        """(first wait, least step, least prompt-token cost, position) of each busy group."""
+        floors = self._group_floors
         self._busy_least = (
-            min((group.waits[0][0] for group in busy), default=math.inf),
-            min((group.least_step_s for group in busy), default=math.inf),
-            min((group.least_token_s for group in busy), default=math.inf),
+            min((floor[0] for floor in floors), default=math.inf),
+            min((floor[1] for floor in floors), default=math.inf),
+            min((floor[2] for floor in floors), default=math.inf),
         )
         """The least first end, step and prompt-token cost over the busy agents: when the
         floor from these passes the cut, no busy agent is looked at."""
@@ -328,9 +334,8 @@ class IndexedFleet:
             return best, best_start
         groups = layout.groups
         heap = [
-            (group.waits[0][0] + (rest * group.least_step_s + uncached * group.least_token_s), g, 0)
-            for g, group in enumerate(groups)
-            if group.waits
+            (wait + (rest * step + uncached * token_s), g, 0)
+            for wait, step, token_s, g in self._group_floors
         ]
         heapq.heapify(heap)
         while heap and heap[0][0] <= busy_cut:
@@ -347,16 +352,29 @@ class IndexedFleet:
                 wait, agent_id, step, token_s, tps, running, context, idle = waits[i]
                 if agent_id not in seen and wait + (rest * step + uncached * token_s) <= busy_cut:
                     seen.add(agent_id)
-                    if not idle or backlog.get(agent_id):
-                        weigh(agent_id)
-                        busy_cut = min(busy_cut, cut(best))
-                    elif limit <= context:
+                    waiting = backlog.get(agent_id, 0)
+                    if idle and not waiting:
                         # ``weigh`` with no prefill pending and nobody waiting there, inline.
-                        prefill = uncached / tps
-                        time = wait + prefill + expected * step + prefill * running
-                        if best is None or (time, agent_id) < best[:2]:
-                            best = (time, agent_id, False)
-                            busy_cut = min(busy_cut, time / BOUND_SLACK)
+                        if limit <= context:
+                            prefill = uncached / tps
+                            time = wait + prefill + expected * step + prefill * running
+                            if best is None or (time, agent_id) < best[:2]:
+                                best = (time, agent_id, False)
+                                busy_cut = min(busy_cut, time / BOUND_SLACK)
+                    else:
+                        # ``weigh`` inline: unchanged by this call, so still full, and
+                        # holding none of the prompt (those were weighed first).
+                        kept = terms.get(agent_id)
+                        if kept is None or kept[1] != waiting:
+                            kept = self._keep_terms(state.agents[agent_id])
+                        free_in, backlog_s, tps, join_step, running, context = kept[2]
+                        if limit <= context:
+                            prefill = uncached / tps
+                            time = free_in + (backlog_s + prefill) + expected * join_step
+                            time += prefill * running
+                            if best is None or (time, agent_id) < best[:2]:
+                                best = (time, agent_id, False)
+                                busy_cut = min(busy_cut, time / BOUND_SLACK)
                 i += 1
                 if i == len(waits):
                     heapq.heappop(heap)
