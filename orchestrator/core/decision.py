@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from orchestrator.core.admission import SchedulerConfig, admission_reservation
 from orchestrator.core.fleet_index import AgentKeys, FleetLayout, FleetMemo, agent_keys
-from orchestrator.core.placement import Candidate, speed_of
+from orchestrator.core.placement import Candidate, LoadKey, speed_of
 from orchestrator.core.policies import Policy, expected_remaining
 from orchestrator.core.views import (
     Action,
@@ -191,6 +192,9 @@ class IndexedFleet:
         )
         """The least first end, step and prompt-token cost over the busy agents: when the
         floor from these passes the cut, no busy agent is looked at."""
+        self._free_order: list[LoadKey] | None = None
+        self._free_views: dict[AgentId, AgentView] = {}
+        """``first_free``'s agents with a free slot in its order, and their views."""
         self._changed_floors: dict[AgentId, tuple[AgentView, float, float]] = {}
         """(view, step with one more sequence, prompt-token cost) of agents this call changed,
         per view."""
@@ -233,10 +237,38 @@ class IndexedFleet:
         kept = self._terms[agent.agent_id] = (agent, state.backlog.get(agent.agent_id, 0), terms)
         return kept
 
-    def free_candidates(self, request: QueuedRequest) -> list[Candidate]:
+    def first_free(
+        self, request: QueuedRequest, key: Callable[[AgentView], LoadKey]
+    ) -> AgentId | None:
+        """The first agent by ``key`` with a free slot where ``request`` can start now. The
+        order is kept for the call and mended for the agents it changed, so that a decision
+        placing many requests on a hundred agents sorts them once."""
         state = self._state
-        ids = [i for i in self._layout.ids if i in state.free_slots]
-        return candidates(request, ids, state, self._config)
+        views = self._free_views
+        order = self._free_order
+        if order is None:
+            for agent_id in self._layout.ids:
+                if agent_id in state.free_slots:
+                    views[agent_id] = state.agents[agent_id]
+            order = self._free_order = sorted(key(agent) for agent in views.values())
+        for agent_id in state.changes:
+            agent = state.agents[agent_id]
+            old = views.get(agent_id)
+            if old is agent or agent_id not in self._layout.serves:
+                continue
+            if old is not None:
+                del order[bisect.bisect_left(order, key(old))]
+                del views[agent_id]
+            if agent.free_slots > 0:
+                views[agent_id] = agent
+                bisect.insort(order, key(agent))
+        for entry in order:
+            agent = views[entry[-1]]
+            if agent.fits_context(request) and agent.can_start(
+                request, admission_reservation(request, agent, self._config)
+            ):
+                return agent.agent_id
+        return None
 
     def least_completion(
         self, request: QueuedRequest, wait_advantage: float = 1.0

@@ -55,6 +55,14 @@ class Choice:
 WAIT: Final = Choice(None)
 
 
+LoadKey = tuple[float, int, AgentId]
+
+
+def load_key(agent: AgentView) -> LoadKey:
+    """Least-loaded's order: the smallest share of busy slots, then the most free KV cells."""
+    return (agent.running / agent.max_seqs, -agent.free_kv_tokens, agent.agent_id)
+
+
 class Placement(Protocol):
     name: str
 
@@ -77,8 +85,11 @@ class Placement(Protocol):
 class Fleet(Protocol):
     """The capable agents, as the scheduler indexes them for one decision."""
 
-    def free_candidates(self, request: QueuedRequest) -> list[Candidate]:
-        """The candidates with a free slot (whether or not the request fits their KV now)."""
+    def first_free(
+        self, request: QueuedRequest, key: Callable[[AgentView], LoadKey]
+    ) -> AgentId | None:
+        """The first agent by ``key`` (unique per agent) with a free slot where the request
+        can start now, or None."""
         ...
 
     def least_completion(
@@ -123,11 +134,11 @@ class LeastLoaded:
         startable = [c.agent for c in candidates if c.can_start]
         if not startable:
             return WAIT
-        best = min(startable, key=lambda a: (a.running / a.max_seqs, -a.free_kv_tokens, a.agent_id))
-        return Choice(best.agent_id)
+        return Choice(min(startable, key=load_key).agent_id)
 
     def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
-        return self.choose(request, fleet.free_candidates(request), 0)
+        agent_id = fleet.first_free(request, load_key)
+        return WAIT if agent_id is None else Choice(agent_id)
 
 
 class RoundRobin:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import pytest
 
 from orchestrator.core.admission import SchedulerConfig
@@ -11,7 +14,7 @@ from orchestrator.core.lifecycle import (
     RequestState,
     check_transition,
 )
-from orchestrator.core.placement import Candidate, LeastLoaded, make_placement
+from orchestrator.core.placement import Candidate, Choice, Fleet, LeastLoaded, make_placement
 from orchestrator.core.policies import BATCH_PRIORITY_DELAY_S, FirstComeFirstServed, make_policy
 from orchestrator.core.scheduler import decide
 from orchestrator.core.table import RequestTable
@@ -172,6 +175,44 @@ def test_least_loaded_prefers_free_share_then_free_kv() -> None:
     candidates = [Candidate(a, True, 100, 0.0) for a in agents]
     chosen = LeastLoaded().choose(queued(), candidates, 0)
     assert chosen.agent_id == "idle-big"
+
+
+class _LeastLoadedOverAll(LeastLoaded):
+    """Least-loaded choosing over every agent's candidate, as before the kept order."""
+
+    def settle(self, request: object, fleet: Fleet) -> Choice | None:
+        return None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_least_loaded_kept_order_places_as_weighing_every_agent(seed: int) -> None:
+    rng = random.Random(seed)
+    agents = tuple(
+        agent(
+            f"a{i:02d}",
+            max_seqs=rng.choice((1, 2, 4)),
+            running=0,
+            kv_budget_tokens=rng.choice((600, 2000, 16384)),
+            n_ctx=rng.choice((512, 4096)),
+        )
+        for i in range(rng.randint(9, 30))
+    )
+    agents = tuple(
+        dataclasses.replace(a, running=rng.randint(0, a.max_seqs), kv_reserved_tokens=0)
+        for a in agents
+    )
+    queue = tuple(
+        queued(
+            f"r{i}",
+            arrival_s=float(i),
+            prompt_tokens=rng.choice((10, 300, 1500)),
+            max_tokens=rng.choice((16, 400)),
+        )
+        for i in range(rng.randint(5, 40))
+    )
+    snapshot = Snapshot(queue=queue, agents=agents)
+    reference = dataclasses.replace(CONFIG, placement=_LeastLoadedOverAll())
+    assert decide(snapshot, now=1.0, config=CONFIG) == decide(snapshot, now=1.0, config=reference)
 
 
 def test_params_factory_defaults_are_valid() -> None:
