@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -192,6 +193,9 @@ class IndexedFleet:
         )
         """The least first end, step and prompt-token cost over the busy agents: when the
         floor from these passes the cut, no busy agent is looked at."""
+        self._by_id: list[AgentId] | None = None
+        self._least_limit = 0
+        """``first_free_in_turn``'s agents by id, and the least context any of them holds."""
         self._free_order: list[LoadKey] | None = None
         self._free_views: dict[AgentId, AgentView] = {}
         """``first_free``'s agents with a free slot in its order, and their views."""
@@ -268,6 +272,29 @@ class IndexedFleet:
                 request, admission_reservation(request, agent, self._config)
             ):
                 return agent.agent_id
+        return None
+
+    def first_free_in_turn(self, request: QueuedRequest, turn: int) -> AgentId | None:
+        """Round-robin's choice: the agents that can ever hold the request are sorted by id
+        once for the call (their contexts and budgets do not change in it)."""
+        state = self._state
+        if self._by_id is None:
+            self._by_id = sorted(self._layout.ids)
+            self._least_limit = min(
+                (min(state.agents[i].n_ctx, state.agents[i].kv_budget_tokens) for i in self._by_id),
+                default=0,
+            )
+        ids = self._by_id
+        if request.prompt_tokens_exact and request.context_tokens > self._least_limit:
+            ids = [i for i in ids if state.agents[i].fits_context(request)]
+        if not ids:
+            return None
+        start = turn % len(ids)
+        for agent_id in itertools.chain(ids[start:], ids[:start]):
+            if agent_id in state.free_slots:
+                agent = state.agents[agent_id]
+                if agent.can_start(request, admission_reservation(request, agent, self._config)):
+                    return agent_id
         return None
 
     def least_completion(

@@ -75,7 +75,7 @@ class Placement(Protocol):
         """Pick a candidate that can start now, or wait (for a busy one, if ``waits_for``)."""
         ...
 
-    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
         """What ``choose`` would pick over every capable agent, found through ``fleet``
         without weighing each agent (with a hundred agents and a long queue that is what a
         decision would cost). None: ``choose`` must see every candidate."""
@@ -90,6 +90,11 @@ class Fleet(Protocol):
     ) -> AgentId | None:
         """The first agent by ``key`` (unique per agent) with a free slot where the request
         can start now, or None."""
+        ...
+
+    def first_free_in_turn(self, request: QueuedRequest, turn: int) -> AgentId | None:
+        """Of the agents that can ever hold the request, by id, the first from position
+        ``turn`` (modulo their number, wrapping round) where it can start now, or None."""
         ...
 
     def least_completion(
@@ -136,7 +141,7 @@ class LeastLoaded:
             return WAIT
         return Choice(min(startable, key=load_key).agent_id)
 
-    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
         agent_id = fleet.first_free(request, load_key)
         return WAIT if agent_id is None else Choice(agent_id)
 
@@ -161,8 +166,9 @@ class RoundRobin:
                 return Choice(candidate.agent.agent_id)
         return WAIT
 
-    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
-        return None  # the turn counts every capable agent
+    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
+        agent_id = fleet.first_free_in_turn(request, dispatch_count)
+        return WAIT if agent_id is None else Choice(agent_id)
 
 
 def predicted_completion_s(request: QueuedRequest, candidate: Candidate) -> float:
@@ -222,7 +228,7 @@ class PredictedCompletion:
     ) -> Choice:
         return _least_completion(request, candidates)
 
-    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
         best, best_start = fleet.least_completion(request, WAIT_ADVANTAGE)
         if best is None:
             return WAIT

@@ -214,12 +214,10 @@ def _place_queue(
                 preempt_tries -= 1
                 _try_preempt(request, state.fleet(request.model, ids, config), now, state, config)
             continue
-        choice = config.placement.settle(request, state.fleet(request.model, ids, config))
+        turn = snapshot.dispatch_count + state.dispatched
+        choice = config.placement.settle(request, state.fleet(request.model, ids, config), turn)
         if choice is None:
-            weighed = candidates(request, ids, state, config)
-            choice = config.placement.choose(
-                request, weighed, snapshot.dispatch_count + state.dispatched
-            )
+            choice = config.placement.choose(request, candidates(request, ids, state, config), turn)
         if choice.agent_id is not None:
             chosen = state.agents[choice.agent_id]
             state.dispatch(request, choice.agent_id, admission_reservation(request, chosen, config))

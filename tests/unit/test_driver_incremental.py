@@ -100,7 +100,7 @@ class WeighEveryAgent:
     ) -> Choice:
         return self.inner.choose(request, candidates, dispatch_count)
 
-    def settle(self, request: QueuedRequest, fleet: Fleet) -> Choice | None:
+    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
         return None
 
 
