@@ -7,7 +7,7 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
 
     .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64]
         [--predictors shipped,none] [--journal on|off|both] [--finish length|stop]
-        [--prompts FILE.jsonl] [--json OUT]
+        [--prompts FILE.jsonl] [--harness-nice N] [--json OUT]
 
 ``--finish stop`` ends each request after its first token, at a stop string, instead of by
 ``max_tokens``: a natural end, which the coordinator records in the predictor's completion
@@ -17,10 +17,15 @@ number appended, so no two are equal) instead of ``tiny request N``, and the fak
 advertise the embedded default model's name and its 32k context, so that the coordinator
 tokenizes each prompt exactly and hashes its prefix blocks, as for llama agents serving it.
 
+The SDK client runs in a child process. ``--harness-nice N`` runs it and the fake agents at
+niceness N: on a machine of two cores the benchmark's own client and agents otherwise take
+their turns on the cores the coordinator and its predictor need, which clients and agents on
+other machines would not.
+
 ``coordinator_cpu_us_per_request`` (user + system CPU of the coordinator process over the
 measured requests) is steadier than requests/s on a machine shared with other work; the
 predictor's worker process (and multiprocessing's resource tracker) are counted apart, in
-``predictor_process_cpu_us_per_request``, and the SDK client's (this process) in
+``predictor_process_cpu_us_per_request``, and the SDK client's in
 ``client_cpu_us_per_request``, and the two agents' together in ``agents_cpu_us_per_request``.
 
 A run's key is ``predictor_<name>`` with the journal on (the default configuration) and
@@ -35,11 +40,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -88,6 +95,17 @@ async def hammer(
         return time.perf_counter() - started, latencies
 
 
+def client_run(
+    endpoint: str, prompts: list[str], concurrency: int, finish: str, nice: int
+) -> tuple[float, list[float], float]:
+    """``hammer`` in this (child) process at ``nice``: (seconds, latencies, client CPU s)."""
+    if nice:
+        os.nice(nice)
+    started = time.process_time()
+    elapsed, latencies = asyncio.run(hammer(endpoint, prompts, concurrency, finish))
+    return elapsed, latencies, time.process_time() - started
+
+
 def benchmark_prompts(requests: int, path: Path | None, offset: int = 0) -> list[str]:
     """``requests`` distinct prompts: tiny ones, or a file's cycled with a number appended."""
     if path is None:
@@ -128,6 +146,14 @@ def main() -> None:
     parser.add_argument("--journal", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finish", choices=("length", "stop"), default="length")
     parser.add_argument("--prompts", type=Path, default=None)
+    parser.add_argument(
+        "--harness-nice",
+        type=int,
+        default=0,
+        help="run the SDK client and the fake agents at this niceness, so that the cores go "
+        "first to the coordinator and its predictor, as with clients and agents on other "
+        "machines (default 0: all equal)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     journal_modes = {"on": ("on",), "off": ("off",), "both": ("on", "off")}[args.journal]
@@ -138,6 +164,7 @@ def main() -> None:
         "finish": args.finish,
         "prompts": str(args.prompts) if args.prompts else "tiny",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "harness_nice": args.harness_nice,
     }
     runs = [(p, j) for p in args.predictors.split(",") for j in journal_modes]
     model_args = (
@@ -162,14 +189,20 @@ def main() -> None:
             coordinator = psutil.Process(cluster.processes["coordinator"].pid)
             workers = coordinator.children(recursive=True)
             agents = [psutil.Process(cluster.processes[name].pid) for name in AGENTS]
+            for agent in agents:
+                agent.nice(args.harness_nice)
             agents_before = sum(sum(a.cpu_times()[:2]) for a in agents)
             cpu_before = sum(coordinator.cpu_times()[:2])
             workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
-            client_before = time.process_time()
-            elapsed, latencies = asyncio.run(
-                hammer(cluster.clients_endpoint, prompts, args.concurrency, args.finish)
-            )
-            client_s = time.process_time() - client_before
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                elapsed, latencies, client_s = pool.submit(
+                    client_run,
+                    cluster.clients_endpoint,
+                    prompts,
+                    args.concurrency,
+                    args.finish,
+                    args.harness_nice,
+                ).result()
             cpu_s = sum(coordinator.cpu_times()[:2]) - cpu_before
             workers_s = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
             agents_s = sum(sum(a.cpu_times()[:2]) for a in agents) - agents_before
