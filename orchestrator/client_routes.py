@@ -11,7 +11,7 @@ from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord
 from orchestrator.errors import Cancelled
 from orchestrator.outbox import Outbox
-from orchestrator.protocol import Accepted, AgentId, RequestId, StreamChunk, WireModel
+from orchestrator.protocol import Accepted, RequestId, Result, StreamChunk, WireModel
 from orchestrator.replies import error_reply, result_of
 from orchestrator.sessions import ClientRoute
 
@@ -59,10 +59,11 @@ class ClientRoutes:
         )
         route.next_index += 1
 
-    def send_result(self, record: RequestRecord, agent_id: AgentId | None) -> None:
+    def send_result(self, record: RequestRecord, result: Result | None = None) -> None:
+        """The request's ``Result`` to its client, if it has one (``result``: already built)."""
         route = self.routes.get(record.request_id)
         if route is not None:
-            self.reply(route.identity, result_of(record, agent_id or record.agent_id))
+            self.reply(route.identity, result or result_of(record, record.agent_id))
 
     def reattach(self, identity: bytes, record: RequestRecord, stream: bool) -> None:
         """An idempotent re-submit: point the request's replies at the caller again."""
@@ -71,7 +72,7 @@ class ClientRoutes:
             identity=identity, stream=stream, next_index=route.next_index if route else 0
         )
         if record.state is RequestState.FINISHED:
-            self.send_result(record, None)
+            self.send_result(record)
         elif record.state.terminal:
             assert record.error is not None or record.state is RequestState.CANCELLED
             self.reply(

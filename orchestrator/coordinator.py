@@ -531,7 +531,7 @@ class Coordinator:
                 self._predictions.record_completion(
                     predicted, session.profile.model_name, record.generated_tokens
                 )
-        self._clients.send_result(record, agent_id)
+        self._clients.send_result(record, result)
 
     # --- timers -----------------------------------------------------------------------------
 
