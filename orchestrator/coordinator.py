@@ -334,14 +334,17 @@ class Coordinator:
         """Admit once the prediction (in its process) and a long prompt's token count (on the
         tokenizer's thread), made side by side, are in."""
         model = self._link.target_model(message.params.model)
-        measuring = self._meter.measure_off_loop(message.prompt, model, message.params.cache_prompt)
+        measuring = self._meter.measure_off_loop(message, model)
         predicted = None
         try:
             if self._predictions is not None:
                 predicted = await self._predictions.predict_or_none(
                     message.request_id, message.prompt, model, message.conversation
                 )
-            measured = await measuring if measuring is not None else None
+            if measuring is None:
+                measured = self._meter.measure(message, model)
+            else:
+                measured = await measuring
         except Exception as exc:  # a reply, not a request lost without one
             log.exception("could not admit %s", message.request_id)
             failed = errors.InternalError(f"admitting the request failed: {exc!r}")
@@ -364,9 +367,7 @@ class Coordinator:
     ) -> None:
         queued = self.table.count(RequestState.QUEUED)
         model = self._link.target_model(message.params.model)
-        prompt_tokens, exact, blocks = measured or self._meter.measure(
-            message.prompt, model, message.params.cache_prompt
-        )
+        prompt_tokens, exact, blocks = measured or self._meter.measure(message, model)
         record = RequestRecord(
             request_id=RequestId(message.request_id),
             prompt=message.prompt,

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
 
+from orchestrator.prompt_pieces import SpecialToken
+
 GGML_LOG_LEVELS: Final = {
     1: logging.DEBUG,
     2: logging.INFO,
@@ -107,3 +109,43 @@ def tokenize(vocab: Any, text: str, *, add_bos: bool, special: bool) -> list[int
         n = lib.llama_tokenize(vocab, data, len(data), tokens, -n, add_bos, special)
     ids: list[int] = tokens[:n]
     return ids
+
+
+SPECIAL_ATTRS: Final = (
+    "LLAMA_TOKEN_ATTR_CONTROL",
+    "LLAMA_TOKEN_ATTR_USER_DEFINED",
+    "LLAMA_TOKEN_ATTR_UNKNOWN",
+)
+"""The attributes of the tokens llama.cpp matches by their text in a prompt."""
+
+
+def special_tokens(vocab: Any) -> list[SpecialToken]:
+    """Every token of ``vocab`` llama.cpp matches by its text when it parses special tokens."""
+    lib = llama_cpp()
+    mask = 0
+    for name in SPECIAL_ATTRS:
+        mask |= getattr(lib, name)
+    found = []
+    for token in range(lib.llama_vocab_n_tokens(vocab)):
+        attr = lib.llama_vocab_get_attr(vocab, token)
+        if attr & mask:
+            text = lib.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+            found.append(
+                SpecialToken(
+                    text,
+                    control=bool(attr & lib.LLAMA_TOKEN_ATTR_CONTROL),
+                    strips=bool(attr & (lib.LLAMA_TOKEN_ATTR_LSTRIP | lib.LLAMA_TOKEN_ATTR_RSTRIP)),
+                    rstrip=bool(attr & lib.LLAMA_TOKEN_ATTR_RSTRIP),
+                )
+            )
+    return found
+
+
+def tokenizes_pieces_alone(vocab: Any) -> bool:
+    """Whether ``vocab`` tokenizes each stretch of text between special tokens on its own and
+    adds nothing after the last (SentencePiece and BPE vocabularies without an added EOS)."""
+    lib = llama_cpp()
+    kind = lib.llama_vocab_type(vocab)
+    return kind in (lib.LLAMA_VOCAB_TYPE_SPM, lib.LLAMA_VOCAB_TYPE_BPE) and not bool(
+        lib.llama_vocab_get_add_eos(vocab)
+    )

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from orchestrator.core.prefix import PromptBlocks, block_hashes
+from orchestrator.prompt_pieces import PrefixTokenizer, cuts_for
+from orchestrator.protocol import Submit
 
 OFF_LOOP_PROMPT_CHARS: Final = 2_000
 """Prompts at least this long are tokenized on `PromptMeter`'s threads: llama.cpp's tokenizer takes
@@ -50,9 +52,10 @@ class TokenCounter(Protocol):
         exact; ``model`` None means the model is unknown, which can only be estimated."""
         ...
 
-    def token_ids(self, text: str, model: str | None) -> list[int] | None:
+    def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         """``text``'s token ids as ``model``'s agents tokenize a prompt, or None where this
-        counter does not have that tokenizer."""
+        counter does not have that tokenizer. ``chat``: a chat's rendering, whose next turn
+        will re-send it (a counter may keep it to tokenize only what that turn adds)."""
         ...
 
 
@@ -62,7 +65,7 @@ class EstimatedTokenCounter:
     def count(self, text: str, model: str | None) -> tuple[int, bool]:
         return 1 + math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE), False
 
-    def token_ids(self, text: str, model: str | None) -> list[int] | None:
+    def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         return None
 
 
@@ -78,6 +81,9 @@ class GgufTokenCounter:
         self._vocab = library.llama_model_get_vocab(self._llama.model)
         self.model_name = str(self._llama.metadata.get("general.name", model_path.stem))
         self._fallback = EstimatedTokenCounter()
+        adds_bos = library.llama_vocab_get_add_bos(self._vocab)
+        self._bos = [self._llama.token_bos()] if adds_bos and self._llama.token_bos() >= 0 else []
+        """What ``tokenize`` puts before a prompt's own tokens when asked to add a BOS."""
         template = self._llama.metadata.get("tokenizer.chat_template")
         self.chat_template = (
             ChatTemplate(
@@ -88,6 +94,26 @@ class GgufTokenCounter:
             )
             if template
             else None
+        )
+        self._pieces = self._piece_tokenizer()
+
+    def _piece_tokenizer(self) -> PrefixTokenizer | None:
+        """Prompts tokenized by pieces (``orchestrator.prompt_pieces``) cut after the control
+        tokens the chat template writes, or after newlines where those are special tokens (a
+        chat in the plain format), where the vocabulary tokenizes such pieces alone."""
+        from orchestrator.llamalib import special_tokens, tokenize, tokenizes_pieces_alone
+
+        if not tokenizes_pieces_alone(self._vocab):
+            return None
+        specials = special_tokens(self._vocab)
+        source = self.chat_template.source if self.chat_template is not None else ""
+        candidates = [s for s in specials if (s.control and s.text in source) or s.text == "\n"]
+        cuts = cuts_for(candidates, specials)
+        if not cuts:
+            return None
+        vocab = self._vocab
+        return PrefixTokenizer(
+            lambda text: tokenize(vocab, text, add_bos=False, special=True), cuts
         )
 
     def _token_text(self, token: int) -> str:
@@ -100,12 +126,15 @@ class GgufTokenCounter:
         ids = self.token_ids(text, model)
         return (len(ids), True) if ids is not None else self._fallback.count(text, model)
 
-    def token_ids(self, text: str, model: str | None) -> list[int] | None:
+    def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         if model != self.model_name:
             return None
         from orchestrator.llamalib import tokenize
 
-        tokens = tokenize(self._vocab, text, add_bos=True, special=True)
+        if self._pieces is None:
+            tokens = tokenize(self._vocab, text, add_bos=True, special=True)
+        else:
+            tokens = [*self._bos, *self._pieces(text, keep=chat)]
         return without_doubled_bos(tokens, self._llama.token_bos())
 
 
@@ -114,11 +143,11 @@ Measured = tuple[int, bool, PromptBlocks | None]
 
 
 def measure_prompt(
-    counter: TokenCounter, text: str, model: str | None, cache_prompt: bool
+    counter: TokenCounter, text: str, model: str | None, cache_prompt: bool, chat: bool = False
 ) -> Measured:
     """A prompt's token count, whether it is exact, and (when its token ids are known and it
-    may reuse a cache) its prefix blocks, from one tokenization."""
-    ids = counter.token_ids(text, model)
+    may reuse a cache) its prefix blocks, from one tokenization (``chat``: see ``token_ids``)."""
+    ids = counter.token_ids(text, model, chat=chat)
     if ids is None:
         return *counter.count(text, model), None
     return len(ids), True, block_hashes(ids) if cache_prompt else None
@@ -134,29 +163,35 @@ class PromptMeter:
         self.counter = counter
         self._threads: ThreadPoolExecutor | None = None
 
-    def measure(self, text: str, model: str | None, cache_prompt: bool) -> Measured:
-        return measure_prompt(self.counter, text, model, cache_prompt)
+    def measure(self, message: Submit, model: str | None) -> Measured:
+        """``message``'s prompt measured for ``model`` (a chat's kept for its next turn)."""
+        return measure_prompt(self.counter, *_measure_args(message, model))
 
     @staticmethod
     def off_loop(text: str) -> bool:
         return len(text) >= OFF_LOOP_PROMPT_CHARS
 
     def measure_off_loop(
-        self, text: str, model: str | None, cache_prompt: bool
+        self, message: Submit, model: str | None
     ) -> asyncio.Future[Measured] | None:
-        """The measurement on the thread when ``text`` is long, else None (measure at once)."""
-        if not self.off_loop(text):
+        """The measurement on the thread when the prompt is long, else None (measure at once)."""
+        if not self.off_loop(message.prompt):
             return None
         if self._threads is None:
             threads = min(TOKENIZER_THREADS_MAX, os.cpu_count() or 1)
             self._threads = ThreadPoolExecutor(threads, "tokenizer")
         return asyncio.get_running_loop().run_in_executor(
-            self._threads, measure_prompt, self.counter, text, model, cache_prompt
+            self._threads, measure_prompt, self.counter, *_measure_args(message, model)
         )
 
     def close(self) -> None:
         if self._threads is not None:
             self._threads.shutdown(wait=True)
+
+
+def _measure_args(message: Submit, model: str | None) -> tuple[str, str | None, bool, bool]:
+    chat = message.conversation is not None
+    return message.prompt, model, message.params.cache_prompt, chat
 
 
 def without_doubled_bos(tokens: list[int], bos: int) -> list[int]:

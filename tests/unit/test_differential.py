@@ -149,7 +149,7 @@ class TraceTokens:
     def __init__(self, requests: list[SimRequest]) -> None:
         self._counts = {r.request_id: r.prompt_tokens for r in requests}
 
-    def token_ids(self, text: str, model: str | None) -> list[int] | None:
+    def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         return None
 
     def count(self, text: str, model: str | None) -> tuple[int, bool]:

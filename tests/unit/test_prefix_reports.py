@@ -67,7 +67,7 @@ def test_the_prompt_cache_holds_the_blocks_of_its_entries_only() -> None:
 class WordIds:
     """A tokenizer for model "m": one id per word (BOS 1 first)."""
 
-    def token_ids(self, text: str, model: str | None) -> list[int] | None:
+    def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         return [1] + [hash(word) % 50_000 for word in text.split()] if model == "m" else None
 
     def count(self, text: str, model: str | None) -> tuple[int, bool]:
