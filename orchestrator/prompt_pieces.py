@@ -179,5 +179,8 @@ class PrefixTokenizer:
                 self._forget(evicted)
 
     def _forget(self, prefix: str) -> None:
-        self._lengths[len(prefix)] -= 1
-        self._chars -= len(prefix)
+        size = len(prefix)
+        self._lengths[size] -= 1
+        if not self._lengths[size]:
+            del self._lengths[size]  # a zero count would stay for every length ever seen
+        self._chars -= size

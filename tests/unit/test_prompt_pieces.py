@@ -77,6 +77,7 @@ def test_a_chats_next_turn_tokenizes_only_what_it_adds() -> None:
     ]
     assert pieces.reused_chars == len("user: hi<end>")
     assert list(pieces._prefixes) == [second[: second.rindex("<end>") + 5]]  # replaced
+    assert dict(pieces._lengths) == {len(list(pieces._prefixes)[0]): 1}
 
 
 def test_a_prompt_not_kept_still_finds_a_kept_prefix_in_one_call() -> None:
@@ -97,6 +98,6 @@ def test_kept_prefixes_are_bounded_least_recently_used_first() -> None:
     pieces("aaaa<end>y", keep=False)  # "aaaa<end>" used again
     pieces("cccc<end>x", keep=True)
     assert list(pieces._prefixes) == ["aaaa<end>", "cccc<end>"]
-    assert pieces._chars == 18
+    assert pieces._chars == 18 and dict(pieces._lengths) == {9: 2}
     pieces("e" * 30 + "<end>", keep=True)  # longer than the bound: not kept
     assert list(pieces._prefixes) == ["aaaa<end>", "cccc<end>"]
