@@ -124,7 +124,7 @@ class PrefixTokenizer:
     def __call__(self, text: str, keep: bool) -> list[int]:
         """``text``'s ids; ``keep``: keep its prefix for the prompts that may extend it (a
         chat's next turn), at the cost of a second call into the tokenizer."""
-        ends = self._ends(text)
+        ends = self.cut_ends(text)
         if not ends:
             return self._tokenize(text)
         start, ids = self._longest_kept(text, ends)
@@ -137,7 +137,13 @@ class PrefixTokenizer:
             ids.extend(self._tokenize(text[start:]))
         return ids
 
-    def _ends(self, text: str) -> list[int]:
+    @property
+    def kept_prefixes(self) -> tuple[str, ...]:
+        """The prefixes kept, least recently used first."""
+        with self._lock:
+            return tuple(self._prefixes)
+
+    def cut_ends(self, text: str) -> list[int]:
         """Where ``text`` may be cut: after each occurrence of a cut token no rival overlaps."""
         if self._pattern is None:
             return []

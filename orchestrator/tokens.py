@@ -116,6 +116,11 @@ class GgufTokenCounter:
             lambda text: tokenize(vocab, text, add_bos=False, special=True), cuts
         )
 
+    @property
+    def reused_prefix_chars(self) -> int:
+        """Characters of chat prompts whose ids came from a kept prefix (0 when none is kept)."""
+        return self._pieces.reused_chars if self._pieces is not None else 0
+
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""

@@ -5,11 +5,13 @@ growing turn by turn and on texts built from the fragments most likely to break 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from orchestrator.llamalib import special_tokens, tokenize
+from orchestrator.llamalib import llama_cpp, silenced, special_tokens, tokenize
 from orchestrator.openai_requests import render_chat
 from orchestrator.prompt_pieces import PrefixTokenizer, cuts_for
 from orchestrator.tokens import GgufTokenCounter, without_doubled_bos
@@ -53,8 +55,17 @@ def counter(model_path: Path) -> GgufTokenCounter:
     return GgufTokenCounter(model_path)
 
 
-def whole(counter: GgufTokenCounter, text: str) -> list[int]:
-    return tokenize(counter._vocab, text, add_bos=False, special=True)
+@pytest.fixture(scope="module")
+def vocab(model_path: Path) -> Iterator[Any]:
+    """The vocabulary loaded apart from the counter's, for the whole-prompt reference (held
+    while its model lives, here)."""
+    with silenced():
+        model = llama_cpp().Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    yield llama_cpp().llama_model_get_vocab(model.model)
+
+
+def whole(vocab: Any, text: str) -> list[int]:
+    return tokenize(vocab, text, add_bos=False, special=True)
 
 
 def random_texts(seed: int, count: int) -> list[str]:
@@ -62,7 +73,9 @@ def random_texts(seed: int, count: int) -> list[str]:
     return ["".join(rng.choices(FRAGMENTS, k=rng.randint(1, 40))) for _ in range(count)]
 
 
-def test_chats_in_the_plain_format_reuse_their_history_exactly(counter: GgufTokenCounter) -> None:
+def test_chats_in_the_plain_format_reuse_their_history_exactly(
+    counter: GgufTokenCounter, vocab: Any
+) -> None:
     """The default model has no chat template: chats are rendered as plain lines, cut at the
     newlines (``GgufTokenCounter`` does this for ``chat`` prompts)."""
     assert counter.chat_template is None
@@ -74,27 +87,25 @@ def test_chats_in_the_plain_format_reuse_their_history_exactly(counter: GgufToke
             messages.append(("user", turn))
             prompt, _ = render_chat(messages, None)
             expected = without_doubled_bos(
-                tokenize(counter._vocab, prompt, add_bos=True, special=True),
-                counter._llama.token_bos(),
+                tokenize(vocab, prompt, add_bos=True, special=True),
+                llama_cpp().llama_vocab_bos(vocab),
             )
             assert counter.token_ids(prompt, counter.model_name, chat=True) == expected, chat
             messages.append(("assistant", rng.choice(turns)))
-    assert counter._pieces is not None and counter._pieces.reused_chars > 0
+    assert counter.reused_prefix_chars > 0
 
 
-def test_template_style_chats_and_broken_texts_tokenize_as_whole_prompts(
-    counter: GgufTokenCounter,
-) -> None:
-    specials = special_tokens(counter._vocab)
+def test_template_style_chats_and_broken_texts_tokenize_as_whole_prompts(vocab: Any) -> None:
+    specials = special_tokens(vocab)
     cuts = cuts_for([s for s in specials if s.text in TEMPLATE_CUTS], specials)
     assert set(cuts) == set(TEMPLATE_CUTS)
-    pieces = PrefixTokenizer(lambda text: whole(counter, text), cuts)
+    pieces = PrefixTokenizer(lambda text: whole(vocab, text), cuts)
     history = ""
     for turn in random_texts(2, 150):
         history += f"<start_of_turn>user\n{turn}<end_of_turn>\n<start_of_turn>model\n"
-        assert pieces(history, keep=True) == whole(counter, history)
+        assert pieces(history, keep=True) == whole(vocab, history)
         history += f"{turn[::-1]}<end_of_turn>\n"
     assert pieces.reused_chars > 0
     for text in random_texts(3, 400):
         for keep in (True, False):
-            assert pieces(text, keep=keep) == whole(counter, text), repr(text)
+            assert pieces(text, keep=keep) == whole(vocab, text), repr(text)

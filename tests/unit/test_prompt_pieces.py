@@ -59,7 +59,7 @@ def test_a_prompt_is_cut_only_where_no_rival_overlaps() -> None:
     assert tokenizer.calls == [text]  # the last cut is its end: one piece, kept whole
     # Not inside "\n\n" (one token) but after it; after "<end>" only where neither "<end>!"
     # nor "xy<en" would claim it.
-    assert pieces._ends(text) == [2, 5, 18, len(text)]
+    assert pieces.cut_ends(text) == [2, 5, 18, len(text)]
 
 
 def test_a_chats_next_turn_tokenizes_only_what_it_adds() -> None:
@@ -76,8 +76,7 @@ def test_a_chats_next_turn_tokenizes_only_what_it_adds() -> None:
         "model:",
     ]
     assert pieces.reused_chars == len("user: hi<end>")
-    assert list(pieces._prefixes) == [second[: second.rindex("<end>") + 5]]  # replaced
-    assert dict(pieces._lengths) == {len(list(pieces._prefixes)[0]): 1}
+    assert pieces.kept_prefixes == (second[: second.rindex("<end>") + 5],)  # replaced
 
 
 def test_a_prompt_not_kept_still_finds_a_kept_prefix_in_one_call() -> None:
@@ -88,7 +87,7 @@ def test_a_prompt_not_kept_still_finds_a_kept_prefix_in_one_call() -> None:
     assert tokenizer.calls[-1] == "c<end>d"
     assert pieces("plain text", keep=True) == chars("plain text")
     assert tokenizer.calls[-1] == "plain text"
-    assert list(pieces._prefixes) == ["a<end>"]
+    assert pieces.kept_prefixes == ("a<end>",)
 
 
 def test_kept_prefixes_are_bounded_least_recently_used_first() -> None:
@@ -97,7 +96,6 @@ def test_kept_prefixes_are_bounded_least_recently_used_first() -> None:
         pieces(f"{name}<end>x", keep=True)
     pieces("aaaa<end>y", keep=False)  # "aaaa<end>" used again
     pieces("cccc<end>x", keep=True)
-    assert list(pieces._prefixes) == ["aaaa<end>", "cccc<end>"]
-    assert pieces._chars == 18 and dict(pieces._lengths) == {9: 2}
+    assert pieces.kept_prefixes == ("aaaa<end>", "cccc<end>")
     pieces("e" * 30 + "<end>", keep=True)  # longer than the bound: not kept
-    assert list(pieces._prefixes) == ["aaaa<end>", "cccc<end>"]
+    assert pieces.kept_prefixes == ("aaaa<end>", "cccc<end>")
