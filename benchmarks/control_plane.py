@@ -7,7 +7,7 @@ journal (``--journal off``: no fsync per accept batch, no write-ahead of replies
 
     .venv/bin/python benchmarks/control_plane.py [--requests 3000] [--concurrency 64]
         [--predictors shipped,none] [--journal on|off|both] [--finish length|stop]
-        [--prompts FILE.jsonl] [--harness-nice N] [--json OUT]
+        [--prompts FILE.jsonl | --chats CONVERSATIONS.jsonl] [--harness-nice N] [--json OUT]
 
 ``--finish stop`` ends each request after its first token, at a stop string, instead of by
 ``max_tokens``: a natural end, which the coordinator records in the predictor's completion
@@ -16,6 +16,9 @@ history (a capped answer teaches nothing and is not recorded), as real traffic m
 number appended, so no two are equal) instead of ``tiny request N``, and the fake agents then
 advertise the embedded default model's name and its 32k context, so that the coordinator
 tokenizes each prompt exactly and hashes its prefix blocks, as for llama agents serving it.
+``--chats`` does the same with every user turn of a conversations file (its whole history,
+rendered as the gateway renders chats for the default model, sent as a chat), so that each
+turn re-sends the one before it as chats do.
 
 The SDK client runs in a child process. ``--harness-nice N`` runs it and the fake agents at
 niceness N: on a machine of two cores the benchmark's own client and agents otherwise take
@@ -56,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.backends.fake.engine import fake_token_text
 from orchestrator.client import AsyncClient
 from orchestrator.local import LocalCluster
+from orchestrator.openai_requests import render_chat
+from orchestrator.protocol import ConversationHint
 from orchestrator.textio import read_lines
 
 PROMPT = "tiny request {i}"
@@ -74,19 +79,25 @@ FREE_COMPUTE = (
 )
 
 
+Request = tuple[str, ConversationHint | None]
+"""A prompt, and the conversation it renders when it is a chat's turn."""
+
+
 async def hammer(
-    endpoint: str, prompts: list[str], concurrency: int, finish: str = "length"
+    endpoint: str, prompts: list[Request], concurrency: int, finish: str = "length"
 ) -> tuple[float, list[float]]:
     latencies: list[float] = []
     async with AsyncClient(endpoint, timeout_s=120) as client:
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
-            prompt = prompts[i]
+            prompt, chat = prompts[i]
             stop = (fake_token_text(prompt, 1),) if finish == "stop" else ()
             async with semaphore:
                 started = time.perf_counter()
-                result = await client.generate(prompt, max_tokens=3 if stop else 1, stop=stop)
+                result = await client.generate(
+                    prompt, max_tokens=3 if stop else 1, stop=stop, conversation=chat
+                )
                 assert (result.completion_tokens, result.finish_reason) == (1, finish)
                 latencies.append(time.perf_counter() - started)
 
@@ -96,7 +107,7 @@ async def hammer(
 
 
 def client_run(
-    endpoint: str, prompts: list[str], concurrency: int, finish: str, nice: int
+    endpoint: str, prompts: list[Request], concurrency: int, finish: str, nice: int
 ) -> tuple[float, list[float], float]:
     """``hammer`` in this (child) process at ``nice``: (seconds, latencies, client CPU s)."""
     if nice:
@@ -106,12 +117,32 @@ def client_run(
     return elapsed, latencies, time.process_time() - started
 
 
-def benchmark_prompts(requests: int, path: Path | None, offset: int = 0) -> list[str]:
+def benchmark_prompts(requests: int, path: Path | None, offset: int = 0) -> list[Request]:
     """``requests`` distinct prompts: tiny ones, or a file's cycled with a number appended."""
     if path is None:
-        return [PROMPT.format(i=offset + i) for i in range(requests)]
+        return [(PROMPT.format(i=offset + i), None) for i in range(requests)]
     texts = [json.loads(line)["prompt"] for line in read_lines(path) if line.strip()]
-    return [f"{texts[i % len(texts)]} ({offset + i})" for i in range(requests)]
+    return [(f"{texts[i % len(texts)]} ({offset + i})", None) for i in range(requests)]
+
+
+def chat_requests(requests: int, path: Path, offset: int = 0) -> list[Request]:
+    """``requests`` chat turns from the ``offset``-th on: every user turn of a conversations
+    file's chats in order, its whole history rendered as the gateway renders it for the
+    default model; the chats cycled, each copy marked apart so that no two prompts are equal."""
+    chats = [json.loads(line)["turns"] for line in read_lines(path) if line.strip()]
+    turns: list[Request] = []
+    copy = 0
+    while len(turns) < offset + requests:
+        messages: list[tuple[str, str]] = []
+        for turn in chats[copy % len(chats)]:
+            role = "user" if turn["role"] == "user" else "assistant"
+            text = turn["content"] if messages else f"[chat {copy}] {turn['content']}"
+            messages.append((role, text))
+            if role == "user":
+                hint = ConversationHint(last_user=text, earlier_answer_tokens=())
+                turns.append((render_chat(messages, None)[0], hint))
+        copy += 1
+    return turns[offset : offset + requests]
 
 
 def default_model_name() -> str:
@@ -122,12 +153,13 @@ def default_model_name() -> str:
     return GgufTokenCounter(default_model_path(os.environ)).model_name
 
 
-def predictor_batched_per_s(prompts: list[str]) -> float:
+def predictor_batched_per_s(requests: list[Request]) -> float:
     """Prompts/s the shipped predictor alone predicts on the benchmark's prompts, batched as the
     coordinator batches them, on one thread as the coordinator runs it."""
     from orchestrator.prediction import MAX_BATCH
     from orchestrator.predictor.model import LengthPredictor
 
+    prompts = [chat.last_user if chat else prompt for prompt, chat in requests]  # what it reads
     predictor = LengthPredictor.load(threads=1)
     predictor.predict_batch(prompts[:MAX_BATCH])
     started = time.perf_counter()
@@ -145,7 +177,9 @@ def main() -> None:
     parser.add_argument("--predictors", default="shipped,none")
     parser.add_argument("--journal", choices=("on", "off", "both"), default="on")
     parser.add_argument("--finish", choices=("length", "stop"), default="length")
-    parser.add_argument("--prompts", type=Path, default=None)
+    sources = parser.add_mutually_exclusive_group()
+    sources.add_argument("--prompts", type=Path, default=None)
+    sources.add_argument("--chats", type=Path, default=None)
     parser.add_argument(
         "--harness-nice",
         type=int,
@@ -162,29 +196,36 @@ def main() -> None:
         "requests": args.requests,
         "concurrency": args.concurrency,
         "finish": args.finish,
-        "prompts": str(args.prompts) if args.prompts else "tiny",
+        "prompts": str(args.prompts or args.chats or "tiny"),
+        "chats": args.chats is not None,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "harness_nice": args.harness_nice,
     }
     runs = [(p, j) for p in args.predictors.split(",") for j in journal_modes]
     model_args = (
         ("--model-name", default_model_name(), "--n-ctx", str(LONG_PROMPT_CONTEXT))
-        if args.prompts
+        if args.prompts or args.chats
         else ()
     )
+
+    def requests(count: int, offset: int = 0) -> list[Request]:
+        if args.chats:
+            return chat_requests(count, args.chats, offset)
+        return benchmark_prompts(count, args.prompts, offset)
+
     for predictor, journal in runs:
         key = f"predictor_{predictor}" + ("_no_journal" if journal == "off" else "")
         run_dir = log_dir / key
         run_dir.mkdir(parents=True, exist_ok=True)
         journal_args = ("--journal", "off") if journal == "off" else ()
-        prompts = benchmark_prompts(args.requests, args.prompts, offset=WARM_UP_REQUESTS)
+        prompts = requests(args.requests, offset=WARM_UP_REQUESTS)
         alone = [predictor_batched_per_s(prompts)] if predictor == "shipped" else []
         cluster = LocalCluster(run_dir, "--predictor", predictor, *journal_args)
         try:
             for name in AGENTS:
                 cluster.start_agent(name, *FREE_COMPUTE, "--max-seqs", "64", *model_args)
             cluster.wait_for_agents(2)
-            warm_up = benchmark_prompts(WARM_UP_REQUESTS, args.prompts)
+            warm_up = requests(WARM_UP_REQUESTS)
             asyncio.run(hammer(cluster.clients_endpoint, warm_up, args.concurrency, args.finish))
             coordinator = psutil.Process(cluster.processes["coordinator"].pid)
             workers = coordinator.children(recursive=True)
