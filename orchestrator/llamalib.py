@@ -120,7 +120,8 @@ SPECIAL_ATTRS: Final = (
 
 
 def special_tokens(vocab: Any) -> list[SpecialToken]:
-    """Every token of ``vocab`` llama.cpp matches by its text when it parses special tokens."""
+    """Every token of ``vocab`` llama.cpp matches by its text when it parses special tokens
+    (``UnicodeDecodeError`` when one's text is not UTF-8)."""
     lib = llama_cpp()
     mask = 0
     for name in SPECIAL_ATTRS:
@@ -129,7 +130,7 @@ def special_tokens(vocab: Any) -> list[SpecialToken]:
     for token in range(lib.llama_vocab_n_tokens(vocab)):
         attr = lib.llama_vocab_get_attr(vocab, token)
         if attr & mask:
-            text = lib.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+            text = lib.llama_vocab_get_text(vocab, token).decode("utf-8")
             found.append(
                 SpecialToken(
                     text,

@@ -95,17 +95,20 @@ class GgufTokenCounter:
             if template
             else None
         )
-        self._pieces = self._piece_tokenizer()
+        self._prefixes = self._prefix_tokenizer()
 
-    def _piece_tokenizer(self) -> PrefixTokenizer | None:
-        """Prompts tokenized by pieces (``orchestrator.prompt_pieces``) cut after the control
-        tokens the chat template writes, or after newlines where those are special tokens (a
-        chat in the plain format), where the vocabulary tokenizes such pieces alone."""
+    def _prefix_tokenizer(self) -> PrefixTokenizer | None:
+        """Chat prompts tokenized from their kept history (``orchestrator.prompt_pieces``), cut
+        after the control tokens the chat template writes or after newlines where those are
+        special tokens (a chat in the plain format), if the vocabulary allows it."""
         from orchestrator.llamalib import special_tokens, tokenize, tokenizes_pieces_alone
 
         if not tokenizes_pieces_alone(self._vocab):
             return None
-        specials = special_tokens(self._vocab)
+        try:
+            specials = special_tokens(self._vocab)
+        except UnicodeDecodeError:
+            return None  # matched as bytes by llama.cpp, maybe inside a character
         source = self.chat_template.source if self.chat_template is not None else ""
         candidates = [s for s in specials if (s.control and s.text in source) or s.text == "\n"]
         cuts = cuts_for(candidates, specials)
@@ -119,7 +122,7 @@ class GgufTokenCounter:
     @property
     def reused_prefix_chars(self) -> int:
         """Characters of chat prompts whose ids came from a kept prefix (0 when none is kept)."""
-        return self._pieces.reused_chars if self._pieces is not None else 0
+        return self._prefixes.reused_chars if self._prefixes is not None else 0
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -136,10 +139,10 @@ class GgufTokenCounter:
             return None
         from orchestrator.llamalib import tokenize
 
-        if self._pieces is None:
+        if self._prefixes is None:
             tokens = tokenize(self._vocab, text, add_bos=True, special=True)
         else:
-            tokens = [*self._bos, *self._pieces(text, keep=chat)]
+            tokens = [*self._bos, *self._prefixes(text, keep=chat)]
         return without_doubled_bos(tokens, self._llama.token_bos())
 
 
