@@ -84,14 +84,14 @@ Request = tuple[str, ConversationHint | None]
 
 
 async def hammer(
-    endpoint: str, prompts: list[Request], concurrency: int, finish: str = "length"
+    endpoint: str, requests: list[Request], concurrency: int, finish: str = "length"
 ) -> tuple[float, list[float]]:
     latencies: list[float] = []
     async with AsyncClient(endpoint, timeout_s=120) as client:
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> None:
-            prompt, chat = prompts[i]
+            prompt, chat = requests[i]
             stop = (fake_token_text(prompt, 1),) if finish == "stop" else ()
             async with semaphore:
                 started = time.perf_counter()
@@ -102,18 +102,18 @@ async def hammer(
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        await asyncio.gather(*(one(i) for i in range(len(requests))))
         return time.perf_counter() - started, latencies
 
 
 def client_run(
-    endpoint: str, prompts: list[Request], concurrency: int, finish: str, nice: int
+    endpoint: str, requests: list[Request], concurrency: int, finish: str, nice: int
 ) -> tuple[float, list[float], float]:
     """``hammer`` in this (child) process at ``nice``: (seconds, latencies, client CPU s)."""
     if nice:
         os.nice(nice)
     started = time.process_time()
-    elapsed, latencies = asyncio.run(hammer(endpoint, prompts, concurrency, finish))
+    elapsed, latencies = asyncio.run(hammer(endpoint, requests, concurrency, finish))
     return elapsed, latencies, time.process_time() - started
 
 
