@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.model import default_model_path
 from benchmarks._predictor_common import emit_report
 from orchestrator.llamalib import tokenize
-from orchestrator.openai_requests import render_chat
+from orchestrator.openai_requests import ModelView, parse_chat, render_chat
 from orchestrator.textio import read_lines
 from orchestrator.tokens import ChatTemplate, GgufTokenCounter, without_doubled_bos
 
@@ -40,6 +41,8 @@ CONVERSATIONS = (
 SINGLE_PROMPTS = ("sharegpt_1k.jsonl", "wildchat50m.jsonl", "alpaca_eval.jsonl")
 ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 REPETITIONS = 3
+LONG_CONTEXT = 32_768
+"""The served context the gateway sees (the default model's): every chat fits."""
 
 
 def chat_turns(path: Path, template: ChatTemplate | None) -> list[str]:
@@ -83,18 +86,71 @@ def measure(model: Path, texts: list[str], chat: bool) -> dict[str, float]:
     }
 
 
+def counting(counter: GgufTokenCounter, *, whole: bool) -> Callable[[str, str | None, bool], int]:
+    """The gateway's count: every text tokenized whole, or as the coordinator's counter does."""
+    if whole:
+        vocab = counter._vocab
+        return lambda text, name, chat: len(tokenize(vocab, text, add_bos=True, special=True))
+    return lambda text, name, chat: counter.count(text, name, chat=chat)[0]
+
+
+def openai_turns(model: Path, path: Path) -> dict[str, float]:
+    """Each user turn as a ``/v1/chat/completions`` request: the gateway's parsing (rendering,
+    the prompt's count for the default ``max_tokens``, the earlier answers' counts for the
+    predictor's hint) and the coordinator's count, all in the coordinator's process; with
+    every text tokenized whole (as before session 21) against as the gateway and coordinator
+    do now. Interleaved ``REPETITIONS`` times, fresh counters, medians."""
+    requests = []
+    for line in read_lines(path):
+        if line.strip():
+            messages: list[dict[str, str]] = []
+            for turn in json.loads(line)["turns"]:
+                messages.append(
+                    {"role": ROLES.get(turn["role"], "user"), "content": turn["content"]}
+                )
+                if turn["role"] == "user":
+                    requests.append(list(messages))
+    timings: dict[str, list[float]] = {"whole_us": [], "kept_us": []}
+    for _ in range(REPETITIONS):
+        for flow in timings:
+            counter = GgufTokenCounter(model)
+            served = {counter.model_name: LONG_CONTEXT}
+            view = ModelView(served, None, counting(counter, whole=flow == "whole_us"))
+            started = time.process_time()
+            for messages in requests:
+                call = parse_chat({"model": counter.model_name, "messages": messages}, view)
+                view.count_tokens(call.prompt, counter.model_name, True)  # the coordinator's
+            timings[flow].append(1e6 * (time.process_time() - started) / len(requests))
+    whole, kept_us = statistics.median(timings["whole_us"]), statistics.median(timings["kept_us"])
+    return {
+        "turns": len(requests),
+        "whole_us": round(whole, 1),
+        "kept_us": round(kept_us, 1),
+        "ratio": round(kept_us / whole, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     shared = Path(os.environ.get("EDGEORCH_SHARED_DATA", "../shared/data"))
     model = default_model_path(os.environ)
-    report: dict[str, object] = {"model": model.name, "chats": {}, "single_prompts": {}}
+    report: dict[str, object] = {
+        "model": model.name,
+        "chats": {},
+        "openai_chat_turns": {},
+        "single_prompts": {},
+    }
     template = GgufTokenCounter(model).chat_template
     for name in CONVERSATIONS:
         result = measure(model, chat_turns(shared / "conversations" / name, template), True)
         report["chats"][name] = result  # type: ignore[index]
         print(f"chats {name}: {result}", file=sys.stderr)
+    for name in CONVERSATIONS[::2]:
+        result = openai_turns(model, shared / "conversations" / name)
+        report["openai_chat_turns"][name] = result  # type: ignore[index]
+        print(f"OpenAI chat turns {name}: {result}", file=sys.stderr)
     for name in SINGLE_PROMPTS:
         rows = [json.loads(line) for line in read_lines(shared / "lengths" / name) if line.strip()]
         texts = sorted({row["prompt"] for row in rows})

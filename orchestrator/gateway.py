@@ -385,7 +385,7 @@ class Gateway:
         return ModelView(
             served=served,
             template=template,
-            count_tokens=lambda text, model: counter.count(text, model)[0],
+            count_tokens=lambda text, model, chat: counter.count(text, model, chat=chat)[0],
         )
 
     async def _generate(

@@ -42,7 +42,8 @@ class ModelView:
     served: Mapping[str, int]
     """Model name -> the smallest n_ctx among live agents serving it."""
     template: ChatTemplate | None
-    count_tokens: Callable[[str, str | None], int]
+    count_tokens: Callable[[str, str | None, bool], int]
+    """Tokens of a text for a model, the text being a chat's prompt or not (``TokenCounter``)."""
 
 
 @dataclass(slots=True)
@@ -116,7 +117,9 @@ def parse_chat(body: Mapping[str, Any], models: ModelView) -> Call:
         include_usage=_include_usage(body),
         model=target or "",
         strip_leading=template is None,
-        conversation=conversation_hint(messages, lambda text: models.count_tokens(text, target)),
+        conversation=conversation_hint(
+            messages, lambda text: models.count_tokens(text, target, False)
+        ),
     )
 
 
@@ -301,7 +304,7 @@ def _rest_of_context(prompt: str, model: str | None, models: ModelView) -> int:
         contexts = [models.served[model]]
     if not contexts:
         return GenerationParams().max_tokens
-    return max(1, min(contexts) - models.count_tokens(prompt, model))
+    return max(1, min(contexts) - models.count_tokens(prompt, model, True))
 
 
 def _params(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,10 @@ TOKENIZER_THREADS_MAX: Final = 4
 thread they queue behind each other while short prompts pass them (WildChat first turns at 64
 in flight on two cores: p99 400 ms with one thread, 250 ms with two)."""
 
+COUNT_CACHE_CHARS: Final = 2_000_000
+"""Characters of texts whose counts ``GgufTokenCounter.count`` keeps, least recently used out
+first: the last answers of some hundreds of chats."""
+
 BYTES_PER_TOKEN_ESTIMATE: Final = 3.5
 """UTF-8 bytes per Gemma 3 token on English prose and code; deliberately on the low side so the
 estimate errs towards more tokens (a larger KV reservation) rather than fewer."""
@@ -47,9 +53,10 @@ class ChatTemplate:
 
 
 class TokenCounter(Protocol):
-    def count(self, text: str, model: str | None) -> tuple[int, bool]:
+    def count(self, text: str, model: str | None, *, chat: bool = False) -> tuple[int, bool]:
         """Tokens in ``text`` (BOS included) in ``model``'s tokenizer, and whether the count is
-        exact; ``model`` None means the model is unknown, which can only be estimated."""
+        exact; ``model`` None means the model is unknown, which can only be estimated.
+        ``chat``: as for ``token_ids``."""
         ...
 
     def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
@@ -62,7 +69,7 @@ class TokenCounter(Protocol):
 class EstimatedTokenCounter:
     """A byte-length estimate, used when no tokenizer of the served model is available."""
 
-    def count(self, text: str, model: str | None) -> tuple[int, bool]:
+    def count(self, text: str, model: str | None, *, chat: bool = False) -> tuple[int, bool]:
         return 1 + math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE), False
 
     def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
@@ -96,6 +103,9 @@ class GgufTokenCounter:
             else None
         )
         self._prefixes = self._prefix_tokenizer()
+        self._counts: OrderedDict[str, int] = OrderedDict()
+        self._counted_chars = 0
+        self._counts_lock = threading.Lock()
 
     def _prefix_tokenizer(self) -> PrefixTokenizer | None:
         """Chat prompts tokenized from their kept history (``orchestrator.prompt_pieces``), cut
@@ -130,9 +140,27 @@ class GgufTokenCounter:
         text: bytes = self._llama.detokenize([token], special=True)
         return text.decode("utf-8", errors="replace")
 
-    def count(self, text: str, model: str | None) -> tuple[int, bool]:
-        ids = self.token_ids(text, model)
-        return (len(ids), True) if ids is not None else self._fallback.count(text, model)
+    def count(self, text: str, model: str | None, *, chat: bool = False) -> tuple[int, bool]:
+        """Counts of texts that are not chats are kept by text: a chat's request counts its
+        earlier answers again every turn for the length predictor's hint."""
+        if model != self.model_name:
+            return self._fallback.count(text, model)
+        if not chat:
+            with self._counts_lock:
+                found = self._counts.get(text)
+                if found is not None:
+                    self._counts.move_to_end(text)
+                    return found, True
+        ids = self.token_ids(text, model, chat=chat)
+        assert ids is not None
+        if not chat and len(text) <= COUNT_CACHE_CHARS:
+            with self._counts_lock:
+                if text not in self._counts:
+                    self._counts[text] = len(ids)
+                    self._counted_chars += len(text)
+                while self._counted_chars > COUNT_CACHE_CHARS:
+                    self._counted_chars -= len(self._counts.popitem(last=False)[0])
+        return len(ids), True
 
     def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         if model != self.model_name:

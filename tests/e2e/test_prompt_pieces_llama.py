@@ -109,3 +109,21 @@ def test_template_style_chats_and_broken_texts_tokenize_as_whole_prompts(vocab: 
     for text in random_texts(3, 400):
         for keep in (True, False):
             assert pieces(text, keep=keep) == whole(vocab, text), repr(text)
+
+
+def test_counts_kept_by_text_and_a_chat_prompt_counted_by_the_gateway_are_exact(
+    counter: GgufTokenCounter, vocab: Any
+) -> None:
+    """The gateway counts a chat's earlier answers again every turn (kept by text) and the
+    prompt itself as a chat (its history kept for the coordinator's own count)."""
+    answers = random_texts(4, 20)
+    for answer in [*answers, *answers[::-1]]:
+        expected = len(tokenize(vocab, answer, add_bos=True, special=True))
+        assert counter.count(answer, counter.model_name) == (expected, True)
+        assert counter.count(answer, "another-model")[1] is False  # estimated, not kept
+    prompt = "User: " + "\nAssistant: ".join(answers) + "\nAssistant:"
+    expected_ids = tokenize(vocab, prompt, add_bos=True, special=True)
+    before = counter.reused_prefix_chars
+    assert counter.count(prompt, counter.model_name, chat=True) == (len(expected_ids), True)
+    assert counter.token_ids(prompt, counter.model_name, chat=True) == expected_ids
+    assert counter.reused_prefix_chars > before  # the coordinator's count found the gateway's

@@ -152,7 +152,7 @@ class TraceTokens:
     def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         return None
 
-    def count(self, text: str, model: str | None) -> tuple[int, bool]:
+    def count(self, text: str, model: str | None, *, chat: bool = False) -> tuple[int, bool]:
         return self._counts[text], True
 
 

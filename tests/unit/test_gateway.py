@@ -62,7 +62,7 @@ def view(served: dict[str, int] | None = None, template: ChatTemplate | None = N
     return ModelView(
         served={"fake": 4096} if served is None else served,
         template=template,
-        count_tokens=lambda text, model: 1 + len(text.split()),
+        count_tokens=lambda text, model, chat: 1 + len(text.split()),
     )
 
 

@@ -70,7 +70,7 @@ class WordIds:
     def token_ids(self, text: str, model: str | None, *, chat: bool = False) -> list[int] | None:
         return [1] + [hash(word) % 50_000 for word in text.split()] if model == "m" else None
 
-    def count(self, text: str, model: str | None) -> tuple[int, bool]:
+    def count(self, text: str, model: str | None, *, chat: bool = False) -> tuple[int, bool]:
         return 1 + len(text.split()), False
 
 

@@ -31,7 +31,7 @@ class ThreadNotingCounter:
         self.chats: dict[str, bool] = {}
         self.fail = fail
 
-    def count(self, text: str, model: str | None) -> tuple[int, bool]:
+    def count(self, text: str, model: str | None, *, chat: bool = False) -> tuple[int, bool]:
         ids = self.token_ids(text, model)
         assert ids is not None
         return len(ids), True
