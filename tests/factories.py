@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
@@ -11,7 +13,7 @@ from orchestrator.core.agent_views import AgentState
 from orchestrator.core.driver import ClusterDriver, DriverSettings
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.events import AgentJoined
-from orchestrator.core.placement import make_placement
+from orchestrator.core.placement import Candidate, Choice, Fleet, Placement, make_placement
 from orchestrator.core.policies import make_policy
 from orchestrator.core.table import RequestRecord
 from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
@@ -136,3 +138,23 @@ def driver(policy: str = "fcfs", *agents: AgentState, **settings: Any) -> Cluste
     for state in agents or (agent_state(),):
         cluster.on_event(AgentJoined(state), 0.0)
     return cluster
+
+
+@dataclass(frozen=True)
+class WeighEveryAgent:
+    """A placement as it was before ``settle``: ``choose`` over every capable agent (the
+    reference a searched placement must decide as)."""
+
+    inner: Placement
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def choose(
+        self, request: QueuedRequest, candidates: Sequence[Candidate], dispatch_count: int
+    ) -> Choice:
+        return self.inner.choose(request, candidates, dispatch_count)
+
+    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
+        return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
 
 import pytest
 
@@ -17,19 +16,16 @@ from orchestrator.core.lifecycle import (
 )
 from orchestrator.core.placement import (
     Candidate,
-    Choice,
-    Fleet,
     LeastLoaded,
-    Placement,
     make_placement,
 )
 from orchestrator.core.policies import BATCH_PRIORITY_DELAY_S, FirstComeFirstServed, make_policy
 from orchestrator.core.scheduler import decide
 from orchestrator.core.table import RequestTable
-from orchestrator.core.views import DispatchAction, QueuedRequest, RejectAction, Snapshot
+from orchestrator.core.views import DispatchAction, RejectAction, Snapshot
 from orchestrator.errors import ContextOverflow, InvalidRequest, Unavailable
 from orchestrator.protocol import AgentId, RequestId
-from tests.factories import agent, params, queued, record
+from tests.factories import WeighEveryAgent, agent, params, queued, record
 
 CONFIG = SchedulerConfig(
     policy=FirstComeFirstServed(), placement=LeastLoaded(), unavailable_timeout_s=5.0
@@ -185,22 +181,6 @@ def test_least_loaded_prefers_free_share_then_free_kv() -> None:
     assert chosen.agent_id == "idle-big"
 
 
-class _OverEveryAgent:
-    """A placement choosing over every agent's candidate, as before ``settle`` searched."""
-
-    def __init__(self, inner: Placement) -> None:
-        self.inner = inner
-        self.name = inner.name
-
-    def choose(
-        self, request: QueuedRequest, candidates: Sequence[Candidate], dispatch_count: int
-    ) -> Choice:
-        return self.inner.choose(request, candidates, dispatch_count)
-
-    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
-        return None
-
-
 @pytest.mark.parametrize("placement", ["least-loaded", "round-robin"])
 @pytest.mark.parametrize("seed", range(12))
 def test_searched_placements_place_as_weighing_every_agent(placement: str, seed: int) -> None:
@@ -230,7 +210,7 @@ def test_searched_placements_place_as_weighing_every_agent(placement: str, seed:
     )
     snapshot = Snapshot(queue=queue, agents=agents, dispatch_count=rng.randint(0, 100))
     searched = dataclasses.replace(CONFIG, placement=make_placement(placement))
-    reference = dataclasses.replace(CONFIG, placement=_OverEveryAgent(make_placement(placement)))
+    reference = dataclasses.replace(CONFIG, placement=WeighEveryAgent(make_placement(placement)))
     assert decide(snapshot, now=1.0, config=searched) == decide(snapshot, 1.0, reference)
 
 

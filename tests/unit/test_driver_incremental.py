@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TypeVar
 
 import pytest
@@ -31,7 +30,7 @@ from orchestrator.core.events import (
 )
 from orchestrator.core.fleet_index import FleetMemo
 from orchestrator.core.ordered_queue import OrderedQueue
-from orchestrator.core.placement import Candidate, Choice, Fleet, Placement, make_placement
+from orchestrator.core.placement import make_placement
 from orchestrator.core.policies import make_policy
 from orchestrator.core.scheduler import decide
 from orchestrator.core.table import RequestRecord
@@ -45,7 +44,15 @@ from orchestrator.core.views import (
 )
 from orchestrator.errors import Overloaded
 from orchestrator.protocol import RequestId
-from tests.factories import agent_state, estimate, params, queued, record, speed
+from tests.factories import (
+    WeighEveryAgent,
+    agent_state,
+    estimate,
+    params,
+    queued,
+    record,
+    speed,
+)
 
 MODELS = ("gemma", "qwen")
 V = TypeVar("V", QueuedRequest, RunningRequest)
@@ -83,25 +90,6 @@ def rebuilt(driver: ClusterDriver, now: float) -> Snapshot:
         ),
         dispatch_count=driver.dispatch_count,
     )
-
-
-@dataclass(frozen=True)
-class WeighEveryAgent:
-    """A placement as it was before ``settle``: ``choose`` over every capable agent."""
-
-    inner: Placement
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def choose(
-        self, request: QueuedRequest, candidates: Sequence[Candidate], dispatch_count: int
-    ) -> Choice:
-        return self.inner.choose(request, candidates, dispatch_count)
-
-    def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
-        return None
 
 
 def _join(driver: ClusterDriver, rng: random.Random, n: int, now: float) -> None:
