@@ -283,7 +283,7 @@ class Gateway:
                 await self._app(scope, receive, send_with_id)
         finally:
             route = path if path in self._routes else "other"
-            self._metrics.http_requests.labels(route=route, status=str(status)).inc()
+            self._metrics.http_requests.inc(route, str(status))
             log.log(
                 logging.DEBUG if path in QUIET_PATHS else logging.INFO,
                 "%s %s %s -> %d in %.3f s",

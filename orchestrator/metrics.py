@@ -2,7 +2,8 @@
 
 Each coordinator owns a private ``CollectorRegistry`` (two coordinators in one process, as in
 tests, never share series). Event metrics (histograms, labelled counters) are recorded by hooks
-the coordinator calls from its single event loop; state metrics (queue, running, per-agent KV and
+the coordinator calls from its single event loop, as plain numbers that a custom collector
+exports at scrape time; state metrics (queue, running, per-agent KV and
 speed, the request table's cumulative counters) are read from the coordinator at scrape time by a
 custom collector, so they can never drift from what ``edgeorch status`` shows.
 
@@ -13,13 +14,20 @@ gap since the previous frame divided by its token count.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from orchestrator.core.lifecycle import RequestState
@@ -42,78 +50,128 @@ LOG_ERROR_BUCKETS: Final = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 TOKEN_ERROR_BUCKETS: Final = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
 
 
+class _Histogram:
+    """A Prometheus histogram kept as plain numbers: the coordinator observes from its one event
+    loop, so prometheus_client's per-observation lock (a third of the metrics' cost a request
+    on the control-plane benchmark) buys nothing; the state collector exports it at scrape."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        """Observations per bucket, the last one above every bound (``+Inf``)."""
+        self.sum = 0.0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative = list(itertools.accumulate(self.counts))
+        bounds = [repr(float(b)) for b in self.bounds] + ["+Inf"]  # as prometheus_client writes
+        return HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=list(zip(bounds, cumulative, strict=True)),
+            sum_value=self.sum,
+        )
+
+
+class _LabelledCounter:
+    """A Prometheus counter by label values, kept as plain numbers (see ``_Histogram``)."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def inc(self, *values: str) -> None:
+        self.counts[values] = self.counts.get(values, 0) + 1
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for values, count in self.counts.items():
+            family.add_metric(list(values), count)
+        return family
+
+
 class CoordinatorMetrics:
     """The coordinator's metrics; see the module docstring."""
 
     def __init__(self, coordinator: CoordinatorView) -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
-        self.queue_time = Histogram(
+        self.queue_time = _Histogram(
             "edgeorch_queue_time_seconds",
             "Seconds from acceptance to the first dispatch",
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
+            LATENCY_BUCKETS_S,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = _Histogram(
             "edgeorch_time_to_first_token_seconds",
             "Seconds from acceptance to the first generated token",
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
+            LATENCY_BUCKETS_S,
         )
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = _Histogram(
             "edgeorch_inter_token_latency_seconds",
             "Seconds between consecutive tokens of a request (frame gap / tokens in the frame)",
-            buckets=INTER_TOKEN_BUCKETS_S,
-            registry=registry,
+            INTER_TOKEN_BUCKETS_S,
         )
-        self.request_duration = Histogram(
+        self.request_duration = _Histogram(
             "edgeorch_request_duration_seconds",
             "Seconds from acceptance to the result of requests that finished",
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
+            LATENCY_BUCKETS_S,
         )
-        self.predictor_log_error = Histogram(
+        self.predictor_log_error = _Histogram(
             "edgeorch_predictor_abs_log_error",
             "|ln(actual / predicted median output tokens)| of requests that ended naturally",
-            buckets=LOG_ERROR_BUCKETS,
-            registry=registry,
+            LOG_ERROR_BUCKETS,
         )
-        self.predictor_token_error = Histogram(
+        self.predictor_token_error = _Histogram(
             "edgeorch_predictor_abs_error_tokens",
             "|actual - predicted median| output tokens of requests that ended naturally",
-            buckets=TOKEN_ERROR_BUCKETS,
-            registry=registry,
+            TOKEN_ERROR_BUCKETS,
         )
-        self.redispatches = Counter(
+        self.redispatches = _LabelledCounter(
             "edgeorch_redispatches",
             "Dispatches of a request's second or later attempt, by why the previous one ended",
-            ["reason"],
-            registry=registry,
+            ("reason",),
         )
-        self.placements = Counter(
+        self.placements = _LabelledCounter(
             "edgeorch_placements",
             "Dispatches by where the prompt's prefix was cached: on the chosen agent "
             "(prefix_here), more of it on another (prefix_elsewhere), or nowhere (no_prefix)",
-            ["prefix"],
-            registry=registry,
+            ("prefix",),
         )
-        self.rejected = Counter(
+        self.rejected = _LabelledCounter(
             "edgeorch_rejected_requests",
             "Requests refused or failed, by error code (or 'draining')",
-            ["reason"],
-            registry=registry,
+            ("reason",),
         )
-        self.http_requests = Counter(
+        self.http_requests = _LabelledCounter(
             "edgeorch_http_requests",
             "HTTP gateway responses by route and status code",
-            ["route", "status"],
-            registry=registry,
+            ("route", "status"),
         )
         self.agent_tokens: dict[AgentId, int] = {}
         self._recent: dict[AgentId, deque[tuple[float, int]]] = {}
         self._last_token_s: dict[RequestId, float] = {}
         self._requeue_reason: dict[RequestId, str] = {}
-        registry.register(_StateCollector(coordinator, self))
+        self.registry.register(_StateCollector(coordinator, self))
+
+    def events(self) -> Iterator[Metric]:
+        """The event metrics (histograms and labelled counters) as of now."""
+        for histogram in (
+            self.queue_time,
+            self.time_to_first_token,
+            self.inter_token_latency,
+            self.request_duration,
+            self.predictor_log_error,
+            self.predictor_token_error,
+        ):
+            yield histogram.family()
+        for counter in (self.redispatches, self.placements, self.rejected, self.http_requests):
+            yield counter.family()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
@@ -122,12 +180,12 @@ class CoordinatorMetrics:
     # --- hooks the coordinator calls ----------------------------------------------------------
 
     def dispatched(self, record: RequestRecord, now: float, prefix: str) -> None:
-        self.placements.labels(prefix=prefix).inc()
+        self.placements.inc(prefix)
         if record.attempt == 1:
             self.queue_time.observe(max(0.0, now - record.arrival_s))
         else:
             reason = self._requeue_reason.pop(record.request_id, "unknown")
-            self.redispatches.labels(reason=reason).inc()
+            self.redispatches.inc(reason)
 
     def requeued(self, request_id: RequestId, reason: str) -> None:
         self._requeue_reason[request_id] = reason
@@ -148,9 +206,7 @@ class CoordinatorMetrics:
         previous = self._last_token_s.get(record.request_id)
         self._last_token_s[record.request_id] = now
         if previous is not None:
-            gap = max(0.0, now - previous) / n_tokens
-            for _ in range(n_tokens):
-                self.inter_token_latency.observe(gap)
+            self.inter_token_latency.observe(max(0.0, now - previous) / n_tokens, n_tokens)
 
     def finished(self, record: RequestRecord, now: float) -> None:
         self.request_duration.observe(max(0.0, now - record.arrival_s))
@@ -163,7 +219,7 @@ class CoordinatorMetrics:
         self.forget(record.request_id)
 
     def refused(self, reason: str) -> None:
-        self.rejected.labels(reason=reason).inc()
+        self.rejected.inc(reason)
 
     def forget(self, request_id: RequestId) -> None:
         """Drop per-request bookkeeping of a request that ended."""
@@ -186,6 +242,7 @@ class _StateCollector:
     def collect(self) -> Iterator[Metric]:
         coordinator, table = self._coordinator, self._coordinator.table
         now = coordinator.now()
+        yield from self._metrics.events()
         yield GaugeMetricFamily(
             "edgeorch_requests_waiting",
             "Requests accepted and waiting for an agent",

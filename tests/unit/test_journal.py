@@ -62,7 +62,24 @@ def test_an_accepted_request_replays_queued_with_its_parameters(tmp_path: Path) 
     assert (replayed.prompt_tokens, replayed.predicted_tokens) == (4, 30.0)
     assert replayed.estimate == estimate
     assert replayed.arrival_s == pytest.approx(5002.5)
-    assert replayed.attempt == 1 and replayed.text == "" and replayed.generated_tokens == 0
+    assert replayed.text == "" and replayed.generated_tokens == 0
+    assert replayed.attempt == 2  # attempt 1 may have been sent before the restart
+
+
+def test_an_attempt_is_journaled_once_it_passes_what_the_row_already_counts(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    rid = RequestId("r1")
+    journal.write([AcceptOp(record("r1"), WALL), DispatchOp(rid, 1)])
+    journal.write([DispatchOp(rid, 1)])
+    assert by_id(journal)["r1"].attempt == 2
+    journal.write([DispatchOp(rid, 4)])
+    assert by_id(journal)["r1"].attempt == 5
+    journal.write([AcceptOp(record("r2"), WALL), DispatchOp(RequestId("r2"), 3)])
+    assert by_id(journal)["r2"].attempt == 4
+    journal.write([DispatchOp(RequestId("never-accepted"), 2)])
+    assert set(by_id(journal)) == {"r1", "r2"}
 
 
 def test_a_running_request_resumes_after_its_journaled_tokens_as_a_later_attempt(
@@ -200,6 +217,62 @@ def test_prune_deletes_only_requests_that_ended_before_the_bound(tmp_path: Path)
     )
     assert journal.prune(WALL + 50.0) == 1
     assert set(by_id(journal)) == {"new", "open"}
+
+
+def test_a_pruned_request_id_can_be_accepted_again(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    accept(journal, "r1")
+    journal.write([EndOp(RequestId("r1"), RequestState.CANCELLED, WALL + 1.0)])
+    assert journal.prune(WALL + 50.0) == 1
+    accept(journal, "r1", prompt="again")
+    journal.close()
+    (replayed,) = Journal(tmp_path / "j.sqlite3").replay(OFFSET)
+    assert (replayed.prompt, replayed.state) == ("again", RequestState.QUEUED)
+
+
+_SCHEMA_V1 = """
+CREATE TABLE requests (
+    request_id TEXT PRIMARY KEY, prompt TEXT NOT NULL, params TEXT NOT NULL,
+    priority TEXT NOT NULL, arrival_wall REAL NOT NULL, prompt_tokens INTEGER NOT NULL,
+    prompt_tokens_exact INTEGER NOT NULL, predicted_tokens REAL, estimate TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, text TEXT,
+    completion_tokens INTEGER, finish_reason TEXT, queue_s REAL, ttft_s REAL, total_s REAL,
+    agent TEXT, error TEXT, finished_wall REAL
+);
+CREATE INDEX requests_ended ON requests(finished_wall) WHERE finished_wall IS NOT NULL;
+CREATE TABLE chunks (
+    seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL, text TEXT NOT NULL,
+    n_tokens INTEGER NOT NULL, token_ids BLOB NOT NULL, model TEXT
+);
+CREATE INDEX chunks_request ON chunks(request_id);
+PRAGMA user_version=1;
+"""
+
+
+def test_a_journal_of_schema_version_1_is_migrated_with_its_requests(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA_V1)
+    row = "INSERT INTO requests (request_id, prompt, params, priority, arrival_wall, "
+    row += "prompt_tokens, prompt_tokens_exact, attempt, state, text, finished_wall) "
+    row += "VALUES (?, 'hi', ?, 'normal', ?, 2, 1, ?, ?, ?, ?)"
+    db.execute(row, ("running", params().model_dump_json(), WALL, 2, "active", None, None))
+    db.execute(row, ("done", params().model_dump_json(), WALL, 1, "finished", "bye", WALL + 3))
+    db.execute(
+        "INSERT INTO chunks (request_id, text, n_tokens, token_ids, model) VALUES (?, ?, ?, ?, ?)",
+        ("running", " so far", 2, b"\x05\x00\x00\x00\x06\x00\x00\x00", "gemma"),
+    )
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert journal.moved_aside is None
+    replayed = by_id(journal)
+    assert (replayed["running"].attempt, replayed["running"].text) == (3, " so far")
+    assert replayed["running"].token_ids == [5, 6]
+    assert (replayed["done"].state, replayed["done"].text) == (RequestState.FINISHED, "bye")
+    journal.write([EndOp(RequestId("running"), RequestState.CANCELLED, WALL + 5.0)])
+    assert chunk_rows(path) == 0
+    assert journal.counts() == {"cancelled": 1, "finished": 1}
 
 
 def test_an_unreadable_journal_is_moved_aside_and_a_fresh_one_started(tmp_path: Path) -> None:
