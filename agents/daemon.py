@@ -444,8 +444,8 @@ class AgentDaemon:
         """Send what the engine reported and note its state for heartbeats (read here, on the
         loop's thread, never while a step runs)."""
         fresh = [e for e in events if e.key not in self._abandoned]
-        for event in self._coalescer.push(fresh, time.monotonic()):
-            self._send(_event_message(event))
+        for message in event_messages(self._coalescer.push(fresh, time.monotonic())):
+            self._send(message)
         self._kv_used_tokens = self.engine.kv_used_tokens()
         self._cache = PromptCacheStats(**asdict(self.engine.cache_stats()))
         self._speed = heartbeat_speed(self.engine.achieved_speed())
@@ -472,7 +472,27 @@ class AgentDaemon:
                 self._forgotten.set()
 
 
-def _event_message(event: EngineEvent) -> WireModel:
+def event_messages(events: list[EngineEvent]) -> list[WireModel]:
+    """The frames for ``events``, in order; a sequence's last tokens ride on its end."""
+    messages: list[WireModel] = []
+    tail: Emitted | None = None
+    for event in events:
+        if tail is not None and not (isinstance(event, Completed) and event.key == tail.key):
+            messages.append(_event_message(tail))
+            tail = None
+        if isinstance(event, Emitted):
+            tail = event
+        elif isinstance(event, Completed):
+            messages.append(_event_message(event, tail))
+            tail = None
+        else:
+            messages.append(_event_message(event))
+    if tail is not None:
+        messages.append(_event_message(tail))
+    return messages
+
+
+def _event_message(event: EngineEvent, tail: Emitted | None = None) -> WireModel:
     request_id, attempt = event.key
     if isinstance(event, Emitted):
         return TokenChunk(
@@ -491,6 +511,9 @@ def _event_message(event: EngineEvent) -> WireModel:
             finish_reason=event.finish_reason,
             prefill_s=event.prefill_s,
             decode_s=event.decode_s,
+            text=tail.text if tail is not None else "",
+            n_tokens=tail.n_tokens if tail is not None else 0,
+            token_ids=tail.token_ids if tail is not None else (),
         )
     return RunFailed(request_id=request_id, attempt=attempt, error=ErrorInfo.of(event.error))
 

@@ -141,6 +141,19 @@ class AgentLink:
                 now,
             )
         elif isinstance(message, RunFinished):
+            if message.n_tokens or message.text:
+                self._handle(
+                    TokensReceived(
+                        session.agent_id,
+                        RequestId(message.request_id),
+                        message.attempt,
+                        message.text,
+                        message.n_tokens,
+                        message.token_ids,
+                        session.profile.model_name,
+                    ),
+                    now,
+                )
             self._handle(
                 RunEnded(
                     session.agent_id,

@@ -208,6 +208,9 @@ class TokenChunk(WireModel):
 
 
 class RunFinished(WireModel):
+    """The attempt ended. ``text``, ``n_tokens`` and ``token_ids`` are its last tokens when
+    they came with the end (as a ``TokenChunk`` would carry them): one frame instead of two."""
+
     type: Literal["finished"] = "finished"
     v: int = PROTOCOL_VERSION
     request_id: WireId
@@ -217,6 +220,9 @@ class RunFinished(WireModel):
     finish_reason: FinishReason
     prefill_s: float = Field(ge=0)
     decode_s: float = Field(ge=0)
+    text: str = ""
+    n_tokens: int = Field(default=0, ge=0)
+    token_ids: tuple[int, ...] = Field(default=(), max_length=MAX_CONTAINER_ITEMS)
 
 
 class RunFailed(WireModel):

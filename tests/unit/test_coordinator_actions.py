@@ -26,8 +26,11 @@ from orchestrator.protocol import (
     Register,
     RequestId,
     Reserve,
+    Result,
     RunFailed,
+    RunFinished,
     Submit,
+    TokenChunk,
     WireModel,
     encode,
 )
@@ -201,3 +204,34 @@ def test_the_heartbeat_carries_only_finite_positive_speeds() -> None:
     assert heartbeat_speed(AchievedSpeed()) is None
     measured = heartbeat_speed(AchievedSpeed(((1, 20.0), (2, math.inf), (0, 5.0)), math.nan))
     assert measured == MeasuredSpeed(decode_curve=((1, 20.0),), prefill_tps=None)
+
+
+def test_an_end_that_carries_the_last_tokens_counts_them_before_it_ends() -> None:
+    async def scenario() -> list[WireModel]:
+        c, _ = coordinator("fcfs")
+        replies: list[WireModel] = []
+        client = c.connect_local(replies.append)
+        c.send_local(client, Submit(request_id="r", prompt="hello", params=params()))
+        c.schedule(now=0.0)
+        first = TokenChunk(request_id="r", attempt=1, text="one", n_tokens=1)
+        c.on_agent_frame(b"id-a1", encode(first), None)
+        end = RunFinished(
+            request_id="r",
+            attempt=1,
+            prompt_tokens=2,
+            completion_tokens=3,
+            finish_reason="stop",
+            prefill_s=0.0,
+            decode_s=0.0,
+            text=" two three",
+            n_tokens=2,
+            token_ids=(5, 6),
+        )
+        c.on_agent_frame(b"id-a1", encode(end), None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return replies
+
+    result = asyncio.run(scenario())[-1]
+    assert isinstance(result, Result)
+    assert (result.text, result.completion_tokens) == ("one two three", 3)
