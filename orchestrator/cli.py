@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -41,6 +42,10 @@ EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 CHILD_STOP_TIMEOUT_S: Final = 15.0
 CHILD_POLL_S: Final = 0.2
+GC_YOUNG_THRESHOLD: Final = 7_000
+"""Container allocations (less frees) between the coordinator's young collections (Python: 700).
+In-process control-plane harness: 86.9 us a request at 700, 76.8 at 7,000, 74.3 with no
+collector at all."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,7 +334,19 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         predictions=_prediction_service(settings),
         journal=_journal(settings),
     )
+    _settle_collector()
     return _serve(coordinator.run)
+
+
+def _settle_collector() -> None:
+    """Exempt what start-up built (modules, the tokenizer's tables, the replayed journal) from
+    the cycle collector's passes and make its young passes rarer: the coordinator's requests
+    are mostly freed by reference counting, and at Python's default of a young pass every 700
+    container allocations their objects were scanned and promoted while still in flight (about
+    a tenth of the coordinator's time a request; ``GC_YOUNG_THRESHOLD``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _journal(settings: CoordinatorSettings) -> Journal | None:

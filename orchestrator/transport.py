@@ -4,11 +4,13 @@ the same frame limit as the msgpack decoder."""
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import Callable
 from typing import Any, Final
 
 import zmq
 import zmq.asyncio
+import zmq.backend
 
 from orchestrator.auth import (
     ClientKeys,
@@ -110,8 +112,10 @@ def _dealer(
 
 _NOBLOCK: Final = int(zmq.NOBLOCK)
 _SNDMORE: Final = int(zmq.SNDMORE)
-"""ZeroMQ's flags as plain ints: a send of two frames without ``send_multipart``'s enum
-arithmetic costs half as much (1.3 against 2.9 us)."""
+_RCVMORE: Final = int(zmq.RCVMORE)
+"""ZeroMQ's flags and options as plain ints: a send of two frames without ``send_multipart``'s
+enum arithmetic costs half as much (1.3 against 2.9 us), and so does a receive of two (1.15
+against 2.25 us)."""
 
 READ_BURST_MAX: Final = 256
 """Messages one wakeup of a ``RouterPump`` reads before it lets the event loop run others (the
@@ -130,6 +134,11 @@ class _Pump:
         self._owner = socket
         """Kept: the shadow below does not own the socket, and the owner closes it when freed."""
         self._socket: zmq.Socket[bytes] = zmq.Socket.shadow(socket.underlying)
+        self._send: Callable[[bytes, int], object] = types.MethodType(
+            zmq.backend.Socket.send, self._socket
+        )
+        """The socket's own send, without the wrapper's routing-id and group arguments (a send
+        of two frames 0.5 against 1.0 us)."""
         self._fd = int(self._socket.getsockopt(zmq.FD))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: asyncio.Future[None] | None = None
@@ -169,6 +178,14 @@ class _Pump:
         """Receive and hand on one message; ``zmq.Again`` when none waits."""
         raise NotImplementedError
 
+    def _receive(self) -> list[bytes]:
+        """The parts of one message (``recv_multipart`` with plain ints)."""
+        socket = self._socket
+        parts = [socket.recv(_NOBLOCK)]
+        while socket.get(_RCVMORE):
+            parts.append(socket.recv(_NOBLOCK))
+        return parts
+
 
 class RouterPump(_Pump):
     """A bound ROUTER, pumped (``_Pump``). Its sends never block: a ROUTER drops at the
@@ -189,8 +206,8 @@ class RouterPump(_Pump):
         self._authenticated = authenticated
 
     def send(self, identity: bytes, frame: bytes) -> None:
-        self._socket.send(identity, _SNDMORE)
-        self._socket.send(frame)
+        self._send(identity, _SNDMORE)
+        self._send(frame, 0)
         self._schedule_read()
 
     def _read_one(self) -> None:
@@ -199,7 +216,7 @@ class RouterPump(_Pump):
             key: str | None = str(parts[-1].get(USER_ID))
             frames = [part.bytes for part in parts]
         else:
-            frames = self._socket.recv_multipart(_NOBLOCK)
+            frames = self._receive()
             key = None
         if len(frames) == 2:
             self._on_message(frames[0], frames[1], key)
@@ -217,10 +234,10 @@ class DealerPump(_Pump):
         self._on_frame = on_frame
 
     def send(self, frame: bytes) -> None:
-        self._socket.send(frame, _NOBLOCK)
+        self._send(frame, _NOBLOCK)
         self._schedule_read()
 
     def _read_one(self) -> None:
-        frames = self._socket.recv_multipart(_NOBLOCK)
+        frames = self._receive()
         if len(frames) == 1:
             self._on_frame(frames[0])
