@@ -59,6 +59,7 @@ SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_S: Final = 5.0
 TOKEN_ID_TYPECODE: Final = "i"
 """Token ids are stored as native 32-bit ints (vocabularies are far below 2**31)."""
+ESTIMATE_TYPECODE: Final = "d"
 
 _COLUMNS: Final = """
     prompt TEXT NOT NULL,
@@ -68,7 +69,7 @@ _COLUMNS: Final = """
     prompt_tokens INTEGER NOT NULL,
     prompt_tokens_exact INTEGER NOT NULL,
     predicted_tokens REAL,
-    estimate TEXT,
+    estimate BLOB,
     attempt INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     text TEXT,
@@ -334,13 +335,7 @@ class Journal:
         if earlier is not None:
             self._db.execute("DELETE FROM requests WHERE seq = ?", (earlier,))
             self._clear_chunks(earlier, chunked, cleared)
-        estimate = (
-            json.dumps(
-                {"expected": record.estimate.expected, "quantiles": record.estimate.quantiles}
-            )
-            if record.estimate is not None
-            else None
-        )
+        estimate = _packed(record.estimate) if record.estimate is not None else None
         cursor = self._db.execute(
             "INSERT INTO requests (request_id, prompt, params, priority, arrival_wall, "
             "prompt_tokens, prompt_tokens_exact, predicted_tokens, estimate, attempt, state) "
@@ -497,10 +492,25 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _estimate(raw: str | None) -> LengthEstimate | None:
+def _packed(estimate: LengthEstimate) -> bytes:
+    """``estimate`` as float64s: the expectation, then each quantile's level and tokens (JSON
+    took 9 us a predicted request on the event loop, mostly writing the floats' digits)."""
+    values = array(ESTIMATE_TYPECODE, [estimate.expected])
+    for level, tokens in estimate.quantiles:
+        values.append(level)
+        values.append(tokens)
+    return values.tobytes()
+
+
+def _estimate(raw: bytes | str | None) -> LengthEstimate | None:
+    """An estimate as ``_packed`` wrote it, or as JSON (rows journaled by schema version 1)."""
     if raw is None:
         return None
-    data = json.loads(raw)
-    return LengthEstimate(
-        float(data["expected"]), tuple((float(q), float(t)) for q, t in data["quantiles"])
-    )
+    if isinstance(raw, str):
+        data = json.loads(raw)
+        return LengthEstimate(
+            float(data["expected"]), tuple((float(q), float(t)) for q, t in data["quantiles"])
+        )
+    values = array(ESTIMATE_TYPECODE)
+    values.frombytes(raw)
+    return LengthEstimate(values[0], tuple(zip(values[1::2], values[2::2], strict=True)))

@@ -254,10 +254,13 @@ def test_a_journal_of_schema_version_1_is_migrated_with_its_requests(tmp_path: P
     db = sqlite3.connect(path)
     db.executescript(_SCHEMA_V1)
     row = "INSERT INTO requests (request_id, prompt, params, priority, arrival_wall, "
-    row += "prompt_tokens, prompt_tokens_exact, attempt, state, text, finished_wall) "
-    row += "VALUES (?, 'hi', ?, 'normal', ?, 2, 1, ?, ?, ?, ?)"
-    db.execute(row, ("running", params().model_dump_json(), WALL, 2, "active", None, None))
-    db.execute(row, ("done", params().model_dump_json(), WALL, 1, "finished", "bye", WALL + 3))
+    row += "prompt_tokens, prompt_tokens_exact, attempt, state, text, finished_wall, estimate) "
+    row += "VALUES (?, 'hi', ?, 'normal', ?, 2, 1, ?, ?, ?, ?, ?)"
+    estimate = '{"expected": 40.0, "quantiles": [[0.5, 30.0], [0.9, 90.0]]}'
+    running = ("running", params().model_dump_json(), WALL, 2, "active", None, None, estimate)
+    db.execute(row, running)
+    done = ("done", params().model_dump_json(), WALL, 1, "finished", "bye", WALL + 3, None)
+    db.execute(row, done)
     db.execute(
         "INSERT INTO chunks (request_id, text, n_tokens, token_ids, model) VALUES (?, ?, ?, ?, ?)",
         ("running", " so far", 2, b"\x05\x00\x00\x00\x06\x00\x00\x00", "gemma"),
@@ -269,6 +272,7 @@ def test_a_journal_of_schema_version_1_is_migrated_with_its_requests(tmp_path: P
     replayed = by_id(journal)
     assert (replayed["running"].attempt, replayed["running"].text) == (3, " so far")
     assert replayed["running"].token_ids == [5, 6]
+    assert replayed["running"].estimate == LengthEstimate.of(40.0, {0.5: 30.0, 0.9: 90.0})
     assert (replayed["done"].state, replayed["done"].text) == (RequestState.FINISHED, "bye")
     journal.write([EndOp(RequestId("running"), RequestState.CANCELLED, WALL + 5.0)])
     assert chunk_rows(path) == 0
