@@ -219,6 +219,19 @@ def test_prune_deletes_only_requests_that_ended_before_the_bound(tmp_path: Path)
     assert set(by_id(journal)) == {"new", "open"}
 
 
+def test_a_batch_that_fails_part_way_leaves_no_row_and_no_stale_index(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3")
+    accept(journal, "r1")
+    with pytest.raises(AttributeError):
+        journal.write([AcceptOp(record("r2"), WALL), "not an op"])  # type: ignore[list-item]
+    assert set(by_id(journal)) == {"r1"}
+    accept(journal, "r3")  # takes the row number the failed batch had given r2
+    journal.write([EndOp(RequestId("r2"), RequestState.CANCELLED, WALL + 1.0)])
+    assert journal.counts() == {"active": 2}
+    accept(journal, "r2")
+    assert set(by_id(journal)) == {"r1", "r2", "r3"}
+
+
 def test_a_pruned_request_id_can_be_accepted_again(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.sqlite3")
     accept(journal, "r1")
