@@ -469,9 +469,17 @@ T = TypeVar("T")
 
 
 def encode(message: WireModel) -> bytes:
-    """Serialise one message to a msgpack frame."""
-    frame: bytes = msgpack.packb(message.model_dump(), use_bin_type=True)
+    """Serialise one message to a msgpack frame: its fields as ``model_dump`` gives them, read
+    from the model itself (half the time of ``model_dump`` for a dispatch or a result)."""
+    frame: bytes = msgpack.packb(message.__dict__, use_bin_type=True, default=_nested_fields)
     return frame
+
+
+def _nested_fields(value: object) -> dict[str, Any]:
+    """A nested message's fields (msgpack calls this for what it cannot pack itself)."""
+    if isinstance(value, BaseModel):
+        return value.__dict__
+    raise TypeError(f"cannot put a {type(value).__name__} on the wire")
 
 
 def decode(frame: bytes, adapter: TypeAdapter[T]) -> T | ProtocolError:

@@ -103,6 +103,16 @@ def test_round_trip(message, adapter) -> None:
     assert decode(encode(message), adapter) == message
 
 
+@pytest.mark.parametrize(("message", "adapter"), ROUND_TRIPS, ids=lambda m: getattr(m, "type", ""))
+def test_a_frame_holds_exactly_what_model_dump_gives(message, adapter) -> None:
+    assert encode(message) == msgpack.packb(message.model_dump(), use_bin_type=True)
+
+
+def test_a_value_msgpack_cannot_pack_is_refused() -> None:
+    with pytest.raises(TypeError, match="cannot put a set on the wire"):
+        encode(Heartbeat.model_construct(kv_used_tokens=1, running={"r1"}))
+
+
 def _frame(**fields) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, **fields})
 
