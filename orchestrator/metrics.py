@@ -1,11 +1,11 @@
 """Prometheus metrics of one coordinator, served by the HTTP gateway's ``GET /metrics``.
 
 Each coordinator owns a private ``CollectorRegistry`` (two coordinators in one process, as in
-tests, never share series). Event metrics (histograms, labelled counters) are recorded by hooks
-the coordinator calls from its single event loop, as plain numbers that a custom collector
-exports at scrape time; state metrics (queue, running, per-agent KV and
-speed, the request table's cumulative counters) are read from the coordinator at scrape time by a
-custom collector, so they can never drift from what ``edgeorch status`` shows.
+tests, never share series). Event metrics (histograms, labelled counters) are kept as plain
+numbers by hooks the coordinator calls from its single event loop; state metrics (queue,
+running, per-agent KV and speed, the request table's cumulative counters) are read from the
+coordinator, so they can never drift from what ``edgeorch status`` shows. One custom collector
+exports both at scrape time.
 
 Timing metrics are as the coordinator sees them: agents send a sequence's tokens in frames of up
 to ``agents.daemon.STREAM_FLUSH_INTERVAL_S``, so the inter-token latency of a frame's tokens is the
@@ -52,8 +52,8 @@ TOKEN_ERROR_BUCKETS: Final = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1
 
 class _Histogram:
     """A Prometheus histogram kept as plain numbers: the coordinator observes from its one event
-    loop, so prometheus_client's per-observation lock (a third of the metrics' cost a request
-    on the control-plane benchmark) buys nothing; the state collector exports it at scrape."""
+    loop, so prometheus_client's lock buys nothing there and costs 0.8 us an observation (0.15
+    here), 1.6 us a labelled increment."""
 
     def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
         self.name = name
