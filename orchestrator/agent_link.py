@@ -64,6 +64,8 @@ class AgentLink:
         """``handle`` feeds an event to the driver; ``send`` sends a frame to a connection."""
         self.settings = settings
         self.sessions: dict[bytes, AgentSession] = {}
+        self._by_agent_id: dict[AgentId, AgentSession] = {}
+        """``sessions`` by agent id: every dispatch and end looks its agent up."""
         self._handle = handle
         self._send = send
         self._numbers = itertools.count(1)
@@ -124,7 +126,7 @@ class AgentLink:
             if message.prefixes is not None:
                 self._on_prefixes(session, message.prefixes, now)
         elif isinstance(message, Goodbye):
-            del self.sessions[identity]
+            self._drop(identity)
             log.info("agent %s left after draining", session.agent_id)
             self._handle(AgentLost(session.agent_id, "agent left", failed=False), now)
         elif isinstance(message, TokenChunk):
@@ -209,12 +211,11 @@ class AgentLink:
     def _register(
         self, identity: bytes, message: Register, now: float, key: str | None = None
     ) -> None:
-        previous = self.sessions.pop(identity, None)
+        previous = self._drop(identity)
         if previous is not None:
             self._handle(AgentLost(previous.agent_id, "re-registered"), now)
-        taken = {s.agent_id for s in self.sessions.values()}
         agent_id = AgentId(message.name)
-        while agent_id in taken:
+        while agent_id in self._by_agent_id:
             agent_id = AgentId(f"{message.name}-{next(self._numbers)}")
         self.add(
             AgentSession(
@@ -247,7 +248,14 @@ class AgentLink:
 
     def add(self, session: AgentSession, now: float) -> None:
         self.sessions[session.identity] = session
+        self._by_agent_id[session.agent_id] = session
         self._handle(AgentJoined(session.state), now)
+
+    def _drop(self, identity: bytes) -> AgentSession | None:
+        session = self.sessions.pop(identity, None)
+        if session is not None and self._by_agent_id.get(session.agent_id) is session:
+            del self._by_agent_id[session.agent_id]
+        return session
 
     def ping(self, now: float) -> None:
         """Two-way liveness: an agent that got no frame for an interval gets a ping, so it
@@ -260,7 +268,7 @@ class AgentLink:
         deadline = self.settings.heartbeat_interval_s * self.settings.heartbeat_liveness
         for identity, session in list(self.sessions.items()):
             if now - session.last_seen_s > deadline:
-                del self.sessions[identity]
+                self._drop(identity)
                 log.warning(
                     "agent %s silent for %.1f s: declared dead",
                     session.agent_id,
@@ -277,4 +285,4 @@ class AgentLink:
         return served.pop() if len(served) == 1 else None
 
     def by_id(self, agent_id: AgentId) -> AgentSession | None:
-        return next((s for s in self.sessions.values() if s.agent_id == agent_id), None)
+        return self._by_agent_id.get(agent_id)
