@@ -4,6 +4,7 @@ agent frame turned into a cluster-driver event."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Callable
@@ -66,6 +67,8 @@ class AgentLink:
         self.sessions: dict[bytes, AgentSession] = {}
         self._by_agent_id: dict[AgentId, AgentSession] = {}
         """``sessions`` by agent id: every dispatch and end looks its agent up."""
+        self._models: collections.Counter[str] = collections.Counter()
+        """Live agents by the model they serve: every admission asks which one that is."""
         self._handle = handle
         self._send = send
         self._numbers = itertools.count(1)
@@ -249,12 +252,17 @@ class AgentLink:
     def add(self, session: AgentSession, now: float) -> None:
         self.sessions[session.identity] = session
         self._by_agent_id[session.agent_id] = session
+        self._models[session.profile.model_name] += 1
         self._handle(AgentJoined(session.state), now)
 
     def _drop(self, identity: bytes) -> AgentSession | None:
         session = self.sessions.pop(identity, None)
-        if session is not None and self._by_agent_id.get(session.agent_id) is session:
-            del self._by_agent_id[session.agent_id]
+        if session is not None:
+            if self._by_agent_id.get(session.agent_id) is session:
+                del self._by_agent_id[session.agent_id]
+            self._models[session.profile.model_name] -= 1
+            if not self._models[session.profile.model_name]:
+                del self._models[session.profile.model_name]
         return session
 
     def ping(self, now: float) -> None:
@@ -281,8 +289,9 @@ class AgentLink:
         serves; None when that is not yet known."""
         if named is not None:
             return named
-        served = {s.profile.model_name for s in self.sessions.values()}
-        return served.pop() if len(served) == 1 else None
+        if len(self._models) == 1:
+            return next(iter(self._models))
+        return None
 
     def by_id(self, agent_id: AgentId) -> AgentSession | None:
         return self._by_agent_id.get(agent_id)

@@ -10,9 +10,10 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from orchestrator import transport
-from orchestrator.agent_link import ZMQ_ASSIGNED_ID_PREFIX
+from orchestrator.agent_link import ZMQ_ASSIGNED_ID_PREFIX, AgentLink
 from orchestrator.coordinator import Coordinator
-from orchestrator.protocol import Register, Welcome, WireModel, encode
+from orchestrator.protocol import AgentId, Goodbye, Register, Welcome, WireModel, encode
+from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
 from tests.factories import profile
 
@@ -65,3 +66,31 @@ def test_the_stale_register_does_not_take_the_agents_name() -> None:
     assert [(identity, m.agent_id) for identity, m in sent if isinstance(m, Welcome)] == [
         (ROUTING_ID, "fake-1")
     ]
+
+
+def test_lookups_by_agent_id_and_served_model_follow_agents_joining_and_leaving() -> None:
+    link = AgentLink(CoordinatorSettings(), handle=lambda event, now: None, send=lambda i, m: None)
+
+    def join(name: str, model: str) -> None:
+        session = AgentSession(
+            agent_id=AgentId(name),
+            identity=name.encode(),
+            name=name,
+            profile=profile(model_name=model),
+            last_seen_s=0.0,
+        )
+        link.add(session, now=0.0)
+
+    assert link.target_model(None) is None
+    join("a", "gemma")
+    join("b", "gemma")
+    assert link.target_model(None) == "gemma" and link.target_model("other") == "other"
+    join("c", "qwen")
+    assert link.target_model(None) is None
+    link.on_frame(b"c", encode(Goodbye()), None, now=1.0)
+    assert link.target_model(None) == "gemma"
+    assert link.by_id(AgentId("c")) is None
+    by_id = link.by_id(AgentId("a"))
+    assert by_id is not None and by_id.identity == b"a"
+    link.expire(now=1e9)
+    assert link.by_id(AgentId("a")) is None and link.target_model(None) is None
