@@ -3,9 +3,9 @@
 Everything that decides (ordering, placement, rejection, requeueing) lives in the pure cluster
 driver (``orchestrator.core.driver``) that the simulator drives too; this module turns frames
 into its events and its effects back into frames, journal records and replies. Agents connect
-to ``agents_endpoint``, clients to ``clients_endpoint``; with ``http`` set,
-the OpenAI-compatible gateway (``orchestrator.gateway``) runs in the same event loop as an
-in-process client, and ``orchestrator.metrics`` records what happens.
+to ``agents_endpoint``, clients to ``clients_endpoint``; with ``http`` set, the OpenAI-compatible
+gateway (``orchestrator.gateway``) runs in the same event loop as an in-process client, and
+``orchestrator.metrics`` records what happens.
 """
 
 from __future__ import annotations
@@ -71,9 +71,7 @@ if TYPE_CHECKING:
 from orchestrator.tokens import EstimatedTokenCounter, Measured, PromptMeter, TokenCounter
 
 log = logging.getLogger("edgeorch.coordinator")
-
 TICKS_PER_HEARTBEAT: Final = 4
-
 OVERLOADED_RETRY_AFTER_S: Final = 1.0
 JOURNAL_PRUNE_INTERVAL_S: Final = 10.0
 
@@ -429,10 +427,12 @@ class Coordinator:
             self._schedule_needed.set()
 
     def _handle(self, event: Event, now: float) -> None:
-        """Feed one event to the driver and carry out what it says."""
-        self._carry_out(self.driver.on_event(event, now), now)
+        """Feed one event to the driver and carry out what it says, asking for a decision
+        first: the pass then runs before the effects' journal commit and shares it."""
+        effects = self.driver.on_event(event, now)
         if self.driver.needs_decision:
             self._schedule_needed.set()
+        self._carry_out(effects, now)
 
     def _carry_out(self, effects: list[Effect], now: float) -> None:
         for effect in effects:
