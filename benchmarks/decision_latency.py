@@ -1,11 +1,13 @@
 """How long one scheduling decision takes on a large cluster (the pure cluster driver alone).
 
-A driver with ``--agents`` unequal agents (``--max-seqs`` sequences each, all busy) and a queue
-held at ``--queued`` requests with log-normal predicted lengths takes a steady stream of the
-events a live coordinator sees (tokens, runs ending, new arrivals); after each event that may
-let it act it schedules once. Prints the percentiles of ``schedule`` (also net of the garbage
-collector's pauses, and by how many requests a decision dispatched: none, one, several) and
-of ``on_event``.
+A driver with ``--agents`` unequal agents (``--max-seqs`` sequences each) and a queue held at
+``--queued`` requests with log-normal predicted lengths first fills every slot: a decision
+places at most the 16 requests it looks ahead at, so filling 100 agents of 16 sequences takes
+100 decisions, timed apart as ``fill`` (a coordinator starting on a backlog does this once).
+Then, every slot busy, it takes a steady stream of the events a live coordinator sees
+(tokens, runs ending, new arrivals) and schedules once after each. Prints the percentiles of
+``schedule`` in that steady state (also net of the garbage collector's pauses, and by how many
+requests a decision dispatched: none, one, several), of ``fill`` and of ``on_event``.
 
     .venv/bin/python benchmarks/decision_latency.py [--queued 10000] [--agents 100]
         [--max-seqs 16] [--decisions 3000] [--policy srtf] [--placement predicted] [--json OUT]
@@ -158,13 +160,39 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
+def _acknowledge(driver: ClusterDriver, effects: list[Effect], now: float) -> int:
+    """Each dispatched request's first token, as its agent would send it; the dispatches."""
+    placed = 0
+    for effect in effects:
+        if isinstance(effect, Dispatched):
+            placed += 1
+            record = effect.record
+            driver.on_event(
+                TokensReceived(effect.agent_id, record.request_id, record.attempt, "t", 1), now
+            )
+    return placed
+
+
+def fill(driver: ClusterDriver, now: float) -> tuple[list[float], float]:
+    """Schedule until a decision places nothing: every slot busy. Each decision's seconds, and
+    the simulated time after them."""
+    took: list[float] = []
+    while True:
+        now += EVENT_STEP_S
+        started = time.perf_counter()
+        effects = driver.schedule(now)
+        took.append(time.perf_counter() - started)
+        if not _acknowledge(driver, effects, now):
+            return took[:-1], now
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(SEED)
     driver, workload = build(args, rng)
     now = 0.0
     for _ in range(args.queued + args.agents * args.max_seqs):
         driver.on_event(workload.request(now), now)
-    driver.schedule(now)
+    fill_s, now = fill(driver, now)
     schedule_s: list[float] = []
     net_of_gc_s: list[float] = []
     by_dispatches: dict[str, list[float]] = {"none": [], "one": [], "several": []}
@@ -201,15 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         took = time.perf_counter() - started
         schedule_s.append(took)
         net_of_gc_s.append(took - collector.paused_s)
-        placed = sum(isinstance(effect, Dispatched) for effect in effects)
-        by_dispatches[_bucket(placed)].append(took)
         digest.update(repr([_summary(effect) for effect in effects]).encode())
-        for effect in effects:
-            if isinstance(effect, Dispatched):
-                record = effect.record
-                driver.on_event(
-                    TokensReceived(effect.agent_id, record.request_id, record.attempt, "t", 1), now
-                )
+        by_dispatches[_bucket(_acknowledge(driver, effects, now))].append(took)
         if len(schedule_s) % progress_every == 0:
             print(
                 f"{len(schedule_s)}/{args.decisions} decisions, "
@@ -225,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             for bucket, samples in by_dispatches.items()
             if samples
         },
+        "fill": {"decisions": len(fill_s), **percentiles(fill_s)},
         "on_event": percentiles(event_s),
         "decisions_sha256": digest.hexdigest()[:16],
         "queued_at_end": driver.table.count(RequestState.QUEUED),
