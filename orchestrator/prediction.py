@@ -2,7 +2,8 @@
 adaptation, all in one worker process, so the event loop never waits on onnxruntime or SQLite
 and never shares its interpreter lock with them.
 
-Prompts submitted close together are predicted in one batch. Every completed request is
+Prompts submitted close together are predicted in one batch: each turn the worker takes every
+prompt that has arrived (up to ``MAX_BATCH``). Every completed request is
 recorded (the prompt's feature vector, the served model, predicted and actual tokens; a
 batch's records in one transaction); every ``adapt_every`` new records, but for at most a
 tenth of the time (``ADAPT_TIME_SHARE``), the predictor is recalibrated for the served model
@@ -17,24 +18,27 @@ takes a core where one is free.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import logging
 import math
 import multiprocessing
+import multiprocessing.process
 import os
+import pickle
 import signal
-import threading
-import time
-from collections import defaultdict
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import socket
+import struct
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
-from orchestrator.errors import Unavailable
+from orchestrator.errors import InternalError, Unavailable
 from orchestrator.predictor import CompletionHistory, LengthPrediction, LengthPredictor
 from orchestrator.predictor.adapt import AutoAdapter
 from orchestrator.protocol import ConversationHint
@@ -42,16 +46,21 @@ from orchestrator.protocol import ConversationHint
 log = logging.getLogger("edgeorch.prediction")
 
 MAX_BATCH: Final = 64
-PARENT_CHECK_INTERVAL_S: Final = 1.0
-"""How often the worker process checks that the coordinator still lives: a coordinator killed
-with SIGKILL cannot stop it, and its queue's pipe stays open in the worker itself."""
+"""Prompts the worker predicts in one call at most."""
 RESTART_BACKOFF_S: Final = 5.0
 """After a failed start of the worker, how long predictions fail at once before another try."""
-BATCHES_IN_FLIGHT: Final = 2
-"""Batches sent to the worker before the first returns: it starts the next the moment one
-ends, instead of idling while the results cross back and the next batch is gathered."""
+ASKS_AHEAD: Final = 2 * MAX_BATCH
+"""Asks sent to the worker and not answered yet beyond which new ones wait in the coordinator:
+a batch being predicted and a full one ready for the next turn keep it busy, and the rest go
+in one message when answers come back instead of one message an event-loop turn."""
+WORKER_EXIT_WAIT_S: Final = 10.0
+"""How long closing waits for the worker to close its history and exit before killing it."""
+_FRAME_HEADER: Final = struct.Struct("!i")
+"""``multiprocessing.connection``'s frame header: the pickle's length, big-endian."""
 
 Features = np.ndarray[Any, np.dtype[np.float32]]
+_Settings = tuple[Path | None, Path | None, Path | None, int]
+"""The predictor folder, history file, adapted predictor's folder and refit interval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,14 @@ class _Completion:
 
 
 class PredictionService:
+    """The coordinator's side of the worker process: asks go out as they come (those of one
+    event-loop turn in one message, up to ``ASKS_AHEAD`` unanswered) and answers come back
+    through a reader on the socket, so no thread of the coordinator waits on the worker. The
+    worker, not the coordinator, forms the batches (``_serve``). Replaced a
+    ProcessPoolExecutor whose two threads in the coordinator (feeding the call queue, waiting
+    for results) cost the event loop the interpreter lock, and whose two batches in flight
+    were formed here, often of one prompt each."""
+
     def __init__(
         self,
         predictor_dir: Path | None,
@@ -98,37 +115,23 @@ class PredictionService:
         self._restart_backoff_s = restart_backoff_s
         self._next_start_s = -math.inf
         self._starting = asyncio.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._link: _WorkerLink | None = None
         self.worker_pid: int | None = None
-        self._pending: list[_Pending] = []
-        self._completions: list[_Completion] = []
-        self._flushing: set[asyncio.Task[None]] = set()
         self.adaptations = 0
         self._worker_adaptations = 0
 
     async def start(self) -> None:
         """Start the worker process and load the predictor there; raises what loading raises."""
-        pool = ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=signal.signal,
-            initargs=(signal.SIGINT, signal.SIG_IGN),  # the coordinator stops it on Ctrl-C
-        )
-        try:
-            self.worker_pid, model_dir = await asyncio.get_running_loop().run_in_executor(
-                pool, _open_worker, *self._settings
-            )
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        self._pool = pool
+        link = await _WorkerLink.open(self._settings, self._on_results)
+        self._link = link
+        self.worker_pid = link.pid
         self._worker_adaptations = 0
         _, history_path, adapted_dir, adapt_every = self._settings
         log.info(
             "length predictor loaded in process %d from %s; history %s; adapting every %s "
             "completions",
-            self.worker_pid,
-            model_dir,
+            link.pid,
+            link.model_dir,
             history_path or "off",
             adapt_every if history_path and adapted_dir and adapt_every > 0 else "never",
         )
@@ -138,14 +141,16 @@ class PredictionService:
     ) -> Predicted:
         """The prediction for ``prompt``, or for a chat from its latest user message and
         the lengths of the assistant's earlier answers when the request carries them."""
-        future: asyncio.Future[Predicted] = asyncio.get_running_loop().create_future()
         if conversation is not None:
             ask = _Ask(conversation.last_user, model, conversation.earlier_answer_tokens)
         else:
             ask = _Ask(prompt, model, ())
-        self._pending.append(_Pending(ask, future))
-        self._kick()
-        return await future
+        link = self._link
+        if link is None or link.lost:
+            link = await self._restart()
+        if link is None:
+            raise Unavailable("the length predictor's worker is down", predictor="down")
+        return await link.ask(ask)
 
     async def predict_or_none(
         self,
@@ -164,69 +169,34 @@ class PredictionService:
         return None
 
     def record_completion(self, predicted: Predicted, model: str, actual_tokens: int) -> None:
-        """Queue a completed request for the history (written in the worker process)."""
-        if self._settings[1] is None:
+        """Send a completed request to the history (written in the worker process); dropped
+        while the worker is down."""
+        if self._settings[1] is None or self._link is None or self._link.lost:
             return
-        self._completions.append(
+        self._link.record(
             _Completion(
                 predicted.features, model, predicted.prediction.quantile(0.5), actual_tokens
             )
         )
-        self._kick()
 
-    def _kick(self) -> None:
-        if len(self._flushing) < BATCHES_IN_FLIGHT:
-            task = asyncio.get_running_loop().create_task(self._flush())
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
+    def _on_results(self, adaptations: int, adaptation_error: str | None) -> None:
+        if adaptation_error is not None:
+            log.error(
+                "online adaptation failed; keeping the current predictor: %s", adaptation_error
+            )
+        if adaptations > self._worker_adaptations:
+            self.adaptations += adaptations - self._worker_adaptations
+            self._worker_adaptations = adaptations
+            log.info("predictor recalibrated (%d times so far)", self.adaptations)
 
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending or self._completions:
-            pool = self._pool or await self._restart()
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            completions, self._completions = self._completions, []
-            if pool is None:
-                _fail(batch, Unavailable("the length predictor's worker is down", predictor="down"))
-                continue
-            try:
-                results, adaptations, adaptation_error = await loop.run_in_executor(
-                    pool, _work, [p.ask for p in batch], completions
-                )
-            except BrokenProcessPool:
-                log.error(
-                    "the length predictor's worker %s died; %d predictions lost, starting another",
-                    self.worker_pid,
-                    len(batch),
-                )
-                _fail(batch, Unavailable("the length predictor's worker died", predictor="died"))
-                if pool is self._pool:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = None
-                continue
-            except Exception as exc:
-                log.exception("length prediction failed")
-                _fail(batch, exc)
-                continue
-            if adaptation_error is not None:
-                log.error(
-                    "online adaptation failed; keeping the current predictor: %s", adaptation_error
-                )
-            if adaptations > self._worker_adaptations:
-                self.adaptations += adaptations - self._worker_adaptations
-                self._worker_adaptations = adaptations
-                log.info("predictor recalibrated (%d times so far)", self.adaptations)
-            for pending, result in zip(batch, results, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(result)
-
-    async def _restart(self) -> ProcessPoolExecutor | None:
+    async def _restart(self) -> _WorkerLink | None:
         """A fresh worker after the last one died (its history is on disk), or None while
         starting one failed less than ``restart_backoff_s`` ago: predictions asked meanwhile
         fail at once and their requests are scheduled without one."""
         loop = asyncio.get_running_loop()
         async with self._starting:
-            if self._pool is None and loop.time() >= self._next_start_s:
+            if (self._link is None or self._link.lost) and loop.time() >= self._next_start_s:
+                self._link = None
                 try:
                     await self.start()
                 except Exception:
@@ -236,21 +206,199 @@ class PredictionService:
                         "nothing for %.0f s",
                         self._restart_backoff_s,
                     )
-        return self._pool
+        return None if self._link is None or self._link.lost else self._link
 
     async def close(self) -> None:
-        await asyncio.gather(*self._flushing, return_exceptions=True)
-        if self._pool is None:
+        """Let the asks in flight be answered, then stop the worker (it closes the history)."""
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+
+
+class _WorkerLink(asyncio.Protocol):
+    """One worker process and the socket pair to it. Frames are those of
+    ``multiprocessing.connection`` (a 4-byte big-endian length, then a pickle), which the
+    worker reads and writes with a plain ``Connection``; here they go through an asyncio
+    transport, whose writes never block the event loop."""
+
+    def __init__(self, on_results: Callable[[int, str | None], None]) -> None:
+        self._on_results = on_results
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._futures: dict[int, asyncio.Future[Predicted]] = {}
+        self._tickets = itertools.count()
+        self._asks: list[tuple[int, _Ask]] = []
+        self._completions: list[_Completion] = []
+        self._send_scheduled = False
+        self._unanswered = 0
+        """Asks sent and not answered yet."""
+        self._ready: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self.pid = 0
+        self.model_dir = ""
+        self.lost = False
+
+    @classmethod
+    async def open(
+        cls, settings: _Settings, on_results: Callable[[int, str | None], None]
+    ) -> _WorkerLink:
+        """Spawn the worker and wait until it has loaded the predictor (or failed to)."""
+        loop = asyncio.get_running_loop()
+        mine, theirs = multiprocessing.Pipe()
+        process = multiprocessing.get_context("spawn").Process(
+            target=_serve, args=(theirs, settings), name="edgeorch-predictor", daemon=True
+        )
+        link = cls(on_results)
+        try:
+            process.start()
+        finally:
+            theirs.close()
+        link._process = process
+        connected = socket.socket(fileno=os.dup(mine.fileno()))
+        mine.close()
+        await loop.connect_accepted_socket(lambda: link, connected)
+        try:
+            link.pid, link.model_dir = await link._ready
+        except BaseException:
+            link.stop()
+            raise
+        return link
+
+    def ask(self, ask: _Ask) -> asyncio.Future[Predicted]:
+        future: asyncio.Future[Predicted] = asyncio.get_running_loop().create_future()
+        if self.lost:
+            future.set_exception(
+                Unavailable("the length predictor's worker died", predictor="died")
+            )
+            return future
+        ticket = next(self._tickets)
+        self._futures[ticket] = future
+        self._asks.append((ticket, ask))
+        self._schedule_send()
+        return future
+
+    def record(self, completion: _Completion) -> None:
+        self._completions.append(completion)
+        self._schedule_send()
+
+    def _schedule_send(self) -> None:
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        """Send the asks the worker has room for, and the completions with them (alone only
+        while the worker has nothing to answer, or once a batch of them waits): each message
+        costs both sides a pickle and a system call, and the history is written only when a
+        batch is predicted anyway."""
+        self._send_scheduled = False
+        if self._transport is None or self.lost:
             return
-        with contextlib.suppress(BrokenProcessPool):
-            await asyncio.get_running_loop().run_in_executor(self._pool, _close_worker)
-        self._pool.shutdown(wait=True)
+        room = ASKS_AHEAD - self._unanswered
+        asks, self._asks = self._asks[:room], self._asks[room:]
+        if not asks and (self._unanswered and len(self._completions) < MAX_BATCH):
+            return
+        completions, self._completions = self._completions, []
+        if asks or completions:
+            self._unanswered += len(asks)
+            self._write(("work", asks, completions))
 
+    def _write(self, message: object) -> None:
+        assert self._transport is not None
+        payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        self._transport.write(_FRAME_HEADER.pack(len(payload)) + payload)
 
-def _fail(batch: list[_Pending], error: Exception) -> None:
-    for pending in batch:
-        if not pending.future.done():
-            pending.future.set_exception(error)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= _FRAME_HEADER.size:
+            (size,) = _FRAME_HEADER.unpack_from(buffer)
+            end = _FRAME_HEADER.size + size
+            if len(buffer) < end:
+                return
+            message = pickle.loads(memoryview(buffer)[_FRAME_HEADER.size : end])
+            del buffer[:end]
+            self._on_message(message)
+
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        match message:
+            case ("ready", pid, model_dir):
+                self._ready.set_result((pid, model_dir))
+            case ("failed", error):
+                self._ready.set_exception(error)
+            case ("done", tickets, results, adaptations, adaptation_error):
+                for ticket, result in zip(tickets, results, strict=True):
+                    future = self._futures.pop(ticket)
+                    if not future.done():
+                        future.set_result(result)
+                self._answered(len(tickets))
+                self._on_results(adaptations, adaptation_error)
+            case ("error", tickets, error):
+                log.error("length prediction failed: %s", error)
+                failed = InternalError(f"length prediction failed: {error}")
+                for ticket in tickets:
+                    future = self._futures.pop(ticket)
+                    if not future.done():
+                        future.set_exception(failed)
+                self._answered(len(tickets))
+
+    def _answered(self, count: int) -> None:
+        self._unanswered -= count
+        if self._asks or self._completions:
+            self._schedule_send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The worker died (or was stopped): what it had not answered fails, retryable."""
+        self.lost = True
+        self._transport = None
+        if not self._ready.done():
+            self._ready.set_exception(
+                Unavailable("the length predictor's worker exited while loading", predictor="died")
+            )
+        if self._futures:
+            log.error(
+                "the length predictor's worker %s died; %d predictions lost, starting another",
+                self.pid,
+                len(self._futures),
+            )
+        died = _died()
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(died)
+        self._futures.clear()
+
+    async def close(self) -> None:
+        """Wait for the answers in flight, then ask the worker to close and wait for it."""
+        await asyncio.gather(*self._futures.values(), return_exceptions=True)
+        if self._transport is not None and not self.lost:
+            self._send()
+            self._write(("close",))
+        process = self._process
+        if process is not None and process.is_alive():
+            exited = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().add_reader(process.sentinel, _settle, exited)
+            try:
+                await asyncio.wait_for(exited, WORKER_EXIT_WAIT_S)
+            except TimeoutError:
+                log.error("the length predictor's worker %s did not exit: killing it", self.pid)
+            finally:
+                asyncio.get_running_loop().remove_reader(process.sentinel)
+        self.stop()
+
+    def stop(self) -> None:
+        """Kill the worker if it still runs and release the socket."""
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join()
+            self._process.close()
+            self._process = None
+        if self._transport is not None:
+            self._transport.close()
 
 
 @dataclass(slots=True)
@@ -273,6 +421,63 @@ _worker: _Worker | None = None
 """The worker process's state (None in the coordinator's own process)."""
 
 
+def _died() -> Unavailable:
+    return Unavailable("the length predictor's worker died", predictor="died")
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _serve(connection: Connection, settings: _Settings) -> None:
+    """The worker process: load the predictor, then answer asks until the coordinator says
+    close or its end of the socket closes (it exited, or was killed). Each turn takes every
+    ask that has arrived, up to ``MAX_BATCH``, as one batch: the worker never idles while an
+    ask waits, and a batch holds all that came in while the last one ran."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops it on Ctrl-C
+    try:
+        pid, model_dir = _open_worker(*settings)
+    except Exception as exc:
+        connection.send(("failed", _picklable(exc)))
+        return
+    connection.send(("ready", pid, model_dir))
+    asks: deque[tuple[int, _Ask]] = deque()
+    completions: list[_Completion] = []
+    try:
+        while True:
+            while not asks or connection.poll():
+                message = connection.recv()
+                if message[0] == "close":
+                    return
+                _, more_asks, more_completions = message
+                asks.extend(more_asks)
+                completions.extend(more_completions)
+            batch = [asks.popleft() for _ in range(min(MAX_BATCH, len(asks)))]
+            tickets = [ticket for ticket, _ in batch]
+            try:
+                results, adaptations, error = _work([ask for _, ask in batch], completions)
+            except Exception as exc:
+                connection.send(("error", tickets, f"{type(exc).__name__}: {exc}"))
+            else:
+                connection.send(("done", tickets, results, adaptations, error))
+            completions = []
+    except (EOFError, OSError):
+        return  # the coordinator is gone
+    finally:
+        _close_worker()
+        connection.close()
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` if it crosses to the coordinator intact, else its text in an InternalError."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return InternalError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
 def _open_worker(
     predictor_dir: Path | None,
     history_path: Path | None,
@@ -280,9 +485,6 @@ def _open_worker(
     adapt_every: int,
 ) -> tuple[int, str]:
     global _worker
-    parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid is not None:
-        threading.Thread(target=_exit_when_orphaned, args=(parent.pid,), daemon=True).start()
     predictor = LengthPredictor.load(predictor_dir, threads=1)
     history = adapter = None
     if history_path is not None:
@@ -292,12 +494,6 @@ def _open_worker(
             adapter = AutoAdapter(history, adapted_dir, adapt_every, base=predictor)
     _worker = _Worker(predictor, history, adapter, ThreadPoolExecutor(1, "recalibration"))
     return multiprocessing.current_process().pid or 0, str(predictor.model_dir)
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_CHECK_INTERVAL_S)
-    os._exit(0)
 
 
 def _work(

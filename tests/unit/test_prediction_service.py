@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -189,3 +191,32 @@ def test_predictions_go_on_while_a_recalibration_runs(
     finally:
         release.set()
         prediction._close_worker()
+
+
+ORPHAN_EXIT_WAIT_S = 10.0
+HOLDER = """
+import asyncio, sys
+from orchestrator.prediction import PredictionService
+
+async def main() -> None:
+    service = PredictionService(None, None, None, adapt_every=0)
+    await service.start()
+    print(service.worker_pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_the_worker_exits_when_the_coordinator_is_killed() -> None:
+    """SIGKILL leaves the coordinator no chance to stop its worker: the worker sees its end of
+    the socket close and exits instead of living on as an orphan."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        worker = psutil.Process(int(holder.stdout.readline()))
+        holder.kill()
+        holder.wait()
+        worker.wait(ORPHAN_EXIT_WAIT_S)  # raises psutil.TimeoutExpired if it lives on
+    finally:
+        holder.kill()
