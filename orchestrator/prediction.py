@@ -81,12 +81,6 @@ class _Ask:
 
 
 @dataclass(frozen=True, slots=True)
-class _Pending:
-    ask: _Ask
-    future: asyncio.Future[Predicted]
-
-
-@dataclass(frozen=True, slots=True)
 class _Completion:
     features: Features
     model: str
