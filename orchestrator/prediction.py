@@ -53,6 +53,9 @@ ASKS_AHEAD: Final = 2 * MAX_BATCH
 """Asks sent to the worker and not answered yet beyond which new ones wait in the coordinator:
 a batch being predicted and a full one ready for the next turn keep it busy, and the rest go
 in one message when answers come back instead of one message an event-loop turn."""
+WORKER_STALL_S: Final = 30.0
+"""An ask unanswered this long means the worker hangs (a batch of 64 long prompts takes about
+a second): it is killed, its asks fail as a dead worker's do, and a fresh one takes over."""
 WORKER_EXIT_WAIT_S: Final = 10.0
 """How long closing waits for the worker to close its history and exit before killing it."""
 _FRAME_HEADER: Final = struct.Struct("!i")
@@ -104,9 +107,11 @@ class PredictionService:
         adapted_dir: Path | None,
         adapt_every: int,
         restart_backoff_s: float = RESTART_BACKOFF_S,
+        stall_s: float = WORKER_STALL_S,
     ) -> None:
         self._settings = (predictor_dir, history_path, adapted_dir, adapt_every)
         self._restart_backoff_s = restart_backoff_s
+        self._stall_s = stall_s
         self._next_start_s = -math.inf
         self._starting = asyncio.Lock()
         self._link: _WorkerLink | None = None
@@ -116,7 +121,7 @@ class PredictionService:
 
     async def start(self) -> None:
         """Start the worker process and load the predictor there; raises what loading raises."""
-        link = await _WorkerLink.open(self._settings, self._on_results)
+        link = await _WorkerLink.open(self._settings, self._on_results, self._stall_s)
         self._link = link
         self.worker_pid = link.pid
         self._worker_adaptations = 0
@@ -215,8 +220,13 @@ class _WorkerLink(asyncio.Protocol):
     worker reads and writes with a plain ``Connection``; here they go through an asyncio
     transport, whose writes never block the event loop."""
 
-    def __init__(self, on_results: Callable[[int, str | None], None]) -> None:
+    def __init__(self, on_results: Callable[[int, str | None], None], stall_s: float) -> None:
         self._on_results = on_results
+        self._stall_s = stall_s
+        self._sent: deque[tuple[float, int]] = deque()
+        """(when, last ticket) of each message that carried asks, until they are answered (the
+        worker answers in the order it was asked)."""
+        self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._futures: dict[int, asyncio.Future[Predicted]] = {}
@@ -234,7 +244,7 @@ class _WorkerLink(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, settings: _Settings, on_results: Callable[[int, str | None], None]
+        cls, settings: _Settings, on_results: Callable[[int, str | None], None], stall_s: float
     ) -> _WorkerLink:
         """Spawn the worker and wait until it has loaded the predictor (or failed to)."""
         loop = asyncio.get_running_loop()
@@ -242,7 +252,7 @@ class _WorkerLink(asyncio.Protocol):
         process = multiprocessing.get_context("spawn").Process(
             target=_serve, args=(theirs, settings), name="edgeorch-predictor", daemon=True
         )
-        link = cls(on_results)
+        link = cls(on_results, stall_s)
         try:
             process.start()
         finally:
@@ -296,6 +306,30 @@ class _WorkerLink(asyncio.Protocol):
         if asks or completions:
             self._unanswered += len(asks)
             self._write(("work", asks, completions))
+        if asks:
+            loop = asyncio.get_running_loop()
+            self._sent.append((loop.time(), asks[-1][0]))
+            if self._watchdog is None:
+                self._watchdog = loop.call_later(self._stall_s, self._watch)
+
+    def _watch(self) -> None:
+        """Kill a worker that left an ask unanswered for ``stall_s``; else look again when the
+        oldest unanswered one would be that late."""
+        self._watchdog = None
+        if not self._sent or self.lost:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._sent[0][0] + self._stall_s
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._watch)
+            return
+        log.error(
+            "the length predictor's worker %s left asks unanswered for %.0f s: killing it",
+            self.pid,
+            self._stall_s,
+        )
+        if self._process is not None:
+            self._process.kill()  # the socket closes: connection_lost fails the asks
 
     def _write(self, message: object) -> None:
         assert self._transport is not None
@@ -329,7 +363,7 @@ class _WorkerLink(asyncio.Protocol):
                     future = self._futures.pop(ticket)
                     if not future.done():
                         future.set_result(result)
-                self._answered(len(tickets))
+                self._answered(tickets)
                 self._on_results(adaptations, adaptation_error)
             case ("error", tickets, error):
                 log.error("length prediction failed: %s", error)
@@ -338,10 +372,12 @@ class _WorkerLink(asyncio.Protocol):
                     future = self._futures.pop(ticket)
                     if not future.done():
                         future.set_exception(failed)
-                self._answered(len(tickets))
+                self._answered(tickets)
 
-    def _answered(self, count: int) -> None:
-        self._unanswered -= count
+    def _answered(self, tickets: list[int]) -> None:
+        self._unanswered -= len(tickets)
+        while self._sent and self._sent[0][1] <= tickets[-1]:
+            self._sent.popleft()
         if self._asks or self._completions:
             self._schedule_send()
 
@@ -349,6 +385,8 @@ class _WorkerLink(asyncio.Protocol):
         """The worker died (or was stopped): what it had not answered fails, retryable."""
         self.lost = True
         self._transport = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if not self._ready.done():
             self._ready.set_exception(
                 Unavailable("the length predictor's worker exited while loading", predictor="died")

@@ -220,3 +220,32 @@ def test_the_worker_exits_when_the_coordinator_is_killed() -> None:
         worker.wait(ORPHAN_EXIT_WAIT_S)  # raises psutil.TimeoutExpired if it lives on
     finally:
         holder.kill()
+
+
+def test_a_hung_worker_is_killed_and_its_asks_fail_instead_of_waiting_for_ever(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stall_s = 1.0
+    service = PredictionService(None, None, None, adapt_every=0, stall_s=stall_s)
+
+    async def run() -> tuple[float, int | None, float]:
+        await service.start()
+        await service.predict("Say hi.", None)
+        hung = service.worker_pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable, match="died"):
+            await service.predict("Say hi again.", None)
+        waited = asyncio.get_running_loop().time() - started
+        again = await service.predict("Say hi.", None)
+        await service.close()
+        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+        return waited, service.worker_pid, again.prediction.quantile(0.5)
+
+    with caplog.at_level(logging.ERROR, logger="edgeorch.prediction"):
+        waited, fresh, median = asyncio.run(run())
+    assert stall_s <= waited < stall_s + 5.0
+    assert "unanswered" in caplog.text
+    assert fresh is not None
+    assert median == LengthPredictor.load().predict("Say hi.").quantile(0.5)
