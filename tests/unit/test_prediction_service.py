@@ -249,3 +249,22 @@ def test_a_hung_worker_is_killed_and_its_asks_fail_instead_of_waiting_for_ever(
     assert "unanswered" in caplog.text
     assert fresh is not None
     assert median == LengthPredictor.load().predict("Say hi.").quantile(0.5)
+
+
+def test_the_worker_runs_its_linear_algebra_on_one_thread_and_leaves_ours_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    service = PredictionService(None, None, None, adapt_every=0)
+
+    async def run() -> dict[str, str]:
+        await service.start()
+        assert service.worker_pid is not None
+        environment = psutil.Process(service.worker_pid).environ()
+        await service.close()
+        return environment
+
+    worker = asyncio.run(run())
+    assert worker["OPENBLAS_NUM_THREADS"] == worker["OMP_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "4" and "OPENBLAS_NUM_THREADS" not in os.environ
