@@ -2,8 +2,9 @@
 adaptation, all in one worker process, so the event loop never waits on onnxruntime or SQLite
 and never shares its interpreter lock with them.
 
-Prompts submitted close together are predicted in one batch: each turn the worker takes every
-prompt that has arrived (up to ``MAX_BATCH``). Every completed request is
+Prompts submitted close together are predicted in one batch: each turn the worker
+(``orchestrator.prediction_worker``) takes every prompt that has arrived (up to ``MAX_BATCH``).
+Every completed request is
 recorded (the prompt's feature vector, the served model, predicted and actual tokens; a
 batch's records in one transaction); every ``adapt_every`` new records, but for at most a
 tenth of the time (``ADAPT_TIME_SHARE``), the predictor is recalibrated for the served model
@@ -26,28 +27,28 @@ import multiprocessing
 import multiprocessing.process
 import os
 import pickle
-import signal
 import socket
 import struct
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-
 from orchestrator.errors import InternalError, Unavailable
-from orchestrator.predictor import CompletionHistory, LengthPrediction, LengthPredictor
-from orchestrator.predictor.adapt import AutoAdapter
+from orchestrator.prediction_worker import (
+    MAX_BATCH,
+    Ask,
+    Completion,
+    Predicted,
+    Settings,
+    serve,
+)
 from orchestrator.protocol import ConversationHint
+
+__all__ = ["MAX_BATCH", "Predicted", "PredictionService"]
 
 log = logging.getLogger("edgeorch.prediction")
 
-MAX_BATCH: Final = 64
-"""Prompts the worker predicts in one call at most."""
 RESTART_BACKOFF_S: Final = 5.0
 """After a failed start of the worker, how long predictions fail at once before another try."""
 ASKS_AHEAD: Final = 2 * MAX_BATCH
@@ -72,41 +73,12 @@ the predictor's rate, its CPU a request 990-1,120 -> 880-925 us). Set for the wo
 _FRAME_HEADER: Final = struct.Struct("!i")
 """``multiprocessing.connection``'s frame header: the pickle's length, big-endian."""
 
-Features = np.ndarray[Any, np.dtype[np.float32]]
-_Settings = tuple[Path | None, Path | None, Path | None, int]
-"""The predictor folder, history file, adapted predictor's folder and refit interval."""
-
-
-@dataclass(frozen=True, slots=True)
-class Predicted:
-    """A prediction and the feature vector the history stores when the request completes."""
-
-    prediction: LengthPrediction
-    features: Features
-
-
-@dataclass(frozen=True, slots=True)
-class _Ask:
-    """One prompt to predict, as it crosses to the worker process."""
-
-    text: str
-    model: str | None
-    earlier_answers: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Completion:
-    features: Features
-    model: str
-    predicted_tokens: float
-    actual_tokens: int
-
 
 class PredictionService:
     """The coordinator's side of the worker process: asks go out as they come (those of one
     event-loop turn in one message, up to ``ASKS_AHEAD`` unanswered) and answers come back
     through a reader on the socket, so no thread of the coordinator waits on the worker. The
-    worker, not the coordinator, forms the batches (``_serve``). Replaced a
+    worker, not the coordinator, forms the batches (``serve``). Replaced a
     ProcessPoolExecutor whose two threads in the coordinator (feeding the call queue, waiting
     for results) cost the event loop the interpreter lock, and whose two batches in flight
     were formed here, often of one prompt each."""
@@ -152,9 +124,9 @@ class PredictionService:
         """The prediction for ``prompt``, or for a chat from its latest user message and
         the lengths of the assistant's earlier answers when the request carries them."""
         if conversation is not None:
-            ask = _Ask(conversation.last_user, model, conversation.earlier_answer_tokens)
+            ask = Ask(conversation.last_user, model, conversation.earlier_answer_tokens)
         else:
-            ask = _Ask(prompt, model, ())
+            ask = Ask(prompt, model, ())
         link = self._link
         if link is None or link.lost:
             link = await self._restart()
@@ -184,9 +156,7 @@ class PredictionService:
         if self._settings[1] is None or self._link is None or self._link.lost:
             return
         self._link.record(
-            _Completion(
-                predicted.features, model, predicted.prediction.quantile(0.5), actual_tokens
-            )
+            Completion(predicted.features, model, predicted.prediction.quantile(0.5), actual_tokens)
         )
 
     def _on_results(self, adaptations: int, adaptation_error: str | None) -> None:
@@ -242,8 +212,8 @@ class _WorkerLink(asyncio.Protocol):
         self._buffer = bytearray()
         self._futures: dict[int, asyncio.Future[Predicted]] = {}
         self._tickets = itertools.count()
-        self._asks: list[tuple[int, _Ask]] = []
-        self._completions: list[_Completion] = []
+        self._asks: list[tuple[int, Ask]] = []
+        self._completions: list[Completion] = []
         self._send_scheduled = False
         self._unanswered = 0
         """Asks sent and not answered yet."""
@@ -255,13 +225,13 @@ class _WorkerLink(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, settings: _Settings, on_results: Callable[[int, str | None], None], stall_s: float
+        cls, settings: Settings, on_results: Callable[[int, str | None], None], stall_s: float
     ) -> _WorkerLink:
         """Spawn the worker and wait until it has loaded the predictor (or failed to)."""
         loop = asyncio.get_running_loop()
         mine, theirs = multiprocessing.Pipe()
         process = multiprocessing.get_context("spawn").Process(
-            target=_serve, args=(theirs, settings), name="edgeorch-predictor", daemon=True
+            target=serve, args=(theirs, settings), name="edgeorch-predictor", daemon=True
         )
         link = cls(on_results, stall_s)
         try:
@@ -280,7 +250,7 @@ class _WorkerLink(asyncio.Protocol):
             raise
         return link
 
-    def ask(self, ask: _Ask) -> asyncio.Future[Predicted]:
+    def ask(self, ask: Ask) -> asyncio.Future[Predicted]:
         future: asyncio.Future[Predicted] = asyncio.get_running_loop().create_future()
         if self.lost:
             future.set_exception(
@@ -293,7 +263,7 @@ class _WorkerLink(asyncio.Protocol):
         self._schedule_send()
         return future
 
-    def record(self, completion: _Completion) -> None:
+    def record(self, completion: Completion) -> None:
         self._completions.append(completion)
         self._schedule_send()
 
@@ -445,26 +415,6 @@ class _WorkerLink(asyncio.Protocol):
             self._transport.close()
 
 
-@dataclass(slots=True)
-class _Worker:
-    """What the worker process holds between calls."""
-
-    predictor: LengthPredictor
-    history: CompletionHistory | None
-    adapter: AutoAdapter | None
-    refitter: ThreadPoolExecutor
-    """Runs recalibrations beside the predictions: a refit over a full history takes seconds,
-    which no prediction should wait for (both spend their time in native code that releases
-    the interpreter lock)."""
-    refit: Future[LengthPredictor] | None = None
-    adaptations: int = 0
-    adaptation_error: str | None = None
-
-
-_worker: _Worker | None = None
-"""The worker process's state (None in the coordinator's own process)."""
-
-
 @contextlib.contextmanager
 def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
     """``os.environ`` with ``overrides`` while a child process starts (it copies them)."""
@@ -487,121 +437,3 @@ def _died() -> Unavailable:
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _serve(connection: Connection, settings: _Settings) -> None:
-    """The worker process: load the predictor, then answer asks until the coordinator says
-    close or its end of the socket closes (it exited, or was killed). Each turn takes every
-    ask that has arrived, up to ``MAX_BATCH``, as one batch: the worker never idles while an
-    ask waits, and a batch holds all that came in while the last one ran."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops it on Ctrl-C
-    try:
-        pid, model_dir = _open_worker(*settings)
-    except Exception as exc:
-        connection.send(("failed", _picklable(exc)))
-        return
-    connection.send(("ready", pid, model_dir))
-    asks: deque[tuple[int, _Ask]] = deque()
-    completions: list[_Completion] = []
-    try:
-        while True:
-            while not asks or connection.poll():
-                message = connection.recv()
-                if message[0] == "close":
-                    return
-                _, more_asks, more_completions = message
-                asks.extend(more_asks)
-                completions.extend(more_completions)
-            batch = [asks.popleft() for _ in range(min(MAX_BATCH, len(asks)))]
-            tickets = [ticket for ticket, _ in batch]
-            try:
-                results, adaptations, error = _work([ask for _, ask in batch], completions)
-            except Exception as exc:
-                connection.send(("error", tickets, f"{type(exc).__name__}: {exc}"))
-            else:
-                connection.send(("done", tickets, results, adaptations, error))
-            completions = []
-    except (EOFError, OSError):
-        return  # the coordinator is gone
-    finally:
-        _close_worker()
-        connection.close()
-
-
-def _picklable(exc: Exception) -> Exception:
-    """``exc`` if it crosses to the coordinator intact, else its text in an InternalError."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return InternalError(f"{type(exc).__name__}: {exc}")
-    return exc
-
-
-def _open_worker(
-    predictor_dir: Path | None,
-    history_path: Path | None,
-    adapted_dir: Path | None,
-    adapt_every: int,
-) -> tuple[int, str]:
-    global _worker
-    predictor = LengthPredictor.load(predictor_dir, threads=1)
-    history = adapter = None
-    if history_path is not None:
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-        history = CompletionHistory(history_path)
-        if adapt_every > 0 and adapted_dir is not None:
-            adapter = AutoAdapter(history, adapted_dir, adapt_every, base=predictor)
-    _worker = _Worker(predictor, history, adapter, ThreadPoolExecutor(1, "recalibration"))
-    return multiprocessing.current_process().pid or 0, str(predictor.model_dir)
-
-
-def _work(
-    asks: list[_Ask], completions: list[_Completion]
-) -> tuple[list[Predicted], int, str | None]:
-    """Record the completions, maybe recalibrate, then predict ``asks`` in order; returns the
-    predictions, how many recalibrations the worker has made, and why this batch's failed (a
-    failed recalibration keeps the current predictor)."""
-    worker = _worker
-    assert worker is not None, "the worker process was not opened"
-    if worker.history is not None and completions:
-        with worker.history.batch():
-            for c in completions:
-                worker.history.record(c.features, c.model, c.predicted_tokens, c.actual_tokens)
-    _recalibrate(worker)
-    results: list[Predicted | None] = [None] * len(asks)
-    by_model: dict[str | None, list[int]] = defaultdict(list)
-    for index, ask in enumerate(asks):
-        by_model[ask.model].append(index)
-    for model, indices in by_model.items():
-        predictions, features = worker.predictor.predict_with_features(
-            [asks[i].text for i in indices], model, [asks[i].earlier_answers for i in indices]
-        )
-        for row, index in enumerate(indices):
-            results[index] = Predicted(predictions[row], features[row])
-    error, worker.adaptation_error = worker.adaptation_error, None
-    return [r for r in results if r is not None], worker.adaptations, error
-
-
-def _recalibrate(worker: _Worker) -> None:
-    """Swap in a finished recalibration, and start the next one when it is due."""
-    refit = worker.refit
-    if refit is not None and refit.done():
-        worker.refit = None
-        try:
-            worker.predictor = refit.result()
-        except Exception as exc:
-            worker.adaptation_error = f"{type(exc).__name__}: {exc}"
-        else:
-            worker.adaptations += 1
-    adapter = worker.adapter
-    if adapter is not None and worker.refit is None and adapter.due():
-        worker.refit = worker.refitter.submit(adapter.refit)
-
-
-def _close_worker() -> None:
-    global _worker
-    if _worker is not None:
-        _worker.refitter.shutdown(wait=True)
-        if _worker.history is not None:
-            _worker.history.close()
-    _worker = None

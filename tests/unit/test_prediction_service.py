@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator import prediction
+from orchestrator import prediction_worker
 from orchestrator.errors import Unavailable
 from orchestrator.prediction import Predicted, PredictionService
 from orchestrator.predictor import CompletionHistory, LengthPredictor, shipped_model_dir
@@ -174,23 +174,23 @@ def test_predictions_go_on_while_a_recalibration_runs(
         return refit(self)
 
     monkeypatch.setattr(AutoAdapter, "refit", held_refit)
-    prediction._open_worker(None, tmp_path / "history.sqlite", tmp_path / "adapted", 2)
+    prediction_worker.open_worker(None, tmp_path / "history.sqlite", tmp_path / "adapted", 2)
     try:
-        asks = [prediction._Ask("Say hi.", "gemma", ())]
-        (first,), _, _ = prediction._work(asks, [])
-        answers = [prediction._Completion(first.features, "gemma", 10.0, 900)] * 2
-        (during,), adaptations, _ = prediction._work(asks, answers)  # starts the refit
+        asks = [prediction_worker.Ask("Say hi.", "gemma", ())]
+        (first,), _, _ = prediction_worker.work(asks, [])
+        answers = [prediction_worker.Completion(first.features, "gemma", 10.0, 900)] * 2
+        (during,), adaptations, _ = prediction_worker.work(asks, answers)  # starts the refit
         assert adaptations == 0 and during.prediction == first.prediction
         release.set()
         deadline = time.monotonic() + RECALIBRATION_WAIT_S
         while adaptations == 0 and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            (after,), adaptations, _ = prediction._work(asks, [])
+            (after,), adaptations, _ = prediction_worker.work(asks, [])
         assert adaptations == 1
         assert after.prediction.quantile(0.5) > first.prediction.quantile(0.5)
     finally:
         release.set()
-        prediction._close_worker()
+        prediction_worker.close_worker()
 
 
 ORPHAN_EXIT_WAIT_S = 10.0
