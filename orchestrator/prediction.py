@@ -253,9 +253,7 @@ class _WorkerLink(asyncio.Protocol):
     def ask(self, ask: Ask) -> asyncio.Future[Predicted]:
         future: asyncio.Future[Predicted] = asyncio.get_running_loop().create_future()
         if self.lost:
-            future.set_exception(
-                Unavailable("the length predictor's worker died", predictor="died")
-            )
+            future.set_exception(_died())
             return future
         ticket = next(self._tickets)
         self._futures[ticket] = future
