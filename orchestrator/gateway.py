@@ -64,12 +64,7 @@ from orchestrator.errors import (
     error_from_wire,
 )
 from orchestrator.metrics import METRICS_CONTENT_TYPE, CoordinatorMetrics
-from orchestrator.openai_requests import (
-    Call,
-    ModelView,
-    parse_chat,
-    parse_completion,
-)
+from orchestrator.openai_requests import Call, ModelView, parse_chat, parse_completion
 from orchestrator.openai_responses import (
     UNAVAILABLE_RETRY_AFTER_S,
     chunk_body,
@@ -245,6 +240,11 @@ class Gateway:
             raise
         finally:
             self._socket.close()
+
+    def close(self) -> None:
+        """Release the listening socket of a gateway that will not serve (``serve`` releases
+        it when it ends)."""
+        self._socket.close()
 
     # --- ASGI: request ids, access log, keys ----------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from orchestrator.errors import (
     Unsupported,
     error_from_wire,
 )
-from orchestrator.gateway import Gateway, _Flight, load_api_keys, parse_http_address
+from orchestrator.gateway import Gateway, load_api_keys, parse_http_address
 from orchestrator.openai_requests import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     PLAIN_CHAT_STOPS,
@@ -39,7 +40,7 @@ from orchestrator.openai_requests import (
     render_chat,
 )
 from orchestrator.openai_responses import UNAVAILABLE_RETRY_AFTER_S, error_response
-from orchestrator.protocol import Accepted, AgentId, CancelRequest, RequestId, WireModel
+from orchestrator.protocol import Accepted, AgentId, CancelRequest, RequestId, Submit, WireModel
 from orchestrator.sessions import AgentSession
 from orchestrator.settings import CoordinatorSettings
 from orchestrator.tokens import ChatTemplate
@@ -412,26 +413,68 @@ def test_metrics_hooks_and_state_read_back_through_the_exposition() -> None:
 
 def test_a_request_admitted_after_its_client_left_is_cancelled_then() -> None:
     """With a predictor, admission waits for the prediction; a cancel sent before it finds no
-    request, so the gateway cancels again when the acceptance arrives."""
+    request, so the gateway cancels again when the acceptance arrives. Driven as an ASGI app:
+    the client sends its request, then goes away before any reply."""
 
     async def scenario() -> None:
         coordinator = Coordinator(CoordinatorSettings(http="127.0.0.1:0"))
-        gateway = Gateway(coordinator, coordinator.metrics)
         sent: list[WireModel] = []
+        delivered: list[Callable[[WireModel], None]] = []
+        connect = coordinator.connect_local
+
+        def connect_local(deliver: Callable[[WireModel], None]) -> bytes:
+            delivered.append(deliver)
+            return connect(deliver)
+
+        coordinator.connect_local = connect_local  # type: ignore[method-assign]
         coordinator.send_local = lambda identity, message: sent.append(message)  # type: ignore[method-assign]
+        gateway = Gateway(coordinator, coordinator.metrics)
+        (deliver,) = delivered
+        leave = asyncio.Event()
+        body = json.dumps({"prompt": "Say hi.", "max_tokens": 4}).encode()
+        requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        responses: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            responses.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"r1")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 8000),
+        }
         try:
-            inbox: asyncio.Queue[Any] = asyncio.Queue()
-            flight = _Flight("r1", inbox, asyncio.ensure_future(asyncio.sleep(3600)))
-            gateway._flights["r1"] = flight
-            gateway._end(flight)  # the client left before the acceptance
-            assert sent == [CancelRequest(request_id="r1")]
-            gateway._deliver(Accepted(request_id="r1", queue_position=0, prompt_tokens=3))
+            exchange = asyncio.ensure_future(gateway(scope, receive, send))
+            while not sent:
+                await asyncio.sleep(0)
+            assert [type(m) for m in sent] == [Submit]
+            leave.set()  # the client went away before the acceptance
+            await exchange
+            assert responses[0]["status"] == 499
+            assert sent[1:] == [CancelRequest(request_id="r1")]
+            deliver(Accepted(request_id="r1", queue_position=0, prompt_tokens=3))
             await asyncio.sleep(0)
-            assert sent == [CancelRequest(request_id="r1")] * 2 and inbox.empty()
-            gateway._deliver(Accepted(request_id="r1", queue_position=0, prompt_tokens=3))
+            assert sent[1:] == [CancelRequest(request_id="r1")] * 2
+            deliver(Accepted(request_id="r1", queue_position=0, prompt_tokens=3))
             await asyncio.sleep(0)
-            assert len(sent) == 2  # only once
+            assert len(sent) == 3  # cancelled again only once
         finally:
-            gateway._socket.close()
+            gateway.close()
 
     asyncio.run(scenario())
