@@ -48,6 +48,8 @@ class Ask:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
+    """A completed request, as it crosses to the worker for the history."""
+
     features: Features
     model: str
     predicted_tokens: float
