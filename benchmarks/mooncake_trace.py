@@ -63,6 +63,12 @@ def convert(
     return out
 
 
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,9 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in read_lines(args.mooncake) if line.strip()]
     converted = convert(rows, args.scale, args.max_prompt_tokens)
-    with args.out.open("w", encoding="utf-8") as f:
-        for row in converted:
-            f.write(json.dumps(row) + "\n")
+    write_rows(args.out, converted)
     cut = sum(round(r["input_length"] * args.scale) > args.max_prompt_tokens for r in rows)
     print(
         f"{len(converted)} requests to {args.out}: blocks of "

@@ -38,14 +38,9 @@ from orchestrator.settings import (
     load_settings,
     tunable_flags,
 )
-from orchestrator.sim import (
-    SIM_UNAVAILABLE_TIMEOUT_S,
-    Cluster,
-    SimReport,
-    SimRequest,
-    Simulator,
-)
+from orchestrator.sim import SIM_UNAVAILABLE_TIMEOUT_S, SimReport, SimRequest, Simulator
 from orchestrator.sim_cache import infinite_cache_reuse
+from orchestrator.sim_cluster import Cluster
 from orchestrator.tokens import EstimatedTokenCounter
 from orchestrator.traces import (
     TraceRow,
@@ -95,7 +90,7 @@ def _positive(value: float, flag: str) -> float:
 def bench_spec_from_args(args: Any) -> BenchSpec:
     """Validate the ``edgeorch bench`` flags into a spec; bad input raises InvalidRequest."""
     from orchestrator.core.policies import POLICIES
-    from orchestrator.sim import load_cluster
+    from orchestrator.sim_cluster import load_cluster
 
     live = None
     if args.live:
@@ -277,6 +272,8 @@ def run_bench(
                     max_tokens=budgets[i],
                     estimate=chosen[i],
                     prompt_blocks=prefixes[i],
+                    follows=None if row.follows is None else request_id(row.follows),
+                    gap_s=row.gap_s,
                 )
                 for i, row in enumerate(rows)
             ]

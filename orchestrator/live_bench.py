@@ -177,6 +177,11 @@ def run_live(
     request asks for ``max_tokens`` (default: the longest length), never its own length."""
     if "oracle" in policies:
         raise InvalidRequest("the oracle policy knows true lengths: sim only", field="policies")
+    if any(row.follows is not None for row in rows):
+        raise InvalidRequest(
+            "rows that follow another request's end (follows, gap_s) replay only in the simulator",
+            field="trace",
+        )
     folder = log_dir or Path(tempfile.mkdtemp(prefix="edgeorch-live-"))
     local = LocalCluster(
         folder, "--policy", policies[0], "--placement", placement, *coordinator_args

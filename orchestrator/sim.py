@@ -13,12 +13,11 @@ token: between two events every device's batch is fixed, so progress is piecewis
 
 from __future__ import annotations
 
+import heapq
 import math
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Final, Protocol, assert_never
+from typing import Final, Protocol, assert_never
 
 from orchestrator.core.admission import KV_RAISE_TRIGGER_TOKENS, SchedulerConfig
 from orchestrator.core.agent_views import AgentState
@@ -43,7 +42,6 @@ from orchestrator.core.events import (
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.prefix import PromptBlocks
 from orchestrator.core.table import RequestRecord
-from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InternalError, InvalidRequest
 from orchestrator.protocol import AgentId, GenerationParams, Priority, RequestId
 from orchestrator.sim_cache import (
@@ -52,6 +50,7 @@ from orchestrator.sim_cache import (
     LruPrefixCache,
     SpillingPrefixCache,
 )
+from orchestrator.sim_cluster import Cluster, DeviceSpec
 
 TOKEN_EPSILON: Final = 1e-6
 """Fractional tokens below which a sequence counts as having reached a boundary."""
@@ -59,114 +58,6 @@ TIME_EPSILON_S: Final = 1e-9
 """Prefill seconds below which a prompt counts as complete (float rounding of event times)."""
 SIM_UNAVAILABLE_TIMEOUT_S: Final = 1e9
 PROGRESS_EVERY_EVENTS: Final = 500
-DEFAULT_DISK_RESTORE_TPS: Final = 50_000.0
-"""Parked tokens read back from disk per second: about 900 MB/s at the default model's 18 KiB
-a token (an entry-level NVMe drive; a SATA SSD reads about half that, an SD card a tenth)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceSpec:
-    name: str
-    model: str
-    max_seqs: int
-    n_ctx: int
-    kv_budget_tokens: int
-    speed: SpeedProfile
-    prefix_cache_tokens: int = 0
-    """Prompt tokens of finished requests the device keeps for reuse (parked KV)."""
-    prefix_disk_tokens: int = 0
-    """Beyond those, prompt tokens parked on disk (the agent's ``prompt_cache_disk_bytes``)."""
-    disk_restore_tps: float = DEFAULT_DISK_RESTORE_TPS
-    """Parked prompt tokens read back from disk per second."""
-
-    @property
-    def capacity_tokens_s(self) -> float:
-        """Nominal decode capacity: aggregate tokens/s at a full batch."""
-        return self.speed.aggregate_tps(self.max_seqs)
-
-
-@dataclass(frozen=True, slots=True)
-class Cluster:
-    name: str
-    devices: tuple[DeviceSpec, ...]
-
-    @property
-    def capacity_tokens_s(self) -> float:
-        return sum(d.capacity_tokens_s for d in self.devices)
-
-    @property
-    def prefill_tokens_s(self) -> float:
-        """Prompt tokens/s of every device prefilling at once."""
-        return sum(d.speed.prefill_tps for d in self.devices)
-
-    @property
-    def context_limit_tokens(self) -> int:
-        """The longest prompt + output any device can hold."""
-        return max((min(d.n_ctx, d.kv_budget_tokens) for d in self.devices), default=0)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "capacity_tokens_s": round(self.capacity_tokens_s, 1),
-            "devices": [
-                {
-                    "name": d.name,
-                    "model": d.model,
-                    "max_seqs": d.max_seqs,
-                    "n_ctx": d.n_ctx,
-                    "kv_budget_tokens": d.kv_budget_tokens,
-                    "prefix_cache_tokens": d.prefix_cache_tokens,
-                    "prefix_disk_tokens": d.prefix_disk_tokens,
-                    "disk_restore_tps": d.disk_restore_tps,
-                    "prefill_tps": d.speed.prefill_tps,
-                    "decode_tps": [list(p) for p in d.speed.decode_points],
-                }
-                for d in self.devices
-            ],
-        }
-
-
-def load_cluster(path: Path) -> Cluster:
-    """Read a ``configs/cluster-*.toml`` file; bad files raise ``InvalidRequest``."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read cluster file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidRequest(f"cluster file {path} is not valid TOML: {exc}") from None
-    devices = []
-    for i, raw in enumerate(data.get("device", [])):
-        try:
-            points = tuple(sorted((int(n), float(tps)) for n, tps in raw["decode_tps"]))
-            spec = DeviceSpec(
-                name=str(raw["name"]),
-                model=str(raw.get("model", "default")),
-                max_seqs=int(raw["max_seqs"]),
-                n_ctx=int(raw["n_ctx"]),
-                kv_budget_tokens=int(raw["kv_budget_tokens"]),
-                speed=SpeedProfile(points, float(raw["prefill_tps"])),
-                prefix_cache_tokens=int(raw.get("prefix_cache_tokens", raw["kv_budget_tokens"])),
-                prefix_disk_tokens=int(raw.get("prefix_disk_tokens", 0)),
-                disk_restore_tps=float(raw.get("disk_restore_tps", DEFAULT_DISK_RESTORE_TPS)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequest(
-                f"cluster file {path}: device {i} is malformed ({exc!r})"
-            ) from None
-        if (
-            spec.max_seqs < 1
-            or spec.kv_budget_tokens < 1
-            or spec.prefix_cache_tokens < 0
-            or spec.prefix_disk_tokens < 0
-            or spec.disk_restore_tps <= 0
-            or not points
-            or points[0][0] < 1
-        ):
-            raise InvalidRequest(f"cluster file {path}: device {spec.name} has bad sizes")
-        devices.append(spec)
-    if not devices:
-        raise InvalidRequest(f"cluster file {path} defines no [[device]]")
-    return Cluster(name=str(data.get("name", path.stem)), devices=tuple(devices))
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +75,11 @@ class SimRequest:
     prompt_blocks: PromptBlocks | None = None
     """The prompt's prefix blocks: devices keep finished prompts' blocks and prefill only
     what they do not hold. None: nothing is cached for this request."""
+    follows: str | None = None
+    """The request whose end (finished or failed) this one waits for, as an agent's next call
+    waits for its tool's result or a user for the answer: it arrives ``gap_s`` after that end,
+    and its own ``arrival_s`` is ignored."""
+    gap_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,16 +311,23 @@ class Simulator:
         }
         for device in devices.values():
             driver.on_event(AgentJoined(device.state()), 0.0)
-        arrivals = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
-        specs = {RequestId(r.request_id): r for r in arrivals}
+        specs = {RequestId(r.request_id): r for r in requests}
+        arrivals = [(r.arrival_s, r.request_id, r) for r in requests if r.follows is None]
+        heapq.heapify(arrivals)
+        followers: dict[str, list[SimRequest]] = {}
+        for r in requests:
+            if r.follows is not None:
+                if r.follows not in specs:
+                    raise InvalidRequest(f"{r.request_id} follows {r.follows}, not in the trace")
+                followers.setdefault(r.follows, []).append(r)
         outcomes: list[Outcome] = []
         prompts = _PromptTally()
-        index = events = decisions = 0
+        released = events = decisions = 0
         max_overuse = 0.0
         now = 0.0
-        total = len(arrivals)
+        total = len(requests)
         while True:
-            next_arrival = arrivals[index].arrival_s if index < total else math.inf
+            next_arrival = arrivals[0][0] if arrivals else math.inf
             next_device = min(d.next_event_s() for d in devices.values())
             upcoming = min(next_arrival, next_device)
             if math.isinf(upcoming):
@@ -455,12 +358,11 @@ class Simulator:
                         if online is not None:
                             online.on_completion(seq.request_id, seq.target)
                         changed = True
-            while index < total and arrivals[index].arrival_s <= now:
-                arriving = arrivals[index]
+            while arrivals and arrivals[0][0] <= now:
+                arriving = heapq.heappop(arrivals)[2]
                 if online is not None:
                     arriving = replace(arriving, estimate=online.on_arrival(arriving.request_id))
                 driver.on_event(RequestAccepted(_record(arriving)), now)
-                index += 1
                 changed = True
             kv_due = any(
                 seq.reservation < seq.cap
@@ -490,13 +392,17 @@ class Simulator:
                             f"{device.agent_id}: KV reservations {device.reserved} exceed the "
                             f"budget {device.spec.kv_budget_tokens}"
                         )
+            released = _release_followers(outcomes, released, followers, arrivals, now)
             if progress is not None and events % PROGRESS_EVERY_EVENTS == 0:
                 progress(len(outcomes), total)
         if progress is not None:
             progress(len(outcomes), total)
         stuck = table.in_state(RequestState.QUEUED, RequestState.DISPATCHED, RequestState.RUNNING)
-        if stuck:
-            raise InternalError(f"simulation ended with {len(stuck)} requests unfinished")
+        if stuck or followers:
+            never = sum(len(f) for f in followers.values())
+            raise InternalError(
+                f"simulation ended with {len(stuck)} requests unfinished, {never} never arrived"
+            )
         return SimReport(
             outcomes=outcomes,
             preemptions=table.preemptions,
@@ -555,6 +461,22 @@ class Simulator:
 class _PromptTally:
     prompt_tokens: int = 0
     reused_tokens: int = 0
+
+
+def _release_followers(
+    outcomes: list[Outcome],
+    released: int,
+    followers: dict[str, list[SimRequest]],
+    arrivals: list[tuple[float, str, SimRequest]],
+    now: float,
+) -> int:
+    """Schedule the arrivals of the requests that wait for the ends in ``outcomes[released:]``;
+    returns how many outcomes have had theirs scheduled."""
+    for outcome in outcomes[released:]:
+        for follower in followers.pop(outcome.request_id, ()):
+            arriving = replace(follower, arrival_s=now + follower.gap_s)
+            heapq.heappush(arrivals, (arriving.arrival_s, arriving.request_id, arriving))
+    return len(outcomes)
 
 
 def _sync_tokens(driver: ClusterDriver, device: _Device, seq: _Seq, now: float) -> RequestRecord:

@@ -5,9 +5,12 @@ up to its ``prefix_cache_tokens``, and two ways to choose what to drop when it i
 - ``idle``: the block expected to stay idle longest first (LAMPS/MARS rank KV held during API
   calls by memory x time; every block holds the same cells here, so the time decides). A block
   that came back before is expected again after its usual gap (a smoothed mean of its own gaps,
-  so a conversation's block waits about as long as its user thinks); a block never reused yet,
-  after the device's mean gap divided by the share of its blocks that ever came back (most
-  blocks of one-off prompts never do).
+  so a conversation's block waits about as long as its user thinks, an agent's as long as its
+  tool runs) until it is overdue: one idle longer than half its gap is expected to stay idle
+  as long again as it has been (a conversation that ended never comes back, and gaps are heavy
+  tailed), so overdue blocks go least recently used first. A block never reused yet is
+  expected back after the device's mean gap divided by the share of its blocks that ever came
+  back (most blocks of one-off prompts never do).
 
 A block is reachable only through every block before it, so a prompt's blocks are refreshed
 last to first: its tail is always older than its head and goes first (vLLM frees a request's
@@ -115,15 +118,19 @@ class _Block:
 class IdleAwarePrefixCache:
     """Evicts the block expected to stay idle longest (see the module docstring). Blocks never
     reused wait in recency order (tail first); blocks with a gap history in a heap by when they
-    are expected back. An eviction compares the oldest of the first with the latest of the
-    second."""
+    are due back and in recency order too. A returning block's expected idle time left is
+    max(gap - idle, idle), so the longest is either the latest due (the heap's top) or the
+    least recently used (overdue the longest); an eviction compares that with the oldest block
+    never reused."""
 
     def __init__(self, capacity_tokens: int) -> None:
         self.capacity_tokens = capacity_tokens
         self._blocks: dict[int, _Block] = {}
         self._fresh: OrderedDict[int, None] = OrderedDict()
         self._returning: list[tuple[float, int, int]] = []
-        """(-expected return time, hash, version): a max-heap, stale entries skipped."""
+        """(-time due back, hash, version): a max-heap, stale entries skipped."""
+        self._returning_order: OrderedDict[int, None] = OrderedDict()
+        """Blocks with a gap history, least recently used first."""
         self._held_tokens = 0
         self._stored = 0
         self._returned = 0
@@ -152,7 +159,7 @@ class IdleAwarePrefixCache:
                 self._held_tokens += blocks.block_tokens
                 self._stored += 1
                 stored.append(h)
-        evicted = list(self._evict())
+        evicted = list(self._evict(now))
         return _net(stored, evicted)
 
     def _used_again(self, h: int, block: _Block, now: float) -> None:
@@ -163,6 +170,8 @@ class IdleAwarePrefixCache:
             block.gap_s = gap
         else:
             block.gap_s = GAP_SMOOTHING * gap + (1 - GAP_SMOOTHING) * block.gap_s
+        self._returning_order[h] = None
+        self._returning_order.move_to_end(h)
         self._gaps += 1
         self._gap_total_s += gap
         block.last_used_s = now
@@ -176,25 +185,42 @@ class IdleAwarePrefixCache:
         mean_gap = self._gap_total_s / self._gaps
         return mean_gap * self._stored / self._returned
 
-    def _evict(self) -> Iterable[int]:
+    def _evict(self, now: float) -> Iterable[int]:
         while self._held_tokens > self.capacity_tokens:
-            while self._returning:
-                _, h, version = self._returning[0]
-                block = self._blocks.get(h)
-                if block is not None and block.version == version:
-                    break
-                heapq.heappop(self._returning)
-            oldest = next(iter(self._fresh), None)
-            if oldest is not None and (
-                not self._returning
-                or self._blocks[oldest].last_used_s + self._fresh_wait_s() >= -self._returning[0][0]
+            fresh = next(iter(self._fresh), None)
+            returning = self._latest_returning(now)
+            if fresh is not None and (
+                returning is None or self._back_s(fresh, self._fresh_wait_s(), now) >= returning[0]
             ):
-                del self._fresh[oldest]
-                victim = oldest
+                del self._fresh[fresh]
+                victim = fresh
             else:
-                victim = heapq.heappop(self._returning)[1]
+                assert returning is not None
+                victim = returning[1]
+                del self._returning_order[victim]
             self._held_tokens -= self._blocks.pop(victim).tokens
             yield victim
+
+    def _back_s(self, h: int, gap_s: float, now: float) -> float:
+        """When block ``h``, usually idle ``gap_s``, is expected back: after its gap, or once
+        overdue after as long again as it has been idle."""
+        last_s = self._blocks[h].last_used_s
+        return max(last_s + gap_s, 2 * now - last_s)
+
+    def _latest_returning(self, now: float) -> tuple[float, int] | None:
+        """(expected time back, hash) of the block with a gap history expected back last."""
+        while self._returning:
+            _, h, version = self._returning[0]
+            block = self._blocks.get(h)
+            if block is not None and block.version == version:
+                break
+            heapq.heappop(self._returning)
+        if not self._returning:
+            return None
+        due_s, due = -self._returning[0][0], self._returning[0][1]
+        overdue = next(iter(self._returning_order))
+        overdue_back_s = 2 * now - self._blocks[overdue].last_used_s
+        return (overdue_back_s, overdue) if overdue_back_s > due_s else (due_s, due)
 
 
 class SpillingPrefixCache:

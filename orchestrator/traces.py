@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,14 @@ class TraceRow:
     output_tokens: int
     prompt_tokens: int | None = None
     prefix: PromptBlocks | None = None
+    follows: int | None = None
+    """Simulator only: the index (in the loaded list) of the request whose end this one waits
+    for, as an agent's next call waits for its tool's result; it then arrives ``gap_s`` after
+    that request ends, and its ``arrival_s`` is only its place in the list."""
+    gap_s: float = 0.0
 
 
-def _row(raw: dict[str, Any]) -> TraceRow:
+def _row(raw: dict[str, Any], index: int, rows: Sequence[TraceRow]) -> TraceRow:
     prompt_tokens = raw.get("prompt_tokens")
     hashes = raw.get("prefix_blocks")
     prefix = None
@@ -38,12 +43,28 @@ def _row(raw: dict[str, Any]) -> TraceRow:
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be positive, got {block_tokens}")
         prefix = PromptBlocks(tuple(hashes), block_tokens)
+    follows = raw.get("follows")
+    if follows is None:
+        return TraceRow(
+            float(raw["arrival_s"]),
+            str(raw["prompt"]),
+            int(raw["output_tokens"]),
+            None if prompt_tokens is None else int(prompt_tokens),
+            prefix,
+        )
+    if not isinstance(follows, int) or not 0 <= follows < index:
+        raise ValueError(f"follows must be the index of an earlier row, got {follows!r}")
+    gap_s = float(raw["gap_s"])
+    if not gap_s >= 0:
+        raise ValueError(f"gap_s must be a non-negative number of seconds, got {gap_s}")
     return TraceRow(
-        float(raw["arrival_s"]),
+        rows[follows].arrival_s,
         str(raw["prompt"]),
         int(raw["output_tokens"]),
         None if prompt_tokens is None else int(prompt_tokens),
         prefix,
+        follows,
+        gap_s,
     )
 
 
@@ -57,19 +78,31 @@ def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
         if not line.strip():
             continue
         try:
-            rows.append(_row(json.loads(line)))
+            rows.append(_row(json.loads(line), len(rows), rows))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidRequest(
-                f"trace {path} line {number}: needs arrival_s, prompt, output_tokens, and "
-                f"block_tokens with prefix_blocks ({exc!r})",
+                f"trace {path} line {number}: needs arrival_s (or follows and gap_s), prompt, "
+                f"output_tokens, and block_tokens with prefix_blocks ({exc!r})",
                 field="trace",
             ) from None
         if max_requests is not None and len(rows) >= max_requests:
             break
     if len(rows) < 2:
         raise InvalidRequest(f"trace {path} has {len(rows)} requests; need at least 2")
-    rows.sort(key=lambda r: r.arrival_s)
-    return rows
+    return _by_arrival(rows)
+
+
+def _by_arrival(rows: list[TraceRow]) -> list[TraceRow]:
+    """``rows`` sorted by arrival, ``follows`` pointing at the same rows as before. A row that
+    follows another takes its arrival and comes later in the file, so the sort (stable) keeps
+    it after the row it follows."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].arrival_s)
+    moved_to = {old: new for new, old in enumerate(order)}
+    moved = []
+    for i in order:
+        follows = rows[i].follows
+        moved.append(rows[i] if follows is None else replace(rows[i], follows=moved_to[follows]))
+    return moved
 
 
 def output_lengths(

@@ -50,7 +50,8 @@ from orchestrator.protocol import (
     encode,
 )
 from orchestrator.settings import CoordinatorSettings
-from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator
+from orchestrator.sim import SimRequest, Simulator
+from orchestrator.sim_cluster import Cluster, DeviceSpec
 from tests.factories import params, profile
 
 Decision = tuple[Any, ...]

@@ -31,13 +31,14 @@ from orchestrator.core.prefix import PrefixIndex, PromptBlocks, block_hashes, ca
 from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InvalidRequest
 from orchestrator.protocol import AgentId
-from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator
+from orchestrator.sim import SimRequest, Simulator
 from orchestrator.sim_cache import (
     IdleAwarePrefixCache,
     LruPrefixCache,
     SpillingPrefixCache,
     infinite_cache_reuse,
 )
+from orchestrator.sim_cluster import Cluster, DeviceSpec
 from orchestrator.traces import arrival_scale, load_trace
 from tests.factories import agent, agent_state, driver, queued, record
 
@@ -300,6 +301,16 @@ def test_idle_eviction_keeps_the_block_that_comes_back() -> None:
             cache.keep(PromptBlocks((100 + t,), 64), float(t))
         kept[type(cache).__name__] = cache.held(PromptBlocks((1, 2), 64), 1000)
     assert kept == {"LruPrefixCache": 0, "IdleAwarePrefixCache": 64}
+
+
+def test_idle_eviction_drops_a_block_long_overdue_before_one_still_due() -> None:
+    """Block 1 came back every second (an agent's tool calls) and then stopped, at t=2; block
+    2 came back after 50 s (a user thinking). At t=100 a new prompt needs room: block 1,
+    overdue for 97 s, is expected to stay idle longest, not block 2 or the new prompt."""
+    cache = IdleAwarePrefixCache(2 * 64)
+    for t, h in ((0.0, 1), (0.0, 2), (1.0, 1), (2.0, 1), (50.0, 2)):
+        cache.keep(PromptBlocks((h,), 64), t)
+    assert cache.keep(PromptBlocks((3,), 64), 100.0) == ([3], [1])
 
 
 def test_a_request_waits_for_a_busy_agent_holding_its_prefix_when_that_is_sooner() -> None:

@@ -22,7 +22,8 @@ from orchestrator.core.views import SpeedProfile
 from orchestrator.errors import InvalidRequest
 from orchestrator.lengths import FakePredictor, kendall_tau, parse_predictor
 from orchestrator.local import threads_per_agent
-from orchestrator.sim import Cluster, DeviceSpec, SimRequest, Simulator, load_cluster
+from orchestrator.sim import SimRequest, Simulator
+from orchestrator.sim_cluster import Cluster, DeviceSpec, load_cluster
 from orchestrator.traces import arrival_scale, load_trace, output_lengths, request_budgets
 from tests.factories import estimate
 
