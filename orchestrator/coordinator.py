@@ -42,7 +42,7 @@ from orchestrator.core.events import (
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.table import RequestRecord, RequestTable
 from orchestrator.errors import Cancelled, EdgeorchError, Overloaded, ProtocolError, Unavailable
-from orchestrator.journal import AcceptOp, ChunkOp, DispatchOp, EndOp, Journal, JournalOp
+from orchestrator.journal import FIRST_ATTEMPT, AcceptOp, ChunkOp, DispatchOp, EndOp, Journal
 from orchestrator.metrics import CoordinatorMetrics
 from orchestrator.outbox import Outbox
 from orchestrator.protocol import (
@@ -384,7 +384,7 @@ class Coordinator:
             prompt_blocks=blocks,
         )
         self._handle(RequestAccepted(record), arrival_s)
-        self._write(AcceptOp(record, self._wall(arrival_s)))
+        self._outbox.write(AcceptOp(record, self._wall(arrival_s)))
         if predicted is not None:
             self._predicted[record.request_id] = predicted
         self._clients.routes[record.request_id] = ClientRoute(
@@ -461,7 +461,8 @@ class Coordinator:
     def _dispatch(self, record: RequestRecord, agent_id: AgentId, now: float) -> None:
         session = self._link.by_id(agent_id)
         assert session is not None, "decide placed on an agent that is not live"
-        self._write(DispatchOp(record.request_id, record.attempt))
+        if record.attempt > FIRST_ATTEMPT:  # an accepted row counts the first
+            self._outbox.write(DispatchOp(record.request_id, record.attempt))
         self._send_agent(
             session.identity,
             Dispatch(
@@ -479,7 +480,7 @@ class Coordinator:
 
     def _on_streamed(self, chunk: Streamed, now: float) -> None:
         record = chunk.record
-        self._write(
+        self._outbox.write(
             ChunkOp(record.request_id, chunk.text, chunk.n_tokens, chunk.token_ids, chunk.model)
         )
         self.metrics.tokens(record, chunk.agent_id, chunk.n_tokens, chunk.first, now)
@@ -489,7 +490,7 @@ class Coordinator:
         """Journal a request's end, teach the predictor, and answer its client."""
         predicted = self._predicted.pop(record.request_id, None)
         if record.state is RequestState.CANCELLED:
-            self._write(EndOp(record.request_id, RequestState.CANCELLED, self._wall(now)))
+            self._outbox.write(EndOp(record.request_id, RequestState.CANCELLED, self._wall(now)))
             route = self._clients.routes.pop(record.request_id, None)
             if route is not None:
                 error = Cancelled("request was cancelled")
@@ -497,7 +498,7 @@ class Coordinator:
             return
         if record.state is RequestState.FAILED:
             assert record.error is not None
-            self._write(
+            self._outbox.write(
                 EndOp(record.request_id, RequestState.FAILED, self._wall(now), error=record.error)
             )
             self.metrics.refused(record.error.code)
@@ -507,7 +508,7 @@ class Coordinator:
                 self._clients.reply(route.identity, error_reply(record.error, record.request_id))
             return
         result = result_of(record, agent_id)
-        self._write(
+        self._outbox.write(
             EndOp(
                 record.request_id,
                 RequestState.FINISHED,
@@ -591,10 +592,6 @@ class Coordinator:
     def _wall(self, monotonic_s: float) -> float:
         """A time on the coordinator's clock as wall-clock seconds (what the journal keeps)."""
         return self._wall_clock() - (self._clock() - monotonic_s)
-
-    def _write(self, op: JournalOp) -> None:
-        """Journal ``op``; it commits before any frame sent after this call leaves."""
-        self._outbox.write(op)
 
     def _send(self, pump: transport.RouterPump, identity: bytes, message: WireModel) -> None:
         self._outbox.send(functools.partial(pump.send, identity, encode(message)))

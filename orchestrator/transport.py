@@ -215,11 +215,17 @@ class RouterPump(_Pump):
             parts = self._socket.recv_multipart(_NOBLOCK, copy=False)
             key: str | None = str(parts[-1].get(USER_ID))
             frames = [part.bytes for part in parts]
+            if len(frames) == 2:
+                self._on_message(frames[0], frames[1], key)
+            return
+        socket = self._socket
+        identity = socket.recv(_NOBLOCK)
+        frame = socket.recv(_NOBLOCK)  # a ROUTER puts the identity before at least one part
+        if socket.get(_RCVMORE):  # a message of several parts: not ours, dropped
+            while socket.get(_RCVMORE):
+                socket.recv(_NOBLOCK)
         else:
-            frames = self._receive()
-            key = None
-        if len(frames) == 2:
-            self._on_message(frames[0], frames[1], key)
+            self._on_message(identity, frame, None)
 
 
 class DealerPump(_Pump):

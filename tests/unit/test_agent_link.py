@@ -20,7 +20,21 @@ from tests.factories import profile
 ROUTING_ID = b"fake-1:0123456789ab"
 
 
+HANDOVER_TRIES = 8
+"""Tries of the scenario below: in about one of five, ZeroMQ drops the old connection's unread
+frame when the connection closes, and there is no handover to observe."""
+
+
 async def frames_after_a_handover() -> list[tuple[bytes, bytes]]:
+    """The frames of the first try of ``one_handover`` where both frames arrived."""
+    for _ in range(HANDOVER_TRIES):
+        received = await one_handover()
+        if len(received) == 2:
+            return received
+    return received
+
+
+async def one_handover() -> list[tuple[bytes, bytes]]:
     """An agent sends Register, gets no answer (the coordinator is busy and not reading), closes
     its socket and sends Register again on a fresh one with the same routing id; the ROUTER
     reads only once the fresh connection is up."""
