@@ -440,6 +440,10 @@ class Coordinator:
                 case Dispatched(record, agent_id, prefix):
                     self.metrics.dispatched(record, now, prefix)
                     self._dispatch(record, agent_id, now)
+                case Streamed():
+                    self._on_streamed(effect, now)
+                case Ended(record, agent_id):
+                    self._on_ended(record, agent_id, now)
                 case Reserved(request_id, agent_id, tokens, attempt, lowered=True):
                     lent = Reserve(
                         request_id=request_id, attempt=attempt, kv_reservation_tokens=tokens
@@ -451,10 +455,6 @@ class Coordinator:
                     self._command(agent_id, CancelRun(request_id=request_id, attempt=attempt))
                 case Requeued(request_id, reason):
                     self.metrics.requeued(request_id, reason)
-                case Streamed():
-                    self._on_streamed(effect, now)
-                case Ended(record, agent_id):
-                    self._on_ended(record, agent_id, now)
                 case _:
                     assert_never(effect)
 
