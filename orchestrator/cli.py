@@ -224,6 +224,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     from orchestrator.bench import ProgressBar, bench_spec_from_args, run_bench, write_outputs
 
     spec = bench_spec_from_args(args)
+    if spec.live is None and "EDGEORCH_LOG_LEVEL" not in os.environ:
+        # A simulated cluster's preemptions and requeues are counted in the report; logged one
+        # by one they bury the progress bar (hundreds a run).
+        logging.getLogger("edgeorch.driver").setLevel(logging.WARNING)
     bar = None if args.quiet else ProgressBar()
     try:
         result = run_bench(spec, bar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.bench import BenchSpec, bench_spec_from_args, run_bench, write_outputs
+from orchestrator.cli import main as cli_main
 from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.placement import make_placement
@@ -418,3 +420,19 @@ def test_a_device_prefills_the_shortest_prompt_first_and_samples_a_token_as_each
     first = {o.request_id: o.first_token_s for o in report.outcomes}
     assert first["short"] == pytest.approx(1.5)
     assert first["long"] == pytest.approx(6.5)
+
+
+def test_a_simulated_bench_counts_preemptions_instead_of_logging_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EDGEORCH_LOG_LEVEL", raising=False)
+    monkeypatch.setattr(logging.getLogger("edgeorch.driver"), "level", logging.NOTSET)
+    trace = write_trace(tmp_path / "t.jsonl", n=60)
+    out = tmp_path / "out.json"
+    caplog.set_level(logging.INFO)
+    argv = ["bench", "--trace", str(trace), "--sim", "--cluster"]
+    argv += [str(REPO / "configs" / "cluster-edge-kv.toml"), "--policies", "fcfs", "--quiet"]
+    argv += ["--length-scale", "12", "--load", "1.5", "--json", str(out)]
+    assert cli_main(argv) == 0
+    assert json.loads(out.read_text())["policies"]["fcfs"]["preemptions"] > 0
+    assert not [r for r in caplog.records if r.name == "edgeorch.driver" and r.levelno < 30]
