@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agents.backends.registry import BACKEND_NAMES
 from orchestrator.errors import EdgeorchError, InvalidRequest
+from orchestrator.predictor.errors import PredictorError
 from orchestrator.settings import (
     ADAPT_EVERY,
     DEFAULT_AGENTS_ENDPOINT,
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeorchError as exc:
         print(f"edgeorch: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, InvalidRequest) else EXIT_ERROR
+    except PredictorError as exc:  # a bad length file or model folder
+        print(f"edgeorch: invalid_request: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orchestrator.cli import main as edgeorch_main
 from orchestrator.predictor import cli
 from orchestrator.predictor.data import load_records, parse_records
 from orchestrator.predictor.errors import PredictorDataError
@@ -84,3 +85,15 @@ def test_cli_reports_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     empty.write_text("")
     assert cli.main(["eval", "--data", str(empty), "--json"]) == 2
     assert "no records" in capsys.readouterr().err
+
+
+def test_edgeorch_predictor_eval_refuses_a_bad_length_file_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n')
+    for path, reason in ((tmp_path / "missing.jsonl", "cannot read"), (bad, "output_tokens")):
+        assert edgeorch_main(["predictor", "eval", "--data", str(path)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("edgeorch: invalid_request:") and reason in error
+        assert "Traceback" not in error
