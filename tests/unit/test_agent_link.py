@@ -18,8 +18,6 @@ from orchestrator.settings import CoordinatorSettings
 from tests.factories import profile
 
 ROUTING_ID = b"fake-1:0123456789ab"
-
-
 HANDOVER_TRIES = 8
 """Tries of the scenario below: in about one of five, ZeroMQ drops the old connection's unread
 frame when the connection closes, and there is no handover to observe."""
