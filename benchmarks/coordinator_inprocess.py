@@ -6,8 +6,9 @@ figure also holds ZeroMQ's I/O thread, the kernel and the cores the benchmark's 
 agents take, and moves by 10-15% with the hour on a shared VM. This drives the same coordinator
 code (admission, the cluster driver, the write-ahead outbox, replies) with pre-encoded
 ``Submit`` and ``RunFinished`` frames, ``concurrency`` requests in flight over two agents, and
-reports the main thread's CPU a request: the Python part of that figure, steady to a few per
-cent, for judging changes to the request path.
+reports the main thread's CPU a request: the Python part of that figure. Its absolute value
+drifts too (about 5% over an hour on the development VM), but runs of two versions interleaved
+compare to a microsecond or two, which is what judging a change to the request path needs.
 
     .venv/bin/python benchmarks/coordinator_inprocess.py [--requests 20000] [--concurrency 64]
         [--max-seqs 8] [--journal] [--repetitions 3] [--json OUT]
