@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from orchestrator.predictor.distribution import (
 )
 from orchestrator.predictor.errors import PredictorModelError
 from orchestrator.predictor.features import PromptTokenizer, cue_feature_matrix
+from orchestrator.predictor.memory import NeighbourMemory
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -53,7 +54,9 @@ class Calibration:
 
     loc' = intercept + slope * loc; the grid's offsets around the median are replaced by
     `offsets` when given (the residual quantiles seen on the served model's completions),
-    and `head` (weights over [embedding, cues]) adds a refitted correction when present.
+    `head` (weights over [embedding, cues]) adds a refitted correction when present, and
+    `memory` (the served model's own completions and their residuals after all that) moves
+    a prompt towards how its near neighbours' answers turned out.
     """
 
     intercept: float = 0.0
@@ -62,9 +65,11 @@ class Calibration:
     head: tuple[float, ...] | None = None
     head_bias: float = 0.0
     n_records: int = 0
+    memory: NeighbourMemory | None = field(default=None, compare=False, repr=False)
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON form for adaptation.json."""
+    def to_json(self, memory_file: str | None = None) -> dict[str, Any]:
+        """Plain JSON form for adaptation.json; ``memory_file`` names where `memory` was
+        saved, beside it."""
         return {
             "intercept": self.intercept,
             "slope": self.slope,
@@ -72,14 +77,19 @@ class Calibration:
             "head": list(self.head) if self.head is not None else None,
             "head_bias": self.head_bias,
             "n_records": self.n_records,
+            "memory": memory_file,
         }
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Calibration:
-        """Inverse of to_json; raises PredictorModelError on missing fields."""
+    def from_json(cls, raw: Mapping[str, Any], folder: Path | None = None) -> Calibration:
+        """Inverse of to_json (a memory file is read from ``folder``); raises
+        PredictorModelError on missing fields or an unreadable memory."""
         try:
             offsets = raw.get("offsets")
             head = raw.get("head")
+            memory_file = raw.get("memory")
+            if memory_file is not None and (folder is None or not isinstance(memory_file, str)):
+                raise ValueError(f"memory {memory_file!r} without a folder to read it from")
             return cls(
                 intercept=float(raw["intercept"]),
                 slope=float(raw["slope"]),
@@ -87,6 +97,11 @@ class Calibration:
                 head=tuple(float(x) for x in head) if head is not None else None,
                 head_bias=float(raw.get("head_bias", 0.0)),
                 n_records=int(raw.get("n_records", 0)),
+                memory=(
+                    None
+                    if memory_file is None or folder is None
+                    else NeighbourMemory.load(folder / Path(memory_file).name)
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PredictorModelError(f"bad calibration entry: {exc}") from exc
@@ -94,7 +109,8 @@ class Calibration:
 
 @dataclass(frozen=True)
 class RawOutputs:
-    """What the ONNX graphs give for a batch: features and the base log-quantile grid."""
+    """The base model's output for a batch: features and the log-quantile grid (the ONNX
+    graphs', shifted by the neighbour memory)."""
 
     embeddings: np.ndarray  # (n, 384) float32, L2-normalised mean-pooled MiniLM
     cues: np.ndarray  # (n, N_CUE_FEATURES) float32
@@ -149,6 +165,19 @@ class LengthPredictor:
         self._head = ort.InferenceSession(str(model_dir / HEAD_FILE), options, providers=providers)
         self._tokenizer = PromptTokenizer(model_dir / TOKENIZER_FILE)
         self._median_index = len(GRID_LEVELS) // 2
+        self.memory: NeighbourMemory | None = None
+        memory = self.metadata.get("memory")
+        if memory is not None:
+            if not isinstance(memory, dict) or not isinstance(memory.get("file"), str):
+                raise PredictorModelError(f"{model_dir / METADATA_FILE}: bad 'memory'")
+            self.memory = NeighbourMemory.load(model_dir / memory["file"])
+        width = int(self.metadata["embedding_dim"])
+        for memory_of in (self.memory, *(c.memory for c in self.calibrations.values())):
+            if memory_of is not None and memory_of.keys.shape[1] != width:
+                raise PredictorModelError(
+                    f"a neighbour memory of {memory_of.keys.shape[1]}-wide embeddings for "
+                    f"{model_dir}, whose embeddings are {width} wide"
+                )
 
     @classmethod
     def load(cls, path: Path | None = None, threads: int = DEFAULT_THREADS) -> LengthPredictor:
@@ -167,7 +196,7 @@ class LengthPredictor:
             raw_cal = adaptation.get("calibrations", {})
             if not isinstance(raw_cal, dict):
                 raise PredictorModelError(f"{folder / ADAPTATION_FILE}: bad 'calibrations'")
-            calibrations = {str(k): Calibration.from_json(v) for k, v in raw_cal.items()}
+            calibrations = {str(k): Calibration.from_json(v, folder) for k, v in raw_cal.items()}
             folder = base_dir
         metadata = _read_json(folder / METADATA_FILE)
         if metadata.get("format_version") != FORMAT_VERSION:
@@ -179,8 +208,9 @@ class LengthPredictor:
 
     # --- raw model -------------------------------------------------------------------------
 
-    def raw_outputs(self, prompts: Sequence[str]) -> RawOutputs:
-        """Run the encoder and head on prompts (in their order), before any calibration.
+    def raw_outputs(self, prompts: Sequence[str], with_memory: bool = True) -> RawOutputs:
+        """Run the encoder and head on prompts (in their order), before any calibration; the
+        grid is shifted by the neighbour memory when the model has one (``with_memory``).
 
         The encoder runs one prompt per call: its int8 MatMuls quantise activations with
         one scale per call, so batching would make a prompt's prediction depend on its
@@ -205,7 +235,11 @@ class LengthPredictor:
                 encode(i)
         cues = cue_feature_matrix(prompts)
         (log_grid,) = self._head.run(None, {"embedding": emb, "cues": cues})
-        return RawOutputs(emb, cues, np.asarray(log_grid, dtype=np.float32))
+        grid = np.asarray(log_grid, dtype=np.float32)
+        if with_memory and self.memory is not None:
+            shift = self.memory.correction(emb).astype(np.float32)
+            grid = np.maximum(grid + shift[:, None], 0.0)
+        return RawOutputs(emb, cues, grid)
 
     def calibration_for(self, model: str | None) -> Calibration | None:
         """The calibration that applies to `model`: its own, else the catch-all '*'."""
@@ -225,6 +259,8 @@ class LengthPredictor:
         if cal.head is not None:
             feats = np.hstack([raw.embeddings, raw.cues]).astype(np.float64)
             new_loc = new_loc + feats @ np.asarray(cal.head) + cal.head_bias
+        if cal.memory is not None:
+            new_loc = new_loc + cal.memory.correction(raw.embeddings)
         return np.maximum(new_loc[:, None] + offsets, 0.0)
 
     # --- public API ------------------------------------------------------------------------

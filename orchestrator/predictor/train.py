@@ -35,12 +35,14 @@ from orchestrator.predictor.features import (
 from orchestrator.predictor.finetune import BATCH_PROMPTS, ENCODER_LR
 from orchestrator.predictor.finetune import EPOCHS as FINETUNE_EPOCHS
 from orchestrator.predictor.head import LinearHead, weighted_quantile, weighted_ridge
+from orchestrator.predictor.memory import MEMORY_FILE, NeighbourMemory
 from orchestrator.predictor.model import (
     ENCODER_FILE,
     FORMAT_VERSION,
     HEAD_FILE,
     METADATA_FILE,
     TOKENIZER_FILE,
+    LengthPredictor,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -241,6 +243,18 @@ def fit_head(
     return head, stats
 
 
+def write_memory(
+    out_dir: Path, metadata: dict[str, object], data: TrainingSet
+) -> dict[str, object]:
+    """Store the exported model's residual on each training prompt (runtime embeddings, so
+    a prompt meets its neighbours as the runtime sees them); returns metadata's entry."""
+    exported = LengthPredictor(out_dir, {k: v for k, v in metadata.items() if k != "memory"})
+    raw = exported.raw_outputs(data.prompts, with_memory=False)
+    residuals = data.log_tokens - raw.log_grid[:, len(GRID_LEVELS) // 2]
+    NeighbourMemory.of(raw.embeddings, residuals).save(out_dir / MEMORY_FILE)
+    return {"file": MEMORY_FILE, "prompts": len(data.prompts)}
+
+
 def tune_encoder(
     encoder: object,
     tokenizer: PromptTokenizer,
@@ -325,18 +339,18 @@ def train(
     by_source: dict[str, int] = defaultdict(int)
     for s in data.sources:
         by_source[s] += 1
-    log(f"[1/6] {len(data.prompts)} prompts from {dict(sorted(by_source.items()))}", flush=True)
+    log(f"[1/7] {len(data.prompts)} prompts from {dict(sorted(by_source.items()))}", flush=True)
     tokenizer = PromptTokenizer(minilm_dir() / "tokenizer.json")
     encoder = build_encoder(ENCODER_LAYERS)
-    log(f"[2/6] embedding with MiniLM-L6 (first {ENCODER_LAYERS} layers, torch fp32)", flush=True)
+    log(f"[2/7] embedding with MiniLM-L6 (first {ENCODER_LAYERS} layers, torch fp32)", flush=True)
     frozen = embed_prompts(encoder, tokenizer, data.prompts, progress=verbose)
     cues = cue_feature_matrix(data.prompts)
-    log(f"[3/6] fine-tuning the encoder ({FINETUNE_EPOCHS} epochs)", flush=True)
+    log(f"[3/7] fine-tuning the encoder ({FINETUNE_EPOCHS} epochs)", flush=True)
     tune_encoder(encoder, tokenizer, data, frozen, seed, verbose)
     tuned = embed_prompts(encoder, tokenizer, data.prompts, progress=verbose)
-    log("[4/6] fitting the ridge quantile head", flush=True)
+    log("[4/7] fitting the ridge quantile head", flush=True)
     head, stats = fit_head(frozen, cues, data, seed, verbose, final_embeddings=tuned)
-    log(f"[5/6] exporting ONNX to {out_dir}", flush=True)
+    log(f"[5/7] exporting ONNX to {out_dir}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     export_encoder(encoder, out_dir / ENCODER_FILE, quantize=True)
     write_head_onnx(head, out_dir / HEAD_FILE)
@@ -381,6 +395,8 @@ def train(
             "onnxruntime": onnxruntime.__version__,
         },
     }
+    log("[6/7] storing the exported model's residuals as its neighbour memory", flush=True)
+    metadata["memory"] = write_memory(out_dir, metadata, data)
     with open(out_dir / METADATA_FILE, "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2)
         handle.write("\n")
@@ -390,5 +406,5 @@ def train(
         with open(fixture_path, "w", encoding="utf-8") as handle:
             json.dump(fixture, handle, indent=1)
             handle.write("\n")
-    log(f"[6/6] done in {time.time() - started:.0f} s: {stats}", flush=True)
+    log(f"[7/7] done in {time.time() - started:.0f} s: {stats}", flush=True)
     return metadata
