@@ -252,6 +252,7 @@ def _summary(calibrations: dict[str, Calibration]) -> dict[str, Any]:
                 "intercept": round(c.intercept, 4),
                 "slope": round(c.slope, 4),
                 "head": c.head is not None,
+                "memory_records": 0 if c.memory is None else len(c.memory.keys),
             }
             for k, c in sorted(calibrations.items())
         }

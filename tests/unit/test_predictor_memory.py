@@ -175,7 +175,8 @@ def test_an_adapted_prompt_served_again_moves_towards_its_own_answer(
     records = [LengthRecord(p, 60, model="m") for p in prompts]
     records.append(LengthRecord(long_one, 2000, model="m"))
     out = tmp_path / "adapted"
-    adapt_records(records, out, predictor)
+    summary = adapt_records(records, out, predictor)
+    assert summary["calibrations"]["m"]["memory_records"] == len(records)
     doc = json.loads((out / ADAPTATION_FILE).read_text())
     files = {c["memory"] for c in doc["calibrations"].values()}
     assert len(files) == 1 and all(f.startswith(MEMORY_FILE_PREFIX) for f in files)
