@@ -88,8 +88,11 @@ class Calibration:
             offsets = raw.get("offsets")
             head = raw.get("head")
             memory_file = raw.get("memory")
-            if memory_file is not None and (folder is None or not isinstance(memory_file, str)):
-                raise ValueError(f"memory {memory_file!r} without a folder to read it from")
+            memory = None
+            if memory_file is not None:
+                if not isinstance(memory_file, str) or folder is None:
+                    raise ValueError(f"memory {memory_file!r} is not a file in a folder")
+                memory = NeighbourMemory.load(folder / Path(memory_file).name)
             return cls(
                 intercept=float(raw["intercept"]),
                 slope=float(raw["slope"]),
@@ -97,11 +100,7 @@ class Calibration:
                 head=tuple(float(x) for x in head) if head is not None else None,
                 head_bias=float(raw.get("head_bias", 0.0)),
                 n_records=int(raw.get("n_records", 0)),
-                memory=(
-                    None
-                    if memory_file is None or folder is None
-                    else NeighbourMemory.load(folder / Path(memory_file).name)
-                ),
+                memory=memory,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PredictorModelError(f"bad calibration entry: {exc}") from exc
@@ -172,10 +171,10 @@ class LengthPredictor:
                 raise PredictorModelError(f"{model_dir / METADATA_FILE}: bad 'memory'")
             self.memory = NeighbourMemory.load(model_dir / memory["file"])
         width = int(self.metadata["embedding_dim"])
-        for memory_of in (self.memory, *(c.memory for c in self.calibrations.values())):
-            if memory_of is not None and memory_of.keys.shape[1] != width:
+        for stored in (self.memory, *(c.memory for c in self.calibrations.values())):
+            if stored is not None and stored.keys.shape[1] != width:
                 raise PredictorModelError(
-                    f"a neighbour memory of {memory_of.keys.shape[1]}-wide embeddings for "
+                    f"a neighbour memory of {stored.keys.shape[1]}-wide embeddings for "
                     f"{model_dir}, whose embeddings are {width} wide"
                 )
 

@@ -220,3 +220,12 @@ def test_training_stores_the_exported_models_residual_on_each_prompt(tmp_path: P
     bare = {k: v for k, v in metadata.items() if k != "memory"}
     raw = LengthPredictor(tmp_path, bare).raw_outputs(data.prompts)
     np.testing.assert_allclose(memory.residuals, data.log_tokens - raw.log_grid[:, 50], atol=0.01)
+
+
+def test_a_memory_of_another_embedding_width_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "adapted"
+    adapt_records([LengthRecord(f"Say hello {i} times.", 5 + i) for i in range(30)], out)
+    (name,) = [p.name for p in out.glob(f"{MEMORY_FILE_PREFIX}*")]
+    NeighbourMemory.of(np.stack([axis(0)]), np.asarray([1.0])).save(out / name)
+    with pytest.raises(PredictorModelError, match="8-wide"):
+        LengthPredictor.load(out)
