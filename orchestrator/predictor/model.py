@@ -20,7 +20,7 @@ from orchestrator.predictor.distribution import (
 )
 from orchestrator.predictor.errors import PredictorModelError
 from orchestrator.predictor.features import PromptTokenizer, cue_feature_matrix
-from orchestrator.predictor.memory import NeighbourMemory
+from orchestrator.predictor.memory import NeighbourMemory, Similarity
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -165,11 +165,25 @@ class LengthPredictor:
         self._tokenizer = PromptTokenizer(model_dir / TOKENIZER_FILE)
         self._median_index = len(GRID_LEVELS) // 2
         self.memory: NeighbourMemory | None = None
+        self._similarity: Similarity | None = None
+        """The neighbour memories' dot products; None: numpy's einsum (see `correction`)."""
         memory = self.metadata.get("memory")
         if memory is not None:
-            if not isinstance(memory, dict) or not isinstance(memory.get("file"), str):
+            if not isinstance(memory, dict) or not all(
+                isinstance(memory.get(key), str) for key in ("file", "similarity")
+            ):
                 raise PredictorModelError(f"{model_dir / METADATA_FILE}: bad 'memory'")
             self.memory = NeighbourMemory.load(model_dir / memory["file"])
+            graph = model_dir / memory["similarity"]
+            if not graph.is_file():
+                raise PredictorModelError(f"predictor folder {model_dir} lacks {graph.name}")
+            session = ort.InferenceSession(str(graph), options, providers=providers)
+
+            def similarity(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+                (sims,) = session.run(None, {"queries": queries, "keys": keys})
+                return np.asarray(sims)
+
+            self._similarity = similarity
         width = int(self.metadata["embedding_dim"])
         for stored in (self.memory, *(c.memory for c in self.calibrations.values())):
             if stored is not None and stored.keys.shape[1] != width:
@@ -236,7 +250,7 @@ class LengthPredictor:
         (log_grid,) = self._head.run(None, {"embedding": emb, "cues": cues})
         grid = np.asarray(log_grid, dtype=np.float32)
         if with_memory and self.memory is not None:
-            shift = self.memory.correction(emb).astype(np.float32)
+            shift = self.memory.correction(emb, self._similarity).astype(np.float32)
             grid = np.maximum(grid + shift[:, None], 0.0)
         return RawOutputs(emb, cues, grid)
 
@@ -259,7 +273,7 @@ class LengthPredictor:
             feats = np.hstack([raw.embeddings, raw.cues]).astype(np.float64)
             new_loc = new_loc + feats @ np.asarray(cal.head) + cal.head_bias
         if cal.memory is not None:
-            new_loc = new_loc + cal.memory.correction(raw.embeddings)
+            new_loc = new_loc + cal.memory.correction(raw.embeddings, self._similarity)
         return np.maximum(new_loc[:, None] + offsets, 0.0)
 
     # --- public API ------------------------------------------------------------------------

@@ -35,7 +35,12 @@ from orchestrator.predictor.features import (
 from orchestrator.predictor.finetune import BATCH_PROMPTS, ENCODER_LR
 from orchestrator.predictor.finetune import EPOCHS as FINETUNE_EPOCHS
 from orchestrator.predictor.head import LinearHead, weighted_quantile, weighted_ridge
-from orchestrator.predictor.memory import MEMORY_FILE, NeighbourMemory
+from orchestrator.predictor.memory import (
+    MEMORY_FILE,
+    SIMILARITY_FILE,
+    NeighbourMemory,
+    write_similarity_onnx,
+)
 from orchestrator.predictor.model import (
     ENCODER_FILE,
     FORMAT_VERSION,
@@ -247,7 +252,8 @@ def write_memory(
     out_dir: Path, metadata: dict[str, object], data: TrainingSet
 ) -> dict[str, object]:
     """Store the exported model's residual on each training prompt (runtime embeddings, so
-    a prompt meets its neighbours as the runtime sees them); returns metadata's entry."""
+    a prompt meets its neighbours as the runtime sees them); returns metadata's entry but
+    for the similarity graph, which `train` writes (it needs onnx)."""
     exported = LengthPredictor(out_dir, {k: v for k, v in metadata.items() if k != "memory"})
     raw = exported.raw_outputs(data.prompts, with_memory=False)
     residuals = data.log_tokens - raw.log_grid[:, len(GRID_LEVELS) // 2]
@@ -396,7 +402,8 @@ def train(
         },
     }
     log("[6/7] storing the exported model's residuals as its neighbour memory", flush=True)
-    metadata["memory"] = write_memory(out_dir, metadata, data)
+    write_similarity_onnx(out_dir / SIMILARITY_FILE)
+    metadata["memory"] = {**write_memory(out_dir, metadata, data), "similarity": SIMILARITY_FILE}
     with open(out_dir / METADATA_FILE, "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2)
         handle.write("\n")

@@ -24,6 +24,7 @@ from orchestrator.predictor.memory import (
     MEMORY_FILE,
     NEIGHBOURS,
     PRIOR_WEIGHT,
+    SIMILARITY_FILE,
     SIMILARITY_FLOOR,
     NeighbourMemory,
 )
@@ -229,3 +230,26 @@ def test_a_memory_of_another_embedding_width_is_refused(tmp_path: Path) -> None:
     NeighbourMemory.of(np.stack([axis(0)]), np.asarray([1.0])).save(out / name)
     with pytest.raises(PredictorModelError, match="8-wide"):
         LengthPredictor.load(out)
+
+
+def model_copy(folder: Path, metadata_change: dict[str, object]) -> Path:
+    """The shipped model's files linked into ``folder``, metadata.json changed."""
+    shipped = shipped_model_dir()
+    for name in (ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, MEMORY_FILE, SIMILARITY_FILE):
+        (folder / name).symlink_to(shipped / name)
+    metadata = json.loads((shipped / METADATA_FILE).read_text())
+    (folder / METADATA_FILE).write_text(json.dumps({**metadata, **metadata_change}))
+    return folder
+
+
+def test_a_model_without_its_similarity_graph_is_a_typed_error(tmp_path: Path) -> None:
+    folder = model_copy(tmp_path, {})
+    (folder / SIMILARITY_FILE).unlink()
+    with pytest.raises(PredictorModelError, match=SIMILARITY_FILE):
+        LengthPredictor.load(folder)
+
+
+@pytest.mark.parametrize("memory", [[], {"file": MEMORY_FILE}, {"file": 3, "similarity": "x"}])
+def test_a_malformed_memory_entry_is_a_typed_error(tmp_path: Path, memory: object) -> None:
+    with pytest.raises(PredictorModelError, match="bad 'memory'"):
+        LengthPredictor.load(model_copy(tmp_path, {"memory": memory}))
