@@ -21,7 +21,7 @@ from orchestrator import prediction_worker
 from orchestrator.errors import Unavailable
 from orchestrator.prediction import Predicted, PredictionService
 from orchestrator.predictor import CompletionHistory, LengthPredictor, shipped_model_dir
-from orchestrator.predictor.adapt import AutoAdapter
+from orchestrator.predictor.adapt import MEMORY_FILE_PREFIX, AutoAdapter
 from orchestrator.predictor.errors import PredictorModelError
 from orchestrator.protocol import ConversationHint
 
@@ -49,6 +49,7 @@ def test_predicts_records_and_adapts(tmp_path: Path) -> None:
         assert history.count("gemma") == 6
     assert service.adaptations == 1
     assert medians[-1] > medians[0]  # recalibrated towards the long answers it saw
+    assert len(list((tmp_path / "adapted").glob(f"{MEMORY_FILE_PREFIX}*.npy"))) == 1
 
 
 async def predict_after_recalibration(service: PredictionService, prompt: str) -> Predicted:
