@@ -1,13 +1,15 @@
 """Online adaptation on a real-chat stream: each prediction made before its answer is seen.
 
-    python -m benchmarks.predictor_stream [--every 500] [--data F.jsonl,...] [--json] [--out FILE]
+    python -m benchmarks.predictor_stream [--every 500] [--data F.jsonl,...] [--keep-repeats]
+        [--json] [--out FILE]
 
 The records of the given length files (default: ShareGPT's first turns and single turns,
-one answering model, never trained on; each prompt once, seeded shuffle = arrival order;
-give one model's answers per run, or tau mixes models of different verbosity) arrive in
-blocks of `--every`. Each block is predicted by the predictor adapted, as the coordinator's
-automatic mode does (`adapt_records`: level, slope, a ridge correction head over the prompt
-features when cross-validation keeps it, quantile offsets), on every completion before it;
+one answering model, never trained on; each prompt once unless `--keep-repeats`, seeded
+shuffle = arrival order; give one model's answers per run, or tau mixes models of different
+verbosity) arrive in blocks of `--every`. Each block is predicted by the predictor adapted,
+as the coordinator's automatic mode does (`adapt_records`: level, slope, a ridge correction
+head over the prompt features when cross-validation keeps it, quantile offsets, a neighbour
+memory of the completions), on every completion before it;
 then its answers join the history. Reported per block and over the whole stream after the
 first block: Kendall tau and MAE of the predicted median, adapted against the shipped model.
 Measurement only (ShareGPT has no licence).
@@ -17,19 +19,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks._predictor_common import emit_report, machine, scratch_dir
-from benchmarks.realchat_trace import distinct_rows
+from benchmarks.realchat_trace import SHUFFLE_SEED, distinct_rows
 from orchestrator.predictor.adapt import adapt_records
+from orchestrator.predictor.data import LengthRecord, load_records
 from orchestrator.predictor.evaluate import kendall_tau_b
 from orchestrator.predictor.model import LengthPredictor
 
 SHARED = Path(os.environ.get("EDGEORCH_SHARED_DATA", "../shared/data"))
 DEFAULT_STREAM = ("sharegpt_1k.jsonl", "sharegpt_1k_turns.jsonl")
+
+
+def every_row(files: list[Path]) -> list[LengthRecord]:
+    """Every record of the files in a seeded shuffle, repeated prompts included."""
+    rows = [rec for path in files for rec in load_records(path)]
+    random.Random(SHUFFLE_SEED).shuffle(rows)
+    return rows
 
 
 def medians(predictor: LengthPredictor, prompts: list[str]) -> np.ndarray:
@@ -42,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=",".join(DEFAULT_STREAM), help="length files")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--keep-repeats",
+        action="store_true",
+        help="every record, a prompt asked again included (as real traffic repeats 'continue')",
+    )
     args = parser.parse_args(argv)
     files = [Path(n) if Path(n).is_file() else SHARED / "lengths" / n for n in args.data.split(",")]
-    rows = distinct_rows(files)
+    rows = every_row(files) if args.keep_repeats else distinct_rows(files)
     base = LengthPredictor.load()
     prompts = [r.prompt for r in rows]
     actual = np.asarray([r.output_tokens for r in rows], dtype=np.float64)
@@ -72,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine(),
         "files": [str(f) for f in files],
+        "repeats_kept": args.keep_repeats,
         "records": len(rows),
         "every": args.every,
         "stream_after_first_block": {
