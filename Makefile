@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install native run test lint bench clean
 
 # llama.cpp's native CPU build uses AMX tiles where the CPU advertises them; some VMs advertise
 # AMX without enabling its tile state, and the first matrix product then dies with an illegal
@@ -22,9 +22,16 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" \
 		$(BIN)/pip install --no-binary llama-cpp-python -e '.[dev]'
 	$(BIN)/python -m agents.model
+	$(BIN)/python -m orchestrator.build_native
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The coordinator's hot modules compiled with mypyc (orchestrator/native.py). `make install`
+# builds them; after editing any source under orchestrator/ the sources run (the build is
+# stale, and the coordinator's log says so) until this is run again.
+native: $(STAMP)
+	$(BIN)/python -m orchestrator.build_native
 
 run: $(STAMP)
 	$(BIN)/edgeorch up --agents 2 --backend llama --http 127.0.0.1:8000
@@ -37,4 +44,5 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache orchestrator/_native_build.json
+	find orchestrator -name '*.cpython-*.so' -delete

@@ -325,10 +325,12 @@ def _serve(make: Callable[[asyncio.Event, asyncio.Event], Any]) -> int:
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
+    from orchestrator import native
     from orchestrator.coordinator import Coordinator
     from orchestrator.tokens import EstimatedTokenCounter, GgufTokenCounter, TokenCounter
 
     settings: CoordinatorSettings = _settings(CoordinatorSettings, args)
+    log.info("control plane: %s", native.status())
     counter: TokenCounter = EstimatedTokenCounter()
     tokenizer_path = _tokenizer_model(settings)
     if tokenizer_path is not None:

@@ -39,15 +39,26 @@ METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 DECODE_RATE_WINDOW_S: Final = 10.0
 """The per-agent decode rate gauge counts the tokens generated over this many seconds."""
 
-LATENCY_BUCKETS_S: Final = (
+LATENCY_BUCKETS_S: Final[tuple[float, ...]] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
-INTER_TOKEN_BUCKETS_S: Final = (
+INTER_TOKEN_BUCKETS_S: Final[tuple[float, ...]] = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
-LOG_ERROR_BUCKETS: Final = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+LOG_ERROR_BUCKETS: Final[tuple[float, ...]] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 """|ln(actual / predicted)|: 0.69 is a factor of two, 2.3 a factor of ten."""
-TOKEN_ERROR_BUCKETS: Final = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
+TOKEN_ERROR_BUCKETS: Final[tuple[float, ...]] = (
+    1.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+    2500.0,
+)
 
 
 class _Histogram:

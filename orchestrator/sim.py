@@ -41,7 +41,7 @@ from orchestrator.core.events import (
 )
 from orchestrator.core.lifecycle import RequestState
 from orchestrator.core.prefix import PromptBlocks
-from orchestrator.core.table import RequestRecord
+from orchestrator.core.table import RequestRecord, RequestTable
 from orchestrator.errors import InternalError, InvalidRequest
 from orchestrator.protocol import AgentId, GenerationParams, Priority, RequestId
 from orchestrator.sim_cache import (
@@ -271,6 +271,18 @@ class OnlineEstimates(Protocol):
         ...
 
 
+class SimulatedDriver(Protocol):
+    """What the simulator uses of a cluster driver: ``ClusterDriver`` itself, or a wrapper
+    around one (the differential test records its inputs and decisions so)."""
+
+    @property
+    def table(self) -> RequestTable: ...
+
+    def on_event(self, event: Event, now: float) -> list[Effect]: ...
+
+    def schedule(self, now: float) -> list[Effect]: ...
+
+
 class Simulator:
     """Replays ``requests`` on ``cluster`` under ``config``; deterministic for its inputs. The
     cluster model is the coordinator's own (``core.driver``): this shell feeds it simulated
@@ -280,7 +292,7 @@ class Simulator:
         self,
         cluster: Cluster,
         config: SchedulerConfig,
-        driver: Callable[[DriverSettings], ClusterDriver] = ClusterDriver,
+        driver: Callable[[DriverSettings], SimulatedDriver] = ClusterDriver,
         eviction: str = "lru",
     ) -> None:
         """``eviction`` names how devices choose which kept prefix blocks to drop
@@ -479,7 +491,7 @@ def _release_followers(
     return len(outcomes)
 
 
-def _sync_tokens(driver: ClusterDriver, device: _Device, seq: _Seq, now: float) -> RequestRecord:
+def _sync_tokens(driver: SimulatedDriver, device: _Device, seq: _Seq, now: float) -> RequestRecord:
     """Report the whole tokens ``seq`` made since the last report; returns its record."""
     record = driver.table[seq.request_id]
     new = _whole(seq.generated) - record.generated_tokens

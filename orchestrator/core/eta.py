@@ -130,6 +130,7 @@ def estimate_etas(
     draining: Collection[AgentId] = (),
     until: RequestId | None = None,
     prefix_hits: Mapping[RequestId, Mapping[AgentId, int]] | None = None,
+    max_queue: int = MAX_ETA_QUEUE,
 ) -> dict[RequestId, Eta]:
     """Expected start and finish of every request, by id, from a snapshot, admitted and placed
     as ``config`` (the scheduler's) does.
@@ -139,9 +140,8 @@ def estimate_etas(
     KV budget) gets no entry, nor does a running request on an agent not in ``agents``. With
     ``until``, the simulation stops once that request's finish is known. ``prefix_hits``: the
     prompt tokens each agent holds of queued requests, which placement and prefill count as
-    ``decide`` does. Only the first
-    ``MAX_ETA_QUEUE`` queued requests are estimated. Each event costs a heap operation per busy
-    agent plus at most ``ETA_LOOKAHEAD`` queued requests tried.
+    ``decide`` does. Only the first ``max_queue`` queued requests are estimated. Each event
+    costs a heap operation per busy agent plus at most ``ETA_LOOKAHEAD`` queued requests tried.
     """
     devices = [_Device(a, speed_of(a), accepting=a.agent_id not in draining) for a in agents]
     by_id = {d.view.agent_id: d for d in devices}
@@ -154,7 +154,7 @@ def estimate_etas(
             device.add(request.request_id, expected_remaining(request) + steps, 0.0, kv_tokens)
     etas: dict[RequestId, Eta] = {}
     accepting = [d for d in devices if d.accepting]
-    queue_left = _Queue(queue[:MAX_ETA_QUEUE], accepting, config, prefix_hits or {})
+    queue_left = _Queue(queue[:max_queue], accepting, config, prefix_hits or {})
     now_s = 0.0
     queue_left.fill(now_s)
     events_left = 2 * (len(queue) + len(running)) + 16

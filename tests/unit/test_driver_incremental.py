@@ -7,6 +7,7 @@ prompts, priorities, drains, refusals and agent deaths."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import replace
@@ -69,7 +70,7 @@ def _summary(actions: list[Action]) -> list[tuple[object, ...]]:
 
 
 def vars_of(action: Action) -> tuple[object, ...]:
-    return tuple(getattr(action, name) for name in action.__slots__)
+    return tuple(getattr(action, field.name) for field in dataclasses.fields(action))
 
 
 def rebuilt(driver: ClusterDriver, now: float) -> Snapshot:

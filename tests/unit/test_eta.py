@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.core import eta
 from orchestrator.core.admission import SchedulerConfig
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.core.eta import Eta, estimate_etas, measured_speed
@@ -198,9 +197,9 @@ def test_every_request_gets_a_consistent_estimate(
     assert starts == sorted(starts)
 
 
-def test_only_the_head_of_a_long_queue_is_estimated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(eta, "MAX_ETA_QUEUE", 3)
-    etas = etas_of([job(f"q{i}", 5) for i in range(5)], [], [agent("a1", max_seqs=1)])
+def test_only_the_head_of_a_long_queue_is_estimated() -> None:
+    queue = [job(f"q{i}", 5) for i in range(5)]
+    etas = etas_of(queue, [], [agent("a1", max_seqs=1)], max_queue=3)
     assert set(etas) == {RequestId("q0"), RequestId("q1"), RequestId("q2")}
 
 

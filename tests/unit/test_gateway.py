@@ -411,6 +411,26 @@ def test_metrics_hooks_and_state_read_back_through_the_exposition() -> None:
     assert samples[("edgeorch_rejected_requests_total", (("reason", "overloaded"),))] == 1
 
 
+class LocalLink:
+    """The coordinator as the gateway sees it, but what the gateway sends is kept, not sent,
+    and the gateway's deliver callback is kept for the test to call."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.sent: list[WireModel] = []
+        self.delivered: list[Callable[[WireModel], None]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.coordinator, name)
+
+    def connect_local(self, deliver: Callable[[WireModel], None]) -> bytes:
+        self.delivered.append(deliver)
+        return self.coordinator.connect_local(deliver)
+
+    def send_local(self, identity: bytes, message: Submit | CancelRequest) -> None:
+        self.sent.append(message)
+
+
 def test_a_request_admitted_after_its_client_left_is_cancelled_then() -> None:
     """With a predictor, admission waits for the prediction; a cancel sent before it finds no
     request, so the gateway cancels again when the acceptance arrives. Driven as an ASGI app:
@@ -418,18 +438,10 @@ def test_a_request_admitted_after_its_client_left_is_cancelled_then() -> None:
 
     async def scenario() -> None:
         coordinator = Coordinator(CoordinatorSettings(http="127.0.0.1:0"))
-        sent: list[WireModel] = []
-        delivered: list[Callable[[WireModel], None]] = []
-        connect = coordinator.connect_local
-
-        def connect_local(deliver: Callable[[WireModel], None]) -> bytes:
-            delivered.append(deliver)
-            return connect(deliver)
-
-        coordinator.connect_local = connect_local  # type: ignore[method-assign]
-        coordinator.send_local = lambda identity, message: sent.append(message)  # type: ignore[method-assign]
-        gateway = Gateway(coordinator, coordinator.metrics)
-        (deliver,) = delivered
+        local = LocalLink(coordinator)
+        gateway = Gateway(local, coordinator.metrics)
+        (deliver,) = local.delivered
+        sent = local.sent
         leave = asyncio.Event()
         body = json.dumps({"prompt": "Say hi.", "max_tokens": 4}).encode()
         requests = [{"type": "http.request", "body": body, "more_body": False}]

@@ -222,8 +222,9 @@ def test_prune_deletes_only_requests_that_ended_before_the_bound(tmp_path: Path)
 def test_a_batch_that_fails_part_way_leaves_no_row_and_no_stale_index(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.sqlite3")
     accept(journal, "r1")
-    with pytest.raises(AttributeError):
-        journal.write([AcceptOp(record("r2"), WALL), "not an op"])  # type: ignore[list-item]
+    too_large = ChunkOp(RequestId("r2"), "x", 2**64, (), None)  # no SQLite integer holds it
+    with pytest.raises(OverflowError):
+        journal.write([AcceptOp(record("r2"), WALL), too_large])
     assert set(by_id(journal)) == {"r1"}
     accept(journal, "r3")  # takes the row number the failed batch had given r2
     journal.write([EndOp(RequestId("r2"), RequestState.CANCELLED, WALL + 1.0)])
