@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -22,7 +23,7 @@ def build(*, jobs: int | None = None) -> None:
 
     The record is written last and removed first, so a failed or interrupted build leaves the
     sources in use, never a half-built set."""
-    from mypyc.build import mypycify  # the dev extra: a build tool, not a runtime dependency
+    from mypyc.build import mypycify  # mypy (the dev extra): a build tool, not needed to run
     from setuptools import Distribution  # type: ignore[import-untyped]
 
     MANIFEST.unlink(missing_ok=True)
@@ -38,16 +39,25 @@ def build(*, jobs: int | None = None) -> None:
     cwd = os.getcwd()
     os.chdir(SOURCE_ROOT)  # mypyc names modules by their paths from here
     try:
-        paths = [str(native.source_of(m).relative_to(SOURCE_ROOT)) for m in COMPILED_MODULES]
-        extensions = mypycify(paths, opt_level="3", group_name=GROUP)
-        print(f"  C generated in {time.monotonic() - started:.0f} s; compiling", flush=True)
-        # A Distribution of its own: setup() would parse pyproject.toml, whose metadata is
-        # hatchling's, not setuptools'.
-        distribution = Distribution({"ext_modules": extensions, "name": "edgeorch-native"})
-        command = distribution.get_command_obj("build_ext")
-        command.inplace = True
-        command.parallel = jobs or os.cpu_count() or 1
-        distribution.run_command("build_ext")
+        # Generated C, objects and mypy's cache go to a scratch folder, so that a build in an
+        # installed package (site-packages) leaves only the extensions behind.
+        with tempfile.TemporaryDirectory(prefix="edgeorch-native-") as scratch:
+            paths = [str(native.source_of(m).relative_to(SOURCE_ROOT)) for m in COMPILED_MODULES]
+            extensions = mypycify(
+                [f"--cache-dir={scratch}/mypy", *paths],
+                opt_level="3",
+                group_name=GROUP,
+                target_dir=f"{scratch}/c",
+            )
+            print(f"  C generated in {time.monotonic() - started:.0f} s; compiling", flush=True)
+            # A Distribution of its own: setup() would parse pyproject.toml, whose metadata
+            # is hatchling's, not setuptools'.
+            distribution = Distribution({"ext_modules": extensions, "name": "edgeorch-native"})
+            command = distribution.get_command_obj("build_ext")
+            command.inplace = True
+            command.build_temp = f"{scratch}/objects"
+            command.parallel = jobs or os.cpu_count() or 1
+            distribution.run_command("build_ext")
     finally:
         os.chdir(cwd)
     if native.sources_digest() != digest:

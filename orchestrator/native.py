@@ -55,6 +55,9 @@ COMPILED_MODULES: Final = (
     "orchestrator.outbox",
     "orchestrator.replies",
     "orchestrator.sessions",
+    "orchestrator.sim",
+    "orchestrator.sim_cache",
+    "orchestrator.sim_cluster",
     "orchestrator.tokens",
     "orchestrator.transport",
 )
