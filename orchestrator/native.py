@@ -1,9 +1,10 @@
 """The control plane's hot modules compiled to C with mypyc, and the guard that keeps a stale
 build out.
 
-The scheduling core and the coordinator's shell are fully annotated; mypyc turns them into C
-extensions that run the same code about a tenth cheaper per request (docs/BENCHMARKS.md,
-"The control plane compiled"). Python imports an extension before a source file of the same
+The scheduling core, the coordinator's shell and the simulator are fully annotated; mypyc turns
+them into C extensions that run the same code with about 15% less of the coordinator's CPU a
+request and twice as fast in the simulator (docs/BENCHMARKS.md, "The control plane compiled
+with mypyc"). Python imports an extension before a source file of the same
 name, so an extension built from older sources would silently shadow an edit. ``guard()``, run
 when ``orchestrator`` is imported, compares a hash of the package's sources with the one the
 build recorded and, when they differ, imports every compiled module from its source instead:
@@ -61,8 +62,8 @@ COMPILED_MODULES: Final = (
     "orchestrator.tokens",
     "orchestrator.transport",
 )
-"""What a request passes through in the coordinator (and the simulator's core). Left out:
-modules of pydantic models (mypyc compiles no metaclass)."""
+"""What a request passes through in the coordinator, and the simulator. Left out: modules of
+pydantic models (mypyc compiles no metaclass)."""
 
 GROUP: Final = "orchestrator._native"
 """mypyc's shared library, ``orchestrator/_native__mypyc.*.so``: inside the package, so it is
@@ -148,7 +149,3 @@ def status_of(reason_pure: str | None) -> str:
     if reason_pure is None:
         return f"compiled with mypyc ({len(COMPILED_MODULES)} modules)"
     return f"pure Python: {reason_pure}"
-
-
-def compiled(module: ModuleType) -> bool:
-    return str(module.__file__).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
