@@ -66,7 +66,7 @@ def build(*, jobs: int | None = None) -> None:
         json.dumps(
             {
                 "sources_sha256": digest,
-                "python": sys.implementation.cache_tag,
+                "extension_suffix": native.EXTENSION_SUFFIX,
                 "modules": list(COMPILED_MODULES),
             },
             indent=2,

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import sys
+import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -70,6 +71,9 @@ GROUP: Final = "orchestrator._native"
 found wherever the package is."""
 
 MANIFEST: Final = PACKAGE_DIR / "_native_build.json"
+EXTENSION_SUFFIX: Final = str(sysconfig.get_config_var("EXT_SUFFIX"))
+"""The interpreter, ABI and machine an extension is for (``.cpython-311-x86_64-linux-gnu.so``):
+a checkout copied to another machine does not claim the build it carries."""
 PURE_PYTHON_ENV: Final = "EDGEORCH_PURE_PYTHON"
 """Set to 1 to run the sources even when a fresh build exists (profiling by line, debugging)."""
 
@@ -101,11 +105,11 @@ def why_pure() -> str | None:
         return "not built (make native)"
     try:
         built = json.loads(MANIFEST.read_text())
-        recorded, python = str(built["sources_sha256"]), str(built["python"])
+        recorded, suffix = str(built["sources_sha256"]), str(built["extension_suffix"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable build record {MANIFEST.name}: {exc!r}"
-    if python != sys.implementation.cache_tag:
-        return f"built for {python}, running {sys.implementation.cache_tag} (make native)"
+    if suffix != EXTENSION_SUFFIX:
+        return f"built for {suffix}, running {EXTENSION_SUFFIX} (make native)"
     if recorded != sources_digest():
         return "sources changed since the build (make native)"
     return None

@@ -20,7 +20,7 @@ PROBE = "import orchestrator.core.driver as d, orchestrator.coordinator as c; " 
 def build_record(path: Path, **overrides: object) -> Path:
     record = {
         "sources_sha256": native.sources_digest(),
-        "python": sys.implementation.cache_tag,
+        "extension_suffix": native.EXTENSION_SUFFIX,
         "modules": list(native.COMPILED_MODULES),
     }
     path.write_text(json.dumps({**record, **overrides}))
@@ -50,10 +50,10 @@ def test_a_build_of_other_sources_is_not_run(record_at: Path) -> None:
     assert native.why_pure() == "sources changed since the build (make native)"
 
 
-def test_a_build_for_another_python_is_not_run(record_at: Path) -> None:
-    build_record(record_at, python="cpython-399")
+def test_a_build_for_another_python_or_machine_is_not_run(record_at: Path) -> None:
+    build_record(record_at, extension_suffix=".cpython-311-aarch64-linux-gnu.so")
     reason = native.why_pure()
-    assert reason is not None and reason.startswith("built for cpython-399")
+    assert reason is not None and reason.startswith("built for .cpython-311-aarch64")
 
 
 def test_an_unreadable_record_is_not_trusted(record_at: Path) -> None:
