@@ -48,17 +48,8 @@ INTER_TOKEN_BUCKETS_S: Final[tuple[float, ...]] = (
 LOG_ERROR_BUCKETS: Final[tuple[float, ...]] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 """|ln(actual / predicted)|: 0.69 is a factor of two, 2.3 a factor of ten."""
 TOKEN_ERROR_BUCKETS: Final[tuple[float, ...]] = (
-    1.0,
-    5.0,
-    10.0,
-    25.0,
-    50.0,
-    100.0,
-    250.0,
-    500.0,
-    1000.0,
-    2500.0,
-)
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+)  # fmt: skip
 
 
 class _Histogram:

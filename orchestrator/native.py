@@ -4,12 +4,12 @@ build out.
 The scheduling core, the coordinator's shell and the simulator are fully annotated; mypyc turns
 them into C extensions that run the same code with about 15% less of the coordinator's CPU a
 request and twice as fast in the simulator (docs/BENCHMARKS.md, "The control plane compiled
-with mypyc"). Python imports an extension before a source file of the same
-name, so an extension built from older sources would silently shadow an edit. ``guard()``, run
-when ``orchestrator`` is imported, compares a hash of the package's sources with the one the
-build recorded and, when they differ, imports every compiled module from its source instead:
-all of them or none, as compiled modules use each other's classes natively, and compiled code
-keeps the values of the constants it imported when it was built.
+with mypyc"). Python imports an extension before a source file of the same name, so an
+extension built from older sources would silently shadow an edit. ``guard()``, run when
+``orchestrator`` is imported, compares a hash of the package's sources with the one the build
+recorded and, when they differ, imports every compiled module from its source instead: all of
+them or none, as compiled modules use each other's classes natively, and compiled code keeps
+the values of the constants it imported when it was built.
 
     python -m orchestrator.build_native    # `make install` and `make native` run this
 """
