@@ -195,7 +195,13 @@ def estimates_for(
     online = None
     if kind == "real":
         ids = [request_id(i) for i in range(len(rows))]
-        real = RealEstimates([r.prompt for r in rows], ids, spec.length_scale, spec.adapt_every)
+        real = RealEstimates(
+            [r.prompt for r in rows],
+            ids,
+            spec.length_scale,
+            spec.adapt_every,
+            [r.conversation for r in rows],
+        )
         estimates = real.base
         online = real if spec.adapt_every > 0 else None
     else:

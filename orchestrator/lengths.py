@@ -21,6 +21,7 @@ import numpy as np
 
 from orchestrator.core.estimate import LengthEstimate
 from orchestrator.errors import InvalidRequest
+from orchestrator.protocol import ConversationHint
 
 QUANTILE_LEVELS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 DEFAULT_FAKE_TAU: Final = 0.55
@@ -110,7 +111,9 @@ def _predictor_module() -> Any:
 class RealEstimates:
     """The shipped predictor as the coordinator runs it, for the simulator.
 
-    Each request is predicted on arrival. With ``adapt_every`` > 0 the predictor is
+    Each request is predicted on arrival; a chat turn (``conversations[i]`` set) from its
+    latest user message and its earlier answers' lengths, as the coordinator predicts what the
+    OpenAI gateway sends. With ``adapt_every`` > 0 the predictor is
     recalibrated, as the coordinator's automatic mode does, after every ``adapt_every``
     completions on all completions so far (`fit_calibration` over the stored features), and
     requests arriving afterwards get the recalibrated prediction. Token counts are multiplied
@@ -119,19 +122,28 @@ class RealEstimates:
     """
 
     def __init__(
-        self, prompts: Sequence[str], request_ids: Sequence[str], scale: float, adapt_every: int
+        self,
+        prompts: Sequence[str],
+        request_ids: Sequence[str],
+        scale: float,
+        adapt_every: int,
+        conversations: Sequence[ConversationHint | None] | None = None,
     ) -> None:
         module = _predictor_module()
         self._adapt: Any = importlib.import_module("orchestrator.predictor.adapt")
         self._distribution: Any = importlib.import_module("orchestrator.predictor.distribution")
+        self._chat: Any = importlib.import_module("orchestrator.predictor.conversation")
         self._predictor = module.LengthPredictor.load()
-        self._raw = self._predictor.raw_outputs(list(prompts))
+        hints = conversations or [None] * len(prompts)
+        self._earlier = [() if hint is None else hint.earlier_answer_tokens for hint in hints]
+        texts = [p if h is None else h.last_user for p, h in zip(prompts, hints, strict=True)]
+        self._raw = self._predictor.raw_outputs(texts)
         self._features = np.hstack([self._raw.embeddings, self._raw.cues]).astype(np.float64)
         self._loc = self._raw.log_grid[:, len(self._raw.log_grid[0]) // 2].astype(np.float64)
         self._index = {request_id: i for i, request_id in enumerate(request_ids)}
         self._scale = scale
         self.adapt_every = adapt_every
-        self.base = [self._estimate(row) for row in self._raw.log_grid]
+        self.base = [self._estimate(row, i) for i, row in enumerate(self._raw.log_grid)]
         self._reset()
 
     def _reset(self) -> None:
@@ -147,7 +159,11 @@ class RealEstimates:
         other._reset()
         return other
 
-    def _estimate(self, log_grid: np.ndarray) -> LengthEstimate:
+    def _estimate(self, log_grid: np.ndarray, index: int) -> LengthEstimate:
+        earlier = self._earlier[index]
+        if earlier:
+            shift = self._chat.conversation_shift(float(log_grid[len(log_grid) // 2]), earlier)
+            log_grid = np.maximum(log_grid + shift, 0.0)
         prediction = self._distribution.distribution_from_grid(log_grid)
         quantiles = {float(q): float(v) * self._scale for q, v in prediction.quantiles.items()}
         return LengthEstimate.of(float(prediction.expected_tokens) * self._scale, quantiles)
@@ -163,7 +179,7 @@ class RealEstimates:
             cues=self._raw.cues[i : i + 1],
             log_grid=self._raw.log_grid[i : i + 1],
         )
-        return self._estimate(self._predictor.calibrated_grid(row, None)[0])
+        return self._estimate(self._predictor.calibrated_grid(row, None)[0], i)
 
     def on_completion(self, request_id: str, output_tokens: int) -> None:
         """Record a finished request; recalibrate every ``adapt_every`` completions."""

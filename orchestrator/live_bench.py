@@ -29,6 +29,7 @@ import numpy as np
 from orchestrator.client import AsyncClient, Client
 from orchestrator.errors import EdgeorchError, InvalidRequest
 from orchestrator.local import SHARED_CORES_ENV, LocalCluster
+from orchestrator.protocol import ConversationHint
 from orchestrator.traces import arrival_scale
 
 LIVE_REQUEST_TIMEOUT_S: Final = 900.0
@@ -82,9 +83,11 @@ async def replay(
     lengths: Sequence[int],
     max_tokens: int,
     progress: Callable[[int, int], None] | None = None,
+    conversations: Sequence[ConversationHint | None] | None = None,
 ) -> list[LiveOutcome]:
-    """Send each request at its arrival offset with the shared ``max_tokens`` and stop it
-    (cancel) once it has streamed its trace length; return client-side timings."""
+    """Send each request at its arrival offset with the shared ``max_tokens`` (and its
+    ``conversations[i]`` hint for the predictor, if any) and stop it (cancel) once it has
+    streamed its trace length; return client-side timings."""
     outcomes: list[LiveOutcome | None] = [None] * len(prompts)
     done = 0
 
@@ -105,6 +108,7 @@ async def replay(
                     ignore_eos=True,
                     temperature=0.0,
                     stream=True,
+                    conversation=None if conversations is None else conversations[index],
                 )
                 async with contextlib.aclosing(aiter(stream)) as chunks:
                     async for _ in chunks:
@@ -216,6 +220,7 @@ def run_live(
                     lengths,
                     max_tokens or max(lengths),
                     None if progress is None else functools.partial(progress, label),
+                    [row.conversation for row in rows],
                 )
             )
             results[name] = live_stats(report)

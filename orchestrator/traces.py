@@ -11,6 +11,7 @@ from typing import Any
 
 from orchestrator.core.prefix import PromptBlocks
 from orchestrator.errors import InvalidRequest
+from orchestrator.protocol import ConversationHint
 from orchestrator.textio import read_lines
 
 
@@ -30,6 +31,10 @@ class TraceRow:
     for, as an agent's next call waits for its tool's result; it then arrives ``gap_s`` after
     that request ends, and its ``arrival_s`` is only its place in the list."""
     gap_s: float = 0.0
+    conversation: ConversationHint | None = None
+    """For a turn of a chat: what the length predictor reads instead of the rendered prompt,
+    as the OpenAI gateway fills it from ``messages`` (the trace's
+    ``{"last_user": str, "earlier_answer_tokens": [int, ...]}``)."""
 
 
 def _row(raw: dict[str, Any], index: int, rows: Sequence[TraceRow]) -> TraceRow:
@@ -44,28 +49,30 @@ def _row(raw: dict[str, Any], index: int, rows: Sequence[TraceRow]) -> TraceRow:
             raise ValueError(f"block_tokens must be positive, got {block_tokens}")
         prefix = PromptBlocks(tuple(hashes), block_tokens)
     follows = raw.get("follows")
-    if follows is None:
-        return TraceRow(
-            float(raw["arrival_s"]),
-            str(raw["prompt"]),
-            int(raw["output_tokens"]),
-            None if prompt_tokens is None else int(prompt_tokens),
-            prefix,
-        )
-    if not isinstance(follows, int) or not 0 <= follows < index:
-        raise ValueError(f"follows must be the index of an earlier row, got {follows!r}")
-    gap_s = float(raw["gap_s"])
-    if not gap_s >= 0:
-        raise ValueError(f"gap_s must be a non-negative number of seconds, got {gap_s}")
+    gap_s = 0.0
+    if follows is not None:
+        if not isinstance(follows, int) or not 0 <= follows < index:
+            raise ValueError(f"follows must be the index of an earlier row, got {follows!r}")
+        gap_s = float(raw["gap_s"])
+        if not gap_s >= 0:
+            raise ValueError(f"gap_s must be a non-negative number of seconds, got {gap_s}")
     return TraceRow(
-        rows[follows].arrival_s,
+        float(raw["arrival_s"]) if follows is None else rows[follows].arrival_s,
         str(raw["prompt"]),
         int(raw["output_tokens"]),
         None if prompt_tokens is None else int(prompt_tokens),
         prefix,
         follows,
         gap_s,
+        _conversation(raw.get("conversation")),
     )
+
+
+def _conversation(raw: Any) -> ConversationHint | None:
+    if raw is None:
+        return None
+    answers = tuple(raw.get("earlier_answer_tokens", ()))
+    return ConversationHint.model_validate({**raw, "earlier_answer_tokens": answers})
 
 
 def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
@@ -82,7 +89,8 @@ def load_trace(path: Path, max_requests: int | None = None) -> list[TraceRow]:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidRequest(
                 f"trace {path} line {number}: needs arrival_s (or follows and gap_s), prompt, "
-                f"output_tokens, and block_tokens with prefix_blocks ({exc!r})",
+                f"output_tokens, and block_tokens with prefix_blocks; conversation, if "
+                f"given, last_user and earlier_answer_tokens ({exc!r})",
                 field="trace",
             ) from None
         if max_requests is not None and len(rows) >= max_requests:

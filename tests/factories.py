@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
@@ -158,3 +160,9 @@ class WeighEveryAgent:
 
     def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
         return None
+
+
+def jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write ``rows`` as a JSON-lines file (a trace, a length file) and return its path."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -3,7 +3,6 @@ trace format, the simulator's release of them, and the trace builder that adds t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from orchestrator.live_bench import LiveCluster, run_live
 from orchestrator.sim import SimRequest, Simulator
 from orchestrator.sim_cluster import Cluster, DeviceSpec
 from orchestrator.traces import load_trace
+from tests.factories import jsonl
 
 DEVICE = DeviceSpec(
     "d1", "m", 4, 4096, 16384, SpeedProfile(((1, 50.0),), 100.0), prefix_cache_tokens=4096
@@ -61,18 +61,13 @@ def test_a_follower_of_a_request_not_in_the_run_is_refused() -> None:
         run(call("r1", 1), call("r2", 1, follows="r9"))
 
 
-def write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_trace_rows_name_the_row_they_follow_and_keep_it_through_the_sort(tmp_path: Path) -> None:
     rows = [
         {"arrival_s": 5, "prompt": "a", "output_tokens": 3},
         {"arrival_s": 1, "prompt": "b", "output_tokens": 3},
         {"follows": 0, "gap_s": 0.5, "prompt": "a2", "output_tokens": 3},
     ]
-    loaded = load_trace(write(tmp_path / "t.jsonl", rows))
+    loaded = load_trace(jsonl(tmp_path / "t.jsonl", rows))
     assert [r.prompt for r in loaded] == ["b", "a", "a2"]
     assert loaded[2].follows == 1 and loaded[2].gap_s == 0.5
     assert loaded[2].arrival_s == 5  # only its place: it arrives when "a" ends
@@ -93,13 +88,13 @@ def test_a_row_that_follows_nothing_earlier_is_refused_with_its_line(
 ) -> None:
     rows = [{"arrival_s": 0, "prompt": "a", "output_tokens": 1}, bad]
     with pytest.raises(InvalidRequest, match="line 2"):
-        load_trace(write(tmp_path / "t.jsonl", rows))
+        load_trace(jsonl(tmp_path / "t.jsonl", rows))
 
 
 def test_live_replay_refuses_followers_before_starting_anything(tmp_path: Path) -> None:
     rows = [{"arrival_s": 0, "prompt": "a", "output_tokens": 1},
             {"follows": 0, "gap_s": 1, "prompt": "b", "output_tokens": 1}]  # fmt: skip
-    path = write(tmp_path / "t.jsonl", rows)
+    path = jsonl(tmp_path / "t.jsonl", rows)
     with pytest.raises(InvalidRequest, match="only in the simulator"):
         run_live(
             trace=path,
@@ -138,7 +133,7 @@ def test_tool_chains_extend_their_prompt_and_end_with_the_turns_answer(tmp_path:
         assert len(row["prefix_blocks"]) == -(-row["prompt_tokens"] // 64)
     ends = [row for i, row in enumerate(out) if i + 1 == len(out) or "follows" not in out[i + 1]]
     assert [row["output_tokens"] for row in ends] == [300] * 40
-    assert len(load_trace(write(tmp_path / "a.jsonl", out))) == len(out)
+    assert len(load_trace(jsonl(tmp_path / "a.jsonl", out))) == len(out)
 
 
 def test_no_tool_share_leaves_the_trace_as_it_was() -> None:

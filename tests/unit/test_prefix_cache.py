@@ -40,7 +40,7 @@ from orchestrator.sim_cache import (
 )
 from orchestrator.sim_cluster import Cluster, DeviceSpec
 from orchestrator.traces import arrival_scale, load_trace
-from tests.factories import agent, agent_state, driver, queued, record
+from tests.factories import agent, agent_state, driver, jsonl, queued, record
 
 A1, A2 = AgentId("a1"), AgentId("a2")
 
@@ -206,8 +206,7 @@ def test_trace_rows_may_give_a_prompt_as_length_and_prefix_blocks(tmp_path: Path
          "prefix_blocks": [1, 2], "block_tokens": 64},
         {"arrival_s": 1, "prompt": "hi", "output_tokens": 3},
     ]  # fmt: skip
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    first, second = load_trace(path)
+    first, second = load_trace(jsonl(path, rows))
     assert first.prompt_tokens == 100 and first.prefix == PromptBlocks((1, 2), 64)
     assert second.prompt_tokens is None and second.prefix is None
     bad = dict(rows[0], prefix_blocks=[1, "x"])
