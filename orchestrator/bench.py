@@ -205,7 +205,8 @@ def estimates_for(
         estimates = real.base
         online = real if spec.adapt_every > 0 else None
     else:
-        estimates = FakePredictor.for_tau(tau, lengths, spec.seed).estimates(lengths)
+        fake = FakePredictor.for_tau(tau, lengths, spec.seed, calibrated=kind == "calibrated")
+        estimates = fake.estimates(lengths)
     measured = kendall_tau([e.quantile(0.5) for e in estimates], lengths)
     return estimates, online, measured
 

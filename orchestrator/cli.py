@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--predictor",
         default="fake",
-        help="fake[:TAU] (seeded noise around the truth, default tau 0.55) or real",
+        help="fake[:TAU] (seeded noise around the truth, default tau 0.55), calibrated[:TAU] "
+        "(the same ranking, estimates shrunk as a trained model's are) or real",
     )
     bench.add_argument(
         "--adapt-every",

@@ -2,9 +2,16 @@
 the truth (for ``oracle``), and an adapter for the real predictor (``orchestrator.predictor``).
 
 The fake predictor draws a predicted median ``m = L * exp(sigma * Z)`` around each true length
-``L`` and reports the log-normal quantiles ``m * exp(sigma * z_q)``, so it is calibrated (the
-truth is the predicted distribution's draw) and its rank quality is set by ``sigma``;
-``FakePredictor.for_tau`` picks the ``sigma`` that gives a target Kendall tau on given lengths.
+``L`` and reports the log-normal quantiles ``m * exp(sigma * z_q)``, so its quantiles cover the
+truth at their levels and its rank quality is set by ``sigma``; ``FakePredictor.for_tau`` picks
+the ``sigma`` that gives a target Kendall tau on given lengths. Its medians are more spread than
+the truth, where a trained predictor's are shrunk towards the typical length. The
+``calibrated`` fake (``--predictor calibrated:TAU``) reads the same noisy signal as a trained
+model would: its estimate is the posterior of the true log length given the signal under a
+normal prior fitted to the lengths (the population a model learns), so the same ranking comes
+with estimates that are right on average at every predicted length, as the shipped
+predictor's nearly are (docs/SCHED_RESULTS.md, "Why the real predictor schedules unlike the
+fake one").
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from orchestrator.errors import InvalidRequest
 from orchestrator.protocol import ConversationHint
 
 QUANTILE_LEVELS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+Z_SCORES: Final = {q: NormalDist().inv_cdf(q) for q in QUANTILE_LEVELS}
 DEFAULT_FAKE_TAU: Final = 0.55
 """Kendall tau of the development fake predictor: between the TF-IDF baseline (0.40) and the
 agreement of two models' lengths on the same prompts (Spearman 0.70, about tau 0.52-0.55)."""
@@ -51,21 +59,25 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 class FakePredictor:
-    """Seeded log-normal noise around the truth; see the module docstring."""
+    """Seeded log-normal noise around the truth, reported as is or (``calibrated``) as the
+    posterior given it; see the module docstring."""
 
-    def __init__(self, sigma: float, seed: int) -> None:
+    def __init__(self, sigma: float, seed: int, calibrated: bool = False) -> None:
         if sigma < 0:
             raise InvalidRequest(f"fake predictor sigma must be >= 0, got {sigma}")
         self.sigma = sigma
         self.seed = seed
+        self.calibrated = calibrated
 
     @classmethod
-    def for_tau(cls, tau: float, lengths: Sequence[int], seed: int) -> FakePredictor:
+    def for_tau(
+        cls, tau: float, lengths: Sequence[int], seed: int, calibrated: bool = False
+    ) -> FakePredictor:
         """The predictor whose medians reach Kendall ``tau`` against ``lengths`` (bisection)."""
         if not 0.0 < tau <= 1.0:
             raise InvalidRequest(f"fake predictor tau must be in (0, 1], got {tau}", field="tau")
         if tau >= 1.0:
-            return cls(0.0, seed)
+            return cls(0.0, seed, calibrated)
         sample = list(lengths[:TAU_SAMPLE])
         lo, hi = 0.0, MAX_SIGMA
         for _ in range(CALIBRATION_STEPS):
@@ -75,22 +87,32 @@ class FakePredictor:
                 lo = mid
             else:
                 hi = mid
-        return cls((lo + hi) / 2, seed)
+        return cls((lo + hi) / 2, seed, calibrated)
 
     def medians(self, lengths: Sequence[int]) -> list[float]:
         noise = np.random.default_rng(self.seed).standard_normal(len(lengths))
         return [max(1.0, n * math.exp(self.sigma * z)) for n, z in zip(lengths, noise, strict=True)]
 
     def estimates(self, lengths: Sequence[int]) -> list[LengthEstimate]:
-        z = {q: NormalDist().inv_cdf(q) for q in QUANTILE_LEVELS}
-        mean_factor = math.exp(self.sigma**2 / 2)
+        medians = self.medians(lengths)
+        if not self.calibrated or len(lengths) < 2:
+            return [_log_normal(m, self.sigma) for m in medians]
+        truth = np.log(np.maximum(np.asarray(lengths, dtype=np.float64), 1.0))
+        prior_mean, prior_var = float(truth.mean()), float(truth.var())
+        weight = prior_var / (prior_var + self.sigma**2) if prior_var > 0 else 0.0
+        spread = math.sqrt(weight) * self.sigma
         return [
-            LengthEstimate(
-                m * mean_factor,
-                tuple((q, max(1.0, m * math.exp(self.sigma * z[q]))) for q in QUANTILE_LEVELS),
-            )
-            for m in self.medians(lengths)
+            _log_normal(math.exp(prior_mean + weight * (math.log(m) - prior_mean)), spread)
+            for m in medians
         ]
+
+
+def _log_normal(median: float, sigma: float) -> LengthEstimate:
+    """The estimate of a log-normal length: its mean and ``QUANTILE_LEVELS``, at least 1."""
+    return LengthEstimate(
+        median * math.exp(sigma**2 / 2),
+        tuple((q, max(1.0, median * math.exp(sigma * Z_SCORES[q]))) for q in QUANTILE_LEVELS),
+    )
 
 
 def exact_estimates(lengths: Sequence[int]) -> list[LengthEstimate]:
@@ -201,22 +223,23 @@ class RealEstimates:
 
 
 def parse_predictor(spec: str) -> tuple[str, float]:
-    """``fake``, ``fake:TAU`` or ``real`` -> (kind, tau)."""
+    """``fake[:TAU]``, ``calibrated[:TAU]`` or ``real`` -> (kind, tau)."""
     kind, _, value = spec.partition(":")
     if kind == "real" and not value:
         return "real", 0.0
-    if kind == "fake":
+    if kind in ("fake", "calibrated"):
         try:
             tau = float(value) if value else DEFAULT_FAKE_TAU
         except ValueError:
             raise InvalidRequest(
-                f"--predictor fake:TAU needs a number, got {value!r}", field="predictor"
+                f"--predictor {kind}:TAU needs a number, got {value!r}", field="predictor"
             ) from None
         if not 0.0 < tau <= 1.0:
             raise InvalidRequest(
-                f"--predictor fake tau must be in (0, 1], got {tau}", field="predictor"
+                f"--predictor {kind} tau must be in (0, 1], got {tau}", field="predictor"
             )
-        return "fake", tau
+        return kind, tau
     raise InvalidRequest(
-        f"--predictor must be fake, fake:TAU or real, got {spec!r}", field="predictor"
+        f"--predictor must be fake[:TAU], calibrated[:TAU] or real, got {spec!r}",
+        field="predictor",
     )

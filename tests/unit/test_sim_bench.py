@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -228,6 +230,31 @@ def test_fake_predictor_reaches_its_target_tau() -> None:
     assert FakePredictor.for_tau(0.5, lengths, seed=3).sigma == predictor.sigma
 
 
+def test_the_calibrated_fake_ranks_alike_and_is_right_on_average_at_every_prediction() -> None:
+    """Same ranking as the fake; its medians are what the truth averages to at each predicted
+    length (slope 1 in log space), where the fake's spread too far (slope well under 1)."""
+    lengths = [max(1, round(math.exp(v))) for v in np.random.default_rng(5).normal(5, 1, 3000)]
+    plain = FakePredictor.for_tau(0.35, lengths, seed=3)
+    calibrated = FakePredictor(plain.sigma, seed=3, calibrated=True)
+    truth = np.log(lengths)
+
+    def log_medians(predictor: FakePredictor) -> np.ndarray:
+        return np.log([e.quantile(0.5) for e in predictor.estimates(lengths)])
+
+    def slope(predicted: np.ndarray) -> float:
+        return float(np.polyfit(predicted, truth, 1)[0])
+
+    assert kendall_tau(log_medians(calibrated), lengths) == pytest.approx(
+        kendall_tau(log_medians(plain), lengths), abs=1e-9
+    )
+    assert slope(log_medians(plain)) < 0.5
+    assert slope(log_medians(calibrated)) == pytest.approx(1.0, abs=0.1)
+    below_q90 = np.mean(
+        [n <= e.quantile(0.9) for n, e in zip(lengths, calibrated.estimates(lengths), strict=True)]
+    )
+    assert below_q90 == pytest.approx(0.9, abs=0.03)
+
+
 def test_kendall_tau_handles_ties_and_order() -> None:
     assert kendall_tau([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert kendall_tau([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
@@ -238,7 +265,8 @@ def test_predictor_spec_parsing() -> None:
     assert parse_predictor("fake") == ("fake", 0.55)
     assert parse_predictor("fake:0.3") == ("fake", 0.3)
     assert parse_predictor("real") == ("real", 0.0)
-    for bad in ("fake:x", "fake:2", "oracle"):
+    assert parse_predictor("calibrated:0.3") == ("calibrated", 0.3)
+    for bad in ("fake:x", "fake:2", "calibrated:0", "oracle"):
         with pytest.raises(InvalidRequest):
             parse_predictor(bad)
 
