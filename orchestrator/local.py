@@ -1,10 +1,11 @@
-"""A real local cluster: a coordinator and agents as child processes on ephemeral loopback
-ports, with their logs kept in a folder. Integration tests, benchmarks and live bench runs use
+"""A real local cluster: a coordinator and agents as child processes on free loopback ports,
+with their logs kept in a folder. Integration tests, benchmarks and live bench runs use
 it; ``edgeorch up`` is the foreground equivalent for people."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,6 +19,14 @@ from orchestrator.client import Client
 from orchestrator.errors import EdgeorchError
 
 STARTUP_TIMEOUT_S: Final = 60.0
+EPHEMERAL_RANGE_FILE: Final = "/proc/sys/net/ipv4/ip_local_port_range"
+DEFAULT_FIRST_EPHEMERAL_PORT: Final = 32768
+"""Linux's default, assumed where the range cannot be read (macOS and Windows start theirs at
+49,152, above it)."""
+PORT_FLOOR: Final = 1024
+PORT_SPAN: Final = 12_000
+"""Ports below the ephemeral range drawn from: 20,768-32,767 by default."""
+PORT_TRIES: Final = 50
 POLL_S: Final = 0.1
 SHARED_CORES_ENV: Final = {"OMP_WAIT_POLICY": "PASSIVE"}
 """For several llama agents on one machine: spinning OpenMP threads would starve each other
@@ -31,9 +40,31 @@ def threads_per_agent(agents: int, cores: int | None = None) -> int:
 
 
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range. An agent or client started
+    before its coordinator connects to a port nothing listens on yet; were that port
+    ephemeral, the kernel could give the connecting socket that very port, and the socket
+    would connect to itself (TCP simultaneous open): it talks to itself, and the coordinator's
+    bind then fails (measured with the range narrowed to force it)."""
+    first_ephemeral = _first_ephemeral_port()
+    rng = random.SystemRandom()
+    for _ in range(PORT_TRIES):
+        port = rng.randrange(max(PORT_FLOOR, first_ephemeral - PORT_SPAN), first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return DEFAULT_FIRST_EPHEMERAL_PORT
 
 
 class LocalCluster:
