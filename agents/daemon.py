@@ -74,6 +74,13 @@ MAX_SPEED_POINTS: Final = 64
 """Decode-curve points a heartbeat carries at most (the wire model's bound)."""
 REGISTER_TIMEOUT_S: Final = 1.0
 """How long one registration attempt waits for ``Welcome`` before backing off."""
+REGISTER_FRESH_ID_AFTER: Final = 10
+"""Unanswered registrations after which the agent connects under a new routing id. A ROUTER can
+keep dropping a routing id whose earlier connection it has not finished closing (libzmq #2892);
+seen once in CI: an agent that started before its coordinator sent ten registrations, none
+delivered, while the coordinator was up. Ten attempts take about 25 s of backoff, past the
+liveness bound of any session the old id had on a live coordinator, so a reconnect within that
+time still takes its session back."""
 REGISTER_LOG_FIRST: Final = 10
 REGISTER_LOG_EVERY: Final = 30
 """Registration retries logged: the first ten, then every thirtieth."""
@@ -196,9 +203,10 @@ class AgentDaemon:
         self.agent_id: str | None = None
         self._rng = rng or random.Random()
         self._clock = clock
-        self._identity = f"{name}:{uuid.uuid4().hex[:12]}".encode()
-        """One routing id for every socket of this process, so a reconnect takes over the
-        coordinator's session (ROUTER_HANDOVER) instead of leaving an orphan behind."""
+        self._identity = _routing_id(name)
+        """The routing id of every socket, so a reconnect takes over the coordinator's session
+        (ROUTER_HANDOVER) instead of leaving an orphan behind; renewed only when
+        registrations go unanswered (``REGISTER_FRESH_ID_AFTER``)."""
         self._context: zmq.asyncio.Context | None = None
         self._socket: zmq.asyncio.Socket | None = None
         self._pump: transport.DealerPump | None = None
@@ -351,6 +359,8 @@ class AgentDaemon:
             if await self._welcome_within(REGISTER_TIMEOUT_S):
                 return
             failures += 1
+            if failures % REGISTER_FRESH_ID_AFTER == 0:
+                self._identity = _routing_id(self.name)
             delay = backoff.next()
             if failures <= REGISTER_LOG_FIRST or failures % REGISTER_LOG_EVERY == 0:
                 log.info(
@@ -533,3 +543,8 @@ def heartbeat_speed(achieved: AchievedSpeed) -> MeasuredSpeed | None:
     if not curve and prefill is None:
         return None
     return MeasuredSpeed(decode_curve=curve[:MAX_SPEED_POINTS], prefill_tps=prefill)
+
+
+def _routing_id(name: str) -> bytes:
+    """The agent's name and a random suffix."""
+    return f"{name}:{uuid.uuid4().hex[:12]}".encode()

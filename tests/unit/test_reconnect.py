@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import random
 
-from agents.daemon import RECONNECT_INITIAL_S, RECONNECT_MAX_S, Backoff
+import pytest
+
+from agents import daemon
+from agents.backends.fake.engine import FakeEngine, FakeTimingModel
+from agents.daemon import RECONNECT_INITIAL_S, RECONNECT_MAX_S, AgentDaemon, Backoff
 from orchestrator.client import AsyncClient, Stream
 from orchestrator.coordinator import Coordinator
 from orchestrator.protocol import (
@@ -39,6 +43,36 @@ def test_backoff_is_reproducible_from_its_seed() -> None:
     first = Backoff(random.Random(3))
     second = Backoff(random.Random(3))
     assert [first.next() for _ in range(6)] == [second.next() for _ in range(6)]
+
+
+def test_unanswered_registrations_move_to_a_fresh_routing_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator whose ROUTER drops the agent's routing id (libzmq #2892) hears it again
+    under a new one after ``REGISTER_FRESH_ID_AFTER`` attempts; until then the id is kept, so a
+    plain reconnect still takes its session back."""
+    engine = FakeEngine(
+        FakeTimingModel(decode_tps=100.0, prefill_tps=1000.0), n_ctx=512, max_seqs=2
+    )
+    agent = AgentDaemon(
+        engine, profile(), endpoint="tcp://127.0.0.1:1", name="a1", heartbeat_interval_s=1.0
+    )
+    dropped = agent._identity
+    sent: list[bytes] = []
+
+    def send(_message: object) -> None:
+        sent.append(agent._identity)
+        if agent._identity != dropped:
+            agent._welcomed.set()
+
+    monkeypatch.setattr(agent, "_open", lambda: None)
+    monkeypatch.setattr(agent, "_send", send)
+    monkeypatch.setattr(daemon, "REGISTER_TIMEOUT_S", 0.001)
+    monkeypatch.setattr(daemon, "Backoff", lambda rng: Backoff(rng, initial_s=0.001, max_s=0.001))
+    asyncio.run(agent._register())
+    after = daemon.REGISTER_FRESH_ID_AFTER
+    assert sent[:after] == [dropped] * after
+    assert len(sent) == after + 1 and sent[-1] != dropped and sent[-1].startswith(b"a1:")
 
 
 def chunk(offset: int, text: str, index: int = 0) -> StreamChunk:
