@@ -3,7 +3,7 @@ clients do, and arrives when its user has read the answer before it.
 
     python -m benchmarks.realchat_chats_trace --out /tmp/realchat_chats.jsonl [--requests 2000]
         [--conversations sharegpt_1k_part1.jsonl,sharegpt_1k_part2.jsonl,wildchat50m.jsonl]
-        [--seed 0] [--max-prompt-tokens 3072]
+        [--seed 0] [--max-prompt-tokens 3072] [--system-prompt FILE]
 
 Conversations (``../shared/data/conversations``, or paths) are taken in a seeded shuffled
 order until the turns reach ``--requests``; a chat answered by two models (WildChat) counts
@@ -99,15 +99,16 @@ def distinct_chats(files: list[Path], seed: int) -> list[Conversation]:
 
 
 def chat_rows(
-    chat: Conversation, tokenizer: ChatTokenizer, max_prompt_tokens: int
+    chat: Conversation, tokenizer: ChatTokenizer, max_prompt_tokens: int, system: str = ""
 ) -> list[dict[str, Any]]:
-    """One row per user turn that fits (no arrival yet), each with the fields above."""
+    """One row per user turn that fits (no arrival yet), each with the fields above; a
+    ``system`` prompt, if given, opens every chat (and every chat's prompt shares its blocks)."""
     answers = [tokenizer.answer_tokens(a) for a in chat.assistant_messages]
     rows = []
     kept = 0
     for turn, question in enumerate(chat.user_messages[: len(answers)]):
         while True:
-            messages = []
+            messages = [("system", system)] if system else []
             for user, answer in zip(
                 chat.user_messages[kept:turn], chat.assistant_messages[kept:turn], strict=True
             ):
@@ -147,6 +148,7 @@ def build(args: argparse.Namespace) -> None:
     ]
     tokenizer = Tokenizer(GgufTokenCounter(ensure_default_model(os.environ)))
     rng = random.Random(args.seed)
+    system = args.system_prompt.read_text(encoding="utf-8").strip() if args.system_prompt else ""
     with (SHARED / AZURE_CONV).open() as f:
         stamps = [row[0] for row in list(csv.reader(f))[1:]]
     start = datetime.fromisoformat(stamps[0][:26])
@@ -155,7 +157,7 @@ def build(args: argparse.Namespace) -> None:
     for chat in distinct_chats(files, args.seed):
         if len(out) >= args.requests:
             break
-        rows = chat_rows(chat, tokenizer, args.max_prompt_tokens)
+        rows = chat_rows(chat, tokenizer, args.max_prompt_tokens, system)
         if not rows:
             continue
         arrival = (datetime.fromisoformat(stamps[chats][:26]) - start).total_seconds()
@@ -184,6 +186,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="turns, at least")
     parser.add_argument("--seed", type=int, default=0, help="chat order and think times")
     parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
+    parser.add_argument(
+        "--system-prompt",
+        type=Path,
+        help="a text file: its text opens every chat as a system message, as a chat service "
+        "configures one (all prompts then share its prefix blocks)",
+    )
     parser.add_argument(
         "--conversations",
         default=",".join(DEFAULT_CONVERSATIONS),

@@ -122,22 +122,24 @@ class DecisionState:
         return self.memo.keys(agent, self._groups.get(agent.agent_id))
 
     def finish(self, agent: AgentView) -> tuple[tuple[float, ...], float]:
-        """``agent``'s sorted remaining lengths and step time, as first asked in this call."""
+        """``agent``'s expected ends (``AgentRunning.expected_ends``) and step time, as first
+        asked in this call."""
         entry = self._finish.get(agent.agent_id)
         if entry is None:
             entry = self._finish[agent.agent_id] = self.keys(agent).finish
         return entry
 
     def free_in_s(self, agent: AgentView) -> float:
-        """Seconds until the (backlog + 1)-th running request on ``agent`` is expected to end
-        (at the step time it had when first asked in this call)."""
-        rests, step = self.finish(agent)
-        if not rests:
+        """Seconds until the (backlog + 1)-th end among the requests running on ``agent`` is
+        expected (``expected_end_tokens``, at the step time it had when first asked in this
+        call)."""
+        ends, step = self.finish(agent)
+        if not ends:
             return 0.0
         k = self.backlog[agent.agent_id] + 1
-        if k <= len(rests):
-            return rests[k - 1] * step
-        return rests[-1] * step * k / len(rests)
+        if k <= len(ends):
+            return ends[k - 1] * step
+        return ends[-1] * step * k / len(ends)
 
     def close(self) -> None:
         """Drop the fleets, which refer back to this state: without the cycle, the call's
@@ -203,11 +205,10 @@ class IndexedFleet:
         """(view, step with one more sequence, prompt-token cost) of agents this call changed,
         per view."""
 
-    def preemptable(self, least_first_rest: float) -> list[AgentView]:
+    def preemptable(self, least_first_end: float) -> list[AgentView]:
         """The agents, in fleet order, where a preemption may pay for a waiter: those this call
-        changed or has requests waiting for, and the others whose first running request is
-        expected to run at least ``least_first_rest`` more tokens (the saving is the wait for
-        that end)."""
+        changed or has requests waiting for, and the others whose first end is expected at
+        least ``least_first_end`` decode steps away (the saving is the wait for that end)."""
         state = self._state
         layout = self._layout
         found = {
@@ -215,8 +216,8 @@ class IndexedFleet:
             for agent_id in (*state.changes, *(i for i, n in state.backlog.items() if n))
             if agent_id in layout.serves
         }
-        for negative_rest, _, agent_id in layout.first_rests:
-            if -negative_rest < least_first_rest:
+        for negative_end, _, agent_id in layout.first_rests:
+            if -negative_end < least_first_end:
                 break
             found.add(agent_id)
         return [state.agents[i] for i in sorted(found, key=layout.position.__getitem__)]

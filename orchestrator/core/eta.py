@@ -24,7 +24,13 @@ from typing import Final
 from orchestrator.core.admission import SchedulerConfig, admission_reservation
 from orchestrator.core.placement import DEFAULT_PREFILL_TPS, Candidate, speed_of
 from orchestrator.core.policies import expected_remaining
-from orchestrator.core.views import AgentView, QueuedRequest, RunningRequest, SpeedProfile
+from orchestrator.core.views import (
+    AgentView,
+    QueuedRequest,
+    RunningRequest,
+    SpeedProfile,
+    expected_end_tokens,
+)
 from orchestrator.protocol import AgentId, RequestId
 
 ETA_LOOKAHEAD: Final = 16
@@ -69,15 +75,15 @@ class _Device:
         return replace(self.view, running=len(self.ends), kv_reserved_tokens=self.kv_tokens)
 
     def free_in_s(self, nth: int) -> float:
-        """Seconds until the ``nth`` sequence here ends (beyond the last, scaled as the
-        scheduler does)."""
+        """Seconds until the ``nth`` end among the sequences here is expected, as the scheduler
+        expects it (``expected_end_tokens``; beyond the last, scaled as it does)."""
         if not self.ends:
             return 0.0
-        left = sorted(end - self.tokens for end, *_ in self.ends)
+        ends = expected_end_tokens(sorted(max(0.0, end - self.tokens) for end, *_ in self.ends))
         step = self.speed.step_s(len(self.ends))
-        if nth <= len(left):
-            return max(0.0, left[nth - 1]) * step
-        return max(0.0, left[-1]) * step * nth / len(left)
+        if nth <= len(ends):
+            return ends[nth - 1] * step
+        return ends[-1] * step * nth / len(ends)
 
     def next_end_s(self) -> float:
         return max(0.0, self.ends[0][0] - self.tokens) * self.speed.step_s(len(self.ends))

@@ -37,12 +37,12 @@ class AgentKeys:
     view: AgentView
     group: AgentRunning | None
     finish: tuple[tuple[float, ...], float]
-    """Its running requests' expected remaining tokens, sorted, and its step time now
-    (``DecisionState.free_in_s``)."""
+    """Decode steps until each successive end of its running requests
+    (``AgentRunning.expected_ends``) and its step time now (``DecisionState.free_in_s``)."""
     join_step_s: float
     """The step time with one more sequence (at most ``max_seqs``)."""
     first_end_s: float
-    """When its first running request is expected to end (0 when none runs)."""
+    """When the first of its running requests is expected to end (0 when none runs)."""
     token_s: float
     """Seconds a prompt token costs there: (1 + running) / prefill tokens/s."""
     free: bool
@@ -51,14 +51,14 @@ class AgentKeys:
 
 def agent_keys(view: AgentView, group: AgentRunning | None) -> AgentKeys:
     speed = speed_of(view)
-    rests = () if group is None else group.sorted_rests
+    ends = () if group is None else group.expected_ends
     step = speed.step_s(view.running)
     return AgentKeys(
         view,
         group,
-        (rests, step),
+        (ends, step),
         speed.step_s(min(view.max_seqs, view.running + 1)),
-        rests[0] * step if rests else 0.0,
+        ends[0] * step if ends else 0.0,
         (1 + view.running) / speed.prefill_tps,
         view.running < view.max_seqs,
     )
@@ -82,8 +82,8 @@ class FleetLayout:
       least prompt-token cost from each position on;
     - ``groups``: the others, in groups of similar step (about the square root of their number
       each when last regrouped), each a ``BusyGroup``;
-    - ``first_rests``: (-least expected remaining tokens, position, id) of the agents running
-      something, most first."""
+    - ``first_rests``: (-steps until the first expected end, position, id) of the agents
+      running something, most first."""
 
     def __init__(self, ids: tuple[AgentId, ...]) -> None:
         self.ids = ids

@@ -23,12 +23,13 @@ worth it near saturation: when the busy device frees a slot, shorter requests ra
 take it, and the waiter waits again (0.3 measured best of 0, 0.3-0.5 and 0.7 on the
 development trace; docs/SCHED_RESULTS.md)."""
 CACHED_WAIT_ADVANTAGE: Final = 1.0
-"""For a busy agent holding part of the prompt, waiting pays whenever it finishes the request
-sooner than any free agent: the hit saves the device the prefill as well, and a request with
-little left to prefill ranks early in srtf, so it is not overtaken when the slot frees. "Part"
-is any leading block, a system prompt every agent holds included; asking for more than the
-best free agent holds trades reuse and mean JCT for time to first token (docs/SCHED_RESULTS.md,
-"Why srtf's time to first token stays at 0.83 x least-loaded")."""
+"""For a busy agent holding more of the prompt than the best free agent, waiting pays whenever
+it finishes the request sooner: the hit saves the device the prefill as well, and a request
+with little left to prefill ranks early in srtf, so it is not overtaken when the slot frees.
+Where it holds no more (a system prompt every agent holds), the hit saves nothing and
+``WAIT_ADVANTAGE`` applies: on real chats with a shared system prompt that cut srtf's mean time
+to first token 15-42% at equal or lower mean JCT (docs/SCHED_RESULTS.md, "A shared system
+prompt is not a reason to wait")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +236,9 @@ class PredictedCompletion:
         best, best_start = fleet.least_completion(request, WAIT_ADVANTAGE)
         if best is None:
             return WAIT
-        return _wait_or_start(best, best_start, fleet.cached_tokens(request, best[1]) > 0)
+        held = fleet.cached_tokens(request, best[1])
+        rival = 0 if best_start is None else fleet.cached_tokens(request, best_start[1])
+        return _wait_or_start(best, best_start, held > rival)
 
 
 def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -> Choice:
@@ -244,23 +247,25 @@ def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -
         return WAIT
     best = min(scored, key=lambda s: (s[0], s[1]))
     startable = [s[:2] for s in scored if s[2]]
+    best_start = min(startable) if startable else None
     cached = {c.agent.agent_id: c.cached_tokens for c in candidates}
-    return _wait_or_start(best, min(startable) if startable else None, cached[best[1]] > 0)
+    rival = 0 if best_start is None else cached[best_start[1]]
+    return _wait_or_start(best, best_start, cached[best[1]] > rival)
 
 
 def _wait_or_start(
-    best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None, cached: bool
+    best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None, holds_more: bool
 ) -> Choice:
     """Start on the best agent if it can; else wait for it unless one that can start now
     finishes the request within ``1 / WAIT_ADVANTAGE`` of its time (``CACHED_WAIT_ADVANTAGE``
-    where the best holds part of the prompt)."""
+    where the best holds more of the prompt than that one)."""
     best_time, best_id, best_starts = best
     if best_starts:
         return Choice(best_id)
     if best_start is None:
         return Choice(None, best_id)
     free_time, free_id = best_start
-    if best_time <= (CACHED_WAIT_ADVANTAGE if cached else WAIT_ADVANTAGE) * free_time:
+    if best_time <= (CACHED_WAIT_ADVANTAGE if holds_more else WAIT_ADVANTAGE) * free_time:
         return Choice(None, best_id)
     return Choice(free_id)
 

@@ -243,7 +243,7 @@ def _try_preempt(
     waiting_key = policy.key(request)
     best: tuple[float, RunningRequest, AgentView] | None = None
     # Below, an agent is skipped when ``waiting_rest x step > fraction x free_in_s``, and
-    # free_in_s is its first running request's rest x step unless this call changed it.
+    # free_in_s is its first expected end x step unless this call changed it.
     for agent in fleet.preemptable(waiting_rest * BOUND_SLACK / PREEMPT_COST_FRACTION):
         if not agent.fits_context(request):
             continue

@@ -14,6 +14,8 @@ from orchestrator.core.prefix import PromptBlocks
 from orchestrator.errors import EdgeorchError
 from orchestrator.protocol import AgentId, Priority, RequestId
 
+MIN_REST_TOKENS: Final = 1.0
+"""A running request is expected to need at least one more step."""
 UNKNOWN_LENGTH_TOKENS: Final = 256.0
 """Output length assumed for a request without a prediction (about the traces' mean)."""
 
@@ -265,14 +267,35 @@ class AgentView:
         )
 
 
+def expected_end_tokens(sorted_rests: Sequence[float]) -> tuple[float, ...]:
+    """Decode steps until each successive end among running requests whose expected remaining
+    lengths are ``sorted_rests`` (ascending). A predicted length is a spread, not a date: with
+    each rest taken as exponential around its expected value, the first of them ends after
+    1 / the sum of their rates, and each next end 1 / the rates still running later (the
+    shortest expected counted as the one that ended). The smallest rest alone put the wait for
+    a slot at 2.5-3x what requests waited on the Mooncake conversations
+    (docs/SCHED_RESULTS.md, "A shared system prompt is not a reason to wait, and the expected
+    first end")."""
+    rates = [1.0 / max(rest, MIN_REST_TOKENS) for rest in sorted_rests]
+    left = math.fsum(rates)
+    ends: list[float] = []
+    elapsed = 0.0
+    for rate in rates:
+        elapsed += 1.0 / left
+        ends.append(elapsed)
+        left = max(left - rate, rates[-1])
+    return tuple(ends)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentRunning:
-    """The requests running on one agent, in dispatch order, with their expected remaining
-    lengths sorted (when slots free up there, without a sort per decision) and their sums as
-    the agent's view counts them."""
+    """The requests running on one agent, in dispatch order, with when each successive one is
+    expected to end (``expected_end_tokens``: when slots free up there, without a sort per
+    decision) and their sums as the agent's view counts them."""
 
     requests: tuple[RunningRequest, ...]
-    sorted_rests: tuple[float, ...] = field(default=(), init=False, compare=False)
+    expected_ends: tuple[float, ...] = field(default=(), init=False, compare=False)
+    """Decode steps until the first, second, ... of them ends."""
     kv_reserved_tokens: int = field(default=0, init=False, compare=False)
     prefill_tokens: int = field(default=0, init=False, compare=False)
     """Prompt tokens of the requests with no token yet in their attempt."""
@@ -287,8 +310,8 @@ class AgentRunning:
             if r.prefill_tokens:
                 prefill += r.prefill_tokens
                 since = min(since, r.dispatched_s)
-        rests = tuple(sorted([r.rest_tokens for r in self.requests]))
-        object.__setattr__(self, "sorted_rests", rests)
+        ends = expected_end_tokens(sorted([r.rest_tokens for r in self.requests]))
+        object.__setattr__(self, "expected_ends", ends)
         object.__setattr__(self, "kv_reserved_tokens", reserved)
         object.__setattr__(self, "prefill_tokens", prefill)
         since = 0.0 if since == math.inf else since

@@ -110,6 +110,20 @@ def test_each_turn_resends_the_chat_so_far_with_its_hint() -> None:
     assert rows[0]["prompt_tokens"] == 71 and len(rows[0]["prefix_blocks"]) == 1
 
 
+def test_a_system_prompt_opens_every_chat_and_its_blocks_are_shared() -> None:
+    """Two different chats under one 70-word system prompt share its first 64-token block, and
+    dropping old exchanges to fit keeps it."""
+    system = " ".join(["rule"] * 70)
+    first, second = (
+        chat_rows(chat((q, "a " * 30), ("more", "b")), WordTokenizer(), 100, system)
+        for q in ("why is the sky blue", "write a poem")
+    )
+    assert all(r["prompt"].startswith("system: rule") for r in first + second)
+    assert first[0]["prefix_blocks"][0] == second[0]["prefix_blocks"][0]
+    assert first[1]["conversation"]["earlier_answer_tokens"] == []  # the first exchange dropped
+    assert first[1]["prefix_blocks"][0] == first[0]["prefix_blocks"][0]
+
+
 def test_a_long_chat_drops_its_oldest_exchanges_and_ends_at_a_question_too_long() -> None:
     rows = chat_rows(
         chat(("one two", "x " * 30), ("three", "y " * 30), ("four", "z"), ("w " * 99, "end")),

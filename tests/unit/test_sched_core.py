@@ -3,6 +3,7 @@ placement across unequal devices, KV admission and growth, preemption."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -43,6 +44,7 @@ from orchestrator.core.views import (
     PreemptAction,
     ReserveAction,
     Snapshot,
+    expected_end_tokens,
 )
 from orchestrator.protocol import AgentId, RequestId
 from tests.factories import agent, estimate, queued, running, speed
@@ -218,6 +220,26 @@ def test_predicted_placement_starts_now_unless_the_busy_device_is_several_times_
         assert (choice.agent_id is None) is waits
         assert choice.agent_id == (None if waits else "cpu")
         assert choice.waits_for == ("gpu" if waits else None)
+
+
+def test_a_slot_is_expected_to_free_at_the_first_expected_end_not_the_shortest_rest() -> None:
+    """Two requests each expected to run 10 more steps: one of them is expected to end after 5
+    (either may end first), the other 10 steps after that; one alone ends when expected."""
+    assert expected_end_tokens((10.0, 10.0)) == (5.0, 15.0)
+    assert expected_end_tokens((40.0,)) == (40.0,)
+    assert expected_end_tokens(()) == ()
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=1e5), min_size=1, max_size=40))
+def test_expected_ends_come_in_order_between_the_shortest_and_the_longest_rest(
+    rests: list[float],
+) -> None:
+    rests.sort()
+    ends = expected_end_tokens(rests)
+    assert len(ends) == len(rests)
+    assert all(a < b for a, b in itertools.pairwise(ends))
+    assert 0.0 < ends[0] <= max(rests[0], 1.0) * (1 + 1e-9)
+    assert ends[-1] >= max(rests[-1], 1.0) * (1 - 1e-9)
 
 
 def test_predicted_placement_prefers_the_faster_free_device() -> None:
