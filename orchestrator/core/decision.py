@@ -216,7 +216,7 @@ class IndexedFleet:
             for agent_id in (*state.changes, *(i for i, n in state.backlog.items() if n))
             if agent_id in layout.serves
         }
-        for negative_end, _, agent_id in layout.first_rests:
+        for negative_end, _, agent_id in layout.first_ends:
             if -negative_end < least_first_end:
                 break
             found.add(agent_id)

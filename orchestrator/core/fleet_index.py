@@ -82,7 +82,7 @@ class FleetLayout:
       least prompt-token cost from each position on;
     - ``groups``: the others, in groups of similar step (about the square root of their number
       each when last regrouped), each a ``BusyGroup``;
-    - ``first_rests``: (-steps until the first expected end, position, id) of the agents
+    - ``first_ends``: (-steps until the first expected end, position, id) of the agents
       running something, most first."""
 
     def __init__(self, ids: tuple[AgentId, ...]) -> None:
@@ -98,7 +98,7 @@ class FleetLayout:
         self._group_of: dict[AgentId, BusyGroup] = {}
         self._moves = 0
         """Agents that joined or left the groups since they were last formed."""
-        self.first_rests: list[tuple[float, int, AgentId]] = []
+        self.first_ends: list[tuple[float, int, AgentId]] = []
 
     def update(
         self,
@@ -116,14 +116,14 @@ class FleetLayout:
                 continue
             new = self.keys[agent_id] = keys_of(view, group)
             if old is not None:
-                self._remove_first_rest(old)
+                self._remove_first_end(old)
                 if old.free:
                     self.free.remove(_free_entry(old))
                     free_changed = True
                 else:
                     self._leave_group(old)
             if new.finish[0]:
-                bisect.insort(self.first_rests, _first_rest(new, self.position[agent_id]))
+                bisect.insort(self.first_ends, _first_end(new, self.position[agent_id]))
             if new.free:
                 bisect.insort(self.free, _free_entry(new))
                 free_changed = True
@@ -134,10 +134,10 @@ class FleetLayout:
         if self._moves > len(self.ids) // 2:
             self._regroup()
 
-    def _remove_first_rest(self, old: AgentKeys) -> None:
+    def _remove_first_end(self, old: AgentKeys) -> None:
         if old.finish[0]:
-            entry = _first_rest(old, self.position[old.view.agent_id])
-            del self.first_rests[bisect.bisect_left(self.first_rests, entry)]
+            entry = _first_end(old, self.position[old.view.agent_id])
+            del self.first_ends[bisect.bisect_left(self.first_ends, entry)]
 
     def _join_group(self, keys: AgentKeys) -> None:
         """Into the group of the next lower least step (which the agent may lower)."""
@@ -209,7 +209,7 @@ def _wait_entry(keys: AgentKeys) -> WaitEntry:
     )
 
 
-def _first_rest(keys: AgentKeys, position: int) -> tuple[float, int, AgentId]:
+def _first_end(keys: AgentKeys, position: int) -> tuple[float, int, AgentId]:
     return (-keys.finish[0][0], position, keys.view.agent_id)
 
 

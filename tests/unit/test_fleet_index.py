@@ -54,7 +54,7 @@ def _group(rng: random.Random, view: AgentView) -> AgentRunning | None:
 def _orders(layout: FleetLayout) -> tuple[object, ...]:
     """The scan orders, and each busy agent's entry (its group may differ)."""
     busy = sorted(entry for group in layout.groups for entry in group.waits)
-    return (layout.free, layout.free_token_s, layout.first_rests, busy)
+    return (layout.free, layout.free_token_s, layout.first_ends, busy)
 
 
 def _floors_hold(layout: FleetLayout) -> bool:
