@@ -225,6 +225,9 @@ class IndexedFleet:
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
         return self._state.cached_tokens(request, agent_id)
 
+    def waiting_for(self, agent_id: AgentId) -> int:
+        return self._state.backlog.get(agent_id, 0)
+
     def _keep_terms(self, agent: AgentView) -> tuple[AgentView, int, _AgentTerms]:
         """An agent's part of placement costs, kept per view and count of waiters: (slot wait
         if full, as ``free_in_s`` keeps the step of its first ask; prefill backlog, prefill
@@ -299,7 +302,7 @@ class IndexedFleet:
         return None
 
     def least_completion(
-        self, request: QueuedRequest, wait_advantage: float = 1.0
+        self, request: QueuedRequest
     ) -> tuple[tuple[float, AgentId, bool] | None, tuple[float, AgentId] | None]:
         state = self._state
         best: tuple[float, AgentId, bool] | None = None
@@ -383,12 +386,6 @@ class IndexedFleet:
                 weigh(agent_id)
                 start_cut, best_cut = cut(best_start), cut(best)
         busy_cut = best_cut
-        if best_start is not None and not (
-            best is not None and not best[2] and self.cached_tokens(request, best[1]) > 0
-        ):
-            # The busy agents left hold none of the prompt: one of them changes the choice
-            # only if it costs at most ``wait_advantage`` x the best that can start now.
-            busy_cut = min(busy_cut, wait_advantage * best_start[0] / BOUND_SLACK)
         least_wait, least_step, least_token_s = self._busy_least
         if least_wait + (rest * least_step + uncached * least_token_s) > busy_cut:
             return best, best_start
@@ -463,4 +460,5 @@ def _candidate(
         reservation = admission_reservation(request, agent, config)
         if agent.can_start(request, reservation):
             return Candidate(agent, True, reservation, 0.0, cached, backlog_s)
-    return Candidate(agent, False, 0, state.free_in_s(agent), cached, backlog_s)
+    waiting = state.backlog[agent.agent_id]
+    return Candidate(agent, False, 0, state.free_in_s(agent), cached, backlog_s, waiting)

@@ -257,8 +257,9 @@ class _Queue:
                 if view.can_start(request, reservation):
                     candidates.append(Candidate(view, True, reservation, 0.0, cached))
                     continue
-            wait_s = device.free_in_s(backlog.get(view.agent_id, 0) + 1)
-            candidates.append(Candidate(view, False, 0, wait_s, cached))
+            waiting = backlog.get(view.agent_id, 0)
+            wait_s = device.free_in_s(waiting + 1)
+            candidates.append(Candidate(view, False, 0, wait_s, cached, waiting=waiting))
         choice = self.config.placement.choose(request, candidates, self.dispatched)
         if choice.agent_id is None:
             if choice.waits_for is not None:

@@ -17,18 +17,14 @@ DEFAULT_DECODE_TPS: Final = 50.0
 DEFAULT_PREFILL_TPS: Final = 1000.0
 DEFAULT_BATCH_EXPONENT: Final = 0.35
 WAIT_ADVANTAGE: Final = 0.3
-"""Predicted placement waits for a busy device only if the request would finish there in at
-most this fraction of the time it would take on the best device free now. Waiting is rarely
-worth it near saturation: when the busy device frees a slot, shorter requests ranked ahead
-take it, and the waiter waits again (0.3 measured best of 0, 0.3-0.5 and 0.7 on the
-development trace; docs/SCHED_RESULTS.md)."""
-CACHED_WAIT_ADVANTAGE: Final = 1.0
-"""For a busy agent holding more of the prompt than the best free agent, waiting pays whenever
-it finishes the request sooner: the hit saves the device the prefill as well, and a request
-with little left to prefill ranks early in srtf, so it is not overtaken when the slot frees.
-Where it holds no more (a system prompt every agent holds), the hit saves nothing and
-``WAIT_ADVANTAGE`` applies: on real chats with a shared system prompt that cut srtf's mean time
-to first token 15-42% at equal or lower mean JCT (docs/SCHED_RESULTS.md, "A shared system
+"""Where requests ranked ahead already wait for a busy device, predicted placement waits for it
+too only if the request would finish there in at most this fraction of the time it would take
+on the best device free now: when the device frees a slot, shorter requests take it, and the
+waiter waits again (0.3 measured best of 0, 0.3-0.5 and 0.7 on the development trace). Where
+nobody waits for it yet, or it holds more of the prompt than the best free device (the hit
+saves the prefill too, and a request with little left to prefill ranks early in srtf),
+placement waits whenever that finishes the request sooner. A prefix every device holds, such
+as a shared system prompt, is no reason to wait (docs/SCHED_RESULTS.md, "A shared system
 prompt is not a reason to wait")."""
 
 
@@ -46,6 +42,8 @@ class Candidate:
     """Prompt tokens this agent holds cached: the prefill there is only the rest."""
     prefill_backlog_s: float = 0.0
     """Prefill still to run there for requests started before this one."""
+    waiting: int = 0
+    """Requests ranked ahead of this one that already wait for a slot here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,18 +100,18 @@ class Fleet(Protocol):
         ...
 
     def least_completion(
-        self, request: QueuedRequest, wait_advantage: float = 1.0
+        self, request: QueuedRequest
     ) -> tuple[tuple[float, AgentId, bool] | None, tuple[float, AgentId] | None]:
         """The least (``placement_cost_s``, agent id, can start now) over every capable
-        agent, and the least (cost, id) over those that can start now (None if none can).
-        Unless the best so far is a busy agent holding part of the prompt, busy agents holding
-        none of it are looked for only up to ``wait_advantage`` x the best startable cost:
-        above that placement starts the request whichever of them is least, so the first may
-        then be a busy agent that is not the least."""
+        agent, and the least (cost, id) over those that can start now (None if none can)."""
         ...
 
     def cached_tokens(self, request: QueuedRequest, agent_id: AgentId) -> int:
         """Prompt tokens of the request the agent holds."""
+        ...
+
+    def waiting_for(self, agent_id: AgentId) -> int:
+        """Requests ranked ahead that already wait for a slot on the agent."""
         ...
 
 
@@ -233,12 +231,12 @@ class PredictedCompletion:
         return _least_completion(request, candidates)
 
     def settle(self, request: QueuedRequest, fleet: Fleet, dispatch_count: int) -> Choice | None:
-        best, best_start = fleet.least_completion(request, WAIT_ADVANTAGE)
+        best, best_start = fleet.least_completion(request)
         if best is None:
             return WAIT
         held = fleet.cached_tokens(request, best[1])
         rival = 0 if best_start is None else fleet.cached_tokens(request, best_start[1])
-        return _wait_or_start(best, best_start, held > rival)
+        return _wait_or_start(best, best_start, held > rival or not fleet.waiting_for(best[1]))
 
 
 def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -> Choice:
@@ -248,24 +246,26 @@ def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -
     best = min(scored, key=lambda s: (s[0], s[1]))
     startable = [s[:2] for s in scored if s[2]]
     best_start = min(startable) if startable else None
-    cached = {c.agent.agent_id: c.cached_tokens for c in candidates}
-    rival = 0 if best_start is None else cached[best_start[1]]
-    return _wait_or_start(best, best_start, cached[best[1]] > rival)
+    by_id = {c.agent.agent_id: c for c in candidates}
+    held = by_id[best[1]].cached_tokens
+    rival = 0 if best_start is None else by_id[best_start[1]].cached_tokens
+    return _wait_or_start(best, best_start, held > rival or not by_id[best[1]].waiting)
 
 
 def _wait_or_start(
-    best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None, holds_more: bool
+    best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None, clear: bool
 ) -> Choice:
     """Start on the best agent if it can; else wait for it unless one that can start now
-    finishes the request within ``1 / WAIT_ADVANTAGE`` of its time (``CACHED_WAIT_ADVANTAGE``
-    where the best holds more of the prompt than that one)."""
+    finishes the request within ``1 / WAIT_ADVANTAGE`` of its time, or, where the wait is
+    ``clear`` (nobody ahead waits for the best, or it holds more of the prompt than that one),
+    at all."""
     best_time, best_id, best_starts = best
     if best_starts:
         return Choice(best_id)
     if best_start is None:
         return Choice(None, best_id)
     free_time, free_id = best_start
-    if best_time <= (CACHED_WAIT_ADVANTAGE if holds_more else WAIT_ADVANTAGE) * free_time:
+    if best_time <= (1.0 if clear else WAIT_ADVANTAGE) * free_time:
         return Choice(None, best_id)
     return Choice(free_id)
 

@@ -6,7 +6,6 @@ no preemption could pay."""
 from __future__ import annotations
 
 import gc
-import math
 import random
 from dataclasses import replace
 
@@ -161,7 +160,7 @@ def test_the_index_finds_the_least_placement_cost_that_weighing_every_agent_find
                 max_tokens=rng.choice((16, 300, 3000)),
                 estimate=estimate(rng.uniform(5, 400)),
             )
-            best, best_start = fleet.least_completion(request, math.inf)
+            best, best_start = fleet.least_completion(request)
             weighed = [
                 (placement_cost_s(request, c), c.agent.agent_id, c.can_start)
                 for c in candidates(request, ids, state, config)

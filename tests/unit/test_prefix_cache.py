@@ -331,18 +331,23 @@ def test_a_request_waits_for_a_busy_agent_holding_its_prefix_when_that_is_sooner
         assert placement.choose(request, candidates, 0) == expected
 
 
-def test_a_busy_agent_holding_only_what_a_free_one_holds_is_waited_for_as_any_busy_one() -> None:
-    """The faster busy agent costs less (1.94 s against 2.74 s, its stall counted), but the
-    free one holds the same 128-token system prompt: the hit is no reason to wait, so the
-    request waits only if the busy agent is 1 / WAIT_ADVANTAGE times sooner, and starts now.
-    Where the busy agent holds more of the prompt, it waits for it."""
+def test_a_prefix_every_agent_holds_is_no_reason_to_wait_behind_others() -> None:
+    """The faster busy agent costs less (1.94 s against 2.74 s, its stall counted) and a request
+    ranked ahead already waits for it. Where the free agent holds the same 128-token system
+    prompt, the hit is no reason to wait: the request waits only if the busy agent is
+    1 / WAIT_ADVANTAGE times sooner, and starts now. Where the busy agent holds more of the
+    prompt, or nobody waits for it yet, it waits for it."""
     request = queued(prompt_tokens=1000, estimate=None, max_tokens=50)
     busy = agent("a1", running=1, max_seqs=1, speed=SpeedProfile(((1, 100.0),), 4000.0))
     free = agent("a2", speed=SpeedProfile(((1, 50.0),), 500.0))
     placement = make_placement("predicted")
-    for busy_cached, expected in ((128, Choice(A2)), (999, Choice(None, A1))):
+    for busy_cached, waiting, expected in (
+        (128, 1, Choice(A2)),
+        (999, 1, Choice(None, A1)),
+        (128, 0, Choice(None, A1)),
+    ):
         candidates = [
-            Candidate(busy, False, 0, 1.0, busy_cached),
+            Candidate(busy, False, 0, 1.0, busy_cached, waiting=waiting),
             Candidate(free, True, 1100, 0.0, 128),
         ]
         assert placement.choose(request, candidates, 0) == expected

@@ -205,17 +205,25 @@ def test_predicted_placement_waits_for_a_much_faster_busy_device_only_for_long_j
 
 
 def test_predicted_placement_starts_now_unless_the_busy_device_is_several_times_faster() -> None:
-    """Waiting leaves a free slot idle, which costs throughput near saturation: a job waits
-    only when it would finish on the busy device in at most ``WAIT_ADVANTAGE`` of its time on
-    the free one (measured on the development trace, docs/SCHED_RESULTS.md)."""
+    """Behind requests already waiting for a busy device, a waiter is likely overtaken when it
+    frees a slot: a job waits there only when it would finish in at most ``WAIT_ADVANTAGE`` of
+    its time on the free one (measured on the development trace, docs/SCHED_RESULTS.md); with
+    nobody waiting for it, whenever it finishes sooner there."""
     gpu, cpu = _gpu_and_cpu(gpu_running=4)
     job = queued("long", max_tokens=2000, estimate=LengthEstimate.exact(1000))
     on_cpu = predicted_completion_s(job, Candidate(cpu, True, 100, 0.0))
     on_gpu_now = predicted_completion_s(job, Candidate(gpu, False, 100, 0.0))
-    for ratio, waits in ((WAIT_ADVANTAGE * 0.9, True), (WAIT_ADVANTAGE * 1.1, False)):
+    cases = [
+        (WAIT_ADVANTAGE * 0.9, 1, True),
+        (WAIT_ADVANTAGE * 1.1, 1, False),
+        (WAIT_ADVANTAGE * 1.1, 0, True),
+        (1.1, 0, False),
+    ]
+    for ratio, waiting, waits in cases:
         free_in = ratio * on_cpu - on_gpu_now
         assert free_in > 0
-        candidates = [Candidate(gpu, False, 100, free_in), Candidate(cpu, True, 100, 0.0)]
+        gpu_candidate = Candidate(gpu, False, 100, free_in, waiting=waiting)
+        candidates = [gpu_candidate, Candidate(cpu, True, 100, 0.0)]
         choice = PredictedCompletion().choose(job, candidates, 0)
         assert (choice.agent_id is None) is waits
         assert choice.agent_id == (None if waits else "cpu")
