@@ -255,17 +255,16 @@ def _least_completion(request: QueuedRequest, candidates: Sequence[Candidate]) -
 def _wait_or_start(
     best: tuple[float, AgentId, bool], best_start: tuple[float, AgentId] | None, clear: bool
 ) -> Choice:
-    """Start on the best agent if it can; else wait for it unless one that can start now
-    finishes the request within ``1 / WAIT_ADVANTAGE`` of its time, or, where the wait is
-    ``clear`` (nobody ahead waits for the best, or it holds more of the prompt than that one),
-    at all."""
+    """Start on the best agent if it can; else wait for it where the wait is ``clear`` (nobody
+    ahead waits for it, or it holds more of the prompt than the best agent that can start now)
+    or it finishes the request in at most ``WAIT_ADVANTAGE`` of the time that one would."""
     best_time, best_id, best_starts = best
     if best_starts:
         return Choice(best_id)
     if best_start is None:
         return Choice(None, best_id)
     free_time, free_id = best_start
-    if best_time <= (1.0 if clear else WAIT_ADVANTAGE) * free_time:
+    if clear or best_time <= WAIT_ADVANTAGE * free_time:
         return Choice(None, best_id)
     return Choice(free_id)
 
